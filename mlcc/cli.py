@@ -1,17 +1,47 @@
-"""Command-line shell of mlcc: parses arguments and calls library functions."""
+"""Command-line shell of mlcc: parses arguments and calls library functions.
+
+Each command is a thin typer function that turns options into a library call. A failure that
+the library reports as `MlccError` is printed as one line on stderr with exit status 1; the
+commands never print tracebacks for bad input.
+"""
 
 from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
 
 import typer
 
 from mlcc import __version__
+from mlcc.errors import MlccError
 
 app = typer.Typer(
     name="mlcc",
     help="Compile Hugging Face language models into quantized weights and one model library.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
+
+F = TypeVar("F", bound=Callable)
+
+
+def reports_errors(fn: F) -> F:
+    """Print an MlccError as one line on stderr and exit 1 instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MlccError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise typer.Exit(code=1) from None
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            raise typer.Exit(code=130) from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _version_callback(value: bool) -> None:
@@ -27,6 +57,9 @@ def main(
     ),
 ) -> None:
     """mlcc: convert_weight, gen_config and compile a model, then chat with it."""
+
+
+# Commands are registered below, one block each: convert_weight, gen_config, compile, chat, bench.
 
 
 if __name__ == "__main__":
