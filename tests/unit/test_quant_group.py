@@ -1,0 +1,143 @@
+"""Group quantization checked byte for byte against an independent NumPy reading of design.md §5."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mlcc.errors import MlccError
+from mlcc.quant import SCHEMES, get_scheme
+
+GROUP_SCHEMES = [name for name, scheme in SCHEMES.items() if scheme.kind == "group"]
+
+
+def reference_quantize(w: np.ndarray, bits: int, group: int, scale_dtype: str):
+    """design.md §5 written out group by group and word by word with Python integers."""
+    max_int = 2 ** (bits - 1) - 1
+    per_word = 32 // bits
+    n, k = w.shape
+    k_pad = k
+    while k_pad % group or k_pad % per_word:
+        k_pad += 1
+    padded = np.zeros((n, k_pad), dtype=np.float32)
+    padded[:, :k] = w
+    scales = np.zeros((n, k_pad // group), dtype=scale_dtype)
+    codes = np.zeros((n, k_pad), dtype=np.int64)
+    for row in range(n):
+        for g in range(k_pad // group):
+            chunk = padded[row, g * group:(g + 1) * group]
+            stored = (np.float32(np.max(np.abs(chunk))) / np.float32(max_int)).astype(scale_dtype)
+            scales[row, g] = stored
+            step = np.float32(stored) if stored != 0 else np.float32(1)
+            chunk_codes = np.rint(chunk / step).astype(np.int64) + max_int
+            codes[row, g * group:(g + 1) * group] = np.minimum(np.maximum(chunk_codes, 0),
+                                                               2 * max_int)
+    words = np.zeros((n, k_pad // per_word), dtype=np.uint32)
+    for row in range(n):
+        for i in range(k_pad // per_word):
+            word = 0
+            for j in range(per_word):
+                word |= int(codes[row, i * per_word + j]) << (j * bits)
+            words[row, i] = word
+    return words, scales, codes
+
+
+@pytest.mark.parametrize(
+    "scheme_name,shape",
+    [("q4f16_1", (16, 256)), ("q4f16_1", (7, 100)), ("q4f32_1", (9, 64)), ("q8f16_1", (5, 96)),
+     ("q8f16_1", (3, 33)), ("q3f16_1", (4, 4096)), ("q3f16_1", (6, 100)), ("q3f16_1", (2, 40))],
+)
+def test_bytes_match_reference(scheme_name: str, shape: tuple[int, int]) -> None:
+    scheme = get_scheme(scheme_name)
+    rng = np.random.default_rng(hash(shape) % 2**32)
+    w = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+    got = scheme.quantize(torch.from_numpy(w))
+    words, scales, _ = reference_quantize(w, scheme.bits, scheme.group_size, scheme.model_dtype)
+    assert got["q_weight"].dtype == np.uint32 and got["q_scale"].dtype == scheme.model_dtype
+    assert got["q_weight"].tobytes() == words.tobytes()
+    assert got["q_scale"].tobytes() == scales.tobytes()
+
+
+def test_all_zero_and_mixed_groups_stay_finite() -> None:
+    scheme = get_scheme("q3f16_1")
+    w = np.zeros((3, 100), dtype=np.float32)
+    w[1, 45:60] = np.linspace(-1, 1, 15)  # group 1 of row 1 non-zero, everything else zero
+    got = scheme.quantize(torch.from_numpy(w))
+    words, scales, _ = reference_quantize(w, 3, 40, "float16")
+    assert got["q_weight"].tobytes() == words.tobytes()
+    assert got["q_scale"].tobytes() == scales.tobytes()
+    back = scheme.dequantize(got["q_weight"], got["q_scale"], 100)
+    assert np.isfinite(back).all()
+    assert np.count_nonzero(back[0]) == 0 and np.count_nonzero(back[2]) == 0
+    assert back[1, 40:80].any() and not back[1, :40].any()
+
+
+def test_round_half_to_even_on_exact_ties() -> None:
+    # max |w| = 7 gives scale 1, so 0.5, 1.5, 2.5 and -2.5 sit exactly on ties.
+    row = np.zeros(32, dtype=np.float32)
+    row[:5] = [7.0, 0.5, 1.5, 2.5, -2.5]
+    got = get_scheme("q4f16_1").quantize(torch.from_numpy(row[None]))
+    codes = [(int(got["q_weight"][0, 0]) >> (4 * j)) & 0xF for j in range(5)]
+    assert codes == [14, 7, 9, 9, 5]  # 7+7, 0+7, 2+7, 2+7, -2+7
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    scheme_name=st.sampled_from(GROUP_SCHEMES),
+    n=st.integers(1, 6),
+    k=st.integers(1, 130),
+    scale=st.sampled_from([1e-3, 0.1, 3.0, 200.0]),
+    seed=st.integers(0, 2**31),
+)
+def test_random_shapes_match_reference(
+    scheme_name: str, n: int, k: int, scale: float, seed: int
+) -> None:
+    scheme = get_scheme(scheme_name)
+    w = (np.random.default_rng(seed).standard_normal((n, k)) * scale).astype(np.float32)
+    got = scheme.quantize(torch.from_numpy(w))
+    words, scales, codes = reference_quantize(w, scheme.bits, scheme.group_size,
+                                              scheme.model_dtype)
+    assert got["q_weight"].tobytes() == words.tobytes()
+    assert got["q_scale"].tobytes() == scales.tobytes()
+    # The NumPy dequantizer is (code - max_int) * stored scale, element by element.
+    max_int = 2 ** (scheme.bits - 1) - 1
+    expected = (codes - max_int).astype(np.float32) * np.repeat(
+        scales.astype(np.float32), scheme.group_size, axis=1)
+    back = scheme.dequantize(got["q_weight"], got["q_scale"], k)
+    assert back.dtype == np.float32 and back.shape == (n, k)
+    np.testing.assert_array_equal(back, expected[:, :k])
+    # Error within half a step, plus the float16 rounding of the scale for clamped extremes.
+    step = np.repeat(scales.astype(np.float32), scheme.group_size, axis=1)[:, :k]
+    assert np.all(np.abs(back - w) <= step * 0.5 + np.abs(w) * 2**-10 + 1e-30)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_input_quantizes_its_float32_value(dtype: torch.dtype) -> None:
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    scheme = get_scheme("q4f16_1")
+    got = scheme.quantize(w)
+    words, scales, _ = reference_quantize(w.float().numpy(), 4, 32, "float16")
+    assert got["q_weight"].tobytes() == words.tobytes()
+    assert got["q_scale"].tobytes() == scales.tobytes()
+
+
+def test_scale_overflowing_float16_is_refused_with_the_name() -> None:
+    w = torch.full((2, 32), 1e6)
+    with pytest.raises(MlccError, match=r"\[quantize\] lm_head.weight: .*overflows float16"):
+        get_scheme("q4f16_1").quantize(w, name="lm_head.weight")
+    got = get_scheme("q4f32_1").quantize(w)  # float32 scales hold it
+    assert np.isfinite(got["q_scale"]).all()
+
+
+def test_large_matrix_is_quantized_in_row_blocks_identically() -> None:
+    # 1100 rows x 4096 exceeds one row block (4M elements), exercising the block loop.
+    w = torch.randn(1100, 4096, generator=torch.Generator().manual_seed(1))
+    scheme = get_scheme("q4f16_1")
+    whole = scheme.quantize(w)
+    for lo, hi in [(0, 3), (1020, 1030), (1097, 1100)]:
+        words, scales, _ = reference_quantize(w[lo:hi].numpy(), 4, 32, "float16")
+        assert whole["q_weight"][lo:hi].tobytes() == words.tobytes()
+        assert whole["q_scale"][lo:hi].tobytes() == scales.tobytes()
