@@ -180,7 +180,8 @@ class AWQQuant(QuantScheme):
 
 def cast_to_model_dtype(w: torch.Tensor, model_dtype: str, name: str) -> np.ndarray:
     """A parameter that is not quantized, as a NumPy array in `model_dtype`; refuses overflow."""
-    arr = w.detach().to("cpu", torch.float32).numpy().astype(model_dtype)
+    with np.errstate(over="ignore"):  # overflow is reported below, naming the parameter
+        arr = w.detach().to("cpu", torch.float32).numpy().astype(model_dtype)
     if model_dtype == "float16" and not np.isfinite(arr).all():
         peak = float(w.abs().max())
         raise MlccError("convert_weight", f"{name}: max |w| = {peak:.6g} overflows float16 "
