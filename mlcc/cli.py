@@ -61,6 +61,38 @@ def main(
 
 # Commands are registered below, one block each: convert_weight, gen_config, compile, chat, bench.
 
+from pathlib import Path
+from typing import Annotated
+
+
+@app.command("convert_weight")
+@reports_errors
+def convert_weight_command(
+    config: Annotated[str, typer.Argument(help="HF model folder, its config.json, or a preset.")],
+    quantization: Annotated[str, typer.Option(
+        "--quantization", help="q0f16, q0f32, q3f16_1, q4f16_1, q4f32_1, q8f16_1 or q4f16_awq.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Weights folder to write.")],
+    model_type: Annotated[str | None, typer.Option(
+        "--model-type", help="Architecture, when config.json's model_type is missing or differs.")
+    ] = None,
+    device: Annotated[str, typer.Option(
+        "--device", help="Where to quantize: cpu, cuda, cuda:N or auto (same bytes on each).")
+    ] = "cpu",
+    source: Annotated[Path | None, typer.Option(
+        "--source", help="Checkpoint folder or file, when it is not next to the config.")] = None,
+    source_format: Annotated[str, typer.Option(
+        "--source-format", help="auto, huggingface-safetensor or huggingface-torch.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace the weights of a non-empty output folder, keep other files.")
+    ] = False,
+) -> None:
+    """Quantize an HF checkpoint into MLC's weight format (ndarray-cache.json + shards)."""
+    from mlcc.interface.convert_weight import convert_weight, format_summary
+
+    summary = convert_weight(config, quantization, output, model_type=model_type, device=device,
+                             source=source, source_format=source_format, overwrite=overwrite)
+    print(format_summary(summary), file=sys.stderr)
+
 
 if __name__ == "__main__":
     app()
