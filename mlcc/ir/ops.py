@@ -366,3 +366,13 @@ def _last_logits_infer(types, attrs):
 register(OpDef("last_logits", (), (1, 1), _last_logits_infer,
                lambda ctx, i, a: (as_f32(i[0][-1]),),
                doc="The last position's row of [seq_len, vocab], as float32."))
+
+
+def _last_row_infer(types, attrs):
+    x = tensor(types, 0, "x")
+    need(x.rank == 2, f"x must be [seq_len, features], got {x}")
+    return (TensorType(x.dtype, (1, x.shape[1])),)
+
+
+register(OpDef("last_row", (), (1, 1), _last_row_infer, lambda ctx, i, a: (i[0][-1:],),
+               doc="The last row of [seq_len, features], kept 2-D: [1, features]."))
