@@ -1,0 +1,83 @@
+"""The compile pipeline: one flat list of passes chosen by optimization level and knobs.
+
+Levels: O0 legalizes only (what the backend needs to run the model); O1 adds fusions that
+remove memory traffic between neighbours; O2 adds work-saving rewrites; O3 is O2 plus the
+backend's tuned schedules. Knobs (`--opt "O2;fuse_add_norm=0"`) switch single passes or backend
+options on or off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mlcc.errors import MlccError
+from mlcc.passes.base import Pass
+from mlcc.passes.cleanup import DeadCodeElimination
+from mlcc.passes.dtype import ConvertModelDType
+from mlcc.passes.fuse import FuseAddNorm, FuseQKVAttention, LMHeadLastRow
+from mlcc.passes.layout import KVCacheLayout, PlanMemory, PrefillChunking
+
+# knob -> lowest level at which it is on by default
+KNOBS: dict[str, tuple[int, str]] = {
+    "fuse_add_norm": (1, "fuse residual add into the following RMSNorm/LayerNorm"),
+    "lm_head_last_row": (2, "run the output projection on the last position only"),
+    "fast_schedules": (1, "backend: parallel and vectorized schedules (off: plain fallback)"),
+    "cudagraph": (3, "backend (CUDA): capture the decode step once and replay it"),
+}
+
+
+@dataclass(frozen=True)
+class OptConfig:
+    level: int = 2
+    knobs: dict[str, bool] = field(default_factory=dict)
+
+    def enabled(self, knob: str) -> bool:
+        if knob in self.knobs:
+            return self.knobs[knob]
+        return self.level >= KNOBS[knob][0]
+
+    def describe(self) -> str:
+        on = [k for k in KNOBS if self.enabled(k)]
+        return f"O{self.level} ({', '.join(on) or 'no optional passes'})"
+
+
+def parse_opt(text: str | None) -> OptConfig:
+    """Parse `--opt`: "O2", "O0;fuse_add_norm=1", or knobs alone (level O2)."""
+    level, knobs = 2, {}
+    for part in filter(None, (p.strip() for p in (text or "").split(";"))):
+        if part.upper() in ("O0", "O1", "O2", "O3"):
+            level = int(part[1])
+            continue
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in KNOBS or value.strip() not in ("0", "1"):
+            raise MlccError("compile", f"--opt entry {part!r} is not understood: use O0..O3 "
+                            f"and knobs name=0|1 with names {', '.join(KNOBS)}")
+        knobs[key] = value.strip() == "1"
+    return OptConfig(level, knobs)
+
+
+def build_pipeline(opt: OptConfig, model_dtype: str, quantization: str,
+                   prefill_chunk_size: int) -> list[Pass]:
+    from mlcc.passes.quantize import QuantizeWeights
+
+    passes: list[Pass] = [
+        # Legalize: dtypes and quantized weights as they are stored.
+        ConvertModelDType(model_dtype),
+        QuantizeWeights(quantization),
+        # Attention reads the fused QKV projection and owns the KV cache layout.
+        FuseQKVAttention(),
+    ]
+    # Optional fusions and rewrites.
+    if opt.enabled("fuse_add_norm"):
+        passes.append(FuseAddNorm())
+    if opt.enabled("lm_head_last_row"):
+        passes.append(LMHeadLastRow())
+    passes += [
+        # Global layout decisions, then cleanup and memory.
+        PrefillChunking(prefill_chunk_size),
+        KVCacheLayout(),
+        DeadCodeElimination(),
+        PlanMemory(),
+    ]
+    return passes
