@@ -80,9 +80,9 @@ class FunctionBuilder:
     # --- values -------------------------------------------------------------------------
 
     def _fresh(self, hint: str | None) -> str:
-        if hint and hint not in self._names:
-            name = hint
-        else:
+        name = hint
+        # A generated name may already be taken by an explicit one ("y.0", "3"): skip it.
+        while not name or name in self._names:
             name = f"{hint}.{self._counter}" if hint else str(self._counter)
             self._counter += 1
         self._names.add(name)
