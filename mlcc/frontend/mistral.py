@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from mlcc.frontend.architecture import Architecture
-from mlcc.frontend.llama import LlamaConfig, llama_weight_mapping
+from mlcc.frontend.llama import LlamaConfig, build_llama, llama_weight_mapping
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,5 +29,5 @@ ARCHITECTURE = Architecture(
     name="mistral",
     config_cls=MistralConfig,
     weight_mapping=llama_weight_mapping,
-    build_module=None,  # type: ignore[arg-type]
+    build_module=build_llama,
 )
