@@ -12,17 +12,21 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mlcc.errors import MlccError
+from mlcc.frontend.architecture import ParamSource, WeightMapping
+from mlcc.frontend.hf_weights import Checkpoint, iter_params, open_checkpoint
 from mlcc.frontend.ndarray_cache import INDEX_FILE, NDArrayCacheWriter
+from mlcc.frontend.registry import resolve_model
 from mlcc.quant import QuantScheme, get_scheme
 
 STAGE = "convert_weight"
@@ -45,9 +49,6 @@ def convert_weight(
     when they are not next to the config (required for presets). `device` ("cpu", "cuda",
     "cuda:N" or "auto") is where quantization runs; the bytes written are the same on all.
     """
-    from mlcc.frontend.loader import open_checkpoint
-    from mlcc.frontend.registry import resolve_model
-
     started = time.perf_counter()
     scheme = get_scheme(quantization)
     torch_device = resolve_device(device)
@@ -146,8 +147,7 @@ def staging_folder(output: Path) -> Iterator[Path]:
     """A hidden sibling folder to write into, moved to `output` only if the body succeeds."""
     created = _make_parents(output.parent)
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial",
-                                        dir=output.parent))
+        staging = _make_sibling(output, "partial")
     except OSError as err:
         _remove_created(created)
         raise MlccError(STAGE, f"{output}: cannot create a folder in {output.parent} "
@@ -159,6 +159,17 @@ def staging_folder(output: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         _remove_created(created)
         raise
+
+
+def _make_sibling(output: Path, suffix: str) -> Path:
+    """A new hidden folder next to `output`, with the permissions a plain mkdir would give."""
+    while True:
+        path = output.parent / f".{output.name}.{secrets.token_hex(4)}.{suffix}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -196,7 +207,7 @@ def _publish(staging: Path, output: Path) -> None:
     for entry in output.iterdir():
         if not is_weight_file(entry.name):
             _link_or_copy(entry, staging / entry.name)
-    retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
+    retired = _make_sibling(output, "old")
     os.replace(output, retired)
     try:
         os.replace(staging, output)
@@ -224,11 +235,19 @@ def _link_or_copy_file(src: str | Path, dst: str | Path) -> None:
 
 
 def stream_params(
-    mapping, checkpoint, scheme: QuantScheme, device: torch.device
-) -> Iterator[tuple[object, dict]]:
-    """(parameter, {stored name: array}) for each parameter in load order, checked and converted."""
-    from mlcc.frontend.loader import iter_params
+    mapping: WeightMapping, checkpoint: Checkpoint, scheme: QuantScheme, device: torch.device
+) -> Iterator[tuple[ParamSource, dict[str, np.ndarray]]]:
+    """(parameter, {stored name: array}) for every parameter, checked and converted."""
+    if scheme.kind == "awq":
+        yield from stream_awq_params(mapping, checkpoint, scheme, device)
+    else:
+        yield from stream_float_params(mapping, checkpoint, scheme, device)
 
+
+def stream_float_params(
+    mapping: WeightMapping, checkpoint: Checkpoint, scheme: QuantScheme, device: torch.device
+) -> Iterator[tuple[ParamSource, dict[str, np.ndarray]]]:
+    """Float HF tensors through the frontend's lazy loader, quantized on `device` or cast."""
     for param, tensor in iter_params(mapping, checkpoint):
         if scheme.applies_to(param):
             tensor = tensor.to(device)
@@ -236,7 +255,92 @@ def stream_params(
         yield param, scheme.convert(param, tensor)
 
 
-def check_finite(param, tensor: torch.Tensor) -> None:
+# Tensors of one AutoAWQ linear layer X: X.qweight, X.qzeros, X.scales.
+AWQ_PARTS = ("qweight", "qzeros", "scales")
+
+
+def awq_tensor_names(param: ParamSource) -> list[str]:
+    """The AutoAWQ tensors that replace the float HF weights of `param`."""
+    return [f"{hf.removesuffix('.weight')}.{part}" for hf in param.hf_names for part in AWQ_PARTS]
+
+
+def stream_awq_params(
+    mapping: WeightMapping, checkpoint: Checkpoint, scheme: QuantScheme, device: torch.device
+) -> Iterator[tuple[ParamSource, dict[str, np.ndarray]]]:
+    """AutoAWQ checkpoints: float parameters through the frontend's loader, then the packed
+    linear layers, read file by file and repacked into mlcc's layout."""
+    quantized = [p for p in mapping.params if scheme.applies_to(p)]
+    floats = WeightMapping(tuple(p for p in mapping.params if not scheme.applies_to(p)),
+                           (*mapping.unused, r".*\.(qweight|qzeros|scales)"))
+    yield from stream_float_params(floats, checkpoint, scheme, device)
+    located = checkpoint.locate()
+    missing = [name for p in quantized for name in awq_tensor_names(p) if name not in located]
+    if missing:
+        raise MlccError(STAGE, f"{missing[0]}: missing from the AutoAWQ checkpoint in "
+                        f"{checkpoint.root} ({len(missing)} AWQ tensors missing in all); "
+                        f"{scheme.name} needs qweight, qzeros and scales for every linear layer")
+    plan: dict[Path, list[ParamSource]] = {}
+    for param in quantized:
+        for path in dict.fromkeys(located[name] for name in awq_tensor_names(param)):
+            plan.setdefault(path, []).append(param)
+    waiting: dict[str, dict[str, np.ndarray]] = {}
+    for path in checkpoint.files:  # one file open at a time, as the frontend's loader does
+        if path not in plan:
+            continue
+        with checkpoint.open_file(path) as shard:
+            for param in plan[path]:
+                parts = waiting.setdefault(param.name, {})
+                for name in awq_tensor_names(param):
+                    if located[name] == path:
+                        parts[name] = _awq_array(shard.get(name), name, path)
+                if len(parts) == len(param.hf_names) * len(AWQ_PARTS):
+                    del waiting[param.name]
+                    yield param, convert_awq_param(scheme, param, parts, located)
+
+
+def _awq_array(tensor: torch.Tensor, name: str, path: Path) -> np.ndarray:
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.to(torch.float32)
+    array = tensor.numpy()
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise MlccError(STAGE, f"{name}: {int((~np.isfinite(array)).sum())} NaN/inf value(s) in "
+                        f"{path.name}; the checkpoint is corrupt, re-export or re-download it")
+    return array
+
+
+def convert_awq_param(
+    scheme: QuantScheme, param: ParamSource, parts: dict[str, np.ndarray],
+    located: dict[str, Path],
+) -> dict[str, np.ndarray]:
+    """One fused parameter from its AutoAWQ layers: each repacked, then combined by rows."""
+    pieces = []
+    for hf, (rows, cols) in zip(param.hf_names, param.hf_shapes):
+        stem = hf.removesuffix(".weight")
+        qweight = parts[f"{stem}.qweight"]
+        if qweight.shape != (cols, rows // 8):
+            raise MlccError(STAGE, f"{stem}.qweight: expected {(cols, rows // 8)} (in_features, "
+                            f"out_features / 8) for {param.name}, got {qweight.shape} in "
+                            f"{located[stem + '.qweight'].name}")
+        pieces.append(scheme.from_awq(qweight, parts[f"{stem}.qzeros"], parts[f"{stem}.scales"],
+                                      stem))
+    names = scheme.stored_names(param.name)
+    return {names[part]: combine_rows(param, [piece[part] for piece in pieces])
+            for part in pieces[0]}
+
+
+def combine_rows(param: ParamSource, arrays: list[np.ndarray]) -> np.ndarray:
+    """Combine per-output-row arrays as the frontend combines the float weights."""
+    if param.combine == "identity":
+        return arrays[0]
+    if param.combine == "concat0":
+        return np.concatenate(arrays, axis=0)
+    fused = arrays[0]  # neox_qkv: rows per head [q_h, k_h, v_h] -> all q, all k, all v
+    per_head = fused.shape[0] // (3 * param.heads)
+    regrouped = fused.reshape(param.heads, 3, per_head, *fused.shape[1:]).swapaxes(0, 1)
+    return np.ascontiguousarray(regrouped.reshape(fused.shape))
+
+
+def check_finite(param: ParamSource, tensor: torch.Tensor) -> None:
     """Refuse NaN or inf weights, naming the parameter and where they came from."""
     if not tensor.is_floating_point():
         return
@@ -250,12 +354,18 @@ def check_finite(param, tensor: torch.Tensor) -> None:
                     "re-download it")
 
 
-def _write_all(stream: Iterator[tuple[object, dict]], writer: NDArrayCacheWriter, mapping,
-               progress: bool) -> None:
+def _write_all(stream: Iterator[tuple[ParamSource, dict[str, np.ndarray]]],
+               writer: NDArrayCacheWriter, mapping: WeightMapping, progress: bool) -> None:
     """Drain `stream` into `writer` under a per-tensor progress bar on stderr."""
     from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     console = Console(file=sys.stderr)
     total = sum(math.prod(p.shape) * 4 for p in mapping.params)
