@@ -133,6 +133,8 @@ def dims_product(dims: tuple[Dim, ...]) -> tuple[int, tuple[str, ...]]:
             names.append(d.name)
         else:
             const *= d
+    if const == 0:
+        return 0, ()  # zero elements whatever the symbols are bound to
     return const, tuple(sorted(names))
 
 
