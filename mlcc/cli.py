@@ -94,5 +94,41 @@ def convert_weight_command(
     print(format_summary(summary), file=sys.stderr)
 
 
+@app.command("compile")
+@reports_errors
+def compile_command(
+    model: Annotated[str, typer.Argument(
+        help="mlc-chat-config.json (or its folder), an HF folder, a config.json or a preset.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Library to write (.so or .tar).")],
+    quantization: Annotated[str | None, typer.Option(
+        "--quantization", help="Needed unless MODEL is an mlc-chat-config.json.")] = None,
+    model_type: Annotated[str | None, typer.Option("--model-type", help="Architecture.")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu/llvm or auto.")] = "auto",
+    host: Annotated[str | None, typer.Option("--host", help="LLVM triple of the host.")] = None,
+    opt: Annotated[str, typer.Option(
+        "--opt", help='O0..O3, optionally with knobs: "O2;fuse_add_norm=0".')] = "O2",
+    system_lib_prefix: Annotated[str | None, typer.Option(
+        "--system-lib-prefix", help="Symbol prefix for a .tar linked into an app.")] = None,
+    overrides: Annotated[str | None, typer.Option(
+        "--overrides", help='"context_window_size=..;prefill_chunk_size=..;..."')] = None,
+    debug_dump: Annotated[Path | None, typer.Option(
+        "--debug-dump", help="Write the IR after every pass into this folder.")] = None,
+) -> None:
+    """Compile a model into one library for a device."""
+    from mlcc.interface.compile import compile_model
+
+    def log(line: str) -> None:
+        print(f"[compile] {line}", file=sys.stderr)
+
+    log(f"model={model} output={output} quantization={quantization or '(from config)'} "
+        f"device={device} host={host or '(default)'} opt={opt} overrides={overrides or '-'}")
+    result = compile_model(model, output, quantization=quantization, model_type=model_type,
+                           device=device, host=host, opt=opt,
+                           system_lib_prefix=system_lib_prefix, overrides=overrides,
+                           debug_dump=debug_dump, log=log)
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
+    log(f"done: {stages}")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,160 @@
+"""Device-neutral lowering plan: which kernels an entry function runs, on which buffers.
+
+The passes leave each entry function as an ordered list of fused ops with a memory plan. This
+module turns it into an `EntryPlan`: the entry's arguments in calling order (tokens, sequence
+info, the KV page pool, the parameters, the output, the workspace), a buffer for every value
+(an argument, a workspace view, or an alias through a reshape), and one `KernelCall` per node.
+A `KernelSpec` is the static description of a kernel (op, shapes, dtypes, attributes); equal
+specs share one compiled kernel, so the 32 layers of a 7B model use one kernel per distinct shape.
+
+Entry calling convention (all entries):
+    tokens      int32[n]                      n = seq_len (prefill) or 1 (decode)
+    seq_info    int32[2]                      [positions already cached, 0]
+    page_table  int32[pages]                  physical page of each logical page
+    kv_pool     kv_dtype[layers, pages, 2, kv_heads, page_size, head_dim]
+    params...   in module order (the order of the params folder's records)
+    logits      float32[vocab]                written by the entry
+    workspace   uint8[workspace_bytes]        scratch for every intermediate
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlcc import ir
+from mlcc.ir.types import Dim, Sym, TensorType
+
+SUPPORTED_OPS = (
+    "embedding", "q_embedding", "linear", "q_linear", "rms_norm", "layer_norm", "add_rms_norm",
+    "add_layer_norm", "add", "mul", "scale", "silu", "gelu", "silu_mul", "cast",
+    "qkv_attention", "last_row", "last_logits",
+)
+VIEW_OPS = ("reshape",)
+NO_KERNEL_OPS = ("positions",)  # positions come from seq_info inside the kernels that need them
+
+
+@dataclass(frozen=True)
+class BufferRef:
+    """A tensor the entry passes to a kernel."""
+
+    name: str
+    shape: tuple[Dim, ...]
+    dtype: str
+    source: str  # "arg" | "workspace"
+    arg: str = ""  # argument name (source "arg") or "" for workspace views
+    offset: int = 0  # byte offset in the workspace
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    op: str
+    inputs: tuple[tuple[tuple[Dim, ...], str], ...]  # (shape, dtype) of each tensor input
+    outputs: tuple[tuple[tuple[Dim, ...], str], ...]
+    attrs: tuple[tuple[str, Any], ...]
+    kv: tuple[tuple[str, Any], ...] = ()  # KV layout, for attention
+
+    def attr(self, name: str) -> Any:
+        return dict(self.attrs)[name]
+
+
+@dataclass
+class KernelCall:
+    spec: KernelSpec
+    buffers: list[BufferRef]  # inputs then outputs, plus seq_info/page_table/kv_pool for attention
+
+
+@dataclass
+class EntryPlan:
+    name: str
+    args: list[BufferRef]
+    calls: list[KernelCall] = field(default_factory=list)
+    workspace_bytes: int = 0
+    symbols: tuple[str, ...] = ()
+
+
+class LoweringError(Exception):
+    pass
+
+
+def _shape_dtype(value: ir.Value) -> tuple[tuple[Dim, ...], str]:
+    return tuple(value.type.shape), value.type.dtype
+
+
+def entry_args(fn: ir.Function, module: ir.Module) -> list[BufferRef]:
+    layout = dict(module.attrs["kv_layout"])
+    tokens = fn.inputs[0]
+    pool_shape = (layout["layers"], layout["pages"], 2, layout["kv_heads"], layout["page_size"],
+                  layout["head_dim"])
+    args = [
+        BufferRef("tokens", tuple(tokens.type.shape), "int32", "arg", "tokens"),
+        BufferRef("seq_info", (2,), "int32", "arg", "seq_info"),
+        BufferRef("page_table", (layout["pages"],), "int32", "arg", "page_table"),
+        BufferRef("kv_pool", pool_shape, layout["dtype"], "arg", "kv_pool"),
+    ]
+    for p in module.params:
+        args.append(BufferRef(p.name, tuple(p.type.shape), p.type.dtype, "arg", p.name))
+    (out,) = fn.outputs
+    args.append(BufferRef("logits", tuple(out.type.shape), out.type.dtype, "arg", "logits"))
+    workspace = max(int(fn.attrs.get("workspace_bytes", 0)), 64)
+    args.append(BufferRef("workspace", (workspace,), "uint8", "arg", "workspace"))
+    return args
+
+
+def plan_entry(fn: ir.Function, module: ir.Module) -> EntryPlan:
+    """Assign buffers and kernel calls for one entry function (after the pass pipeline)."""
+    args = entry_args(fn, module)
+    by_arg = {a.arg: a for a in args}
+    layout = tuple(sorted(dict(module.attrs["kv_layout"]).items()))
+    offsets = dict(fn.attrs["memory_plan"])
+    buffers: dict[int, BufferRef] = {id(fn.inputs[0]): by_arg["tokens"]}
+    out_value = fn.outputs[0]
+    buffers[id(out_value)] = by_arg["logits"]
+    plan = EntryPlan(fn.name, args, workspace_bytes=by_arg["workspace"].shape[0],
+                     symbols=tuple(sorted(s.name for s in fn.symbols)))
+
+    def buffer_of(value: ir.Value) -> BufferRef:
+        if value.kind == "param":
+            return by_arg[value.name]
+        if id(value) not in buffers:
+            if value.name not in offsets:
+                raise LoweringError(f"{fn.name}: value %{value.name} has no memory assignment")
+            shape, dtype = _shape_dtype(value)
+            buffers[id(value)] = BufferRef(value.name, shape, dtype, "workspace", "",
+                                           offsets[value.name])
+        return buffers[id(value)]
+
+    for node in fn.nodes:
+        if node.op in NO_KERNEL_OPS:
+            continue
+        if node.op in VIEW_OPS:
+            src = buffer_of(node.inputs[0])
+            shape, dtype = _shape_dtype(node.output)
+            buffers[id(node.output)] = BufferRef(node.output.name, shape, dtype, src.source,
+                                                 src.arg, src.offset)
+            continue
+        if node.op not in SUPPORTED_OPS:
+            raise LoweringError(f"{fn.name}: op {node.op!r} (defining {node.outputs[0].ref}) has "
+                                f"no kernel; supported: {', '.join(SUPPORTED_OPS)}")
+        tensor_inputs = [v for v in node.inputs if isinstance(v.type, TensorType)]
+        if node.op == "qkv_attention":
+            tensor_inputs = [node.inputs[0]]  # positions come from seq_info
+        spec = KernelSpec(
+            node.op,
+            tuple(_shape_dtype(v) for v in tensor_inputs),
+            tuple(_shape_dtype(v) for v in node.outputs),
+            tuple(sorted(node.attrs.items())),
+            layout if node.op == "qkv_attention" else (),
+        )
+        refs = [buffer_of(v) for v in tensor_inputs] + [buffer_of(v) for v in node.outputs]
+        if node.op == "qkv_attention":
+            refs += [by_arg["seq_info"], by_arg["page_table"], by_arg["kv_pool"]]
+        plan.calls.append(KernelCall(spec, refs))
+    return plan
+
+
+def symbolic_dims(spec: KernelSpec) -> set[str]:
+    names = set()
+    for shape, _ in spec.inputs + spec.outputs:
+        names.update(d.name for d in shape if isinstance(d, Sym))
+    return names
