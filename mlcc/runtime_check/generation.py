@@ -167,6 +167,13 @@ class GenerationStats:
             f"decode: {self.decode_tokens_per_second:.1f} tok/s"
         )
 
+    def details(self) -> str:
+        """Counts and times behind `summary()`."""
+        return (
+            f"prefill: {self.prefill_tokens} tokens in {self.prefill_seconds * 1e3:.2f} ms, "
+            f"decode: {self.decode_tokens} steps in {self.decode_seconds * 1e3:.2f} ms"
+        )
+
 
 @dataclass(frozen=True)
 class StopRules:
