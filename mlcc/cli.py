@@ -130,5 +130,101 @@ def compile_command(
     log(f"done: {stages}")
 
 
+ChatModelArg = Annotated[
+    Path, typer.Argument(help="Params folder with mlc-chat-config.json (from gen_config).")
+]
+ModelLibOpt = Annotated[Path | None, typer.Option(
+    "--model-lib-path", "--model-lib",
+    help="Library from mlcc compile; default: the single *.so in MODEL or the folder above.")]
+RunDeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
+
+
+@app.command("chat")
+@reports_errors
+def chat_command(
+    model: ChatModelArg,
+    model_lib_path: ModelLibOpt = None,
+    device: RunDeviceOpt = "cpu",
+    prompt: Annotated[str | None, typer.Option(
+        "--prompt", help="Answer this message and exit instead of starting the REPL.")] = None,
+    temperature: Annotated[float | None, typer.Option(
+        "--temperature", help="0 = greedy; default from mlc-chat-config.json.")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus mass.")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(
+        "--repetition-penalty", help="1 = off.")] = None,
+    max_gen_len: Annotated[int | None, typer.Option(
+        "--max-gen-len", help="Most tokens per reply.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Makes sampling repeatable.")] = None,
+) -> None:
+    """Chat with a compiled model in the terminal (/help lists the REPL commands)."""
+    from mlcc.runtime_check import ChatModule, GenerationConfig
+    from mlcc.runtime_check.chat_module import run_prompt, run_repl
+
+    config = GenerationConfig(temperature=temperature, top_p=top_p,
+                              repetition_penalty=repetition_penalty, max_gen_len=max_gen_len,
+                              seed=seed)
+    chat = ChatModule(model, model_lib_path, device)
+    if prompt is None:
+        run_repl(chat, config)
+    else:
+        run_prompt(chat, prompt, config)
+
+
+@app.command("bench")
+@reports_errors
+def bench_command(
+    model: ChatModelArg,
+    model_lib_path: ModelLibOpt = None,
+    device: RunDeviceOpt = "cpu",
+    prompt: Annotated[str, typer.Option("--prompt", help="Prompt to prefill.")] = (
+        "What is the meaning of life?"),
+    generate_length: Annotated[int, typer.Option(
+        "--generate-length", help="Tokens to generate, stop tokens ignored.")] = 256,
+) -> None:
+    """Measure prefill and decode throughput of a compiled model."""
+    from mlcc.runtime_check import ChatModule
+    from mlcc.runtime_check.chat_module import run_benchmark
+
+    run_benchmark(ChatModule(model, model_lib_path, device), prompt, generate_length)
+
+
+@app.command("gen_config")
+@reports_errors
+def gen_config_command(
+    config: Annotated[str, typer.Argument(help="HF model folder, its config.json, or a preset.")],
+    quantization: Annotated[str, typer.Option(
+        "--quantization", help="Quantization the weights use, e.g. q4f16_1.")],
+    conv_template: Annotated[str, typer.Option(
+        "--conv-template", help="Conversation template name (e.g. llama-2, LM) or a .json file.")],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Folder for mlc-chat-config.json and the tokenizer files.")],
+    model_type: Annotated[str | None, typer.Option(
+        "--model-type", help="Architecture, when config.json's model_type is missing or differs.")
+    ] = None,
+    context_window_size: Annotated[int | None, typer.Option(
+        "--context-window-size", help="Longest sequence kept in the KV cache.")] = None,
+    sliding_window_size: Annotated[int | None, typer.Option(
+        "--sliding-window-size", help="Sliding attention window; -1 turns it off.")] = None,
+    prefill_chunk_size: Annotated[int | None, typer.Option(
+        "--prefill-chunk-size", "--prefill_chunk_size",
+        help="Most tokens per prefill call (at most the window).")] = None,
+    attention_sink_size: Annotated[int | None, typer.Option(
+        "--attention-sink-size", help="First tokens kept visible with a sliding window.")] = None,
+    tensor_parallel_shards: Annotated[int | None, typer.Option(
+        "--tensor-parallel-shards", "--tensor-parallel-shard",
+        help="GPUs the model is split across.")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(
+        "--max-batch-size", help="Most sequences decoded together.")] = None,
+) -> None:
+    """Write mlc-chat-config.json and the tokenizer files for a model."""
+    from mlcc.interface.gen_config import gen_config, log_to_stderr
+
+    log_to_stderr()
+    gen_config(config, quantization, conv_template, output, model_type=model_type,
+               context_window_size=context_window_size, sliding_window_size=sliding_window_size,
+               prefill_chunk_size=prefill_chunk_size, attention_sink_size=attention_sink_size,
+               tensor_parallel_shards=tensor_parallel_shards, max_batch_size=max_batch_size)
+
+
 if __name__ == "__main__":
     app()
