@@ -330,6 +330,7 @@ class ModelConfig:
                 )
 
     def _check_common(self) -> None:
+        self._check_windows()
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "prefill_chunk_size",
                      "tensor_parallel_shards", "max_batch_size"):
@@ -347,7 +348,6 @@ class ModelConfig:
                 f"tensor_parallel_shards={shards} must divide num_attention_heads={heads} and "
                 f"num_key_value_heads={kv_heads}; pick a divisor of {math.gcd(heads, kv_heads)}"
             )
-        self._check_windows()
         eos = self.eos_token_id
         eos_ids = eos if isinstance(eos, tuple) else (eos,)
         if eos is not None and not all(
@@ -372,7 +372,10 @@ class ModelConfig:
                 "sliding_window_size or a positive context_window_size"
             )
         if context != -1 and context <= 0:
-            raise _fail(f"context_window_size={context} must be positive (or -1 with a window)")
+            raise _fail(
+                f"context_window_size={context} must be positive (or -1 with a sliding window); "
+                "fix max_position_embeddings in config.json or pass --context-window-size"
+            )
         if sinks < 0:
             raise _fail(f"attention_sink_size={sinks} must be >= 0")
         if sinks > 0 and not 0 < sinks < sliding:
