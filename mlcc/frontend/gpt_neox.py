@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from mlcc import ir
 from mlcc.frontend.architecture import (
     Architecture,
     ParamSource,
@@ -21,6 +22,7 @@ from mlcc.frontend.architecture import (
     vector_param,
 )
 from mlcc.frontend.config import HFConfigReader, ModelConfig, _fail
+from mlcc.frontend.llama import kv_cache_type
 
 # HF activation name -> the tanh approximation flag of our gelu ("none" = exact erf form).
 GELU_APPROXIMATION = {
@@ -174,9 +176,60 @@ def gpt_neox_weight_mapping(config: GPTNeoXConfig) -> WeightMapping:
     return WeightMapping(tuple(params), tuple(unused))
 
 
+def _mlp(b: ir.FunctionBuilder, config: GPTNeoXConfig, w: dict[str, ir.Value], p: str,
+         h: ir.Value) -> ir.Value:
+    up = b.linear(h, w[p + "mlp.dense_h_to_4h.weight"], w[p + "mlp.dense_h_to_4h.bias"])
+    act = b.gelu(up, approximate=GELU_APPROXIMATION[config.hidden_act])
+    return b.linear(act, w[p + "mlp.dense_4h_to_h.weight"], w[p + "mlp.dense_4h_to_h.bias"])
+
+
+def _layer(b: ir.FunctionBuilder, config: GPTNeoXConfig, w: dict[str, ir.Value], layer: int,
+           x: ir.Value, pos: ir.Value, cache: ir.Value, n: ir.Dim) -> ir.Value:
+    p = f"gpt_neox.layers.{layer}."
+    heads, d, hidden = config.num_attention_heads, config.head_dim, config.hidden_size
+    eps = config.layer_norm_eps
+    h = b.layer_norm(x, w[p + "input_layernorm.weight"], w[p + "input_layernorm.bias"], eps)
+    qkv = b.linear(h, w[p + "attention.query_key_value.weight"],
+                   w.get(p + "attention.query_key_value.bias"))
+    q, k, v = b.split(qkv, [hidden, hidden, hidden])  # the mapping regrouped HF's per-head rows
+    q = b.rope(b.reshape(q, (n, heads, d)), pos, config.rotary_emb_base, config.rotary_dim)
+    k = b.rope(b.reshape(k, (n, heads, d)), pos, config.rotary_emb_base, config.rotary_dim)
+    attn = b.attention(q, k, b.reshape(v, (n, heads, d)), cache, layer=layer)
+    attn = b.linear(b.reshape(attn, (n, hidden)), w[p + "attention.dense.weight"],
+                    w.get(p + "attention.dense.bias"))
+    ln2_w, ln2_b = w[p + "post_attention_layernorm.weight"], w[p + "post_attention_layernorm.bias"]
+    if config.use_parallel_residual:
+        # x + attn(ln1(x)) + mlp(ln2(x)), summed in transformers' order.
+        mlp = _mlp(b, config, w, p, b.layer_norm(x, ln2_w, ln2_b, eps))
+        return mlp + attn + x
+    x = attn + x
+    return _mlp(b, config, w, p, b.layer_norm(x, ln2_w, ln2_b, eps)) + x
+
+
+def build_gpt_neox(config: GPTNeoXConfig) -> ir.Module:
+    """The IR of a GPT-NeoX model: `prefill(tokens[seq_len])` and `decode(token[1])` -> logits."""
+    mb = ir.ModuleBuilder(config.model_type, {"model_type": config.model_type})
+    w = {p.name: mb.add_param(p.name, p.shape, "float32", kind=p.kind)
+         for p in gpt_neox_weight_mapping(config).params}
+    for fn_name, n in (("prefill", ir.Sym("seq_len")), ("decode", 1)):
+        with mb.function(fn_name) as b:
+            tokens = b.input("tokens", (n,), "int32")
+            cache = b.kv_cache(kv_cache_type(config))
+            pos = b.positions(cache, n)
+            x = b.embedding(w["gpt_neox.embed_in.weight"], tokens)
+            for layer in range(config.num_hidden_layers):
+                x = _layer(b, config, w, layer, x, pos, cache, n)
+            x = b.layer_norm(x, w["gpt_neox.final_layer_norm.weight"],
+                             w["gpt_neox.final_layer_norm.bias"], config.layer_norm_eps)
+            head = w["gpt_neox.embed_in.weight" if config.tie_word_embeddings
+                     else "embed_out.weight"]
+            b.output(b.last_logits(b.linear(x, head)))
+    return mb.finish()
+
+
 ARCHITECTURE = Architecture(
     name="gpt_neox",
     config_cls=GPTNeoXConfig,
     weight_mapping=gpt_neox_weight_mapping,
-    build_module=None,  # type: ignore[arg-type]
+    build_module=build_gpt_neox,
 )

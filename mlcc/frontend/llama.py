@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from mlcc import ir
 from mlcc.frontend.architecture import (
     Architecture,
     ParamSource,
@@ -18,7 +19,6 @@ from mlcc.frontend.architecture import (
     linear_param,
     vector_param,
 )
-from mlcc import ir
 from mlcc.frontend.config import HFConfigReader, ModelConfig, RopeScaling, _fail
 
 SUPPORTED_ACTIVATIONS = ("silu",)
