@@ -310,7 +310,9 @@ class ChatModule:
     ) -> GenerationResult:
         context = [*self._cache_ids, *new_ids]
         sampler = make_sampler(config, self.engine.vocab_size, context)
-        result = generate_reply(self.engine, new_ids, self.tokenizer, sampler, rules, on_text)
+        result = generate_reply(
+            self.engine, new_ids, self.tokenizer, sampler, rules, on_text, self._reply_lead()
+        )
         self._cache_ids = [*context, *result.token_ids[: result.fed_count]]
         self.last_stats = result.stats
         return result
@@ -323,6 +325,16 @@ class ChatModule:
     def _encode_conversation(self, messages: Sequence[tuple[str, str | None]]) -> list[int]:
         prefix = list(self.conv_template.system_prefix_token_ids)
         return prefix + self.tokenizer.encode(self._render(messages))
+
+    def _reply_lead(self) -> str:
+        """What the template writes before a reply beyond what the reply prompt already has.
+
+        The prompt ends with `role_empty_sep` while the history renders `role_content_sep`
+        before the reply (":" against ": "), so the model writes the difference itself.
+        """
+        content_sep = self.conv_template.role_content_sep
+        empty_sep = self.conv_template.role_empty_sep
+        return content_sep[len(empty_sep) :] if content_sep.startswith(empty_sep) else ""
 
     def _stop_token_ids(self) -> frozenset[int]:
         eos = self.chat_config.get("eos_token_id")

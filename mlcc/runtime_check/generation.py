@@ -200,6 +200,67 @@ class GenerationResult:
     stats: GenerationStats
 
 
+class ReplyStream:
+    """The text of a reply as its tokens arrive, passed on to `on_text` in safe pieces.
+
+    Tokens are decoded after the last prompt tokens (`context_ids`), so the first one keeps the
+    leading space it has in the running text. `lead` is text that the conversation template
+    writes itself between the role and the reply (the space of "ASSISTANT: "); a reply that
+    starts with it loses it, so that the rendered history reads as the model saw it. Finally the
+    text is cut at the first stop string.
+    """
+
+    def __init__(
+        self,
+        tokenizer: ChatTokenizer,
+        context_ids: Sequence[int],
+        stop_strs: Iterable[str],
+        lead: str = "",
+        on_text: Callable[[str], None] | None = None,
+    ) -> None:
+        self._decoder = IncrementalDecoder(tokenizer, context_ids)
+        self._stops = StopStringFilter(stop_strs)
+        self._lead = lead
+        self._head = ""  # held until it is known whether the reply starts with `lead`
+        self._pieces: list[str] = []
+        self._on_text = on_text
+
+    @property
+    def stopped(self) -> bool:
+        return self._stops.stopped
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+    def push(self, token_id: int) -> None:
+        self._pass(self._decoder.push(token_id))
+
+    def finish(self) -> None:
+        """Release held text at the end of generation."""
+        if self.stopped:
+            return
+        self._pass(self._decoder.flush())
+        head, self._head, self._lead = self._head, "", ""
+        self._pass(head)
+        self._emit(self._stops.flush())
+
+    def _pass(self, text: str) -> None:
+        if self._lead:
+            self._head += text
+            if len(self._head) < len(self._lead) and self._lead.startswith(self._head):
+                return
+            text = self._head.removeprefix(self._lead)
+            self._head, self._lead = "", ""
+        self._emit(self._stops.push(text))
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self._pieces.append(text)
+            if self._on_text is not None:
+                self._on_text(text)
+
+
 def generate_reply(
     engine: Engine,
     new_token_ids: Sequence[int],
@@ -207,25 +268,20 @@ def generate_reply(
     sampler: TokenSampler,
     rules: StopRules,
     on_text: Callable[[str], None] | None = None,
+    lead: str = "",
 ) -> GenerationResult:
-    """Feed `new_token_ids` to the engine and generate one reply, streaming it to `on_text`."""
+    """Feed `new_token_ids` to the engine and generate one reply, streaming it to `on_text`.
+
+    `lead` is dropped from the start of the reply (see `ReplyStream`).
+    """
     start = time.perf_counter()
     logits = engine.append(list(new_token_ids))
     prefill_seconds = time.perf_counter() - start
-    decoder = IncrementalDecoder(tokenizer)
-    stops = StopStringFilter(rules.stop_strs)
-    pieces: list[str] = []
+    reply = ReplyStream(tokenizer, new_token_ids[-1:], rules.stop_strs, lead, on_text)
     sampled: list[int] = []
     fed = 0
     decode_seconds = 0.0
     finish_reason = "length"
-
-    def emit(text: str) -> None:
-        if text:
-            pieces.append(text)
-            if on_text is not None:
-                on_text(text)
-
     while len(sampled) < rules.max_new_tokens:
         token = sampler.sample(logits)
         sampled.append(token)
@@ -233,23 +289,18 @@ def generate_reply(
             finish_reason = "stop_token"
             break
         sampler.observe((token,))
-        emit(stops.push(decoder.push(token)))
-        if stops.stopped:
-            finish_reason = "stop_str"
-            break
-        if len(sampled) == rules.max_new_tokens:
+        reply.push(token)
+        if reply.stopped or len(sampled) == rules.max_new_tokens:
             break  # the last token is not fed: nothing would read its logits
         start = time.perf_counter()
         logits = engine.decode(token)
         decode_seconds += time.perf_counter() - start
         fed += 1
-    if not stops.stopped:
-        emit(stops.push(decoder.flush()))
-        emit(stops.flush())
-        if stops.stopped:
-            finish_reason = "stop_str"
+    reply.finish()
+    if reply.stopped:
+        finish_reason = "stop_str"
     stats = GenerationStats(len(new_token_ids), prefill_seconds, fed, decode_seconds)
-    return GenerationResult("".join(pieces), tuple(sampled), fed, finish_reason, stats)
+    return GenerationResult(reply.text, tuple(sampled), fed, finish_reason, stats)
 
 
 def make_sampler(

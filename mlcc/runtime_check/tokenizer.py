@@ -83,11 +83,13 @@ class IncrementalDecoder:
     A delta is held back while the text ends in an incomplete UTF-8 sequence.
     """
 
-    def __init__(self, tokenizer: ChatTokenizer) -> None:
+    def __init__(self, tokenizer: ChatTokenizer, context_ids: Sequence[int] = ()) -> None:
         self._tokenizer = tokenizer
-        self._ids: list[int] = []
+        # context tokens (the end of the prompt) are never emitted; they make the first
+        # generated token decode as it does in the running text (e.g. with its leading space)
+        self._ids: list[int] = list(context_ids)
         self._prefix_start = 0  # window start: the first token of the previous delta
-        self._read_start = 0  # tokens before this one have been emitted
+        self._read_start = len(self._ids)  # tokens before this one have been emitted
 
     def push(self, token_id: int) -> str:
         """Add one token; return the new text it completes ("" while a character is partial)."""

@@ -42,7 +42,9 @@ def greedy_text(engine: BigramEngine, last_prompt_token: int, n: int) -> str:
     for _ in range(n):
         token = int(np.argmax(engine.table[token]))
         ids.append(token)
-    return RAW.decode(ids, skip_special_tokens=True)
+    # decoded after the prompt's last token, as the reply is, so a leading space is kept
+    whole = RAW.decode([last_prompt_token, *ids])
+    return whole[len(RAW.decode([last_prompt_token])) :]
 
 
 def invoke(*args, input=None):

@@ -189,13 +189,14 @@ def test_config_stop_tokens_and_strings(chat_factory):
     chat, engine = chat_factory(LM, eos_token_id=[2, 5])
     ids = encode("Lily said hi. The end")
     engine.teach([378, *ids, 5, 9])
-    assert chat.generate("Once upon a time") == "Lily said hi. The end"
+    assert chat.generate("Once upon a time") == " Lily said hi. The end"
     chat.reset_chat()
     config = GenerationConfig(stop_str=("said",))
-    assert chat.generate("Once upon a time", config) == "Lily "
+    assert chat.generate("Once upon a time", config) == " Lily "
     chat.reset_chat()
     config = GenerationConfig(ignore_eos=True, max_gen_len=len(ids) + 2)
-    assert chat.generate("Once upon a time", config) == "Lily said hi. The end" + RAW.decode([5, 9])
+    expected = RAW.decode([378, *ids, 5, 9])[len(RAW.decode([378])) :]
+    assert chat.generate("Once upon a time", config) == expected
 
 
 def test_max_gen_len_and_stats(chat_factory):

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from mlcc.errors import MlccError
 from mlcc.runtime_check.generation import (
     GenerationConfig,
+    ReplyStream,
     StopRules,
     StopStringFilter,
     generate_reply,
@@ -27,6 +28,11 @@ from mlcc.runtime_check.tokenizer import IncrementalDecoder, load_tokenizer
 TOKENIZER = load_tokenizer(STORIES)
 GREEDY = GenerationConfig(temperature=0.0, top_p=1.0, repetition_penalty=1.0, max_gen_len=64)
 PROMPT = [1, 403, 407, 261, 378]  # BOS "Once upon a time", from reference.json
+
+
+def in_context(prompt, reply_ids):
+    """Text that reply_ids add after prompt, decoded by the tokenizers library as a whole."""
+    return TOKENIZER.decode([*prompt, *reply_ids])[len(TOKENIZER.decode(prompt)) :]
 
 
 def run(engine, prompt, rules, config=GREEDY):
@@ -129,7 +135,7 @@ def test_greedy_reply_is_the_argmax_walk():
         ids.append(token)
     result, deltas = run(engine, PROMPT, StopRules(max_new_tokens=20))
     assert list(result.token_ids) == ids
-    assert result.text == TOKENIZER.decode(ids)
+    assert result.text == in_context(PROMPT, ids)
     assert result.text.startswith(", ")  # the stories continue "Once upon a time" with ","
     assert "".join(deltas) == result.text
     assert result.finish_reason == "length"
@@ -139,7 +145,7 @@ def test_stop_string_across_token_boundaries():
     reply = TOKENIZER.encode('Lily said, "The end." She smiled.')
     assert len(TOKENIZER.encode("The end")) > 2  # the stop string spans several tokens
     result, deltas = run(taught_engine(reply), PROMPT, StopRules(30, stop_strs=("The end",)))
-    assert result.text == 'Lily said, "'
+    assert result.text == ' Lily said, "'
     assert "".join(deltas) == result.text
     assert result.finish_reason == "stop_str"
     # generation ended on the token that completed the stop string
@@ -150,7 +156,7 @@ def test_stop_token_ends_the_reply_and_is_not_fed():
     reply = TOKENIZER.encode("She smiled.")
     engine = taught_engine([*reply, 2])
     result, deltas = run(engine, PROMPT, StopRules(30, stop_token_ids=frozenset({2})))
-    assert result.text == "She smiled." == "".join(deltas)
+    assert result.text == " She smiled." == "".join(deltas)
     assert result.finish_reason == "stop_token"
     assert result.token_ids == (*reply, 2)
     assert result.fed_count == len(reply)
@@ -172,7 +178,7 @@ def test_length_limit_feeds_all_but_the_last_token():
 def test_multibyte_reply_streams_whole_characters():
     reply = TOKENIZER.encode("naïve 日 ok")
     result, deltas = run(taught_engine(reply), PROMPT, StopRules(len(reply)))
-    assert result.text == TOKENIZER.decode(reply) == "naïve 日 ok"
+    assert result.text == in_context(PROMPT, reply) == " naïve 日 ok"
     assert "".join(deltas) == result.text
     assert not any("\ufffd" in d for d in deltas)
 
@@ -213,3 +219,37 @@ def test_config_rejects_bad_values(kwargs):
         GenerationConfig(**kwargs)
     assert info.value.stage == "chat"
     assert next(iter(kwargs)) in str(info.value)
+
+
+# -- reply text -------------------------------------------------------------------------------
+
+
+def stream(ids, lead="", stops=(), context=PROMPT[-1:]):
+    pieces: list[str] = []
+    reply = ReplyStream(TOKENIZER, context, stops, lead, pieces.append)
+    for token in ids:
+        reply.push(token)
+    reply.finish()
+    assert "".join(pieces) == reply.text
+    return reply.text
+
+
+def test_reply_keeps_its_leading_space_in_context():
+    ids = TOKENIZER.encode("with her mom")
+    assert stream(ids) == " with her mom"
+    assert stream(ids, context=()) == "with her mom"  # alone, the decoder strips it
+
+
+def test_reply_lead_written_by_the_template_is_dropped():
+    ids = TOKENIZER.encode("Hello there")
+    assert stream(ids, lead=" ") == "Hello there"
+    assert stream(TOKENIZER.encode("[x]"), lead=" [") == "x]"
+    # a reply that does not start with the lead is kept whole
+    assert stream(TOKENIZER.encode("Hello"), lead=" H!") == " Hello"
+    # a reply shorter than the lead is released at the end
+    assert stream(TOKENIZER.encode("a"), lead=" ab") == " a"
+
+
+def test_lead_and_stop_strings_together():
+    ids = TOKENIZER.encode("Hi. USER: more")
+    assert stream(ids, lead=" ", stops=("USER:",)) == "Hi. "
