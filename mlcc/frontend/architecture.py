@@ -9,8 +9,9 @@ compiled library's metadata all follow.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from mlcc.frontend.config import ModelConfig

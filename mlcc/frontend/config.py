@@ -218,7 +218,7 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     model_type: ClassVar[str] = ""
-    # Keys holding the trained context length, first found wins (GPT-2 style models say n_positions).
+    # Keys holding the trained context length, first found wins (GPT-2 style: n_positions).
     context_keys: ClassVar[tuple[str, ...]] = (
         "max_position_embeddings",
         "max_sequence_length",

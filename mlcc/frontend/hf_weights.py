@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from mlcc.errors import MlccError
 from mlcc.frontend.architecture import ParamSource, WeightMapping
@@ -35,6 +36,7 @@ PYTORCH_INDEX = "pytorch_model.bin.index.json"
 _NOT_WEIGHTS = {"training_args.bin", "optimizer.bin", "scheduler.bin"}
 _KEPT_DTYPES = (torch.float16, torch.bfloat16)
 _MAX_LISTED = 5
+_SAFETENSORS_ERRORS = (SafetensorError, OSError, RuntimeError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ class SafetensorsShard(ShardReader):
         self.path, self.stage = path, stage
         try:
             self._file = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as err:  # safetensors raises its own error type for bad headers
+        except _SAFETENSORS_ERRORS as err:
             raise self._corrupt("safetensors", err) from None
 
     def keys(self) -> list[str]:
@@ -123,7 +125,7 @@ class SafetensorsShard(ShardReader):
     def get(self, name: str) -> torch.Tensor:
         try:
             return self._file.get_tensor(name)
-        except Exception as err:
+        except _SAFETENSORS_ERRORS as err:
             raise self._corrupt("safetensors", err) from None
 
     def close(self) -> None:

@@ -136,7 +136,8 @@ def llama_weight_mapping(config: LlamaConfig) -> WeightMapping:
         params += _layer_params(config, layer)
     params.append(vector_param("model.norm.weight", hidden, "norm"))
     # Rotary tables are recomputed from the config; old checkpoints still store them.
-    unused = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq"]
+    unused = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
+              r"model\.rotary_emb\.inv_freq"]
     if config.tie_word_embeddings:
         # Tied models read the embedding for the output; some saves keep a copy as lm_head.
         unused.append(r"lm_head\.weight")
@@ -154,40 +155,45 @@ def kv_cache_type(config: ModelConfig, dtype: str = "float32") -> ir.KVCacheType
                           dtype, capacity, window, config.attention_sink_size if window > 0 else 0)
 
 
-def build_llama(config: LlamaConfig) -> ir.Module:
-    """The IR of a Llama model: `prefill(tokens[seq_len])` and `decode(token[1])` -> logits."""
-    mb = ir.ModuleBuilder(config.model_type, {"model_type": config.model_type})
-    specs = llama_weight_mapping(config).params
-    w = {p.name: mb.add_param(p.name, p.shape, "float32", kind=p.kind) for p in specs}
+def _decoder_layer(b: ir.FunctionBuilder, config: LlamaConfig, w: dict[str, ir.Value],
+                   layer: int, x: ir.Value, pos: ir.Value, cache: ir.Value,
+                   n: ir.Dim) -> ir.Value:
+    p = f"model.layers.{layer}."
     heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     scaling = config.rope_scaling.to_json() if config.rope_scaling else None
+    h = b.rms_norm(x, w[p + "input_layernorm.weight"], config.rms_norm_eps)
+    qkv = b.linear(h, w[p + "self_attn.qkv_proj.weight"], w.get(p + "self_attn.qkv_proj.bias"))
+    q, k, v = b.split(qkv, [heads * d, kv_heads * d, kv_heads * d])
+    q = b.rope(b.reshape(q, (n, heads, d)), pos, config.rope_theta, d, scaling=scaling)
+    k = b.rope(b.reshape(k, (n, kv_heads, d)), pos, config.rope_theta, d, scaling=scaling)
+    attn = b.attention(q, k, b.reshape(v, (n, kv_heads, d)), cache, layer=layer)
+    x = x + b.linear(b.reshape(attn, (n, heads * d)), w[p + "self_attn.o_proj.weight"],
+                     w.get(p + "self_attn.o_proj.bias"))
+    h = b.rms_norm(x, w[p + "post_attention_layernorm.weight"], config.rms_norm_eps)
+    gate_up = b.linear(h, w[p + "mlp.gate_up_proj.weight"], w.get(p + "mlp.gate_up_proj.bias"))
+    return x + b.linear(b.silu_mul(gate_up), w[p + "mlp.down_proj.weight"],
+                        w.get(p + "mlp.down_proj.bias"))
+
+
+def build_llama(config: LlamaConfig) -> ir.Module:
+    """The IR of a Llama model: `prefill(tokens[seq_len])` and `decode(token[1])` -> logits.
+
+    Mistral uses it too: its sliding window and sinks live in the KV cache type.
+    """
+    mb = ir.ModuleBuilder(config.model_type, {"model_type": config.model_type})
+    w = {p.name: mb.add_param(p.name, p.shape, "float32", kind=p.kind)
+         for p in llama_weight_mapping(config).params}
     for fn_name, n in (("prefill", ir.Sym("seq_len")), ("decode", 1)):
         with mb.function(fn_name) as b:
             tokens = b.input("tokens", (n,), "int32")
             cache = b.kv_cache(kv_cache_type(config))
             pos = b.positions(cache, n)
             x = b.embedding(w["model.embed_tokens.weight"], tokens)
-            for i in range(config.num_hidden_layers):
-                p = f"model.layers.{i}."
-                h = b.rms_norm(x, w[p + "input_layernorm.weight"], config.rms_norm_eps)
-                qkv = b.linear(h, w[p + "self_attn.qkv_proj.weight"],
-                               w.get(p + "self_attn.qkv_proj.bias"))
-                q, k, v = b.split(qkv, [heads * d, kv_heads * d, kv_heads * d])
-                q = b.rope(b.reshape(q, (n, heads, d)), pos, config.rope_theta, d,
-                           scaling=scaling)
-                k = b.rope(b.reshape(k, (n, kv_heads, d)), pos, config.rope_theta, d,
-                           scaling=scaling)
-                attn = b.attention(q, k, b.reshape(v, (n, kv_heads, d)), cache, layer=i)
-                x = x + b.linear(b.reshape(attn, (n, heads * d)), w[p + "self_attn.o_proj.weight"],
-                                 w.get(p + "self_attn.o_proj.bias"))
-                h = b.rms_norm(x, w[p + "post_attention_layernorm.weight"], config.rms_norm_eps)
-                gate_up = b.linear(h, w[p + "mlp.gate_up_proj.weight"],
-                                   w.get(p + "mlp.gate_up_proj.bias"))
-                x = x + b.linear(b.silu_mul(gate_up), w[p + "mlp.down_proj.weight"],
-                                 w.get(p + "mlp.down_proj.bias"))
+            for layer in range(config.num_hidden_layers):
+                x = _decoder_layer(b, config, w, layer, x, pos, cache, n)
             x = b.rms_norm(x, w["model.norm.weight"], config.rms_norm_eps)
-            head = w["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
-            b.output(b.last_logits(b.linear(x, head)))
+            head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+            b.output(b.last_logits(b.linear(x, w[head])))
     return mb.finish()
 
 

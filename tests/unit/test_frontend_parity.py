@@ -21,8 +21,9 @@ from mlcc.runtime_check.reference import ReferenceModel
 transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-4
-COMMON = dict(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
-              intermediate_size=96, max_position_embeddings=64, initializer_range=0.2)
+COMMON = {"vocab_size": 120, "hidden_size": 64, "num_hidden_layers": 2,
+          "num_attention_heads": 8, "intermediate_size": 96, "max_position_embeddings": 64,
+          "initializer_range": 0.2}
 
 
 def llama(**kw):

@@ -23,8 +23,9 @@ SHARED = Path(__file__).parents[2].parent / "shared"
 
 def tiny_hf_model(kind: str, tie: bool = False):
     torch.manual_seed(1234)
-    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, vocab_size=120,
-                  intermediate_size=96, max_position_embeddings=64, tie_word_embeddings=tie)
+    common = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8,
+              "vocab_size": 120, "intermediate_size": 96, "max_position_embeddings": 64,
+              "tie_word_embeddings": tie}
     if kind == "llama":
         return transformers.LlamaForCausalLM(
             transformers.LlamaConfig(num_key_value_heads=2, **common))
@@ -236,7 +237,7 @@ def test_truncated_files_fail_clearly(tmp_path: Path, fmt: str) -> None:
 
 def test_index_naming_a_missing_shard(tmp_path: Path) -> None:
     tiny_hf_model("llama").save_pretrained(tmp_path, max_shard_size="60KB")
-    second = sorted(tmp_path.glob("model-00002-of-*.safetensors"))[0]
+    second = min(tmp_path.glob("model-00002-of-*.safetensors"))
     os.remove(second)
     with pytest.raises(MlccError, match=rf"{second.name}: listed in "
                                         r"model.safetensors.index.json but missing"):
