@@ -19,11 +19,12 @@ Equivalence with SentencePiece:
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
 
 from mlcc.errors import MlccError
 
@@ -221,8 +222,6 @@ def bpe_merges(pieces: tuple[Piece, ...]) -> list[tuple[str, str]]:
 
 
 def _normalizer(model: SentencePieceModel):
-    from tokenizers import Regex, normalizers
-
     steps = []
     if model.precompiled_charsmap:
         steps.append(normalizers.Precompiled(model.precompiled_charsmap))
@@ -238,8 +237,6 @@ def _normalizer(model: SentencePieceModel):
 
 
 def _decoder(model: SentencePieceModel):
-    from tokenizers import decoders
-
     steps = []
     if model.escape_whitespaces:
         steps.append(decoders.Replace(SPACE, " "))
@@ -256,8 +253,6 @@ def sentencepiece_to_tokenizer_json(
     model: SentencePieceModel, origin: str = "tokenizer.model"
 ) -> str:
     """Serialized `tokenizers` JSON that tokenizes exactly like the SentencePiece `model`."""
-    from tokenizers import AddedToken, Tokenizer, models, processors
-
     _check_supported(model, origin)
     unk = model.pieces[model.unk_id].text
     if model.model_type == BPE:
@@ -303,11 +298,22 @@ class TokenizerFile:
     origin: str  # where it comes from, for the log
 
 
-def _check_tokenizer_json(data: bytes, origin: str) -> None:
-    from tokenizers import Tokenizer
+@dataclass(frozen=True)
+class TokenizerBundle:
+    """The tokenizer files of a model, and its tokenizer.json loaded (None when it has none)."""
 
+    files: tuple[TokenizerFile, ...]
+    tokenizer: Tokenizer | None
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.files]
+
+
+def load_tokenizer_json(data: bytes, origin: str) -> Tokenizer:
+    """Load tokenizer.json content with `tokenizers`; MlccError naming the file if it cannot."""
     try:
-        Tokenizer.from_str(data.decode("utf-8"))
+        return Tokenizer.from_str(data.decode("utf-8"))
     except Exception as err:  # noqa: BLE001 - tokenizers raises bare Exceptions from Rust
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise MlccError(
@@ -317,7 +323,7 @@ def _check_tokenizer_json(data: bytes, origin: str) -> None:
         ) from None
 
 
-def collect_tokenizer_files(src_dir: Path) -> list[TokenizerFile]:
+def collect_tokenizer_files(src_dir: Path) -> TokenizerBundle:
     """Read the tokenizer files of `src_dir`, adding tokenizer.json made from tokenizer.model
     when only the latter exists. Nothing is written; MlccError if a file is unusable."""
     src_dir = Path(src_dir)
@@ -326,37 +332,34 @@ def collect_tokenizer_files(src_dir: Path) -> list[TokenizerFile]:
         for name in TOKENIZER_FILES
         if (src_dir / name).is_file()
     ]
-    names = {f.name for f in files}
-    if "tokenizer.json" in names:
-        json_file = next(f for f in files if f.name == "tokenizer.json")
-        _check_tokenizer_json(json_file.data, json_file.origin)
-    elif "tokenizer.model" in names:
-        sp_file = next(f for f in files if f.name == "tokenizer.model")
+    by_name = {f.name: f for f in files}
+    if "tokenizer.json" not in by_name and "tokenizer.model" in by_name:
+        sp_file = by_name["tokenizer.model"]
         model = parse_sentencepiece_model(sp_file.data, sp_file.origin)
         text = sentencepiece_to_tokenizer_json(model, sp_file.origin)
-        files.insert(
-            0,
-            TokenizerFile(
-                "tokenizer.json", text.encode("utf-8"), f"converted from {sp_file.origin}"
-            ),
+        converted = TokenizerFile(
+            "tokenizer.json", text.encode("utf-8"), f"converted from {sp_file.origin}"
         )
-    return files
+        files.insert(0, converted)
+        by_name["tokenizer.json"] = converted
+    json_file = by_name.get("tokenizer.json")
+    tokenizer = load_tokenizer_json(json_file.data, json_file.origin) if json_file else None
+    return TokenizerBundle(tuple(files), tokenizer)
 
 
-def write_tokenizer_files(files: list[TokenizerFile], out_dir: Path) -> list[str]:
-    """Write each file under a temporary name, then rename it; returns the names written."""
-    out_dir = Path(out_dir)
-    written = []
-    for item in files:
-        target = out_dir / item.name
-        partial = out_dir / f".{item.name}.partial"
-        partial.write_bytes(item.data)
-        partial.replace(target)
-        written.append(item.name)
-    return written
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write `data` under a temporary name in the same folder, then rename it onto `path`, so
+    readers never see a half-written file."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_bytes(data)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
-def special_token_ids(tokenizer_json: bytes) -> dict[str, int]:
-    """Content -> id of every added token of a tokenizer.json (special or not)."""
-    data = json.loads(tokenizer_json)
-    return {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+def write_tokenizer_files(bundle: TokenizerBundle, out_dir: Path) -> list[str]:
+    """Write each file of `bundle` into `out_dir` (atomically); returns the names written."""
+    for item in bundle.files:
+        write_file_atomic(Path(out_dir) / item.name, item.data)
+    return bundle.names

@@ -229,24 +229,29 @@ def test_unsupported_sentencepiece_models_fail_clearly():
 
 
 def test_collect_copies_existing_files_byte_for_byte(tmp_path: Path):
-    files = collect_tokenizer_files(STORIES_DIR)
-    names = [f.name for f in files]
-    assert names == ["tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    bundle = collect_tokenizer_files(STORIES_DIR)
+    names = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    assert bundle.names == names
+    assert bundle.tokenizer.encode("Once upon a time").ids == [1, 403, 407, 261, 378]
     out = tmp_path / "out"
     out.mkdir()
-    assert write_tokenizer_files(files, out) == names
+    (out / "params_shard_0.bin").write_bytes(b"weights")
+    assert write_tokenizer_files(bundle, out) == names
     for name in names:
         assert (out / name).read_bytes() == (STORIES_DIR / name).read_bytes()
-    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    # Other files stay, and no temporary file is left behind.
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "params_shard_0.bin"])
+    assert (out / "params_shard_0.bin").read_bytes() == b"weights"
 
 
 def test_collect_converts_when_only_sentencepiece_exists(tmp_path: Path):
     (tmp_path / "tokenizer.model").write_bytes(LLAMA2_MODEL.read_bytes())
-    files = collect_tokenizer_files(tmp_path)
-    assert [f.name for f in files] == ["tokenizer.json", "tokenizer.model"]
-    assert files[0].origin.startswith("converted from")
-    tok = Tokenizer.from_str(files[0].data.decode())
+    bundle = collect_tokenizer_files(tmp_path)
+    assert bundle.names == ["tokenizer.json", "tokenizer.model"]
+    assert bundle.files[0].origin.startswith("converted from")
+    tok = Tokenizer.from_str(bundle.files[0].data.decode())
     assert tok.encode("Hello world", add_special_tokens=False).ids == [15043, 3186]
+    assert bundle.tokenizer.encode("Hello world").ids == [1, 15043, 3186]
 
 
 def test_collect_rejects_broken_tokenizer_json(tmp_path: Path):
@@ -257,4 +262,5 @@ def test_collect_rejects_broken_tokenizer_json(tmp_path: Path):
 
 def test_collect_without_tokenizer_files_is_empty(tmp_path: Path):
     (tmp_path / "config.json").write_text("{}")
-    assert collect_tokenizer_files(tmp_path) == []
+    bundle = collect_tokenizer_files(tmp_path)
+    assert bundle.files == () and bundle.tokenizer is None
