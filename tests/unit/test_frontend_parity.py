@@ -132,3 +132,24 @@ def test_gpt_neox_partial_rotary_and_qkv_layout_matter(tmp_path: Path) -> None:
         if "query_key_value" in name:
             hf_layout[name] = tensor.numpy()
     assert np.abs(run_prefill(ours.config, hf_layout, ids) - expected).max() > 1e-2
+
+
+def test_mistral_attention_sinks_match_a_sink_mask(tmp_path: Path) -> None:
+    """With attention_sink_size=2 a token also sees positions 0 and 1 beyond the window; the
+    reference is transformers' Mistral given that visibility as an explicit 4-D mask."""
+    model = save_model(tmp_path, "mistral_window_8")
+    config_path = tmp_path / "config.json"
+    config_path.write_text(config_path.read_text().replace(
+        '"sliding_window": 8', '"sliding_window": 8, "attention_sink_size": 2'))
+    ids = token_ids(20)
+    q, k = torch.arange(20)[:, None], torch.arange(20)[None, :]
+    visible = (k <= q) & ((k > q - 8) | (k < 2))
+    mask = torch.where(visible, 0.0, float("-inf"))[None, None]
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids]), attention_mask=mask,
+                         use_cache=False).logits[0].numpy()
+    assert np.abs(expected[10:] - hf_logits(model, ids)[10:]).max() > 1e-2  # sinks matter
+    ours = ReferenceModel(tmp_path)
+    assert ours.config.attention_sink_size == 2
+    got = [ours.prefill_logits(ids[:4])] + [ours.decode_logits(t) for t in ids[4:]]
+    np.testing.assert_allclose(np.stack(got), expected[3:], atol=ATOL, rtol=0)
