@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mlcc.errors import MlccError
+from mlcc.frontend.conv_templates import ConvTemplate, get_template, render_prompt
 from mlcc.runtime_check.generation import (
     Engine,
     GenerationConfig,
@@ -129,8 +130,6 @@ class ChatModule:
         device: str = "cpu",
         engine: Engine | None = None,
     ) -> None:
-        from mlcc.frontend.conv_templates import ConvTemplate, get_template
-
         params_dir = Path(model)
         if params_dir.name == CHAT_CONFIG_FILE:
             params_dir = params_dir.parent
@@ -318,8 +317,6 @@ class ChatModule:
         return result
 
     def _render(self, messages: Sequence[tuple[str, str | None]]) -> str:
-        from mlcc.frontend.conv_templates import render_prompt
-
         return render_prompt(self.conv_template, messages)
 
     def _encode_conversation(self, messages: Sequence[tuple[str, str | None]]) -> list[int]:

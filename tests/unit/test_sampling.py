@@ -17,8 +17,8 @@ from mlcc.runtime_check.sampling import (
     TokenSampler,
     apply_repetition_penalty,
     next_token_probs,
+    nucleus,
     softmax,
-    top_p_mask,
 )
 
 
@@ -59,26 +59,30 @@ def test_repetition_penalty_accepts_a_mask():
 
 @pytest.mark.parametrize("top_p", [0.1, 0.5, 0.8, 0.95, 0.999])
 @pytest.mark.parametrize("seed", range(4))
-def test_top_p_keeps_the_same_tokens_as_transformers(top_p, seed):
+@pytest.mark.parametrize("vocab, spread", [(300, 2.0), (5000, 0.3)])
+def test_top_p_keeps_the_same_tokens_as_transformers(top_p, seed, vocab, spread):
+    # spread 0.3 over 5000 tokens is flat enough that the first 64 candidates fall short
     rng = np.random.default_rng(seed)
-    logits = rng.normal(0, 2, 300).astype(np.float32)
-    probs = softmax(logits)
-    keep = top_p_mask(probs, top_p)
+    logits = rng.normal(0, spread, vocab).astype(np.float32)
+    ids, mass = nucleus(logits, top_p)
+    keep = np.zeros(vocab, dtype=bool)
+    keep[ids] = True
     ref_keep = np.isfinite(hf_processed(logits, [], 1.0, top_p, 1.0))
     np.testing.assert_array_equal(keep, ref_keep)
-    # the kept mass reaches top_p, and without its least likely token it would not
-    kept_mass = probs[keep].sum()
-    assert kept_mass >= top_p
-    assert kept_mass - probs[keep].min() < top_p
+    probs = softmax(logits)
+    np.testing.assert_allclose(mass, probs[ids], rtol=1e-5)
+    # most likely first; the kept mass reaches top_p, and without its last token it would not
+    assert np.all(np.diff(mass) <= 0)
+    assert probs[keep].sum() >= top_p - 1e-6
+    assert probs[keep].sum() - probs[keep].min() < top_p
     # every kept token is more likely than every removed one
     if (~keep).any():
         assert probs[keep].min() >= probs[~keep].max()
 
 
 def test_top_p_always_keeps_the_most_likely_token():
-    probs = softmax(np.array([10.0, 0.0, 0.0]))
-    keep = top_p_mask(probs, 0.01)
-    np.testing.assert_array_equal(keep, [True, False, False])
+    ids, _ = nucleus(np.array([10.0, 0.0, 0.0], dtype=np.float32), 0.01)
+    assert ids.tolist() == [0]
 
 
 def test_distribution_matches_transformers_pipeline():
