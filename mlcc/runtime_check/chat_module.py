@@ -191,14 +191,14 @@ class ChatModule:
         """
         config = (generation_config or GenerationConfig()).filled_from(self.generation_config)
         messages: list[tuple[str, str | None]] = [*self._history, ("user", prompt)]
-        new_ids = self._prepare_prefill(messages, config)
+        new_ids, prompt_text = self._prepare_prefill(messages, config)
         room = self._room_after(len(new_ids))
         max_new = config.max_gen_len if room is None else min(config.max_gen_len, room)
         stop_ids = frozenset() if config.ignore_eos else self._stop_token_ids()
         rules = StopRules(max_new, stop_ids, (*self.conv_template.stop_str, *config.stop_str))
         result = self._run(new_ids, config, rules, progress_callback)
         self._history = [*self._history, ("user", prompt), ("assistant", result.text)]
-        self._remember_reply(result)
+        self._remember_reply(result, prompt_text)
         return result.text
 
     def benchmark_generate(self, prompt: str, generate_length: int) -> str:
@@ -210,7 +210,7 @@ class ChatModule:
         if generate_length < 1:
             raise MlccError("bench", f"generate length must be >= 1, got {generate_length}")
         self.reset_chat()
-        ids = self._encode_conversation([("user", prompt), ("assistant", None)])
+        ids = self._encode(self._render([("user", prompt), ("assistant", None)]))
         window = self._window()
         if window is not None and len(ids) + generate_length > window:
             raise MlccError(
@@ -243,21 +243,25 @@ class ChatModule:
 
     def _prepare_prefill(
         self, messages: list[tuple[str, str | None]], config: GenerationConfig
-    ) -> list[int]:
-        """The token ids to feed for this turn; empties the cache when it cannot be continued."""
+    ) -> tuple[list[int], str]:
+        """The token ids to feed for this turn and the conversation text they complete.
+
+        Empties the cache when it cannot be continued (see `generate`).
+        """
         text = self._render([*messages, ("assistant", None)])
         reserve = min(self._mean_gen_len(), config.max_gen_len)
         new_ids = self._continuation_ids(text)
         if new_ids and self._fits(len(self._cache_ids) + len(new_ids) + reserve):
-            return new_ids
+            return new_ids, text
         history = self._history
-        ids = self._encode_conversation([*messages, ("assistant", None)])
+        ids = self._encode(text)
         window = self._window()
         if window is not None and len(ids) + reserve > window:
             keep = self._shift_fill_factor() * window
             while history and len(ids) > keep:
                 history = history[2:]  # the oldest user/assistant pair
-                ids = self._encode_conversation([*history, messages[-1], ("assistant", None)])
+                text = self._render([*history, messages[-1], ("assistant", None)])
+                ids = self._encode(text)
             if len(ids) >= window:
                 raise MlccError(
                     "chat",
@@ -272,7 +276,7 @@ class ChatModule:
         self._cache_ids = []
         self._cached_turn = None
         self._history = history
-        return ids
+        return ids, text
 
     def _continuation_ids(self, text: str) -> list[int] | None:
         """Tokens that extend the cache to `text`, or None when the cache cannot be extended."""
@@ -288,14 +292,13 @@ class ChatModule:
         after_reply = text[reply_at + len(turn.reply) :]
         return [*turn.pending_ids, *self.tokenizer.encode_continuation(after_reply)]
 
-    def _remember_reply(self, result: GenerationResult) -> None:
+    def _remember_reply(self, result: GenerationResult, prompt_text: str) -> None:
         if result.finish_reason == "stop_str":
             self._cached_turn = None
             return
         unfed = result.token_ids[result.fed_count :]
         if result.finish_reason == "stop_token":
             unfed = unfed[:-1]
-        prompt_text = self._render([*self._history[:-1], ("assistant", None)])
         self._cached_turn = _CachedTurn(prompt_text, result.text, tuple(unfed))
 
     # -- helpers ----------------------------------------------------------------------------
@@ -319,9 +322,9 @@ class ChatModule:
     def _render(self, messages: Sequence[tuple[str, str | None]]) -> str:
         return render_prompt(self.conv_template, messages)
 
-    def _encode_conversation(self, messages: Sequence[tuple[str, str | None]]) -> list[int]:
-        prefix = list(self.conv_template.system_prefix_token_ids)
-        return prefix + self.tokenizer.encode(self._render(messages))
+    def _encode(self, prompt_text: str) -> list[int]:
+        """Ids of a whole rendered conversation, the template's prefix ids (BOS) first."""
+        return [*self.conv_template.system_prefix_token_ids, *self.tokenizer.encode(prompt_text)]
 
     def _reply_lead(self) -> str:
         """What the template writes before a reply beyond what the reply prompt already has.

@@ -118,3 +118,9 @@ def test_bench_reports_throughput(params):
     assert re.fullmatch(r"prefill: \d+\.\d tok/s, decode: \d+\.\d tok/s", lines[1])
     decodes = [c for c in params.engines[0].calls if c[0] == "decode"]
     assert len(decodes) == 3 + 19  # a 4-token warm-up, then the measured run
+
+
+def test_repl_ends_at_end_of_input(params):
+    result = invoke("chat", params.path, "--max-gen-len", "3", input="Once upon a time\n")
+    assert result.exit_code == 0, result.output
+    assert len(params.engines[0].fed_chunks()) == 1

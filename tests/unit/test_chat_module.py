@@ -299,3 +299,10 @@ def test_benchmark_refuses_lengths_beyond_the_window(chat_factory):
     chat, _ = chat_factory(LM, context_window_size=16)
     with pytest.raises(MlccError, match=r"^\[bench\] prompt \(5 tokens\) \+ generate length"):
         chat.benchmark_generate("Once upon a time", 12)
+
+
+def test_template_given_by_name(chat_factory):
+    chat, engine = chat_factory("LM")
+    assert chat.conv_template == get_template("LM")
+    chat.generate("The dog", GenerationConfig(max_gen_len=1))
+    assert list(engine.fed_chunks()[0]) == REFERENCE[2]["prompt_token_ids"]
