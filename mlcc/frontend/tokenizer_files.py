@@ -15,6 +15,9 @@ Equivalence with SentencePiece:
 - Decoder: U+2581 back to spaces, byte pieces back to UTF-8, and the dummy-prefix space dropped.
 - Control and unknown pieces become special tokens, user-defined pieces added tokens; BOS is added
   by the post-processor as the Hugging Face Llama tokenizer does.
+Known differences, both outside what encoding text produces: special tokens written in the text
+(`<s>`) are matched as tokens, and decoding skips the unknown piece where SentencePiece writes
+" ⁇ "; decoding a run of byte pieces that is not valid UTF-8 gives one U+FFFD per byte.
 """
 
 from __future__ import annotations
@@ -271,7 +274,8 @@ def sentencepiece_to_tokenizer_json(
     tokenizer = Tokenizer(core)
     tokenizer.normalizer = _normalizer(model)
     tokenizer.decoder = _decoder(model)
-    # Ids of added tokens must equal the pieces' ids; adding in id order keeps them so.
+    # These pieces are in the vocabulary already and keep their ids; as added tokens they are
+    # matched whole in text, and the special ones are skipped when decoding.
     added = [
         AddedToken(p.text, special=p.kind != USER_DEFINED, normalized=False)
         for p in model.pieces

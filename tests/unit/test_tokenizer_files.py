@@ -6,6 +6,7 @@ same decoded text on generated sentences of prose, unicode, digits, whitespace r
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 
@@ -193,6 +194,36 @@ def test_stories_conversion_matches_sentencepiece_and_shipped_json():
         assert converted.encode(text, add_special_tokens=False).ids == ids, text
         assert shipped.encode(text, add_special_tokens=False).ids == ids, text
         assert converted.decode(ids) == sp.decode(ids), text
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+@pytest.mark.parametrize("byte_fallback", [False, True], ids=["unk", "byte_fallback"])
+def test_trained_models_with_nfkc_charsmap_match_sentencepiece(model_type, byte_fallback):
+    # Trained here with SentencePiece's defaults: NFKC through a precompiled character map,
+    # remove_extra_whitespaces=true, and (without byte fallback) an unknown piece.
+    rng = random.Random(3)
+    corpus = [
+        " ".join(rng.choice(_WORDS) for _ in range(12)) + rng.choice(["", " " + rng.choice(_CODE)])
+        for _ in range(2000)
+    ]
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=buffer, vocab_size=600,
+        hard_vocab_limit=False, model_type=model_type, byte_fallback=byte_fallback, minloglevel=2,
+    )
+    model = parse_sentencepiece_model(buffer.getvalue())
+    assert model.precompiled_charsmap and model.remove_extra_whitespaces
+    sp = spm.SentencePieceProcessor(model_proto=buffer.getvalue())
+    converted = Tokenizer.from_str(sentencepiece_to_tokenizer_json(model))
+    unknown_seen = 0
+    for text in make_sentences(300, seed=42):
+        ids = sp.encode(text)
+        assert converted.encode(text, add_special_tokens=False).ids == ids, text
+        if sp.unk_id() in ids:
+            unknown_seen += 1  # decodes differently by design (see the module docstring)
+        else:
+            assert converted.decode(ids) == sp.decode(ids), text
+    assert (unknown_seen > 0) != byte_fallback
 
 
 def test_bpe_merges_rank_by_merged_piece_score():
