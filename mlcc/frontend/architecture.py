@@ -28,7 +28,7 @@ class ParamSource:
     """One mlcc parameter and the HF tensors it is built from.
 
     combine says how `hf_names` (with shapes `hf_shapes`) become `shape`:
-    - "identity": one tensor, taken as it is;
+    - "identity": one tensor, taken as it is (`hf_shapes` defaults to `(shape,)`);
     - "concat0": tensors stacked along dim 0 in the listed order (q, k, v or gate, up);
     - "neox_qkv": one GPT-NeoX `query_key_value` tensor whose rows are per-head interleaved
       [q_h, k_h, v_h] for each of `heads` heads; it is regrouped to all q rows, then all k rows,
@@ -38,9 +38,9 @@ class ParamSource:
     name: str
     shape: tuple[int, ...]
     hf_names: tuple[str, ...]
-    hf_shapes: tuple[tuple[int, ...], ...]
     combine: Combine = "identity"
     kind: ParamKind = "other"
+    hf_shapes: tuple[tuple[int, ...], ...] = ()
     heads: int = 0
 
     def __post_init__(self) -> None:
@@ -48,10 +48,12 @@ class ParamSource:
             raise ValueError(f"{self.name}: combine {self.combine!r} not in {COMBINE_KINDS}")
         if self.kind not in PARAM_KINDS:
             raise ValueError(f"{self.name}: kind {self.kind!r} not in {PARAM_KINDS}")
-        if len(self.hf_names) != len(self.hf_shapes) or not self.hf_names:
-            raise ValueError(f"{self.name}: hf_names and hf_shapes must be non-empty, same length")
         if self.combine != "concat0" and len(self.hf_names) != 1:
             raise ValueError(f"{self.name}: combine {self.combine!r} takes exactly one HF tensor")
+        if not self.hf_shapes and self.combine != "concat0":
+            object.__setattr__(self, "hf_shapes", (tuple(self.shape),))
+        if len(self.hf_names) != len(self.hf_shapes) or not self.hf_names:
+            raise ValueError(f"{self.name}: hf_names and hf_shapes must be non-empty, same length")
         if self.combine == "neox_qkv" and self.heads <= 0:
             raise ValueError(f"{self.name}: combine 'neox_qkv' needs the head count in `heads`")
 
@@ -97,7 +99,7 @@ class Architecture:
 def linear_param(name: str, out_features: int, in_features: int) -> ParamSource:
     """A linear weight stored as in HF: (out_features, in_features)."""
     shape = (out_features, in_features)
-    return ParamSource(name, shape, (name,), (shape,), "identity", "linear")
+    return ParamSource(name, shape, (name,), "identity", "linear")
 
 
 def fused_param(
@@ -108,9 +110,9 @@ def fused_param(
     hf_shapes = tuple((rows, *trailing) for _, rows in parts)
     total = sum(rows for _, rows in parts)
     hf_names = tuple(hf for hf, _ in parts)
-    return ParamSource(name, (total, *trailing), hf_names, hf_shapes, "concat0", kind)
+    return ParamSource(name, (total, *trailing), hf_names, "concat0", kind, hf_shapes)
 
 
 def vector_param(name: str, size: int, kind: ParamKind) -> ParamSource:
     """A 1-D parameter (a norm weight or a bias) taken as it is."""
-    return ParamSource(name, (size,), (name,), ((size,),), "identity", kind)
+    return ParamSource(name, (size,), (name,), "identity", kind)

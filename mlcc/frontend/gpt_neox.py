@@ -129,12 +129,12 @@ def _layer_params(config: GPTNeoXConfig, layer: int) -> list[ParamSource]:
     params = [
         vector_param(p + "input_layernorm.weight", hidden, "norm"),
         vector_param(p + "input_layernorm.bias", hidden, "norm"),
-        ParamSource(qkv + "weight", (3 * hidden, hidden), (qkv + "weight",),
-                    ((3 * hidden, hidden),), "neox_qkv", "linear", heads),
+        ParamSource(qkv + "weight", (3 * hidden, hidden), (qkv + "weight",), "neox_qkv",
+                    "linear", heads=heads),
     ]
     if config.attention_bias:
-        params.append(ParamSource(qkv + "bias", (3 * hidden,), (qkv + "bias",),
-                                  ((3 * hidden,),), "neox_qkv", "bias", heads))
+        params.append(ParamSource(qkv + "bias", (3 * hidden,), (qkv + "bias",), "neox_qkv",
+                                  "bias", heads=heads))
     params.append(linear_param(p + "attention.dense.weight", hidden, hidden))
     if config.attention_bias:
         params.append(vector_param(p + "attention.dense.bias", hidden, "bias"))
@@ -156,8 +156,7 @@ def gpt_neox_weight_mapping(config: GPTNeoXConfig) -> WeightMapping:
     """
     vocab, hidden = config.vocab_size, config.hidden_size
     params = [ParamSource("gpt_neox.embed_in.weight", (vocab, hidden),
-                          ("gpt_neox.embed_in.weight",), ((vocab, hidden),), "identity",
-                          "embedding")]
+                          ("gpt_neox.embed_in.weight",), "identity", "embedding")]
     for layer in range(config.num_hidden_layers):
         params += _layer_params(config, layer)
     params += [

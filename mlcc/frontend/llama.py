@@ -129,8 +129,7 @@ def llama_weight_mapping(config: LlamaConfig) -> WeightMapping:
     """mlcc parameters of a Llama model in load order, from HF `LlamaForCausalLM` names."""
     vocab, hidden = config.vocab_size, config.hidden_size
     embed = ParamSource("model.embed_tokens.weight", (vocab, hidden),
-                        ("model.embed_tokens.weight",), ((vocab, hidden),), "identity",
-                        "embedding")
+                        ("model.embed_tokens.weight",), "identity", "embedding")
     params = [embed]
     for layer in range(config.num_hidden_layers):
         params += _layer_params(config, layer)
