@@ -2,9 +2,10 @@
 
 The loop feeds the new prompt tokens to the engine (whose KV cache already holds the earlier
 conversation), then samples one token at a time until a stop token, a stop string, or the length
-limit. Text is streamed as deltas: the tokenizer's output is decoded incrementally (never
-splitting a character) and then held back while it could be the start of a stop string, so the
-streamed text never shows any part of a stop string and concatenates to the returned reply.
+limit. Text is streamed as deltas: the tokens are decoded incrementally after the prompt's last
+token (never splitting a character) and then held back while they could be the start of a stop
+string, so the streamed text never shows any part of a stop string and concatenates to the
+returned reply.
 """
 
 from __future__ import annotations
@@ -78,8 +79,11 @@ class GenerationConfig:
     @classmethod
     def from_chat_config(cls, chat_config: Mapping[str, Any]) -> GenerationConfig:
         """The defaults written by gen_config into mlc-chat-config.json, every field set."""
-        values = {key: chat_config.get(key, value) for key, value in _FALLBACK_DEFAULTS.items()}
-        if values["max_gen_len"] is None or values["max_gen_len"] < 1:
+        values = {
+            key: fallback if chat_config.get(key) is None else chat_config[key]
+            for key, fallback in _FALLBACK_DEFAULTS.items()
+        }
+        if values["max_gen_len"] < 1:  # MLC writes -1 for "no limit of its own"
             values["max_gen_len"] = _FALLBACK_DEFAULTS["max_gen_len"]
         return cls(**values)
 

@@ -207,7 +207,7 @@ def test_config_defaults_come_from_chat_config():
 
 
 def test_config_fallbacks_when_chat_config_leaves_fields_out():
-    defaults = GenerationConfig.from_chat_config({"max_gen_len": -1})
+    defaults = GenerationConfig.from_chat_config({"max_gen_len": -1, "temperature": None})
     assert defaults == GenerationConfig(
         temperature=1.0, top_p=1.0, repetition_penalty=1.0, max_gen_len=512
     )
