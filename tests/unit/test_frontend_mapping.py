@@ -38,7 +38,7 @@ def test_parameter_counts_equal_published_sizes(preset: str) -> None:
 
 
 def test_redpajama_non_embedding_count_equals_pythia() -> None:
-    config, mapping = mapping_of("redpajama_3b_v1")
+    _, mapping = mapping_of("redpajama_3b_v1")
     embeddings = {"gpt_neox.embed_in.weight", "embed_out.weight"}
     body = sum(math.prod(p.shape) for p in mapping.params if p.name not in embeddings)
     assert body == PYTHIA_2_8B_NON_EMBEDDING
