@@ -96,7 +96,9 @@ def open_engine(lib_path: Path, params_dir: Path, chat_config: dict, device: str
         from mlcc.runtime_check.tvm_runtime import CompiledEngine
     except ModuleNotFoundError as err:
         raise MlccError(
-            "chat", f"cannot load the compiled-model runtime ({err}); install mlcc with apache-tvm"
+            "chat",
+            f"cannot load the compiled-model runtime: {err}; reinstall mlcc with its "
+            "dependencies (pip install -e .), which include the TVM runtime",
         ) from err
     return CompiledEngine(lib_path, params_dir, chat_config, device)
 
