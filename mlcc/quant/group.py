@@ -28,8 +28,9 @@ import torch
 
 from mlcc.errors import MlccError
 
-# Rows quantized at once: bounds the float32/int64 temporaries of a large embedding to ~100 MB.
-_ELEMENTS_PER_BLOCK = 1 << 22
+# Rows quantized at once: keeps the temporaries of a large embedding near 10 MB, so that
+# convert_weight's peak memory is set by the source files, not by quantization.
+_ELEMENTS_PER_BLOCK = 1 << 20
 
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -72,8 +73,10 @@ def _quantize_rows(
     """Quantize a block of rows; returns (uint32 words, scales in model_dtype) as NumPy arrays."""
     max_int = 2 ** (bits - 1) - 1
     rows, k = w.shape
-    w = torch.nn.functional.pad(w.to(torch.float32), (0, k_pad - k))
-    groups = w.reshape(rows, k_pad // group_size, group_size)  # (rows, G, group_size)
+    # A fresh zero-padded float32 buffer: the rest of the work happens in place inside it.
+    padded = torch.zeros((rows, k_pad), dtype=torch.float32, device=w.device)
+    padded[:, :k] = w
+    groups = padded.view(rows, k_pad // group_size, group_size)
     scale = groups.abs().amax(dim=2) / max_int  # (rows, G) float32
     stored = scale.to(_TORCH_DTYPES[model_dtype])
     if not bool(torch.isfinite(stored).all()):
@@ -84,10 +87,13 @@ def _quantize_rows(
     # A zero scale comes from an all-zero group (or one that underflows model_dtype): its codes
     # are max_int, which dequantize to exact zeros.
     divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    codes = torch.round(groups / divisor.unsqueeze(2)) + max_int
-    codes = codes.clamp_(0, 2 * max_int).to(torch.int64).reshape(rows, -1, codes_per_word(bits))
-    shifts = torch.arange(codes.shape[2], device=codes.device, dtype=torch.int64) * bits
-    words = (codes << shifts).sum(dim=2)  # disjoint bit fields: the sum is a bitwise OR
+    codes = groups.div_(divisor.unsqueeze(2)).round_().add_(max_int).clamp_(0, 2 * max_int)
+    codes = codes.view(rows, -1, codes_per_word(bits))  # (rows, words, per_word) float32
+    # Packing as a float64 product with the place values 2^(j * bits): every product and partial
+    # sum is an integer below 2^32, so the result is exact in any summation order (CPU or GPU),
+    # and one matmul is several times faster than shifting and OR-ing code by code.
+    place = 2.0 ** (torch.arange(codes.shape[2], dtype=torch.float64, device=w.device) * bits)
+    words = (codes.to(torch.float64) @ place).to(torch.int64)
     return words.cpu().numpy().astype(np.uint32), stored.cpu().numpy()
 
 
