@@ -430,7 +430,7 @@ def gen_config(
     tokenizers = _collect_tokenizers(source, str(config), notes)
     chat_config = build_chat_config(source, model_config, quantization, template, tokenizers, notes)
     for note in notes:
-        logger.info(note)
+        (logger.warning if note.startswith("warning:") else logger.info)(note)
     text = json.dumps(chat_config, indent=2, ensure_ascii=False) + "\n"
     output.mkdir(parents=True, exist_ok=True)
     write_tokenizer_files(tokenizers, output)
