@@ -268,12 +268,12 @@ class ModelConfig:
             sliding = r.opt_int(cls.hf_sliding_window_key) or -1
         elif cls.hf_sliding_window_key:
             sliding = cls.hf_sliding_window_default
-        if r.has("context_window_size"):
+        if sliding > 0:
+            context = -1  # the window bounds the KV cache; the trained length does not matter
+        elif r.has("context_window_size"):
             context = r.int("context_window_size")
         else:
             context = cls._hf_context_length(r)
-        if sliding > 0:
-            context = -1
         sinks = r.int("attention_sink_size", 0)
         limit = sliding if context == -1 else context
         prefill = r.int("prefill_chunk_size", min(limit, MAX_DEFAULT_PREFILL_CHUNK))

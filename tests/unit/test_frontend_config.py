@@ -92,6 +92,9 @@ def test_mistral_window_and_sinks() -> None:
     assert cls.from_hf(hf).sliding_window_size == 4096
     none = cls.from_hf({**hf, "sliding_window": None})
     assert (none.sliding_window_size, none.context_window_size) == (-1, 32768)
+    # A window alone bounds the cache, so the trained length is not needed.
+    no_length = {k: v for k, v in hf.items() if k != "max_position_embeddings"}
+    assert cls.from_hf({**no_length, "sliding_window": 4096}).context_window_size == -1
     sinks = plain.with_overrides(attention_sink_size=4)
     assert sinks.attention_sink_size == 4 and sinks.sliding_window_size == 4096
     # The preset carries MLC's explicit settings.
