@@ -101,14 +101,14 @@ register(OpDef("positions", (AttrSpec("length", (int, Sym)),), (1, 1), _position
 
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: Mapping[str, Any] | None) -> np.ndarray:
     """Inverse frequencies (float32), with Llama-3 style frequency scaling when asked."""
-    inv = 1.0 / (theta ** (np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32)
-                           / rotary_dim))
-    inv = inv.astype(np.float32)
+    # Positions multiply these: a few float32 ulps of error here become 1e-3 radians at position
+    # 10^4, so the formula runs in float64 and is rounded to float32 once.
+    inv = 1.0 / (theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim))
     if not scaling:
-        return inv
+        return inv.astype(np.float32)
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "linear":
-        return (inv / np.float32(scaling["factor"])).astype(np.float32)
+        return (inv / scaling["factor"]).astype(np.float32)
     if kind == "llama3":
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_len = scaling["original_max_position_embeddings"]
