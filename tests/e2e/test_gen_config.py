@@ -359,6 +359,9 @@ def test_missing_or_broken_config_fails_and_writes_nothing(tmp_path: Path):
     bad_gen = make_model_dir(tmp_path, "meta-llama--Llama-2-13b-hf", None)
     (bad_gen / "generation_config.json").write_text('{"top_p": 2}')
     cases.append((bad_gen, "generation_config.json: 'top_p' must be a number in (0, 1]"))
+    bad_eos = make_model_dir(tmp_path, "TinyLlama--TinyLlama-1.1B-Chat-v1.0", None)
+    (bad_eos / "generation_config.json").write_text('{"eos_token_id": "</s>"}')
+    cases.append((bad_eos, "generation_config.json: 'eos_token_id' must be a token id or a list"))
     for source, message in cases:
         result = gen(source, out, "LM")
         assert result.exit_code == 1, source
