@@ -115,13 +115,22 @@ def test_stop_filter_output_is_text_up_to_first_stop(text, stop_list, cuts):
     bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
     stops = StopStringFilter(stop_list)
     shown = "".join(stops.push(text[a:b]) for a, b in pairwise(bounds))
-    hits = [i for i in (text.find(s) for s in stop_list) if i >= 0]
-    if hits:
-        assert stops.stopped
-        assert shown == text[: min(hits)]
-    else:
-        assert not stops.stopped
-        assert shown + stops.flush() == text
+    # generation stops after the first piece that completes a stop string; the text is cut
+    # where the earliest stop string seen by then begins
+    for end in bounds:
+        hits = [i for i in (text[:end].find(s) for s in stop_list) if i >= 0]
+        if hits:
+            assert stops.stopped
+            assert shown == text[: min(hits)]
+            return
+    assert not stops.stopped
+    assert shown + stops.flush() == text
+
+
+def test_stop_found_first_wins_over_one_that_starts_earlier_but_ends_later():
+    stops = StopStringFilter([" ", "a a"])
+    assert stops.push("aa ") == "aa"  # " " is complete; "a a" is not known yet
+    assert stops.stopped
 
 
 # -- the loop -------------------------------------------------------------------------------
