@@ -1,1 +1,20 @@
-"""mlcc.backends."""
+"""Backends: lower the passes' output to TensorIR kernels and build one library per device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+
+def build_model_library(module, output: Path, metadata: dict, device: str = "llvm",
+                        host: str | None = None, opt=None, system_lib_prefix: str | None = None,
+                        log: Callable[[str], None] = lambda s: None) -> dict[str, int]:
+    """Build `module` (after the pass pipeline) into the library `output` for `device`."""
+    if device != "llvm":
+        from mlcc.errors import MlccError
+
+        raise MlccError("compile", f"no backend for device {device!r} in this build; use cpu")
+    from mlcc.backends.llvm.codegen import build
+
+    fast = True if opt is None else opt.enabled("fast_schedules")
+    return build(module, Path(output), metadata, host, fast, system_lib_prefix, log)

@@ -12,6 +12,7 @@ Entry calling convention (all entries):
     seq_info    int32[2]                      [positions already cached, 0]
     page_table  int32[pages]                  physical page of each logical page
     kv_pool     kv_dtype[layers, pages, 2, kv_heads, page_size, head_dim]
+                (attention kernels get the view of their layer: [pages, 2, ...])
     params...   in module order (the order of the params folder's records)
     logits      float32[vocab]                written by the entry
     workspace   uint8[workspace_bytes]        scratch for every intermediate
@@ -44,6 +45,7 @@ class BufferRef:
     source: str  # "arg" | "workspace"
     arg: str = ""  # argument name (source "arg") or "" for workspace views
     offset: int = 0  # byte offset in the workspace
+    index: tuple[int, ...] = ()  # for a view of an argument: where the view starts
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,8 @@ def entry_args(fn: ir.Function, module: ir.Module) -> list[BufferRef]:
         args.append(BufferRef(p.name, tuple(p.type.shape), p.type.dtype, "arg", p.name))
     (out,) = fn.outputs
     args.append(BufferRef("logits", tuple(out.type.shape), out.type.dtype, "arg", "logits"))
-    workspace = max(int(fn.attrs.get("workspace_bytes", 0)), 64)
-    args.append(BufferRef("workspace", (workspace,), "uint8", "arg", "workspace"))
+    # The runtime passes one workspace for all entries, as large as the largest needs.
+    args.append(BufferRef("workspace", (Sym("workspace_bytes"),), "uint8", "arg", "workspace"))
     return args
 
 
@@ -110,8 +112,8 @@ def plan_entry(fn: ir.Function, module: ir.Module) -> EntryPlan:
     buffers: dict[int, BufferRef] = {id(fn.inputs[0]): by_arg["tokens"]}
     out_value = fn.outputs[0]
     buffers[id(out_value)] = by_arg["logits"]
-    plan = EntryPlan(fn.name, args, workspace_bytes=by_arg["workspace"].shape[0],
-                     symbols=tuple(sorted(s.name for s in fn.symbols)))
+    plan = EntryPlan(fn.name, args, workspace_bytes=int(fn.attrs.get("workspace_bytes", 0)),
+                     symbols=tuple(sorted({s.name for s in fn.symbols} | {"workspace_bytes"})))
 
     def buffer_of(value: ir.Value) -> BufferRef:
         if value.kind == "param":
@@ -139,16 +141,21 @@ def plan_entry(fn: ir.Function, module: ir.Module) -> EntryPlan:
         tensor_inputs = [v for v in node.inputs if isinstance(v.type, TensorType)]
         if node.op == "qkv_attention":
             tensor_inputs = [node.inputs[0]]  # positions come from seq_info
+        attrs = dict(node.attrs)
+        layer = attrs.pop("layer", None)  # attention kernels are shared by all layers
         spec = KernelSpec(
             node.op,
             tuple(_shape_dtype(v) for v in tensor_inputs),
             tuple(_shape_dtype(v) for v in node.outputs),
-            tuple(sorted(node.attrs.items())),
+            tuple(sorted(attrs.items())),
             layout if node.op == "qkv_attention" else (),
         )
         refs = [buffer_of(v) for v in tensor_inputs] + [buffer_of(v) for v in node.outputs]
         if node.op == "qkv_attention":
-            refs += [by_arg["seq_info"], by_arg["page_table"], by_arg["kv_pool"]]
+            pool = by_arg["kv_pool"]
+            layer_view = BufferRef(f"kv_pool.{layer}", pool.shape[1:], pool.dtype, "arg",
+                                   "kv_pool", 0, (layer,) + (0,) * (len(pool.shape) - 1))
+            refs += [by_arg["seq_info"], by_arg["page_table"], layer_view]
         plan.calls.append(KernelCall(spec, refs))
     return plan
 

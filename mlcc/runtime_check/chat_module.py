@@ -93,7 +93,7 @@ def open_engine(lib_path: Path, params_dir: Path, chat_config: dict, device: str
     """Create the engine that runs a compiled model library (tests replace this function)."""
     try:
         # imported here so that chat tooling works without loading the TVM runtime
-        from mlcc.runtime_check.tvm_runtime import CompiledEngine
+        from mlcc.runtime_check.compiled import CompiledEngine
     except ModuleNotFoundError as err:
         raise MlccError(
             "chat",

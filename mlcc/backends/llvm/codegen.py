@@ -1,0 +1,173 @@
+"""Assemble the CPU library: kernels + one host entry per model function + metadata, then build.
+
+The source of the whole library is TVMScript text: one PrimFunc per distinct kernel (specs that
+are equal share a kernel), one entry PrimFunc per model function that binds its arguments,
+carves each intermediate out of the workspace by pointer, and calls the kernels in order with
+`T.call_cpacked`, and two functions that hand out the metadata JSON
+(`mlcc_metadata_nbytes() -> int64`, `mlcc_metadata(out: uint8[n])`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+from mlcc import ir
+from mlcc.backends.llvm.attention import gen_qkv_attention
+from mlcc.backends.llvm.fallback import GENERATORS, Emitter, shape_text
+from mlcc.backends.plan import BufferRef, EntryPlan, KernelSpec, plan_entry
+from mlcc.ir.types import Sym
+
+KernelRule = Callable[[KernelSpec, str, bool], "str | None"]
+
+
+def fallback_rule(spec: KernelSpec, name: str, fast: bool) -> str:
+    if spec.op == "qkv_attention":
+        return gen_qkv_attention(spec, name, fast)
+    return GENERATORS[spec.op](spec, name, fast)
+
+
+def kernel_source(spec: KernelSpec, name: str, fast: bool, rules: list[KernelRule]) -> str:
+    """The first rule that returns source wins; the fallback always applies."""
+    for rule in rules:
+        text = rule(spec, name, fast)
+        if text is not None:
+            return text
+    return fallback_rule(spec, name, fast)
+
+
+def _ident(text: str) -> str:
+    return re.sub(r"\W", "_", text)
+
+
+def entry_source(plan: EntryPlan, kernel_names: dict[KernelSpec, str]) -> str:
+    em = Emitter()
+    args = ", ".join(f"a{i}: T.handle" for i in range(len(plan.args)))
+    em(f"@T.prim_func\ndef {plan.name}({args}):")
+    em.depth = 1
+    em(f'T.func_attr({{"global_symbol": "{plan.name}"}})')
+    for sym in plan.symbols:
+        em(f"{sym} = T.int64()")
+    var_of: dict[tuple, str] = {}
+    for i, ref in enumerate(plan.args):
+        var = f"b{i}"
+        var_of[("arg", ref.arg)] = var
+        em(f'{var} = T.match_buffer(a{i}, {shape_text(ref.shape)}, "{ref.dtype}")')
+    ws = var_of[("arg", "workspace")]
+    views: dict[tuple, str] = {}
+
+    def buffer_var(ref: BufferRef) -> str:
+        if ref.source == "arg":
+            key = ("arg", ref.arg, ref.shape, ref.dtype)
+            base = var_of[("arg", ref.arg)]
+            arg_ref = next(a for a in plan.args if a.arg == ref.arg)
+            if (arg_ref.shape, arg_ref.dtype) == (ref.shape, ref.dtype) and not any(ref.index):
+                return base
+            key += (ref.index,)
+            index = ", ".join(f"T.int64({i})" for i in ref.index) if ref.index else "T.int64(0)"
+            pointer = f"T.address_of({base}[{index}])" if ref.index else f"{base}.data"
+        else:
+            key = ("ws", ref.offset, ref.shape, ref.dtype)
+            pointer = f"T.address_of({ws}[T.int64({ref.offset})])"
+        if key not in views:
+            views[key] = f"v{len(views)}"
+            em(f'{views[key]} = T.decl_buffer({shape_text(ref.shape)}, "{ref.dtype}", '
+               f"data={pointer})")
+        return views[key]
+
+    for call in plan.calls:
+        names = ", ".join(buffer_var(b) for b in call.buffers)
+        em(f'T.evaluate(T.call_cpacked("{kernel_names[call.spec]}", {names}))')
+    return em.text()
+
+
+def metadata_source(metadata: dict) -> str:
+    text = json.dumps(metadata, separators=(",", ":"), sort_keys=False)
+    nbytes = len(text.encode())
+    return "\n".join([
+        "@T.prim_func",
+        "def mlcc_metadata_nbytes() -> T.int64:",
+        '    T.func_attr({"global_symbol": "mlcc_metadata_nbytes"})',
+        f"    return T.int64({nbytes})",
+        "",
+        "@T.prim_func",
+        "def mlcc_metadata(out_h: T.handle):",
+        '    T.func_attr({"global_symbol": "mlcc_metadata"})',
+        f'    out = T.match_buffer(out_h, ({nbytes},), "uint8")',
+        f'    T.evaluate(T.call_extern("handle", "memcpy", out.data, {text!r}, T.int64({nbytes})))',
+    ])
+
+
+def library_source(module: ir.Module, metadata: dict, fast: bool,
+                   rules: list[KernelRule] | None = None) -> tuple[str, dict[str, int]]:
+    """TVMScript of the whole library, and how many kernels each op got (for the log)."""
+    plans = [plan_entry(fn, module) for fn in module.functions]
+    kernel_names: dict[KernelSpec, str] = {}
+    for plan in plans:
+        for call in plan.calls:
+            if call.spec not in kernel_names:
+                kernel_names[call.spec] = f"k{len(kernel_names)}_{call.spec.op}"
+    parts = ["# from tvm.script import ir as I", "# from tvm.script import tirx as T", ""]
+    for spec, name in kernel_names.items():
+        parts += [kernel_source(spec, name, fast, rules or []), ""]
+    for plan in plans:
+        parts += [entry_source(plan, kernel_names), ""]
+    parts.append(metadata_source(metadata))
+    counts: dict[str, int] = {}
+    for spec in kernel_names:
+        counts[spec.op] = counts.get(spec.op, 0) + 1
+    return "\n".join(parts) + "\n", counts
+
+
+def parse_functions(source: str) -> "tvm.IRModule":  # noqa: F821
+    """Parse the library text into an IRModule (one PrimFunc per top-level definition)."""
+    import tvm
+    import tvm.script
+
+    funcs = {}
+    chunks = re.split(r"\n(?=@T\.prim_func)", source)
+    for chunk in chunks:
+        if "@T.prim_func" not in chunk:
+            continue
+        func = tvm.script.from_source(chunk[chunk.index("@T.prim_func"):])
+        funcs[func.attrs["global_symbol"]] = func
+    return tvm.IRModule(funcs)
+
+
+def llvm_target(host: str | None):
+    import tvm
+
+    config = {"kind": "llvm", "num-cores": max(1, os.cpu_count() or 1)}
+    if host:
+        config["mtriple"] = host
+    return tvm.target.Target(config)
+
+
+def build(module: ir.Module, output: Path, metadata: dict, host: str | None, fast: bool,
+          system_lib_prefix: str | None, log: Callable[[str], None],
+          rules: list[KernelRule] | None = None) -> dict[str, int]:
+    """Build `module` into `output` (.so or .tar), written under a temporary name first."""
+    import tvm
+
+    source, counts = library_source(module, metadata, fast, rules)
+    log("kernels: " + ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())))
+    mod = parse_functions(source)
+    if system_lib_prefix:
+        renamed = {}
+        for gv, func in mod.functions.items():
+            symbol = system_lib_prefix + func.attrs["global_symbol"]
+            renamed[symbol] = func.with_attr("global_symbol", symbol)
+        mod = tvm.IRModule(renamed).with_attr("system_lib_prefix", system_lib_prefix)
+    executable = tvm.compile(mod, target=llvm_target(host))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.stem}.partial{os.getpid()}{output.suffix}")
+    try:
+        executable.export_library(str(tmp))
+        os.replace(tmp, output)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return counts
