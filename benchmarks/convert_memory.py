@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import math
 import os
@@ -35,9 +36,10 @@ SHAPES = {
     # ~491M parameters, 0.98 GB in float16
     "1gb": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 8,
             "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 32000},
-    # ~55M parameters, 0.11 GB in float16
-    "100mb": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
-              "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000},
+    # ~59M parameters, 0.12 GB in float16; a small vocabulary keeps every tensor far below a
+    # shard, so loading the whole checkpoint at once would show clearly in the peak.
+    "100mb": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 18,
+              "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 8000},
 }
 
 
@@ -93,9 +95,13 @@ def measure(shape: str, quantization: str, workdir: Path | None) -> dict:
     """Build, convert, and report the figures as a dict."""
     with tempfile.TemporaryDirectory(prefix="mlcc-convert-memory-", dir=workdir) as tmp:
         source, output = Path(tmp) / "hf", Path(tmp) / "params"
-        sizes = build_checkpoint(source, llama_config(shape))
+        # Built in a child: a forked child's ru_maxrss starts from its parent's RSS, so the
+        # parent that measures must stay small.
+        subprocess.run([sys.executable, __file__, "--build", str(source), "--shape", shape],
+                       check=True)
+        sizes = json.loads((source / "shard_sizes.json").read_text())
         baseline, _, _, _ = peak_rss_of([sys.executable, "-c",
-                                         "import mlcc.interface.convert_weight"])
+                                         "import mlcc.cli, mlcc.interface.convert_weight"])
         peak, seconds, status, stderr = peak_rss_of(
             [sys.executable, "-m", "mlcc.cli", "convert_weight", str(source), "--quantization",
              quantization, "-o", str(output)])
@@ -118,7 +124,8 @@ def machine() -> str:
         pass
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, {platform.system()} "
-            f"{platform.release()}, Python {platform.python_version()}")
+            f"{platform.release()}, Python {platform.python_version()}, torch "
+            f"{importlib.metadata.version('torch')}")
 
 
 def report(result: dict) -> str:
@@ -153,7 +160,12 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where the temp folder goes")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     parser.add_argument("--write", type=Path, default=None, help="append a Markdown section")
+    parser.add_argument("--build", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build is not None:
+        sizes = build_checkpoint(args.build, llama_config(args.shape))
+        (args.build / "shard_sizes.json").write_text(json.dumps(sizes))
+        return
     result = measure(args.shape, args.quantization, args.workdir)
     if args.json:
         print(json.dumps(result))
