@@ -213,7 +213,8 @@ def _dequant(spec: KernelSpec, w: str, s: str, row: str, k: str) -> str:
     """Expression of one dequantized weight (float32), rounded through the scale dtype."""
     bits, group = spec.attr("bits"), spec.attr("group_size")
     per_word, max_int, mask = 32 // bits, (1 << (bits - 1)) - 1, (1 << bits) - 1
-    scale_dt = spec.inputs[-1][1] if spec.op == "q_embedding" else spec.inputs[2][1]
+    k = f"({k})"
+    scale_dt = spec.inputs[1][1] if spec.op == "q_embedding" else spec.inputs[2][1]
     code = (f'T.Cast("float32", T.bitwise_and(T.shift_right({w}[{row}, {k} // {per_word}], '
             f'T.Cast("uint32", ({k} % {per_word}) * {bits})), T.uint32({mask})))')
     val = f"({code} - T.float32({max_int})) * {f32(f'{s}[{row}, {k} // {group}]', scale_dt)}"
