@@ -91,6 +91,8 @@ def rows_rule(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     blocks = _blocks(sch)
     if all(_is_spatial(sch, b) for b in blocks):
         return None
+    if any(int(sch.get(b).iter_vars[0].iter_type) != SPATIAL for b in blocks):
+        return None  # the outer loop of some block is a reduction: no shared row loop
     first = [sch.get(sch.get_loops(b)[0]).extent if sch.get_loops(b) else None for b in blocks]
     if any(f is None or not tvm_ffi.structural_equal(f, first[-1]) for f in first):
         return None
