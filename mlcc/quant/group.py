@@ -77,7 +77,10 @@ def _quantize_rows(
     padded = torch.zeros((rows, k_pad), dtype=torch.float32, device=w.device)
     padded[:, :k] = w
     groups = padded.view(rows, k_pad // group_size, group_size)
-    scale = groups.abs().amax(dim=2) / max_int  # (rows, G) float32
+    amax = groups.abs().amax(dim=2)  # (rows, G) float32
+    # Divide by a tensor, not a Python number: CUDA turns division by a scalar into a product
+    # with its reciprocal, which differs from true division in the last bit.
+    scale = amax / torch.full_like(amax, max_int)
     stored = scale.to(_TORCH_DTYPES[model_dtype])
     if not bool(torch.isfinite(stored).all()):
         raise MlccError("quantize", f"{name}: a group scale overflows {model_dtype} (max |w| = "
@@ -92,7 +95,9 @@ def _quantize_rows(
     # Packing as a float64 product with the place values 2^(j * bits): every product and partial
     # sum is an integer below 2^32, so the result is exact in any summation order (CPU or GPU),
     # and one matmul is several times faster than shifting and OR-ing code by code.
-    place = 2.0 ** (torch.arange(codes.shape[2], dtype=torch.float64, device=w.device) * bits)
+    # Place values from Python integers: `2.0 ** tensor` on CUDA is not exact for every power.
+    place = torch.tensor([float(1 << (j * bits)) for j in range(codes.shape[2])],
+                         dtype=torch.float64, device=w.device)
     words = (codes.to(torch.float64) @ place).to(torch.int64)
     return words.cpu().numpy().astype(np.uint32), stored.cpu().numpy()
 

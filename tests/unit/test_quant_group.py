@@ -84,7 +84,7 @@ def test_round_half_to_even_on_exact_ties() -> None:
     assert codes == [14, 7, 9, 9, 5]  # 7+7, 0+7, 2+7, 2+7, -2+7
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(
     scheme_name=st.sampled_from(GROUP_SCHEMES),
     n=st.integers(1, 6),
@@ -109,9 +109,11 @@ def test_random_shapes_match_reference(
     back = scheme.dequantize(got["q_weight"], got["q_scale"], k)
     assert back.dtype == np.float32 and back.shape == (n, k)
     np.testing.assert_array_equal(back, expected[:, :k])
-    # Error within half a step, plus the float16 rounding of the scale for clamped extremes.
+    # Each value is the nearest point of its group's grid, except beyond the grid's end, where
+    # the rounded (possibly float16-subnormal) scale made the code clamp.
     step = np.repeat(scales.astype(np.float32), scheme.group_size, axis=1)[:, :k]
-    assert np.all(np.abs(back - w) <= step * 0.5 + np.abs(w) * 2**-10 + 1e-30)
+    bound = np.maximum(step * 0.5, np.abs(w) - max_int * step)
+    assert np.all(np.abs(back - w) <= bound * (1 + 1e-6))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
