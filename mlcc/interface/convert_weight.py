@@ -14,7 +14,9 @@ import math
 import os
 import secrets
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,12 +59,12 @@ def convert_weight(
     if weights_at is None:
         raise MlccError(STAGE, f"{config}: a preset has no weights; pass --source with the folder "
                         "or file holding the checkpoint")
-    output = Path(output)
+    output = Path(os.path.abspath(output))  # "." and "x/.." need a real name and parent
     check_output(output, overwrite)
     check_checkpoint_kind(model.hf_config, scheme, weights_at)
     mapping = model.arch.weight_mapping(model.config)
-    checkpoint = open_checkpoint(model.hf_dir or weights_at, source, source_format)
-    with staging_folder(output) as staging:
+    checkpoint = open_checkpoint(model.hf_dir, source, source_format)
+    with sigterm_as_interrupt(), staging_folder(output) as staging:
         writer = NDArrayCacheWriter(staging)
         try:
             stream = stream_params(mapping, checkpoint, scheme, torch_device)
@@ -140,6 +142,23 @@ def check_output(output: Path, overwrite: bool) -> None:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise MlccError(STAGE, f"{output}: no permission to write in {ancestor}; choose another "
                         "--output or fix the folder's permissions")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Let SIGTERM unwind like Ctrl-C while it is active, so the staging folder is removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set signal handlers
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -101,17 +101,18 @@ def check_expected_params(out: Path, model_dir: Path, quantization: str) -> dict
     return records
 
 
+@pytest.mark.parametrize("model_dir", [STORIES, STORIES_PT], ids=["safetensors", "pytorch"])
 @pytest.mark.parametrize("mode", FLOAT_MODES)
-def test_every_mode_on_stories260k(tmp_path: Path, mode: str) -> None:
+def test_every_mode_on_stories260k(tmp_path: Path, mode: str, model_dir: Path) -> None:
     out = tmp_path / "params"
-    result = run_cli(STORIES, "--quantization", mode, "-o", out)
+    result = run_cli(model_dir, "--quantization", mode, "-o", out)
     assert result.exit_code == 0, result.output
     assert f"with {mode} on cpu" in result.stderr
     check_folder_format(out)
-    records = check_expected_params(out, STORIES, mode)
+    records = check_expected_params(out, model_dir, mode)
     scheme = get_scheme(mode)
     stored = load_ndarray_cache(out)
-    reference = fused_reference(hf_tensors(STORIES), layers=5)
+    reference = fused_reference(hf_tensors(model_dir), layers=5)
     for name, w in reference.items():
         stem = name.removesuffix(".weight")
         if f"{stem}.q_weight" not in stored:
@@ -154,6 +155,18 @@ def test_documented_command_line_in_a_subprocess(tmp_path: Path) -> None:
     assert "Wrote 53 tensors (260,032 parameters" in proc.stderr
     check_folder_format(out)
     check_expected_params(out, STORIES_PT, "q4f16_1")
+
+
+def test_weights_from_source_with_an_explicit_format(tmp_path: Path) -> None:
+    result = run_cli(STORIES / "config.json", "--quantization", "q0f32", "-o", tmp_path / "p",
+                     "--source", STORIES_PT / "pytorch_model.bin", "--source-format",
+                     "huggingface-torch", "--model-type", "llama")
+    assert result.exit_code == 0, result.output
+    stored = load_ndarray_cache(tmp_path / "p")
+    reference = fused_reference(hf_tensors(STORIES_PT), layers=5)
+    assert set(stored) == set(reference)
+    for name, w in reference.items():
+        np.testing.assert_array_equal(stored[name], w)
 
 
 def test_overwrite_replaces_weights_and_keeps_other_files(tmp_path: Path) -> None:

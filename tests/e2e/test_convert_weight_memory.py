@@ -1,10 +1,12 @@
-"""convert_weight's peak memory on a ~110 MB, 4-shard checkpoint stays near two shards + 300 MB."""
+"""convert_weight on a ~120 MB, 4-shard checkpoint: peak memory near two shards, clean SIGTERM."""
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,3 +28,24 @@ def test_peak_rss_of_a_100mb_conversion_is_within_two_shards_plus_300mb(tmp_path
     assert added <= 2 * result["largest_shard_bytes"] + 50e6, result
     assert added < result["checkpoint_bytes"], result
     assert not any(tmp_path.iterdir())  # the benchmark cleans up after itself
+
+
+@pytest.mark.slow
+def test_sigterm_during_conversion_leaves_nothing(tmp_path: Path) -> None:
+    source = tmp_path / "hf"
+    subprocess.run([sys.executable, str(BENCHMARK), "--build", str(source), "--shape", "100mb"],
+                   check=True, timeout=600)
+    out_root = tmp_path / "out"
+    out_root.mkdir()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "mlcc.cli", "convert_weight", str(source), "--quantization",
+         "q4f16_1", "-o", str(out_root / "params")], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    # Wait until the first shard has bytes in the staging folder, then stop the run.
+    while not any(p.stat().st_size for p in out_root.glob(".params.*.partial/*.bin")):
+        assert child.poll() is None and time.monotonic() < deadline, "conversion never started"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130 and stderr.strip() == "error: interrupted"
+    assert not any(out_root.iterdir())
