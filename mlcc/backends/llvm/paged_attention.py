@@ -45,17 +45,14 @@ def inv_freq_expr(j: tirx.PrimExpr, rotary_dim: int, theta: float,
     Positions multiply it, so its rounding error grows with the position; float64 keeps it to
     the final rounding, as the IR reference does. Supports no scaling, "linear" and "llama3".
     """
+    kind = _scaling_kind(scaling)
     f64 = "float64"
     exponent = tirx.Cast(f64, j * 2) / tirx.const(float(rotary_dim), f64)
     inv = tirx.const(1.0, f64) / tirx.power(tirx.const(float(theta), f64), exponent)
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
-    if not scaling or kind in (None, "default"):
+    if kind is None:
         return tirx.Cast("float32", inv)
     if kind == "linear":
         return tirx.Cast("float32", inv / tirx.const(float(scaling["factor"]), f64))
-    if kind != "llama3":
-        raise MlccError(STAGE, f"rope scaling {kind!r} has no CPU kernel; supported: linear, "
-                        "llama3")
     factor = tirx.const(float(scaling["factor"]), f64)
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     old_len = float(scaling["original_max_position_embeddings"])
@@ -69,6 +66,17 @@ def inv_freq_expr(j: tirx.PrimExpr, rotary_dim: int, theta: float,
     return tirx.Cast("float32", tirx.Select(is_mid, mid, scaled))
 
 
+def _scaling_kind(scaling: Mapping[str, Any] | None) -> str | None:
+    """None (no scaling), "linear" or "llama3"; anything else has no kernel."""
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+    if not scaling or kind in (None, "default"):
+        return None
+    if kind not in ("linear", "llama3"):
+        raise MlccError(STAGE, f"rope scaling {kind!r} has no CPU kernel; supported: linear, "
+                        "llama3")
+    return kind
+
+
 def rope(name: str, rows: Dim, q_heads: int, kv_heads: int, head_dim: int, rotary_dim: int,
          theta: float, dtype: str, style: str = "rotate_half",
          scaling: Mapping[str, Any] | None = None) -> tirx.PrimFunc:
@@ -80,6 +88,7 @@ def rope(name: str, rows: Dim, q_heads: int, kv_heads: int, head_dim: int, rotar
     if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
         raise MlccError(STAGE, f"rope rotary_dim {rotary_dim} must be even and in (0, head_dim="
                         f"{head_dim}]")
+    _scaling_kind(scaling)
     n = extent(rows)
     info_len = tirx.Var("seq_info_len", "int64")
     width = (q_heads + 2 * kv_heads) * head_dim
