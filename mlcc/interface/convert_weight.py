@@ -23,6 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from mlcc.errors import MlccError
 from mlcc.frontend.architecture import ParamSource, WeightMapping
@@ -115,10 +124,12 @@ def check_checkpoint_kind(hf_config: dict, scheme: QuantScheme, weights_at: Path
                         f"(quant_method {method!r}); use --quantization q4f16_awq for AutoAWQ "
                         "checkpoints or convert the original float weights")
     if scheme.kind == "awq":
-        expected = {"bits": scheme.bits, "group_size": scheme.group_size, "version": "gemm",
-                    "zero_point": True}
-        for key, value in expected.items():
-            found = quant_config.get(key, quant_config.get("w_bit" if key == "bits" else key))
+        # (key, its spelling in older AutoAWQ configs, the value the scheme reads)
+        expected = (("bits", "w_bit", scheme.bits),
+                    ("group_size", "q_group_size", scheme.group_size),
+                    ("version", "version", "gemm"), ("zero_point", "zero_point", True))
+        for key, old_key, value in expected:
+            found = quant_config.get(key, quant_config.get(old_key))
             if isinstance(found, str):
                 found = found.lower()
             if found != value:
@@ -378,17 +389,8 @@ def check_finite(param: ParamSource, tensor: torch.Tensor) -> None:
 def _write_all(stream: Iterator[tuple[ParamSource, dict[str, np.ndarray]]],
                writer: NDArrayCacheWriter, mapping: WeightMapping, progress: bool) -> None:
     """Drain `stream` into `writer` under a per-tensor progress bar on stderr."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
     console = Console(file=sys.stderr)
+    # Progress counts each parameter's float32 bytes, whatever the source and stored dtypes.
     total = sum(math.prod(p.shape) * 4 for p in mapping.params)
     columns = (TextColumn("{task.description}", style="cyan"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
