@@ -43,12 +43,12 @@ def _ident(text: str) -> str:
     return re.sub(r"\W", "_", text)
 
 
-def entry_source(plan: EntryPlan, kernel_names: dict[KernelSpec, str]) -> str:
+def entry_source(plan: EntryPlan, kernel_names: dict[KernelSpec, str], prefix: str = "") -> str:
     em = Emitter()
     args = ", ".join(f"a{i}: T.handle" for i in range(len(plan.args)))
-    em(f"@T.prim_func\ndef {plan.name}({args}):")
+    em(f"@T.prim_func\ndef {prefix}{plan.name}({args}):")
     em.depth = 1
-    em(f'T.func_attr({{"global_symbol": "{plan.name}"}})')
+    em(f'T.func_attr({{"global_symbol": "{prefix}{plan.name}"}})')
     for sym in plan.symbols:
         em(f"{sym} = T.int64()")
     var_of: dict[tuple, str] = {}
@@ -84,38 +84,41 @@ def entry_source(plan: EntryPlan, kernel_names: dict[KernelSpec, str]) -> str:
     return em.text()
 
 
-def metadata_source(metadata: dict) -> str:
+def metadata_source(metadata: dict, prefix: str = "") -> str:
     text = json.dumps(metadata, separators=(",", ":"), sort_keys=False)
     nbytes = len(text.encode())
     return "\n".join([
         "@T.prim_func",
-        "def mlcc_metadata_nbytes() -> T.int64:",
-        '    T.func_attr({"global_symbol": "mlcc_metadata_nbytes"})',
+        f"def {prefix}mlcc_metadata_nbytes() -> T.int64:",
+        f'    T.func_attr({{"global_symbol": "{prefix}mlcc_metadata_nbytes"}})',
         f"    return T.int64({nbytes})",
         "",
         "@T.prim_func",
-        "def mlcc_metadata(out_h: T.handle):",
-        '    T.func_attr({"global_symbol": "mlcc_metadata"})',
+        f"def {prefix}mlcc_metadata(out_h: T.handle):",
+        f'    T.func_attr({{"global_symbol": "{prefix}mlcc_metadata"}})',
         f'    out = T.match_buffer(out_h, ({nbytes},), "uint8")',
         f'    T.evaluate(T.call_extern("handle", "memcpy", out.data, {text!r}, T.int64({nbytes})))',
     ])
 
 
 def library_source(module: ir.Module, metadata: dict, fast: bool,
-                   rules: list[KernelRule] | None = None) -> tuple[str, dict[str, int]]:
-    """TVMScript of the whole library, and how many kernels each op got (for the log)."""
+                   rules: list[KernelRule] | None = None,
+                   prefix: str = "") -> tuple[str, dict[str, int]]:
+    """TVMScript of the whole library, and how many kernels each op got (for the log).
+
+    Every exported symbol starts with `prefix` (a system library's symbol prefix)."""
     plans = [plan_entry(fn, module) for fn in module.functions]
     kernel_names: dict[KernelSpec, str] = {}
     for plan in plans:
         for call in plan.calls:
             if call.spec not in kernel_names:
-                kernel_names[call.spec] = f"k{len(kernel_names)}_{call.spec.op}"
+                kernel_names[call.spec] = f"{prefix}k{len(kernel_names)}_{call.spec.op}"
     parts = ["# from tvm.script import ir as I", "# from tvm.script import tirx as T", ""]
     for spec, name in kernel_names.items():
         parts += [kernel_source(spec, name, fast, rules or []), ""]
     for plan in plans:
-        parts += [entry_source(plan, kernel_names), ""]
-    parts.append(metadata_source(metadata))
+        parts += [entry_source(plan, kernel_names, prefix), ""]
+    parts.append(metadata_source(metadata, prefix))
     counts: dict[str, int] = {}
     for spec in kernel_names:
         counts[spec.op] = counts.get(spec.op, 0) + 1
@@ -152,15 +155,11 @@ def build(module: ir.Module, output: Path, metadata: dict, host: str | None, fas
     """Build `module` into `output` (.so or .tar), written under a temporary name first."""
     import tvm
 
-    source, counts = library_source(module, metadata, fast, rules)
+    source, counts = library_source(module, metadata, fast, rules, system_lib_prefix or "")
     log("kernels: " + ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())))
     mod = parse_functions(source)
     if system_lib_prefix:
-        renamed = {}
-        for gv, func in mod.functions.items():
-            symbol = system_lib_prefix + func.attrs["global_symbol"]
-            renamed[symbol] = func.with_attr("global_symbol", symbol)
-        mod = tvm.IRModule(renamed).with_attr("system_lib_prefix", system_lib_prefix)
+        mod = mod.with_attr("system_lib_prefix", system_lib_prefix)
     executable = tvm.compile(mod, target=llvm_target(host))
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.stem}.partial{os.getpid()}{output.suffix}")
