@@ -1,0 +1,81 @@
+"""Qwen2: the real configs, the presets' parameter counts, and parity with transformers.
+
+The tiny models keep Qwen2-0.5B's structure at small, odd sizes: 7 query heads sharing one KV
+head (the real model has 14 sharing 2: groups of 7), q/k/v biases without an o_proj bias, an
+intermediate size that is no multiple of 32, tied and untied embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from arch_parity import assert_reference_matches_transformers, randomize, save_tiny
+
+from mlcc.errors import MlccError
+from mlcc.frontend import resolve_model
+
+transformers = pytest.importorskip("transformers")
+
+SHARED = Path(__file__).parents[2].parent / "shared"
+TINY = {"vocab_size": 131, "hidden_size": 56, "num_hidden_layers": 2, "num_attention_heads": 7,
+        "num_key_value_heads": 1, "intermediate_size": 72, "max_position_embeddings": 64,
+        "rope_theta": 1000000.0}
+# Published parameter counts (Qwen2 technical report / model cards).
+PUBLISHED = {"qwen2_0_5b": 494_032_768, "qwen2_1_5b": 1_543_714_304}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tiny_qwen2_matches_transformers(tmp_path: Path, tied: bool) -> None:
+    config = transformers.Qwen2Config(**TINY, tie_word_embeddings=tied)
+    torch_model = transformers.Qwen2ForCausalLM(config)
+    model = randomize(torch_model, seed=20 + tied)
+    assert_reference_matches_transformers(model, save_tiny(model, tmp_path))
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_preset_parameter_counts_equal_published(preset: str) -> None:
+    source = resolve_model(preset)
+    mapping = source.arch.weight_mapping(source.config)
+    assert sum(math.prod(p.shape) for p in mapping.params) == PUBLISHED[preset]
+    names = {p.name for p in mapping.params}
+    assert "lm_head.weight" not in names and mapping.is_unused("lm_head.weight")
+    assert "model.layers.0.self_attn.qkv_proj.bias" in names
+    assert "model.layers.0.self_attn.o_proj.bias" not in names
+
+
+def test_real_config_reads_as_published() -> None:
+    config = resolve_model(SHARED / "configs" / "Qwen--Qwen2-0.5B").config
+    got = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+           config.head_dim, config.rope_theta, config.tie_word_embeddings,
+           config.context_window_size, config.sliding_window_size, config.eos_token_id)
+    assert got == (896, 14, 2, 64, 1e6, True, 32768, -1, 151645)
+    qkv = resolve_model("qwen2_0_5b").arch.weight_mapping(config).param(
+        "model.layers.23.self_attn.qkv_proj.weight")
+    assert qkv.shape == ((14 + 2 * 2) * 64, 896) and qkv.kind == "linear"
+
+
+def _qwen2(**changes) -> dict:
+    hf = json.loads((SHARED / "configs" / "Qwen--Qwen2-0.5B" / "config.json").read_text())
+    return {**hf, **changes}
+
+
+def test_sliding_window_on_every_layer_or_none() -> None:
+    arch = resolve_model("qwen2_0_5b").arch
+    everywhere = arch.config_cls.from_hf(_qwen2(use_sliding_window=True, max_window_layers=0,
+                                                sliding_window=512))
+    assert (everywhere.sliding_window_size, everywhere.context_window_size) == (512, -1)
+    nowhere = arch.config_cls.from_hf(_qwen2(use_sliding_window=True, max_window_layers=24))
+    assert nowhere.sliding_window_size == -1
+    with pytest.raises(MlccError, match=r"only some of the 24 layers use a sliding window"):
+        arch.config_cls.from_hf(_qwen2(use_sliding_window=True, max_window_layers=12))
+
+
+def test_bad_configs_name_the_value() -> None:
+    arch = resolve_model("qwen2_0_5b").arch
+    with pytest.raises(MlccError, match=r"hidden_act='gelu' is not supported for qwen2"):
+        arch.config_cls.from_hf(_qwen2(hidden_act="gelu"))
+    with pytest.raises(MlccError, match=r"rope scaling 'yarn' is not supported"):
+        arch.config_cls.from_hf(_qwen2(rope_scaling={"rope_type": "yarn", "factor": 4.0}))
