@@ -63,6 +63,8 @@ class FunctionBuilder:
         self.outputs: tuple[Value, ...] | None = None
         self._counter = 0
         self._names: set[str] = set()
+        # In a batched entry (batch decode) row i of every tensor is sequence i's next token.
+        self.batched = bool(self.attrs.get("batched_kv", False))
 
     def __enter__(self) -> "FunctionBuilder":
         _STACK.append(self)
@@ -172,7 +174,7 @@ class FunctionBuilder:
         return self.emit("layer_norm", x, weight, bias, eps=float(eps), name=name)
 
     def positions(self, cache: Value, length: Dim, name: str | None = "pos") -> Value:
-        return self.emit("positions", cache, length=length, name=name)
+        return self.emit("positions", cache, length=length, batched=self.batched, name=name)
 
     def rope(self, x: Value, positions: Value, theta: float, rotary_dim: int,
              style: str = "rotate_half", scaling: dict | None = None,
@@ -184,7 +186,8 @@ class FunctionBuilder:
     def attention(self, q: Value, k: Value, v: Value, cache: Value, layer: int,
                   scale: float | None = None, name: str | None = None) -> Value:
         return self.emit("attention", q, k, v, cache, layer=layer,
-                         scale=None if scale is None else float(scale), name=name)
+                         scale=None if scale is None else float(scale), batched=self.batched,
+                         name=name)
 
     def reshape(self, x: Value, shape: Sequence[Dim], name: str | None = None) -> Value:
         return self.emit("reshape", x, shape=tuple(shape), name=name)
@@ -207,3 +210,10 @@ class FunctionBuilder:
 
     def last_logits(self, x: Value, name: str | None = "logits") -> Value:
         return self.emit("last_logits", x, name=name)
+
+    def logits(self, x: Value, name: str | None = "logits") -> Value:
+        """What an entry returns from the output projection [n, vocab]: the last position's
+        logits as f32[vocab], or in a batched entry every row's, as f32[batch, vocab]."""
+        if self.batched:
+            return self.cast(x, "float32", name=name)
+        return self.last_logits(x, name=name)

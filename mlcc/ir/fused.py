@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlcc.ir.kv import _attention_infer, _attention_ref, _rope_ref
+from mlcc.ir.kv import BATCHED, _attention_infer, _attention_ref, _rope_ref
 from mlcc.ir.ops import _layer_norm_ref, _norm_infer, _rms_norm_ref, need, need_float, tensor
 from mlcc.ir.registry import AttrSpec, EvalContext, OpDef, TypeRuleError, register
 from mlcc.ir.types import KVCacheType, TensorType
@@ -50,7 +50,8 @@ def _qkv_attention_infer(types, attrs):
 
 def _qkv_attention_ref(ctx: EvalContext, inputs, attrs):
     qkv, pos, state = inputs
-    hq, hkv, d = attrs["num_q_heads"], state.type.num_kv_heads, state.type.head_dim
+    cache_type = state[0].type if attrs["batched"] else state.type
+    hq, hkv, d = attrs["num_q_heads"], cache_type.num_kv_heads, cache_type.head_dim
     n = qkv.shape[0]
     q = qkv[:, : hq * d].reshape(n, hq, d)
     k = qkv[:, hq * d: (hq + hkv) * d].reshape(n, hkv, d)
@@ -61,14 +62,15 @@ def _qkv_attention_ref(ctx: EvalContext, inputs, attrs):
         (q,) = _rope_ref(ctx, [q, pos], rope)
         (k,) = _rope_ref(ctx, [k, pos], rope)
     (result,) = _attention_ref(ctx, [q, k, v, state], {"layer": attrs["layer"],
-                                                        "scale": attrs["scale"]})
+                                                        "scale": attrs["scale"],
+                                                        "batched": attrs["batched"]})
     return (result.reshape(n, hq * d),)
 
 
 register(OpDef(
     "qkv_attention",
     (AttrSpec("layer", (int,)), AttrSpec("num_q_heads", (int,)),
-     AttrSpec("scale", (float, type(None)), None)) + ROPE_ATTRS,
+     AttrSpec("scale", (float, type(None)), None)) + ROPE_ATTRS + (BATCHED,),
     (3, 3), _qkv_attention_infer, _qkv_attention_ref, side_effect=True,
     doc="Rotary + KV-cache append + causal GQA attention on a fused QKV projection."))
 

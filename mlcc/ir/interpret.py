@@ -2,7 +2,8 @@
 
 Inputs are bound positionally or by name; symbolic dims take their values from the input
 shapes (a symbol bound twice must agree). A KV-cache input takes a `KVCacheState`, whose length
-advances when the function returns.
+advances when the function returns; in a function with the attribute `batched_kv` it takes a
+list of states, one per row of the batch.
 """
 
 from __future__ import annotations
@@ -63,11 +64,13 @@ def interpret(module: Module, fn_name: str, args: Sequence[Any] | Mapping[str, A
     caches: list[KVCacheState] = []
     for value, arg in zip(fn.inputs, args):
         if isinstance(value.type, KVCacheType):
-            if not isinstance(arg, KVCacheState) or arg.type != value.type:
-                raise InterpretError(f"input %{value.name}: expected a KVCacheState of "
-                                     f"{value.type}")
+            states = list(arg) if fn.attrs.get("batched_kv") else [arg]
+            for state in states:
+                if not isinstance(state, KVCacheState) or state.type != value.type:
+                    raise InterpretError(f"input %{value.name}: expected a KVCacheState of "
+                                         f"{value.type}" + (" per row" if len(states) > 1 else ""))
             env[id(value)] = arg
-            caches.append(arg)
+            caches.extend(states)
         else:
             env[id(value)] = _bind_input(value.name, value.type, arg, bindings)
     ctx = EvalContext(bindings, {})

@@ -86,13 +86,27 @@ def _positions_infer(types, attrs):
 
 
 def _positions_ref(ctx, inputs, attrs):
-    state: KVCacheState = inputs[0]
     length: Dim = attrs["length"]
     n = ctx.bindings[length.name] if isinstance(length, Sym) else length
+    if attrs["batched"]:
+        states = _batch_states(inputs[0], n)
+        return (np.array([s.length for s in states], dtype=np.int32),)
+    state: KVCacheState = inputs[0]
     return (np.arange(state.length, state.length + n, dtype=np.int32),)
 
 
-register(OpDef("positions", (AttrSpec("length", (int, Sym)),), (1, 1), _positions_infer,
+def _batch_states(states, n: int) -> list[KVCacheState]:
+    if not isinstance(states, (list, tuple)) or len(states) != n:
+        raise ValueError(f"a batched KV cache needs one KVCacheState per row ({n}), got "
+                         f"{type(states).__name__}")
+    return list(states)
+
+
+BATCHED = AttrSpec("batched", (bool,), False,
+                   doc="row i is the next token of sequence i (batch decode); the cache input "
+                       "then holds one sequence per row")
+
+register(OpDef("positions", (AttrSpec("length", (int, Sym)), BATCHED), (1, 1), _positions_infer,
                _positions_ref, doc="Positions of the next `length` tokens of the sequence."))
 
 
@@ -186,7 +200,15 @@ def _attention_infer(types, attrs):
 
 
 def _attention_ref(ctx, inputs, attrs):
-    q, k, v, state = inputs
+    if attrs["batched"]:
+        q, k, v, states = inputs
+        rows = [_attention_one(q[i:i + 1], k[i:i + 1], v[i:i + 1], state, attrs)
+                for i, state in enumerate(_batch_states(states, q.shape[0]))]
+        return (np.concatenate(rows, axis=0),)
+    return (_attention_one(*inputs, attrs),)
+
+
+def _attention_one(q, k, v, state: KVCacheState, attrs) -> np.ndarray:
     layer = attrs["layer"]
     cache: KVCacheType = state.type
     state.write(layer, as_f32(k), as_f32(v))
@@ -205,10 +227,11 @@ def _attention_ref(ctx, inputs, attrs):
     probs = np.exp(scores)
     probs /= probs.sum(axis=-1, keepdims=True)
     result = np.einsum("hqt,htd->qhd", probs, vh)
-    return out([result], [q.dtype.name])
+    return out([result], [q.dtype.name])[0]
 
 
 register(OpDef(
-    "attention", (AttrSpec("layer", (int,)), AttrSpec("scale", (float, type(None)), None)),
+    "attention", (AttrSpec("layer", (int,)), AttrSpec("scale", (float, type(None)), None),
+                  BATCHED),
     (4, 4), _attention_infer, _attention_ref, side_effect=True,
     doc="Append k, v of this chunk to the cache's layer, then causal GQA attention of q over it."))

@@ -42,13 +42,26 @@ def format_attrs(attrs: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={format_attr(v)}" for k, v in attrs.items())
 
 
+def shown_attrs(node: Node) -> dict[str, Any]:
+    """Attributes worth printing: those not at their declared default."""
+    opdef = get_op(node.op)
+    shown = {}
+    for key, value in node.attrs.items():
+        spec = opdef.attr_spec(key)
+        if spec is not None and not spec.required and value == spec.default \
+                and type(value) is type(spec.default):
+            continue
+        shown[key] = value
+    return shown
+
+
 def format_node(node: Node) -> str:
     opdef = get_op(node.op)
     args = [v.ref for v in node.inputs]
     if opdef.printed is not None:
         call = opdef.printed(args, node.attrs)
     else:
-        attrs = format_attrs(node.attrs)
+        attrs = format_attrs(shown_attrs(node))
         call = f"{node.op}({', '.join(args)}{', ' if args and attrs else ''}{attrs})"
     lhs = ", ".join(v.ref for v in node.outputs)
     types = ", ".join(str(v.type) for v in node.outputs)

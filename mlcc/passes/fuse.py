@@ -66,7 +66,7 @@ def rule_qkv_attention(node: Node, view: FunctionView) -> Rewrite | None:
     flat = Value(node.output.name + ".flat", TensorType(q.dtype, (n, hq * d)))
     fused = Node("qkv_attention", (qkv, inputs_pos, cache), (flat,),
                  {"layer": node.attrs["layer"], "num_q_heads": hq, "scale": node.attrs["scale"],
-                  **rope_attrs})
+                  "batched": node.attrs["batched"], **rope_attrs})
     back = Node("reshape", (flat,), (node.output,), {"shape": (n, hq, d)})
     return Rewrite([fused, back], {})
 

@@ -108,7 +108,7 @@ CASES = [
          ("%x is used before it is defined",)),
     Case("unknown symbol", "unknown-symbol",
          lambda ch: Node("positions", (ch.cache,), (_b("int32", Sym("batch")),),
-                         {"length": Sym("batch")}),
+                         {"length": Sym("batch"), "batched": False}),
          ("%b: i32[batch] uses symbol 'batch'", "bound: ['seq_len']")),
     Case("wrong attribute type", "type-rule",
          lambda ch: Node("scale", (ch.a,), (ch.b,), {"factor": 2}),
@@ -172,7 +172,7 @@ def test_malformed_node_is_rejected_with_rule_node_value_and_context(case: Case)
         assert part in message, f"{part!r} not in:\n{message}"
     context = message.splitlines()[1:]
     assert len(context) == 5, message  # nodes 0..4: two neighbours on each side of node 2
-    assert context[0] == "     %h = rms_norm(%x, @norm.weight, eps=1e-05, weight_offset=0.0) " \
+    assert context[0] == "     %h = rms_norm(%x, @norm.weight, eps=1e-05) " \
                          ": f32[seq_len, 4]"
     assert context[1] == "     %a = silu(%h) : f32[seq_len, 4]"
     assert context[2].startswith("  >> ") and middle.op in context[2]
