@@ -10,7 +10,9 @@ specs share one compiled kernel, so the 32 layers of a 7B model use one kernel p
 Entry calling convention (all entries):
     tokens      int32[n]                      n = seq_len (prefill) or 1 (decode)
     seq_info    int32[2]                      [positions already cached, 0]
-    page_table  int32[pages]                  physical page of each logical page
+                int32[batch]                  (batch_decode) positions cached per sequence
+    page_table  int32[pages_per_seq]          physical page of each logical page
+                int32[batch, pages_per_seq]   (batch_decode) one row per sequence
     kv_pool     kv_dtype[layers, pages, 2, kv_heads, page_size, head_dim]
                 (attention kernels get the view of their layer: [pages, 2, ...])
     params...   in module order (the order of the params folder's records)
@@ -29,7 +31,7 @@ from mlcc.ir.types import Dim, Sym, TensorType
 SUPPORTED_OPS = (
     "embedding", "q_embedding", "linear", "q_linear", "rms_norm", "layer_norm", "add_rms_norm",
     "add_layer_norm", "add", "mul", "scale", "silu", "gelu", "silu_mul", "cast",
-    "qkv_attention", "last_row", "last_logits",
+    "qkv_attention", "last_row", "last_logits", "gelu_mul", "scale_in_dtype",
 )
 VIEW_OPS = ("reshape",)
 NO_KERNEL_OPS = ("positions",)  # positions come from seq_info inside the kernels that need them
@@ -88,10 +90,18 @@ def entry_args(fn: ir.Function, module: ir.Module) -> list[BufferRef]:
     tokens = fn.inputs[0]
     pool_shape = (layout["layers"], layout["pages"], 2, layout["kv_heads"], layout["page_size"],
                   layout["head_dim"])
+    if fn.attrs.get("batched_kv"):
+        batch = tokens.type.shape[0]
+        seq_info = BufferRef("seq_info", (batch,), "int32", "arg", "seq_info")
+        table = BufferRef("page_table", (batch, layout["pages_per_seq"]), "int32", "arg",
+                          "page_table")
+    else:
+        seq_info = BufferRef("seq_info", (2,), "int32", "arg", "seq_info")
+        table = BufferRef("page_table", (layout["pages_per_seq"],), "int32", "arg", "page_table")
     args = [
         BufferRef("tokens", tuple(tokens.type.shape), "int32", "arg", "tokens"),
-        BufferRef("seq_info", (2,), "int32", "arg", "seq_info"),
-        BufferRef("page_table", (layout["pages"],), "int32", "arg", "page_table"),
+        seq_info,
+        table,
         BufferRef("kv_pool", pool_shape, layout["dtype"], "arg", "kv_pool"),
     ]
     for p in module.params:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from mlcc import ir
+from mlcc.frontend.entries import entry_points, module_attrs
 from mlcc.frontend.architecture import (
     Architecture,
     ParamSource,
@@ -207,11 +208,11 @@ def _layer(b: ir.FunctionBuilder, config: GPTNeoXConfig, w: dict[str, ir.Value],
 
 def build_gpt_neox(config: GPTNeoXConfig) -> ir.Module:
     """The IR of a GPT-NeoX model: `prefill(tokens[seq_len])` and `decode(token[1])` -> logits."""
-    mb = ir.ModuleBuilder(config.model_type, {"model_type": config.model_type})
+    mb = ir.ModuleBuilder(config.model_type, module_attrs(config))
     w = {p.name: mb.add_param(p.name, p.shape, "float32", kind=p.kind)
          for p in gpt_neox_weight_mapping(config).params}
-    for fn_name, n in (("prefill", ir.Sym("seq_len")), ("decode", 1)):
-        with mb.function(fn_name) as b:
+    for fn_name, n, fn_attrs in entry_points(config):
+        with mb.function(fn_name, **fn_attrs) as b:
             tokens = b.input("tokens", (n,), "int32")
             cache = b.kv_cache(kv_cache_type(config))
             pos = b.positions(cache, n)
@@ -222,7 +223,7 @@ def build_gpt_neox(config: GPTNeoXConfig) -> ir.Module:
                              w["gpt_neox.final_layer_norm.bias"], config.layer_norm_eps)
             head = w["gpt_neox.embed_in.weight" if config.tie_word_embeddings
                      else "embed_out.weight"]
-            b.output(b.last_logits(b.linear(x, head)))
+            b.output(b.logits(b.linear(x, head)))
     return mb.finish()
 
 

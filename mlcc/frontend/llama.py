@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from mlcc import ir
+from mlcc.frontend.entries import entry_points, module_attrs
 from mlcc.frontend.architecture import (
     Architecture,
     ParamSource,
@@ -179,11 +180,11 @@ def build_llama(config: LlamaConfig) -> ir.Module:
 
     Mistral uses it too: its sliding window and sinks live in the KV cache type.
     """
-    mb = ir.ModuleBuilder(config.model_type, {"model_type": config.model_type})
+    mb = ir.ModuleBuilder(config.model_type, module_attrs(config))
     w = {p.name: mb.add_param(p.name, p.shape, "float32", kind=p.kind)
          for p in llama_weight_mapping(config).params}
-    for fn_name, n in (("prefill", ir.Sym("seq_len")), ("decode", 1)):
-        with mb.function(fn_name) as b:
+    for fn_name, n, fn_attrs in entry_points(config):
+        with mb.function(fn_name, **fn_attrs) as b:
             tokens = b.input("tokens", (n,), "int32")
             cache = b.kv_cache(kv_cache_type(config))
             pos = b.positions(cache, n)
@@ -192,7 +193,7 @@ def build_llama(config: LlamaConfig) -> ir.Module:
                 x = _decoder_layer(b, config, w, layer, x, pos, cache, n)
             x = b.rms_norm(x, w["model.norm.weight"], config.rms_norm_eps)
             head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-            b.output(b.last_logits(b.linear(x, w[head])))
+            b.output(b.logits(b.linear(x, w[head])))
     return mb.finish()
 
 

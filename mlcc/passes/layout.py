@@ -52,6 +52,7 @@ class PrefillChunking(Pass):
                              f"{self.prefill_chunk_size}")
         bounds = dict(module.attrs.get("symbol_bounds", ()))
         bounds["seq_len"] = self.prefill_chunk_size
+        bounds["batch"] = int(module.attrs.get("max_batch_size", 1))
         return module.with_attrs(symbol_bounds=tuple(sorted(bounds.items())),
                                  prefill_chunk_size=self.prefill_chunk_size)
 
@@ -61,7 +62,8 @@ class KVCacheLayout(Pass):
     """Chooses the paged layout of the KV cache and records it as the module's `kv_layout`.
 
     Requires: prefill_chunking ran (the ring of a sliding window must hold one chunk).
-    Guarantees: `kv_layout` holds page_size, pages (per layer), capacity (positions),
+    Guarantees: `kv_layout` holds page_size, pages (per layer, for all sequences),
+    pages_per_seq, max_sequences (max_batch_size), capacity (positions per sequence),
     ring (bool), window, sinks, dtype, kv_heads, head_dim, layers, bytes_per_token.
     """
 
@@ -79,8 +81,11 @@ class KVCacheLayout(Pass):
         else:
             capacity = _round_up(cache.capacity, self.page_size)
         itemsize = np.dtype(numpy_dtype(cache.dtype)).itemsize
+        sequences = int(module.attrs.get("max_batch_size", 1))
+        pages_per_seq = capacity // self.page_size
         layout = {
-            "page_size": self.page_size, "pages": capacity // self.page_size,
+            "page_size": self.page_size, "pages": pages_per_seq * sequences,
+            "pages_per_seq": pages_per_seq, "max_sequences": sequences,
             "capacity": capacity, "ring": ring, "window": cache.sliding_window,
             "sinks": cache.sink_size, "dtype": cache.dtype, "kv_heads": cache.num_kv_heads,
             "head_dim": cache.head_dim, "layers": cache.num_layers,

@@ -37,16 +37,79 @@ def read_metadata(lib) -> dict:
 def _device(name: str):
     import tvm
 
-    if name not in ("cpu", "llvm", "auto"):
-        raise MlccError(STAGE, f"device {name!r}: this runtime runs CPU libraries; use cpu")
-    return tvm.cpu(0)
+    if name in ("cpu", "llvm", "auto"):
+        return tvm.cpu(0)
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        index = int(name[5:]) if ":" in name else 0
+        _load_cuda_runtime()
+        if not tvm.cuda(index).exist:
+            raise MlccError(STAGE, f"device {name}: no CUDA GPU {index} is visible to the TVM "
+                            "runtime; check nvidia-smi and CUDA_VISIBLE_DEVICES")
+        return tvm.cuda(index)
+    raise MlccError(STAGE, f"device {name!r} is not supported by this runtime; use cpu or cuda[:N]")
+
+
+def _load_cuda_runtime() -> None:
+    """Runtime-only TVM does not load its CUDA runtime library by itself; load it once."""
+    import tvm
+
+    if tvm.cuda(0).exist:
+        return
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    try:
+        load_lib_ctypes("tvm", "tvm_runtime_cuda", "RTLD_GLOBAL",
+                        extra_lib_paths=tvm.libinfo.package_lib_paths())
+    except OSError as err:
+        raise MlccError(STAGE, f"cannot load libtvm_runtime_cuda ({err}); it needs "
+                        "libcudart.so.13 and the CUDA driver (libcuda.so.1)") from None
+
+
+class DecodeGraph:
+    """The decode entry captured once as a CUDA graph (through torch) and replayed per token.
+
+    The token and the position live in fixed device buffers that each step overwrites before
+    the replay; the first step runs the entry normally (loading modules, touching memory), then
+    captures it without running it again.
+    """
+
+    def __init__(self, entry, page_table, kv_pool, params, logits, workspace, device) -> None:
+        import tvm
+
+        try:
+            import torch
+        except ImportError:
+            raise MlccError(STAGE, "cudagraph=1 needs torch (CUDA build) to capture the decode "
+                            "step; install it or run with cudagraph off") from None
+        self.torch = torch
+        self.entry = entry
+        self.tokens = tvm.runtime.empty((1,), "int32", device)
+        self.seq_info = tvm.runtime.empty((2,), "int32", device)
+        self.args = (self.tokens, self.seq_info, page_table, kv_pool, *params, logits, workspace)
+        self.graph = None
+
+    def step(self, token_id: int, position: int) -> None:
+        import tvm_ffi
+
+        self.tokens.copyfrom(np.array([token_id], np.int32))
+        self.seq_info.copyfrom(np.array([position, 0], np.int32))
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        self.entry(*self.args)
+        self.torch.cuda.synchronize()
+        graph = self.torch.cuda.CUDAGraph()
+        with tvm_ffi.use_torch_stream(self.torch.cuda.graph(graph)):
+            self.entry(*self.args)
+        self.graph = graph
 
 
 class CompiledEngine:
     """The engine contract on top of a compiled library."""
 
     def __init__(self, lib_path: str | Path, params: str | Path | Mapping[str, np.ndarray],
-                 chat_config: dict | None = None, device: str = "cpu") -> None:
+                 chat_config: dict | None = None, device: str = "cpu",
+                 cudagraph: bool | None = None) -> None:
         import tvm
 
         lib_path = Path(lib_path)
@@ -66,8 +129,12 @@ class CompiledEngine:
         pool_shape = (layout["layers"], layout["pages"], 2, layout["kv_heads"],
                       layout["page_size"], layout["head_dim"])
         self.kv_pool = tvm.runtime.empty(pool_shape, layout["dtype"], self.device)
-        self.page_table = tvm.runtime.tensor(np.arange(layout["pages"], dtype=np.int32),
-                                             self.device)
+        # Sequence s owns pages [s * pages_per_seq, (s + 1) * pages_per_seq) of the pool.
+        per_seq = layout["pages_per_seq"]
+        self.max_sequences = layout["max_sequences"]
+        self.page_tables = np.arange(per_seq * self.max_sequences, dtype=np.int32).reshape(
+            self.max_sequences, per_seq)
+        self._tables = [tvm.runtime.tensor(row, self.device) for row in self.page_tables]
         workspace = max(e["workspace_bytes"] for e in self.metadata["entries"].values())
         self.workspace = tvm.runtime.empty((max(workspace, 64),), "uint8", self.device)
         config = self.metadata["model_config"]
@@ -75,7 +142,10 @@ class CompiledEngine:
         self.seq_info = np.zeros(2, np.int32)
         self._prefill = self.lib["prefill"]
         self._decode = self.lib["decode"]
-        self.length = 0
+        self._batch_decode = self.lib["batch_decode"] if "batch_decode" in \
+            self.metadata["entries"] else None
+        self.lengths = [0] * self.max_sequences
+        self.sequence = 0  # the sequence that reset/append/decode work on
         self.load_seconds = time.perf_counter() - load_start
 
     # --- loading and checks ------------------------------------------------------------
@@ -138,26 +208,37 @@ class CompiledEngine:
 
     @property
     def total_tokens(self) -> int:
-        return self.length
+        return self.lengths[self.sequence]
+
+    @property
+    def length(self) -> int:
+        return self.lengths[self.sequence]
+
+    def select_sequence(self, index: int) -> None:
+        """Make sequence `index` the one that reset/append/decode work on."""
+        if not 0 <= index < self.max_sequences:
+            raise MlccError(STAGE, f"sequence {index} does not exist: the library holds "
+                            f"{self.max_sequences} (compile with max_batch_size to hold more)")
+        self.sequence = index
 
     def reset(self) -> None:
-        self.length = 0
+        self.lengths[self.sequence] = 0
 
-    def _check_room(self, n: int) -> None:
+    def _check_room(self, sequence: int, n: int) -> None:
         limit = self.layout["max_positions"]
-        if limit > 0 and self.length + n > limit:
-            raise MlccError(STAGE, f"{self.length} cached + {n} new tokens exceed the context "
-                            f"window of {limit}; reset the conversation")
+        if limit > 0 and self.lengths[sequence] + n > limit:
+            raise MlccError(STAGE, f"{self.lengths[sequence]} cached + {n} new tokens exceed the "
+                            f"context window of {limit}; reset the conversation")
 
     def _run(self, entry, ids: np.ndarray) -> None:
         import tvm
 
-        self.seq_info[0] = self.length
+        self.seq_info[0] = self.lengths[self.sequence]
         tokens = tvm.runtime.tensor(ids, self.device)
         seq_info = tvm.runtime.tensor(self.seq_info, self.device)
-        entry(tokens, seq_info, self.page_table, self.kv_pool, *self.params, self.logits,
-              self.workspace)
-        self.length += int(ids.shape[0])
+        entry(tokens, seq_info, self._tables[self.sequence], self.kv_pool, *self.params,
+              self.logits, self.workspace)
+        self.lengths[self.sequence] += int(ids.shape[0])
 
     def append(self, token_ids: Sequence[int]) -> np.ndarray:
         ids = np.asarray(token_ids, dtype=np.int32).reshape(-1)
@@ -166,7 +247,7 @@ class CompiledEngine:
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise MlccError(STAGE, f"token ids must be in [0, {self.vocab_size}), got "
                             f"{ids.min()}..{ids.max()}")
-        self._check_room(ids.size)
+        self._check_room(self.sequence, ids.size)
         chunk = self.prefill_chunk_size
         for start in range(0, ids.size, chunk):
             self._run(self._prefill, ids[start:start + chunk])
@@ -175,9 +256,32 @@ class CompiledEngine:
     def decode(self, token_id: int) -> np.ndarray:
         if not 0 <= int(token_id) < self.vocab_size:
             raise MlccError(STAGE, f"token id {token_id} is outside [0, {self.vocab_size})")
-        self._check_room(1)
+        self._check_room(self.sequence, 1)
         self._run(self._decode, np.array([token_id], np.int32))
         return self.logits.numpy()
+
+    def batch_decode(self, token_ids: Sequence[int]) -> np.ndarray:
+        """One step of sequences 0..B-1 at once (token i goes to sequence i): f32[B, vocab]."""
+        import tvm
+
+        ids = np.asarray(token_ids, dtype=np.int32).reshape(-1)
+        if self._batch_decode is None:
+            raise MlccError(STAGE, "this library has no batch_decode; compile with "
+                            "--overrides max_batch_size=N (N > 1)")
+        if not 0 < ids.size <= self.max_sequences:
+            raise MlccError(STAGE, f"batch of {ids.size} sequences; the library holds "
+                            f"1..{self.max_sequences}")
+        for seq in range(ids.size):
+            self._check_room(seq, 1)
+        logits = tvm.runtime.empty((ids.size, self.vocab_size), "float32", self.device)
+        self._batch_decode(tvm.runtime.tensor(ids, self.device),
+                           tvm.runtime.tensor(np.array(self.lengths[:ids.size], np.int32),
+                                              self.device),
+                           tvm.runtime.tensor(self.page_tables[:ids.size], self.device),
+                           self.kv_pool, *self.params, logits, self.workspace)
+        for seq in range(ids.size):
+            self.lengths[seq] += 1
+        return logits.numpy()
 
     def prefill_logits(self, token_ids: Sequence[int]) -> np.ndarray:
         self.reset()

@@ -64,11 +64,21 @@ def gen_qkv_attention(spec: KernelSpec, name: str, fast: bool) -> str:
     scale = spec.attr("scale") if spec.attr("scale") is not None else 1.0 / np.sqrt(d)
     kv_dt = kv["dtype"]
     pool_shape = (kv["pages"], 2, hkv, page, d)  # this layer's part of the pool
+    batched = spec.attr("batched")
+    rows = qkv_shape[0]
+    info_shape = (rows,) if batched else (2,)
+    table_shape = (rows, kv["pages_per_seq"]) if batched else (kv["pages_per_seq"],)
     em = Emitter()
-    header(em, name, [("qkv", qkv_shape, dt), ("y", out_shape, dt), ("seq_info", (2,), "int32"),
-                      ("page_table", (kv["pages"],), "int32"), ("pool", pool_shape, kv_dt)])
-    n = qkv_shape[0].name if isinstance(qkv_shape[0], Sym) else qkv_shape[0]
-    em('start = T.Cast("int64", seq_info[0])')
+    header(em, name, [("qkv", qkv_shape, dt), ("y", out_shape, dt),
+                      ("seq_info", info_shape, "int32"), ("page_table", table_shape, "int32"),
+                      ("pool", pool_shape, kv_dt)])
+    n = rows.name if isinstance(rows, Sym) else rows
+    # A chunk of one sequence starts at seq_info[0]; in a batch, row i is sequence i's token
+    # at position seq_info[i] and reads its own row of the page table.
+    position = 'T.Cast("int64", seq_info[i])' if batched else "start + i"
+    table_row = "i, " if batched else ""
+    if not batched:
+        em('start = T.Cast("int64", seq_info[0])')
     table = inv_freq_table(spec).astype(np.float32) if rotary else np.zeros(1, np.float32)
     em(f'invf = T.alloc_buffer(({max(1, len(table))},), "float32")')
     for j, value in enumerate(table):
@@ -76,13 +86,13 @@ def gen_qkv_attention(spec: KernelSpec, name: str, fast: bool) -> str:
 
     def pool_at(kind: int, head: str, pos: str) -> str:
         slot = _slot(pos, kv)
-        return (f'pool[T.Cast("int64", page_table[({slot}) // {page}]), {kind}, {head}, '
+        return (f'pool[T.Cast("int64", page_table[{table_row}({slot}) // {page}]), {kind}, {head}, '
                 f"T.floormod({slot}, {page}), c]")
 
     # 1. append k (rotated) and v of every token to the cache
     k_col, v_col = hq * d, (hq + hkv) * d
     with em.block(f"for i in {L.par}({n}):"):
-        em("pos = start + i")
+        em(f"pos = {position}")
         with em.block(f"for g in range({hkv}):"):
             em(f'kr = T.alloc_buffer(({d},), "float32")')
             _emit_rope(em, "kr", lambda c: f"qkv[i, {k_col} + g * {d} + {c}]", d, rotary, style, dt)
@@ -94,7 +104,7 @@ def gen_qkv_attention(spec: KernelSpec, name: str, fast: bool) -> str:
     group = hq // hkv
     window, sinks = kv["window"], kv["sinks"]
     with em.block(f"for i in {L.par}({n}):"):
-        em("pos = start + i")
+        em(f"pos = {position}")
         with em.block(f"for h in range({hq}):"):
             em(f'qr = T.alloc_buffer(({d},), "float32")')
             _emit_rope(em, "qr", lambda c: f"qkv[i, h * {d} + {c}]", d, rotary, style, dt)
