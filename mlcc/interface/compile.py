@@ -18,6 +18,7 @@ from mlcc import __version__, ir
 from mlcc.errors import MlccError
 from mlcc.passes import OptConfig, build_pipeline, parse_opt, run_passes
 from mlcc.quant import get_scheme
+from mlcc.runtime_check.compiled import LIBRARY_ABI
 
 STAGE = "compile"
 OVERRIDABLE = ("context_window_size", "prefill_chunk_size", "sliding_window_size",
@@ -129,6 +130,7 @@ def build_metadata(module: ir.Module, config, quantization: str, opt: OptConfig,
         "opt": opt.describe(),
         "device": device,
         "compiler": f"mlcc {__version__}",
+        "abi": LIBRARY_ABI,
     }
 
 

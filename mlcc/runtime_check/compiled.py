@@ -20,6 +20,9 @@ import numpy as np
 from mlcc.errors import MlccError
 
 STAGE = "runtime"
+# The calling convention and metadata layout this runtime speaks; compile writes it into every
+# library, and a library with another value is refused instead of being misread.
+LIBRARY_ABI = 2
 
 
 def read_metadata(lib) -> dict:
@@ -31,7 +34,12 @@ def read_metadata(lib) -> dict:
                         "`mlcc compile`?") from None
     out = np.zeros(nbytes, np.uint8)
     lib["mlcc_metadata"](out)
-    return json.loads(out.tobytes().decode())
+    metadata = json.loads(out.tobytes().decode())
+    if metadata.get("abi") != LIBRARY_ABI:
+        raise MlccError(STAGE, f"the library was built by {metadata.get('compiler', 'another mlcc')}"
+                        f" with library ABI {metadata.get('abi', 1)}; this runtime needs ABI "
+                        f"{LIBRARY_ABI}: compile it again with this mlcc")
+    return metadata
 
 
 def _device(name: str):
