@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from group_reference import reference_quantize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,37 +13,6 @@ from mlcc.errors import MlccError
 from mlcc.quant import SCHEMES, get_scheme
 
 GROUP_SCHEMES = [name for name, scheme in SCHEMES.items() if scheme.kind == "group"]
-
-
-def reference_quantize(w: np.ndarray, bits: int, group: int, scale_dtype: str):
-    """design.md §5 written out group by group and word by word with Python integers."""
-    max_int = 2 ** (bits - 1) - 1
-    per_word = 32 // bits
-    n, k = w.shape
-    k_pad = k
-    while k_pad % group or k_pad % per_word:
-        k_pad += 1
-    padded = np.zeros((n, k_pad), dtype=np.float32)
-    padded[:, :k] = w
-    scales = np.zeros((n, k_pad // group), dtype=scale_dtype)
-    codes = np.zeros((n, k_pad), dtype=np.int64)
-    for row in range(n):
-        for g in range(k_pad // group):
-            chunk = padded[row, g * group:(g + 1) * group]
-            stored = (np.float32(np.max(np.abs(chunk))) / np.float32(max_int)).astype(scale_dtype)
-            scales[row, g] = stored
-            step = np.float32(stored) if stored != 0 else np.float32(1)
-            chunk_codes = np.rint(chunk / step).astype(np.int64) + max_int
-            codes[row, g * group:(g + 1) * group] = np.minimum(np.maximum(chunk_codes, 0),
-                                                               2 * max_int)
-    words = np.zeros((n, k_pad // per_word), dtype=np.uint32)
-    for row in range(n):
-        for i in range(k_pad // per_word):
-            word = 0
-            for j in range(per_word):
-                word |= int(codes[row, i * per_word + j]) << (j * bits)
-            words[row, i] = word
-    return words, scales, codes
 
 
 @pytest.mark.parametrize(
