@@ -23,6 +23,7 @@ from mlcc.frontend.architecture import (
     vector_param,
 )
 from mlcc.frontend.config import HFConfigReader, ModelConfig, _fail
+from mlcc.frontend.entries import entry_points, module_attrs
 from mlcc.frontend.llama import kv_cache_type
 
 
@@ -168,13 +169,14 @@ def _layer(b: ir.FunctionBuilder, config: Qwen2Config, w: dict[str, ir.Value], l
 
 
 def build_qwen2(config: Qwen2Config) -> ir.Module:
-    """The IR of a Qwen2 model: `prefill(tokens[seq_len])` and `decode(token[1])` -> logits."""
-    mb = ir.ModuleBuilder(config.model_type, {"model_type": config.model_type})
+    """The IR of a Qwen2 model: one function per entry of `entry_points` (prefill, decode,
+    batch_decode when max_batch_size > 1), each returning logits."""
+    mb = ir.ModuleBuilder(config.model_type, module_attrs(config))
     w = {p.name: mb.add_param(p.name, p.shape, "float32", kind=p.kind)
          for p in qwen2_weight_mapping(config).params}
     head = w["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
-    for fn_name, n in (("prefill", ir.Sym("seq_len")), ("decode", 1)):
-        with mb.function(fn_name) as b:
+    for fn_name, n, fn_attrs in entry_points(config):
+        with mb.function(fn_name, **fn_attrs) as b:
             tokens = b.input("tokens", (n,), "int32")
             cache = b.kv_cache(kv_cache_type(config))
             pos = b.positions(cache, n)
@@ -182,7 +184,7 @@ def build_qwen2(config: Qwen2Config) -> ir.Module:
             for layer in range(config.num_hidden_layers):
                 x = _layer(b, config, w, layer, x, pos, cache, n)
             x = b.rms_norm(x, w["model.norm.weight"], config.rms_norm_eps)
-            b.output(b.last_logits(b.linear(x, head)))
+            b.output(b.logits(b.linear(x, head)))
     return mb.finish()
 
 

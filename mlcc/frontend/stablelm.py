@@ -22,6 +22,7 @@ from mlcc.frontend.architecture import (
     vector_param,
 )
 from mlcc.frontend.config import HFConfigReader, ModelConfig, _fail
+from mlcc.frontend.entries import entry_points, module_attrs
 from mlcc.frontend.llama import kv_cache_type
 
 
@@ -184,13 +185,14 @@ def _layer(b: ir.FunctionBuilder, config: StableLmConfig, w: dict[str, ir.Value]
 
 
 def build_stablelm(config: StableLmConfig) -> ir.Module:
-    """The IR of a StableLM model: `prefill(tokens[seq_len])` and `decode(token[1])` -> logits."""
-    mb = ir.ModuleBuilder(config.model_type, {"model_type": config.model_type})
+    """The IR of a StableLM model: one function per entry of `entry_points` (prefill, decode,
+    batch_decode when max_batch_size > 1), each returning logits."""
+    mb = ir.ModuleBuilder(config.model_type, module_attrs(config))
     w = {p.name: mb.add_param(p.name, p.shape, "float32", kind=p.kind)
          for p in stablelm_weight_mapping(config).params}
     head = w["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
-    for fn_name, n in (("prefill", ir.Sym("seq_len")), ("decode", 1)):
-        with mb.function(fn_name) as b:
+    for fn_name, n, fn_attrs in entry_points(config):
+        with mb.function(fn_name, **fn_attrs) as b:
             tokens = b.input("tokens", (n,), "int32")
             cache = b.kv_cache(kv_cache_type(config))
             pos = b.positions(cache, n)
@@ -199,7 +201,7 @@ def build_stablelm(config: StableLmConfig) -> ir.Module:
                 x = _layer(b, config, w, layer, x, pos, cache, n)
             x = b.layer_norm(x, w["model.norm.weight"], w["model.norm.bias"],
                              config.layer_norm_eps)
-            b.output(b.last_logits(b.linear(x, head)))
+            b.output(b.logits(b.linear(x, head)))
     return mb.finish()
 
 

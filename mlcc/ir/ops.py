@@ -134,6 +134,33 @@ register(OpDef("silu_mul", (), (1, 1), _swiglu_infer, _swiglu_ref,
                doc="silu(first half) * second half of the last axis (fused gate/up)."))
 
 
+def _gelu_mul_ref(ctx, inputs, attrs):
+    gate, up = np.split(as_f32(inputs[0]), 2, axis=-1)
+    return out([_gelu(gate, attrs) * up], [inputs[0].dtype.name])
+
+
+register(OpDef("gelu_mul", (AttrSpec("approximate", (str,), "tanh"),), (1, 1), _swiglu_infer,
+               _gelu_mul_ref, verify=_check_gelu,
+               doc="gelu(first half) * second half of the last axis (GeGLU, fused gate/up)."))
+
+
+def _scale_in_dtype_ref(ctx, inputs, attrs):
+    # The constant is a tensor of the model dtype in the frameworks (Gemma's sqrt(hidden)).
+    factor = np.float32(np.asarray(attrs["factor"]).astype(inputs[0].dtype))
+    return out([as_f32(inputs[0]) * factor], [inputs[0].dtype.name])
+
+
+def _scale_in_dtype_infer(types, attrs):
+    x = tensor(types, 0, "x")
+    need_float(x, "x")
+    return (x,)
+
+
+register(OpDef("scale_in_dtype", (AttrSpec("factor", (float,)),), (1, 1), _scale_in_dtype_infer,
+               _scale_in_dtype_ref,
+               doc="x * factor, the factor first rounded to x's dtype."))
+
+
 def _cast_infer(types, attrs):
     x = tensor(types, 0, "x")
     return (TensorType(attrs["dtype"], x.shape),)

@@ -158,6 +158,8 @@ COMPARED_WITH_TORCH = frozenset({
     "embedding", "linear", "matmul", "reshape", "split", "concat", "transpose", "softmax",
     "last_logits", "positions", "rope", "attention", "q_linear", "q_embedding",
     "last_row", "add_rms_norm", "add_layer_norm", "qkv_attention",
+    # compared in test_ir_arch_ops_vs_torch.py
+    "gelu_mul", "scale_in_dtype",
 })
 
 

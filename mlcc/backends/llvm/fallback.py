@@ -153,6 +153,14 @@ def _flat(shape: tuple[Dim, ...]) -> tuple[str, int]:
     return rows, shape[-1]
 
 
+def _gelu_expr(a: str, approximate: str) -> str:
+    if approximate == "tanh":
+        c = fp(math.sqrt(2.0 / math.pi))
+        return (f"T.float32(0.5) * {a} * (T.float32(1) + T.tanh({c} * ({a} + "
+                f"T.float32(0.044715) * {a} * {a} * {a})))")
+    return f"T.float32(0.5) * {a} * (T.float32(1) + T.erf({a} * {fp(1 / math.sqrt(2))}))"
+
+
 def gen_elementwise(spec: KernelSpec, name: str, fast: bool) -> str:
     L = Loops(fast)
     op = spec.op
@@ -182,18 +190,18 @@ def gen_elementwise(spec: KernelSpec, name: str, fast: bool) -> str:
     elif op == "silu":
         val = f"{a} / (T.float32(1) + T.exp(T.float32(0) - {a}))"
     elif op == "gelu":
-        if spec.attr("approximate") == "tanh":
-            c = fp(math.sqrt(2.0 / math.pi))
-            val = (f"T.float32(0.5) * {a} * (T.float32(1) + T.tanh({c} * ({a} + "
-                   f"T.float32(0.044715) * {a} * {a} * {a})))")
-        else:
-            val = f"T.float32(0.5) * {a} * (T.float32(1) + T.erf({a} * {fp(1 / math.sqrt(2))}))"
-    elif op == "silu_mul":
+        val = _gelu_expr(a, spec.attr("approximate"))
+    elif op in ("silu_mul", "gelu_mul"):
         half = shape[-1]
         gate_idx = ", ".join(f"i{j}" for j in range(rank - 1))
         g = f32(f"a0[{gate_idx + ', ' if gate_idx else ''}i{rank - 1}]", in_dt)
         u = f32(f"a0[{gate_idx + ', ' if gate_idx else ''}i{rank - 1} + {half}]", in_dt)
-        val = f"{g} / (T.float32(1) + T.exp(T.float32(0) - {g})) * {u}"
+        act = (f"{g} / (T.float32(1) + T.exp(T.float32(0) - {g}))" if op == "silu_mul"
+               else _gelu_expr(g, spec.attr("approximate")))
+        val = f"{act} * {u}"
+    elif op == "scale_in_dtype":
+        factor = float(np.float32(np.asarray(spec.attr("factor")).astype(in_dt)))
+        val = f"{a} * {fp(factor)}"
     elif op == "cast":
         val = f'T.Cast("float32", a0[{idx}])' if in_dt != "float32" else f"a0[{idx}]"
     else:
@@ -303,7 +311,7 @@ GENERATORS: dict[str, Callable[[KernelSpec, str, bool], str]] = {
     "add_layer_norm": gen_norm,
     "add": gen_elementwise, "mul": gen_elementwise, "scale": gen_elementwise,
     "silu": gen_elementwise, "gelu": gen_elementwise, "silu_mul": gen_elementwise,
-    "cast": gen_elementwise,
+    "gelu_mul": gen_elementwise, "scale_in_dtype": gen_elementwise, "cast": gen_elementwise,
     "embedding": gen_embedding, "q_embedding": gen_embedding,
     "linear": gen_linear, "q_linear": gen_linear,
     "last_row": gen_last, "last_logits": gen_last,
