@@ -41,6 +41,7 @@ from mlcc.errors import MlccError
 
 STAGE = "compile"
 ALIGN = 64
+DL_DATA, DL_BYTE_OFFSET = 1, 8  # tvm_struct_get fields of a DLTensor
 ROLES = ("tokens", "seq_info", "page_table", "kv_cache", "param", "logits", "input", "output",
          "scalar")
 CallArg = tirx.Buffer | tirx.Var | int | float
@@ -51,7 +52,7 @@ class EntryBuilder:
 
     def __init__(self, name: str, symbol_bounds: Mapping[str, int] | None = None,
                  workspace: str = "arg", workspace_bytes: int | None = None,
-                 device_type: int = 1) -> None:
+                 device_type: int = 1, check_params: bool = False) -> None:
         if not name.isidentifier():
             raise MlccError(STAGE, f"entry name {name!r} must be a C identifier")
         if workspace not in ("arg", "alloc"):
@@ -61,6 +62,8 @@ class EntryBuilder:
         self.workspace_mode = workspace
         self.workspace_bytes = workspace_bytes
         self.device_type = device_type  # DLPack device of the workspace (1 = CPU)
+        self.check_params = check_params
+        self._param_decls: list[tirx.Stmt] = []
         self._symbols: dict[str, tirx.Var] = {}
         self._params: list[tirx.Buffer | tirx.Var] = []
         self._arg_info: list[dict[str, Any]] = []
@@ -109,8 +112,29 @@ class EntryBuilder:
         return buf
 
     def param(self, name: str, shape: Sequence[Dim], dtype: str) -> tirx.Buffer:
-        """A model parameter (weights keep their load order as arguments)."""
-        return self.arg(name, shape, dtype, role="param")
+        """A model parameter (weights keep their load order as arguments).
+
+        Unless `check_params`, the argument is taken as a bare tensor handle: its shape and
+        dtype are not checked per call (the runtime checks the weights once, at load time).
+        Per-argument checks grow the host function by ~175 lines of LLVM IR each, and LLVM's
+        code generation time grows quadratically with them: 300 checked tensors took ~40 s.
+        """
+        if self.check_params:
+            return self.arg(name, shape, dtype, role="param")
+        if not all(isinstance(d, int) for d in shape):
+            raise MlccError(STAGE, f"entry {self.name}: parameter {name} has symbolic shape "
+                            f"{dims_text(shape)}; parameters need static shapes")
+        self._claim(name)
+        handle = tirx.Var(_c_name(name) + "_handle", "handle")
+        buf = tirx.decl_buffer(self._shape(shape, name), dtype, name=_c_name(name))
+        data = tirx.call_intrin("handle", "tirx.tvm_struct_get", handle, 0, DL_DATA)
+        offset = tirx.call_intrin("int64", "tirx.tvm_struct_get", handle, 0, DL_BYTE_OFFSET)
+        pointer = tirx.call_intrin("handle", "tirx.handle_add_byte_offset", data, offset)
+        self._param_decls.append(tirx.DeclBuffer(buf, data=pointer))
+        self._params.append(handle)
+        self._arg_info.append({"name": name, "role": "param", "shape": list(shape),
+                               "dtype": dtype})
+        return buf
 
     def scalar(self, name: str, dtype: str = "int32", role: str = "scalar") -> tirx.Var:
         """A scalar argument, passed to kernels as a value."""
@@ -241,6 +265,7 @@ class EntryBuilder:
                 self.device_type, 0, tirx.IntImm("uint64", needed), 0, 8)))
             body.append(_assert(tirx.Not(tirx.isnullptr(workspace)),
                                 f"{self.name}: cannot allocate a {needed}-byte workspace"))
+        body.extend(self._param_decls)
         for index, stmt in enumerate(self._stmts):
             if index in self._temps:
                 stmt = tirx.DeclBuffer(stmt, data=_offset_pointer(workspace, self._temps[index]))
