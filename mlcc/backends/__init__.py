@@ -10,6 +10,13 @@ def build_model_library(module, output: Path, metadata: dict, device: str = "llv
                         host: str | None = None, opt=None, system_lib_prefix: str | None = None,
                         log: Callable[[str], None] = lambda s: None) -> dict[str, int]:
     """Build `module` (after the pass pipeline) into the library `output` for `device`."""
+    if device == "cuda" or device.startswith("cuda:") or device.startswith("cuda-"):
+        from mlcc.backends.cuda.codegen import build as build_cuda
+        from mlcc.backends.cuda.toolchain import DEFAULT_ARCHS
+
+        # "cuda-sm_90,sm_80": a fatbin for each listed architecture
+        archs = tuple(device.split("-", 1)[1].split(",")) if "-" in device else DEFAULT_ARCHS
+        return build_cuda(module, Path(output), metadata, archs, log)
     if device != "llvm":
         from mlcc.errors import MlccError
 

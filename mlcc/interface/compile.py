@@ -57,15 +57,38 @@ def resolve_device(device: str) -> str:
     """The backend kind for `--device`; devices without a backend yet fail clearly."""
     name = device.strip().lower()
     if name == "auto":
-        return "llvm"
+        return "cuda" if _cuda_visible() else "llvm"
     if name in SUPPORTED_DEVICES:
         return "llvm"
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        return "cuda"  # one library serves every GPU of the architecture
+    if name.startswith("cuda-sm_") and all(a.startswith("sm_") and a[3:].isdigit()
+                                           for a in name[5:].split(",")):
+        return name
     base = name.split(":")[0]
     if base in KNOWN_DEVICES or name.startswith("{"):
-        raise MlccError(STAGE, f"--device {device}: this build of mlcc compiles for the CPU "
-                        "only (--device cpu or llvm); the other targets are not implemented yet")
+        raise MlccError(STAGE, f"--device {device}: this build of mlcc compiles for cpu/llvm "
+                        "and cuda (cuda:N, or cuda-sm_90,sm_80 for several architectures); "
+                        "the other targets are not implemented yet")
     raise MlccError(STAGE, f"--device {device!r} is unknown; use cpu/llvm, or one of "
                     f"{', '.join(KNOWN_DEVICES)}, or auto")
+
+
+def _cuda_visible() -> bool:
+    """A CUDA GPU is visible (driver library loads and reports a device)."""
+    import ctypes
+
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    try:  # a stub driver (loaded for building without a GPU) lacks these entry points
+        if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return False
+    except AttributeError:
+        return False
+    return count.value > 0
 
 
 def load_model_config(model: str | Path, quantization: str | None, model_type: str | None):

@@ -1,0 +1,253 @@
+"""End-to-end decode/prefill benchmark of a CUDA library on one GPU, with HF transformers as peer.
+
+Runs on the GPU machine (TVM runtime only; the library was compiled on the build machine from
+the `llama2_7b` preset, e.g. `mlcc compile llama2_7b --quantization q4f16_1 --device cuda -o
+lib.so`). Steps, all in one process:
+
+1. a Llama-2-7B-shaped random HF checkpoint (fp16, hidden 4096, intermediate 11008, 32 layers,
+   32 heads, vocab 32000) made with transformers on the GPU and saved as safetensors;
+2. the peer: HF transformers fp16 (eager) on the same weights: decode of 128 tokens after a
+   32-token prompt, and one 512-token prefill;
+3. `convert_weight` q4f16_1 on the GPU, then the library: the same decode and prefill, with and
+   without the CUDA graph; peak GPU memory;
+4. a per-kernel time breakdown of one decode step (torch profiler, CUPTI) with the achieved
+   bandwidth of each weight-streaming kernel, from the kernel shapes in the library metadata.
+
+    python benchmarks/cuda/run_h200.py --lib lib.so --work /tmp/bench --out RESULTS_DIR
+
+Writes RESULTS_DIR/decode_bench.json and decode_bench.md. It measures; it never asserts speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HF_CONFIG = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+             "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "initializer_range": 0.02,
+             "tie_word_embeddings": False}
+PROMPT, DECODE, PREFILL = 32, 128, 512
+HBM_BYTES_PER_S = 4.24e12  # design.md section 7, measured read bandwidth of the H200
+
+
+def make_checkpoint(folder: Path, layers: int):
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(**{**HF_CONFIG, "num_hidden_layers": layers})
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(config).to(torch.float16).eval()
+    if not (folder / "config.json").is_file():
+        model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+def time_cuda(fn) -> float:
+    import torch
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def peer_numbers(model) -> dict:
+    """HF transformers fp16 eager: tok/s of decode after a prompt and of one long prefill."""
+    import torch
+
+    ids = torch.randint(0, HF_CONFIG["vocab_size"], (1, PREFILL), device="cuda")
+    with torch.no_grad():
+        model(ids[:, :PROMPT])  # warm-up
+        prefill = min(time_cuda(lambda: model(ids)) for _ in range(3))
+
+        def decode():
+            out = model(ids[:, :PROMPT], use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            for _ in range(DECODE):
+                out = model(token, past_key_values=cache, use_cache=True)
+                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+        decode()
+        decode_s = time_cuda(decode) - time_cuda(lambda: model(ids[:, :PROMPT]))
+    return {"peer_decode_tok_s": DECODE / decode_s, "peer_prefill_tok_s": PREFILL / prefill}
+
+
+def engine_numbers(engine, cudagraph: bool) -> dict:
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, HF_CONFIG["vocab_size"], PROMPT).tolist()
+    engine.cudagraph = cudagraph
+    engine._graph = None
+
+    def decode_run() -> float:
+        logits = engine.prefill_logits(prompt)
+        start = time.perf_counter()
+        for _ in range(DECODE):
+            logits = engine.decode(int(np.argmax(logits)))
+        return time.perf_counter() - start
+
+    decode_run()
+    decode_s = min(decode_run() for _ in range(2))
+    long_prompt = rng.integers(0, HF_CONFIG["vocab_size"], PREFILL).tolist()
+    engine.prefill_logits(long_prompt)
+    prefill_s = min(_timed(lambda: engine.prefill_logits(long_prompt)) for _ in range(3))
+    return {"decode_tok_s": DECODE / decode_s, "prefill_tok_s": PREFILL / prefill_s}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def spec_bytes(spec: dict) -> int:
+    """Bytes a kernel must move in one decode call (weights once, activations once)."""
+    total = 0
+    for shape, dtype in spec["inputs"] + spec["outputs"]:
+        count = int(np.prod([d if isinstance(d, int) else 1 for d in shape]))
+        total += count * np.dtype(dtype).itemsize
+    if spec["op"] == "q_embedding":  # reads one row of the table, not the table
+        total = sum(int(np.prod(s[1:])) * np.dtype(d).itemsize for s, d in spec["inputs"][:2])
+    return total
+
+
+def kernel_breakdown(engine, steps: int = 8) -> list[dict]:
+    """Per kernel: calls and time per decode step, bytes moved and achieved bandwidth."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    specs = engine.metadata.get("kernel_specs", {})
+    engine.cudagraph = False
+    logits = engine.prefill_logits(list(range(1, PROMPT + 1)))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            logits = engine.decode(int(np.argmax(logits)))
+        torch.cuda.synchronize()
+    rows: dict[str, dict] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = event.name
+        row = rows.setdefault(name, {"kernel": name, "calls": 0, "us": 0.0})
+        row["calls"] += 1
+        row["us"] += event.time_range.elapsed_us() / steps
+    out = []
+    for row in rows.values():
+        row["calls"] //= steps
+        base = row["kernel"].removesuffix("_kernel").rsplit("_kernel", 1)[0]
+        spec = next((s for n, s in specs.items() if base == n or base.startswith(n + "_")),
+                    None)
+        if spec is not None and row["calls"]:
+            per_call = spec_bytes(spec)
+            row["op"] = spec["op"]
+            row["bytes_per_call"] = per_call
+            row["gb_s"] = per_call * row["calls"] / (row["us"] * 1e-6) / 1e9
+        out.append(row)
+    return sorted(out, key=lambda r: -r["us"])
+
+
+def weight_bytes_per_token(metadata: dict) -> int:
+    total = 0
+    for p in metadata["params"]:
+        nbytes = int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
+        if "embed_tokens" in p["name"]:
+            nbytes //= p["shape"][0]
+        total += nbytes
+    return total
+
+
+def run_library(args, params: Path) -> dict:
+    import torch
+
+    from mlcc.runtime_check.compiled import CompiledEngine
+
+    torch.cuda.empty_cache()
+    free_before, total = torch.cuda.mem_get_info()
+    engine = CompiledEngine(args.lib, params, device="cuda")
+    results = {}
+    for graph in (False, True):
+        numbers = engine_numbers(engine, graph)
+        suffix = "_cudagraph" if graph else "_no_graph"
+        results.update({k + suffix: v for k, v in numbers.items()})
+    free_after, _ = torch.cuda.mem_get_info()
+    results["peak_gpu_mem_gb"] = (free_before - free_after) / 1e9
+    results["kernels"] = kernel_breakdown(engine)
+    results["weight_bytes_per_token"] = weight_bytes_per_token(engine.metadata)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lib", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--skip-peer", action="store_true")
+    args = parser.parse_args()
+    import torch
+
+    from mlcc.interface.convert_weight import convert_weight
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    hf, params = args.work / "hf", args.work / "params"
+    stamp = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+             "python": platform.python_version(), "command": " ".join(sys.argv)}
+    start = time.perf_counter()
+    model = make_checkpoint(hf, args.layers)
+    stamp["checkpoint_s"] = time.perf_counter() - start
+    peer = {} if args.skip_peer else peer_numbers(model)
+    del model
+    torch.cuda.empty_cache()
+    start = time.perf_counter()
+    if not (params / "ndarray-cache.json").is_file():
+        convert_weight(hf, "q4f16_1", params, device="cuda", progress=False)
+    stamp["convert_weight_s"] = time.perf_counter() - start
+    results = {**stamp, **peer, **run_library(args, params)}
+    best = max(results["decode_tok_s_cudagraph"], results["decode_tok_s_no_graph"])
+    results["decode_tok_s"] = best
+    results["prefill_tok_s"] = results["prefill_tok_s_no_graph"]
+    roofline = HBM_BYTES_PER_S / results["weight_bytes_per_token"]
+    results["roofline_tok_s"] = roofline
+    results["roofline_fraction"] = best / roofline
+    (args.out / "decode_bench.json").write_text(json.dumps(results, indent=1))
+    (args.out / "decode_bench.md").write_text(report(results))
+    print(report(results))
+
+
+def report(r: dict) -> str:
+    lines = [f"# CUDA decode/prefill, Llama-2-7B shape, q4f16_1, batch 1 ({r['date']})", "",
+             f"GPU: {r['gpu']}; torch {r['torch']}; python {r['python']}",
+             f"Command: `{r['command']}`", "",
+             "| metric | mlcc | HF transformers fp16 (peer) |", "|---|---|---|",
+             f"| decode tok/s (128 after 32), CUDA graph | {r['decode_tok_s_cudagraph']:.1f} | "
+             f"{r.get('peer_decode_tok_s', float('nan')):.1f} |",
+             f"| decode tok/s, no graph | {r['decode_tok_s_no_graph']:.1f} | |",
+             f"| prefill(512) tok/s | {r['prefill_tok_s']:.0f} | "
+             f"{r.get('peer_prefill_tok_s', float('nan')):.0f} |",
+             f"| peak GPU memory GB | {r['peak_gpu_mem_gb']:.2f} | |",
+             f"| roofline fraction (decode / {r['roofline_tok_s']:.0f} tok/s) | "
+             f"{r['roofline_fraction']:.1%} | |", "",
+             "## One decode step, per kernel (no graph)", "",
+             "| kernel | op | calls | us/step | GB/s |", "|---|---|---|---|---|"]
+    for k in r["kernels"]:
+        gbs = f"{k['gb_s']:.0f}" if "gb_s" in k else ""
+        lines.append(f"| {k['kernel'][:48]} | {k.get('op', '')} | {k['calls']} | "
+                     f"{k['us']:.1f} | {gbs} |")
+    total = sum(k["us"] for k in r["kernels"])
+    lines += ["", f"Kernel time per step: {total / 1000:.3f} ms "
+              f"({1e6 / total:.0f} tok/s if launches were free)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""CUDA backend: GPU kernels launched from compiled host entries, device code built by nvcc."""

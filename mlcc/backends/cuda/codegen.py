@@ -1,0 +1,117 @@
+"""Assemble the CUDA library: GPU kernels + host entries + metadata, built to one .so here.
+
+The layout is the CPU library's (mlcc.backends.llvm.codegen): one launcher PrimFunc per distinct
+kernel spec, one host entry per model function that carves intermediates out of the workspace
+and calls the launchers in order with `T.call_cpacked` (each launcher launches its kernels), and
+the two metadata functions, compiled for the host CPU. Every entry argument lives on the GPU.
+The device code of all kernels is one CUDA source compiled by nvcc into a fatbin at build time.
+
+    build(module, output, metadata, archs=("sm_90",), log=print)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from mlcc import ir
+from mlcc.backends.cuda import attention, kernels, linear
+from mlcc.backends.cuda.kernels import COMMON_SOURCE, CudaKernel
+from mlcc.backends.cuda.toolchain import (
+    DEFAULT_ARCHS, cuda_target, enable_cuda_codegen, host_target, install_hooks,
+)
+from mlcc.backends.llvm.codegen import entry_source, metadata_source, parse_functions
+from mlcc.backends.plan import EntryPlan, KernelSpec, plan_entry
+from mlcc.errors import MlccError
+from mlcc.ir.types import Sym
+
+STAGE = "compile"
+Generator = Callable[[KernelSpec, str], CudaKernel]
+GENERATORS: dict[str, Generator] = {
+    "embedding": kernels.gen_embedding, "q_embedding": kernels.gen_embedding,
+    "rms_norm": kernels.gen_norm, "layer_norm": kernels.gen_norm,
+    "add_rms_norm": kernels.gen_norm, "add_layer_norm": kernels.gen_norm,
+    "add": kernels.gen_elementwise, "mul": kernels.gen_elementwise,
+    "scale": kernels.gen_elementwise, "silu": kernels.gen_elementwise,
+    "gelu": kernels.gen_elementwise, "silu_mul": kernels.gen_elementwise,
+    "cast": kernels.gen_elementwise, "gelu_mul": kernels.gen_elementwise,
+    "scale_in_dtype": kernels.gen_elementwise, "positions": kernels.gen_positions,
+    "linear": linear.gen_linear, "q_linear": linear.gen_linear,
+    "qkv_attention": attention.gen_qkv_attention,
+    "last_row": kernels.gen_last, "last_logits": kernels.gen_last,
+}
+
+
+def kernel_for(spec: KernelSpec, name: str) -> CudaKernel:
+    if spec.op not in GENERATORS:
+        raise MlccError(STAGE, f"op {spec.op} has no CUDA kernel; supported: "
+                        f"{', '.join(sorted(GENERATORS))}")
+    return GENERATORS[spec.op](spec, name)
+
+
+def library_parts(module: ir.Module, metadata: dict
+                  ) -> tuple[list[CudaKernel], list[EntryPlan], str, str]:
+    """Kernels (one per distinct spec), entry plans, host TVMScript, metadata TVMScript."""
+    plans = [plan_entry(fn, module) for fn in module.functions]
+    names: dict[KernelSpec, str] = {}
+    for plan in plans:
+        for call in plan.calls:
+            names.setdefault(call.spec, f"k{len(names)}_{call.spec.op}")
+    built = [kernel_for(spec, name) for spec, name in names.items()]
+    entries = "\n\n".join(entry_source(plan, names) for plan in plans)
+    # Shapes of every kernel, so profiles can be read per kernel (bytes moved, FLOPs).
+    described = dict(metadata, kernel_specs={name: spec_json(spec)
+                                             for spec, name in names.items()})
+    return built, plans, entries, metadata_source(described)
+
+
+def spec_json(spec: KernelSpec) -> dict:
+    def tensors(items):
+        return [[[str(d) if isinstance(d, Sym) else d for d in shape], dtype]
+                for shape, dtype in items]
+
+    return {"op": spec.op, "inputs": tensors(spec.inputs), "outputs": tensors(spec.outputs)}
+
+
+def device_source(built: list[CudaKernel]) -> str:
+    return COMMON_SOURCE + "\n".join(k.device_source for k in built)
+
+
+def build(module: ir.Module, output: Path, metadata: dict,
+          archs: tuple[str, ...] = DEFAULT_ARCHS,
+          log: Callable[[str], None] = lambda s: None) -> dict[str, int]:
+    """Build `module` into the shared library `output` (written under a temporary name)."""
+    import tvm
+
+    if output.suffix != ".so":
+        raise MlccError(STAGE, f"-o {output}: the CUDA backend writes a shared library; use .so")
+    built, _, entries, meta = library_parts(module, metadata)
+    counts: dict[str, int] = {}
+    for k in built:
+        op = k.name.split("_", 1)[1]
+        counts[op] = counts.get(op, 0) + 1
+    log("CUDA kernels: " + ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())))
+    enable_cuda_codegen()
+    keep = os.environ.get("MLCC_CUDA_KEEP_SOURCE")
+    install_hooks(device_source(built), archs, Path(keep) if keep else None)
+    target, host = cuda_target(archs[0]), host_target()
+    gpu = parse_functions("\n\n".join(k.launcher for k in built) + "\n\n" + entries)
+    cpu = parse_functions(meta)
+    funcs = {name: f.with_attr("target", target) for name, f in _items(gpu)}
+    funcs.update({name: f.with_attr("target", host) for name, f in _items(cpu)})
+    with target:
+        executable = tvm.compile(tvm.IRModule(funcs), target=target)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.stem}.partial{os.getpid()}{output.suffix}")
+    try:
+        executable.export_library(str(partial))
+        os.replace(partial, output)
+    finally:
+        if partial.exists():
+            partial.unlink()
+    return counts
+
+
+def _items(mod) -> list[tuple[str, object]]:
+    return [(str(f.attrs["global_symbol"]), f) for _, f in mod.functions.items()]

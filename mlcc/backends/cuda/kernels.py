@@ -1,0 +1,321 @@
+"""CUDA kernels for row-wise and elementwise ops: lookups, norms, epilogues, last row.
+
+Every generator turns a `KernelSpec` into a `CudaKernel`: a CUDA C++ device function (the work
+of one thread, with the spec's sizes baked in as constants) and a TVMScript launcher, a public
+PrimFunc whose thread-bound loops set the grid and call the device function with the buffers'
+data pointers and the symbolic sizes. Arithmetic follows the IR interpreter: float32 inside,
+results rounded to the storage dtype where the interpreter rounds.
+
+    embedding / q_embedding   one block per token, threads over features
+    norms (+ residual add)    one block per row; the row stays in registers between the
+                              reduction and the write, so outputs may not alias inputs
+    elementwise, silu_mul     one thread per output element
+    last_row / last_logits    one thread per feature of the last row
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from mlcc.backends.llvm.fallback import Emitter, header
+from mlcc.backends.plan import KernelSpec
+from mlcc.ir.types import Dim, Sym
+
+BLOCK = 256
+C_TYPES = {"float16": "half", "float32": "float", "int32": "int", "uint32": "unsigned int",
+           "uint8": "unsigned char"}
+
+# Helpers shared by every kernel, emitted once at the top of the device source.
+COMMON_SOURCE = r"""
+#include <cuda_fp16.h>
+#include <mma.h>
+__device__ __forceinline__ float mlcc_f32(float v) { return v; }
+__device__ __forceinline__ float mlcc_f32(half v) { return __half2float(v); }
+__device__ __forceinline__ void mlcc_put(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void mlcc_put(half* p, long long i, float v) { p[i] = __float2half(v); }
+__device__ __forceinline__ float mlcc_round(float v, const float*) { return v; }
+__device__ __forceinline__ float mlcc_round(float v, const half*) {
+  return __half2float(__float2half(v));
+}
+__device__ __forceinline__ float mlcc_warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float mlcc_warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+// Sum over the block; every thread gets the total. `red` holds 32 floats of shared memory.
+__device__ __forceinline__ float mlcc_block_sum(float v, float* red) {
+  v = mlcc_warp_sum(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < ((blockDim.x + 31) >> 5) ? red[lane] : 0.f;
+  return mlcc_warp_sum(v);
+}
+"""
+
+
+@dataclass(frozen=True)
+class CudaKernel:
+    """Device source (CUDA C++) plus the TVMScript launcher that TVM compiles."""
+
+    name: str
+    device_source: str
+    launcher: str
+
+
+def dim_text(d: Dim) -> str:
+    return d.name if isinstance(d, Sym) else str(d)
+
+
+def numel_text(shape: tuple[Dim, ...]) -> str:
+    """C++ (and TVMScript) expression of the element count; symbols are long long params."""
+    return " * ".join(f"(long long)({dim_text(d)})" for d in shape) or "1"
+
+
+def tir_numel(shape: tuple[Dim, ...]) -> str:
+    return " * ".join(dim_text(d) if isinstance(d, Sym) else f"T.int64({d})" for d in shape)
+
+
+def symbols_of(*shapes: tuple[Dim, ...]) -> list[str]:
+    return sorted({d.name for shape in shapes for d in shape if isinstance(d, Sym)})
+
+
+def launcher(name: str, buffers: list[tuple[str, tuple[Dim, ...], str]], grid: tuple[str, ...],
+             block: int, symbols: list[str]) -> str:
+    """A PrimFunc launching `grid` (x[, y]) blocks of `block` threads of `name`_dev."""
+    return launcher_nests(name, buffers, [(f"{name}_dev", grid, block)], symbols)
+
+
+def launcher_nests(name: str, buffers: list[tuple[str, tuple[Dim, ...], str]],
+                   nests: list[tuple[str, tuple[str, ...], int]], symbols: list[str]) -> str:
+    """One PrimFunc with a thread-bound nest per (device function, grid, block), run in order."""
+    em = Emitter()
+    header(em, name, buffers)
+    args = ", ".join([f"{b}.data" for b, _, _ in buffers] + symbols)
+    for device, grid, block in nests:
+        loops = [("bx", grid[0], "blockIdx.x")] + ([("by", grid[1], "blockIdx.y")]
+                                                    if len(grid) > 1 else [])
+        depth = 1
+        for var, extent, tag in reversed(loops):
+            em.depth = depth
+            em(f'for {var} in T.thread_binding({extent}, thread="{tag}"):')
+            depth += 1
+        em.depth = depth
+        em(f'for tx in T.thread_binding({block}, thread="threadIdx.x"):')
+        em.depth = depth + 1
+        em(f'T.evaluate(T.call_extern("int32", "{device}", {args}))')
+    return em.text()
+
+
+def signature(name: str, buffers: list[tuple[str, tuple[Dim, ...], str]],
+              outputs: tuple[str, ...], symbols: list[str]) -> str:
+    params = [f"{'' if b in outputs else 'const '}{C_TYPES[dt]}* {b}" for b, _, dt in buffers]
+    params += [f"long long {s}" for s in symbols]
+    return f"__device__ __forceinline__ int {name}_dev({', '.join(params)})"
+
+
+def grid_for(total: str, per_block: int) -> str:
+    return f"({total} + T.int64({per_block - 1})) // T.int64({per_block})"
+
+
+def fp(x: float) -> str:
+    text = repr(float(np.float32(x)))
+    return (text if ("." in text or "e" in text) else text + ".0") + "f"
+
+
+# --- lookups ------------------------------------------------------------------------------
+
+
+def dequant_expr(spec: KernelSpec, w: str, s: str, row: str, k: str, words: int,
+                 groups: int, scale_dt: str) -> str:
+    """One dequantized weight as float, rounded through the scale dtype (the reference's way)."""
+    bits, group = spec.attr("bits"), spec.attr("group_size")
+    per_word, max_int, mask = 32 // bits, (1 << (bits - 1)) - 1, (1 << bits) - 1
+    code = (f"(float)(({w}[({row}) * {words}LL + ({k}) / {per_word}] >> "
+            f"((({k}) % {per_word}) * {bits})) & {mask}u)")
+    scale = f"mlcc_f32({s}[({row}) * {groups}LL + ({k}) / {group}])"
+    return f"mlcc_round(({code} - {max_int}.0f) * {scale}, {s})"
+
+
+def gen_embedding(spec: KernelSpec, name: str) -> CudaKernel:
+    out_shape, dt = spec.outputs[0]
+    if spec.op == "embedding":
+        (tshape, tdt), (ishape, idt) = spec.inputs
+        buffers = [("table", tshape, tdt), ("ids", ishape, idt), ("y", out_shape, dt)]
+        vocab, hidden = tshape
+        value = "mlcc_f32(table[tok * %dLL + k])" % hidden
+    else:
+        (wshape, wdt), (sshape, sdt), (ishape, idt) = spec.inputs
+        buffers = [("qw", wshape, wdt), ("qs", sshape, sdt), ("ids", ishape, idt),
+                   ("y", out_shape, dt)]
+        vocab, hidden = wshape[0], spec.attr("in_features")
+        value = dequant_expr(spec, "qw", "qs", "tok", "k", wshape[1], sshape[1], sdt)
+    syms = symbols_of(ishape)
+    body = f"""{signature(name, buffers, ("y",), syms)} {{
+  const long long row = blockIdx.x;
+  long long tok = ids[row];
+  tok = tok < 0 ? 0 : (tok >= {vocab} ? {vocab - 1} : tok);
+  for (int k = threadIdx.x; k < {hidden}; k += {BLOCK}) {{
+    mlcc_put(y, row * {hidden}LL + k, {value});
+  }}
+  return 0;
+}}
+"""
+    return CudaKernel(name, body, launcher(name, buffers, (tir_numel(ishape),), BLOCK, syms))
+
+
+# --- norms --------------------------------------------------------------------------------
+
+
+def gen_norm(spec: KernelSpec, name: str) -> CudaKernel:
+    """rms_norm, layer_norm and their add_ fusions over rows of H features."""
+    fused_add, layer = spec.op.startswith("add_"), spec.op.endswith("layer_norm")
+    (shape, dt) = spec.inputs[0]
+    h = shape[-1]
+    names = ["x"] + (["r"] if fused_add else []) + ["w"] + (["b"] if layer else [])
+    buffers = [(n, shape if n in ("x", "r") else (h,), dt) for n in names]
+    buffers += [("y", shape, dt)] + ([("s", shape, dt)] if fused_add else [])
+    syms = symbols_of(shape)
+    per_thread = -(-h // BLOCK)
+    eps = fp(spec.attr("eps"))
+    load = "float a = mlcc_f32(x[base + k]);"
+    if fused_add:
+        # The sum is rounded to the model dtype before normalizing, as the interpreter does.
+        load = ("float a = mlcc_round(mlcc_f32(x[base + k]) + mlcc_f32(r[base + k]), x);"
+                " mlcc_put(s, base + k, a);")
+    if layer:
+        stats = f"""  const float mean = mlcc_block_sum(part, red) / {h}.0f;
+  float dev = 0.f;
+  #pragma unroll
+  for (int j = 0; j < {per_thread}; ++j) {{
+    const int k = threadIdx.x + j * {BLOCK};
+    if (k < {h}) dev += (v[j] - mean) * (v[j] - mean);
+  }}
+  const float inv = 1.0f / sqrtf(mlcc_block_sum(dev, red) / {h}.0f + {eps});"""
+        accumulate = "part += a;"
+        value = "(v[j] - mean) * inv * mlcc_f32(w[k]) + mlcc_f32(b[k])"
+    else:
+        stats = f"""  const float inv = 1.0f / sqrtf(mlcc_block_sum(part, red) / {h}.0f + {eps});"""
+        accumulate = "part += a * a;"
+        offset = fp(spec.attr("weight_offset"))
+        value = f"v[j] * inv * (mlcc_f32(w[k]) + {offset})"
+    body = f"""{signature(name, buffers, ("y", "s"), syms)} {{
+  __shared__ float red[32];
+  const long long base = (long long)blockIdx.x * {h}LL;
+  float v[{per_thread}];
+  float part = 0.f;
+  #pragma unroll
+  for (int j = 0; j < {per_thread}; ++j) {{
+    const int k = threadIdx.x + j * {BLOCK};
+    v[j] = 0.f;
+    if (k < {h}) {{ {load} v[j] = a; {accumulate} }}
+  }}
+{stats}
+  #pragma unroll
+  for (int j = 0; j < {per_thread}; ++j) {{
+    const int k = threadIdx.x + j * {BLOCK};
+    if (k < {h}) mlcc_put(y, base + k, {value});
+  }}
+  return 0;
+}}
+"""
+    rows = tir_numel(shape[:-1]) if len(shape) > 1 else "T.int64(1)"
+    return CudaKernel(name, body, launcher(name, buffers, (rows,), BLOCK, syms))
+
+
+# --- elementwise --------------------------------------------------------------------------
+
+
+def gelu_text(a: str, approximate: str | None) -> str:
+    if approximate == "tanh":
+        c = fp(math.sqrt(2.0 / math.pi))
+        return f"0.5f * {a} * (1.0f + tanhf({c} * ({a} + 0.044715f * {a} * {a} * {a})))"
+    return f"0.5f * {a} * (1.0f + erff({a} * {fp(1 / math.sqrt(2))}))"
+
+
+def _elementwise_value(spec: KernelSpec) -> str:
+    op = spec.op
+    a = "mlcc_f32(a0[i])"
+    if op == "add":
+        return f"{a} + mlcc_f32(a1[i])"
+    if op == "mul":
+        return f"{a} * mlcc_f32(a1[i])"
+    if op == "scale":
+        return f"{a} * {fp(spec.attr('factor'))}"
+    if op == "silu":
+        return f"{a} / (1.0f + expf(-{a}))"
+    if op == "gelu":
+        return gelu_text(a, spec.attr("approximate"))
+    if op == "scale_in_dtype":  # the factor rounded to the input dtype first, as the model does
+        factor = float(np.float32(np.asarray(spec.attr("factor")).astype(spec.inputs[0][1])))
+        return f"{a} * {fp(factor)}"
+    if op == "cast":
+        return a
+    raise NotImplementedError(op)
+
+
+def gen_elementwise(spec: KernelSpec, name: str) -> CudaKernel:
+    (shape, dt) = spec.outputs[0]
+    for s, _ in spec.inputs:
+        if spec.op in ("add", "mul") and tuple(s) != tuple(shape):
+            raise NotImplementedError(f"{spec.op} with broadcasting ({s} vs {shape})")
+    buffers = [(f"a{i}", s, d) for i, (s, d) in enumerate(spec.inputs)] + [("y", shape, dt)]
+    syms = symbols_of(*(s for _, s, _ in buffers))
+    total = numel_text(shape)
+    if spec.op in ("silu_mul", "gelu_mul"):
+        half = shape[-1]
+        act = ("g / (1.0f + expf(-g))" if spec.op == "silu_mul"
+               else gelu_text("g", spec.attr("approximate")))
+        value = (f"const long long row = i / {half}, c = i % {half}; "
+                 f"const float g = mlcc_f32(a0[row * {2 * half}LL + c]); "
+                 f"const float u = mlcc_f32(a0[row * {2 * half}LL + {half} + c]); "
+                 f"mlcc_put(y, i, ({act}) * u);")
+    else:
+        value = f"mlcc_put(y, i, {_elementwise_value(spec)});"
+    body = f"""{signature(name, buffers, ("y",), syms)} {{
+  const long long i = (long long)blockIdx.x * {BLOCK} + threadIdx.x;
+  if (i < {total}) {{ {value} }}
+  return 0;
+}}
+"""
+    grid = grid_for(tir_numel(shape), BLOCK)
+    return CudaKernel(name, body, launcher(name, buffers, (grid,), BLOCK, syms))
+
+
+def gen_last(spec: KernelSpec, name: str) -> CudaKernel:
+    (shape, dt), (out_shape, odt) = spec.inputs[0], spec.outputs[0]
+    buffers = [("x", shape, dt), ("y", out_shape, odt)]
+    syms = symbols_of(shape)
+    features = shape[1]
+    body = f"""{signature(name, buffers, ("y",), syms)} {{
+  const long long k = (long long)blockIdx.x * {BLOCK} + threadIdx.x;
+  if (k < {features}) mlcc_put(y, k, mlcc_f32(x[({dim_text(shape[0])} - 1) * {features}LL + k]));
+  return 0;
+}}
+"""
+    grid = f"T.int64({-(-features // BLOCK)})"
+    return CudaKernel(name, body, launcher(name, buffers, (grid,), BLOCK, syms))
+
+
+def gen_positions(spec: KernelSpec, name: str) -> CudaKernel:
+    """Positions of the entry's tokens: seq_info[0] + i, or seq_info[i] in a batched entry."""
+    (shape, dt), = spec.outputs
+    batched = spec.attr("batched")
+    buffers = [("y", shape, dt), ("seq_info", shape if batched else (2,), "int32")]
+    syms = symbols_of(shape)
+    value = "seq_info[i]" if batched else "seq_info[0] + (int)i"
+    body = f"""{signature(name, buffers, ("y",), syms)} {{
+  const long long i = (long long)blockIdx.x * {BLOCK} + threadIdx.x;
+  if (i < {numel_text(shape)}) y[i] = {value};
+  return 0;
+}}
+"""
+    grid = grid_for(tir_numel(shape), BLOCK)
+    return CudaKernel(name, body, launcher(name, buffers, (grid,), BLOCK, syms))

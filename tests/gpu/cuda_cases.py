@@ -1,0 +1,76 @@
+"""The models and CUDA libraries the GPU parity tests run, built where the TVM compiler is.
+
+The GPU machine has only the TVM runtime, so the cases are built on the build machine
+(`python -m tests.gpu.cuda_cases OUT`) and carried: OUT/manifest.json lists every case with its
+library, the model folder its weights come from (HF format, read by ReferenceModel), the
+quantization and the prefill chunk size. Tiny random HF models of each architecture are written
+once with transformers; stories260K is copied from ../shared.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+TINY = {"vocab_size": 120, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8,
+        "intermediate_size": 96, "max_position_embeddings": 64, "initializer_range": 0.2}
+CHUNK = 4
+# (case name, model, quantization, opt)
+CASES = [("stories_q0f32", "stories260K", "q0f32", "O2"),
+         ("stories_q4f16_1", "stories260K", "q4f16_1", "O2")]
+CASES += [(f"{arch}_{q}", arch, q, "O2") for arch in ("llama", "mistral", "gpt_neox")
+          for q in ("q0f32", "q0f16", "q4f16_1")]
+CASES += [("llama_q0f32_O0", "llama", "q0f32", "O0")]
+
+
+def tiny_models(out: Path) -> dict[str, Path]:
+    import torch
+    import transformers
+
+    makers = {
+        "llama": lambda: transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(**TINY, num_key_value_heads=2)),
+        "mistral": lambda: transformers.MistralForCausalLM(
+            transformers.MistralConfig(**TINY, num_key_value_heads=2, sliding_window=8)),
+        "gpt_neox": lambda: transformers.GPTNeoXForCausalLM(
+            transformers.GPTNeoXConfig(**{**TINY, "hidden_size": 128, "num_attention_heads": 4},
+                                       rotary_pct=0.25, use_parallel_residual=True)),
+    }
+    dirs = {}
+    for name, make in makers.items():
+        torch.manual_seed(sum(map(ord, name)))
+        dirs[name] = out / "models" / name
+        if not (dirs[name] / "config.json").is_file():
+            make().save_pretrained(dirs[name])
+    return dirs
+
+
+def build_cases(out: Path, log=print) -> dict:
+    """Write every case's library under `out` and return the manifest (also in manifest.json)."""
+    from mlcc.interface.compile import compile_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    models = tiny_models(out)
+    stories = out / "models" / "stories260K"
+    if not stories.is_dir():
+        shutil.copytree(SHARED / "models" / "stories260K", stories)
+    models["stories260K"] = stories
+    manifest = {}
+    for name, model, quant, opt in CASES:
+        lib = out / "libs" / f"{name}.so"
+        chunk = None if model == "stories260K" else f"prefill_chunk_size={CHUNK}"
+        if not lib.is_file():
+            log(f"building {name}")
+            compile_model(models[model], lib, quantization=quant, opt=opt, overrides=chunk,
+                          device="cuda")
+        manifest[name] = {"lib": str(lib.relative_to(out)), "model": str(
+            models[model].relative_to(out)), "quantization": quant, "opt": opt}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+if __name__ == "__main__":
+    build_cases(Path(sys.argv[1]))

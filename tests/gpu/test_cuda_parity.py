@@ -1,0 +1,114 @@
+"""CUDA libraries on a GPU equal the IR interpreter (ReferenceModel) and reference.json.
+
+Skipped without a CUDA GPU visible to the TVM runtime. The cases come from MLCC_GPU_CASES (a
+folder made by `python tests/gpu/cuda_cases.py OUT` on the build machine, carried to the GPU
+machine) or, when the TVM compiler is installed, are built here. Tiny random models of each
+architecture run a 13-token prompt in prefill chunks of 4, then 8 decode steps (the Mistral
+case's sliding window of 8 is exceeded, so the ring layout is exercised); float32 logits must
+agree within 1e-3, float16 and q4f16_1 within 2e-2 (absolute, on logits of magnitude ~1-10).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cuda_cases import CASES
+
+pytestmark = pytest.mark.gpu
+TOLERANCE = {"q0f32": 1e-3, "q0f16": 2e-2, "q4f16_1": 2e-2}
+
+
+def _cuda_ready() -> bool:
+    try:
+        from mlcc.runtime_check.compiled import _device
+
+        _device("cuda")
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: no usable GPU here
+        return False
+
+
+if not _cuda_ready():
+    pytest.skip("needs a CUDA GPU visible to the TVM runtime", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> tuple[Path, dict]:
+    folder = os.environ.get("MLCC_GPU_CASES")
+    if folder:
+        root = Path(folder)
+        return root, json.loads((root / "manifest.json").read_text())
+    from cuda_cases import build_cases
+
+    root = tmp_path_factory.mktemp("cuda_cases")
+    return root, build_cases(root)
+
+
+def _engine(cases, name: str, **kwargs):
+    from mlcc.runtime_check.compiled import CompiledEngine
+    from mlcc.runtime_check.reference import ReferenceModel
+
+    root, manifest = cases
+    case = manifest[name]
+    reference = ReferenceModel(root / case["model"], case["quantization"])
+    engine = CompiledEngine(root / case["lib"], reference.params, device="cuda", **kwargs)
+    return engine, reference
+
+
+def _stories_reference(cases) -> list[dict]:
+    root, manifest = cases
+    path = root / manifest["stories_q0f32"]["model"] / "reference.json"
+    return json.loads(path.read_text())["cases"]
+
+
+def test_stories_q0f32_greedy_tokens_equal_reference_json(cases):
+    engine, _ = _engine(cases, "stories_q0f32")
+    for case in _stories_reference(cases):
+        logits = engine.prefill_logits(case["prompt_token_ids"])
+        top5 = case["first_step_top5"]
+        np.testing.assert_allclose(logits[top5["ids"]], top5["logits"], atol=1e-3)
+        assert engine.generate_greedy(case["prompt_token_ids"], 64) == case["greedy_token_ids"]
+
+
+def test_stories_q4f16_1_matches_its_reference(cases):
+    engine, reference = _engine(cases, "stories_q4f16_1")
+    for case in _stories_reference(cases)[:2]:
+        ids = case["prompt_token_ids"]
+        np.testing.assert_allclose(engine.prefill_logits(ids), reference.prefill_logits(ids),
+                                   atol=5e-2, rtol=0)
+        for token in case["greedy_token_ids"][:8]:
+            np.testing.assert_allclose(engine.decode(token), reference.decode(token),
+                                       atol=5e-2, rtol=0)
+
+
+TINY_CASES = [name for name, model, _, _ in CASES if model != "stories260K"]
+
+
+@pytest.mark.parametrize("name", TINY_CASES)
+def test_tiny_models_equal_reference(cases, name):
+    engine, reference = _engine(cases, name)
+    assert engine.prefill_chunk_size == 4
+    ids = np.random.default_rng(3).integers(0, 120, 21).tolist()
+    expected = [reference.prefill_logits(ids[:13])] + [reference.decode(t) for t in ids[13:]]
+    got = [engine.prefill_logits(ids[:13])] + [engine.decode(t) for t in ids[13:]]
+    tol = TOLERANCE[cases[1][name]["quantization"]]
+    for step, (a, b) in enumerate(zip(expected, got)):
+        assert np.isfinite(b).all(), f"{name} step {step}: non-finite logits"
+        np.testing.assert_allclose(b, a, atol=tol, rtol=0, err_msg=f"{name} step {step}")
+
+
+@pytest.mark.parametrize("name", ["llama_q0f16", "mistral_q4f16_1"])
+def test_cuda_graph_decode_equals_plain_decode(cases, name):
+    pytest.importorskip("torch")
+    plain, _ = _engine(cases, name, cudagraph=False)
+    graph, _ = _engine(cases, name, cudagraph=True)
+    ids = np.random.default_rng(5).integers(0, 120, 20).tolist()
+    np.testing.assert_array_equal(graph.prefill_logits(ids[:6]), plain.prefill_logits(ids[:6]))
+    for token in ids[6:]:
+        np.testing.assert_array_equal(graph.decode(token), plain.decode(token))
+    assert graph._graph is not None and graph._graph.graph is not None
