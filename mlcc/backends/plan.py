@@ -34,7 +34,9 @@ SUPPORTED_OPS = (
     "qkv_attention", "last_row", "last_logits", "gelu_mul", "scale_in_dtype",
 )
 VIEW_OPS = ("reshape",)
-NO_KERNEL_OPS = ("positions",)  # positions come from seq_info inside the kernels that need them
+# Attention kernels read positions from seq_info themselves; `positions` gets a kernel only when
+# another op reads it (learned position embeddings: GPT-2, GPT-BigCode).
+NO_KERNEL_OPS = ("positions",)
 
 
 @dataclass(frozen=True)
@@ -136,8 +138,12 @@ def plan_entry(fn: ir.Function, module: ir.Module) -> EntryPlan:
                                            offsets[value.name])
         return buffers[id(value)]
 
+    users = fn.users()
     for node in fn.nodes:
         if node.op in NO_KERNEL_OPS:
+            if any(u.op != "qkv_attention" for u in users.get(id(node.output), [])):
+                plan.calls.append(_positions_call(node, buffer_of(node.output),
+                                                  by_arg["seq_info"]))
             continue
         if node.op in VIEW_OPS:
             src = buffer_of(node.inputs[0])
@@ -168,6 +174,13 @@ def plan_entry(fn: ir.Function, module: ir.Module) -> EntryPlan:
             refs += [by_arg["seq_info"], by_arg["page_table"], layer_view]
         plan.calls.append(KernelCall(spec, refs))
     return plan
+
+
+def _positions_call(node: ir.Node, out: BufferRef, seq_info: BufferRef) -> KernelCall:
+    """positions(cache): y[i] = seq_info[0] + i, or seq_info[i] in a batched entry."""
+    attrs = tuple(sorted(node.attrs.items()))
+    spec = KernelSpec("positions", (), (_shape_dtype(node.output),), attrs)
+    return KernelCall(spec, [out, seq_info])
 
 
 def symbolic_dims(spec: KernelSpec) -> set[str]:

@@ -40,6 +40,9 @@ MODELS = {
         "vocab_size": 113, "hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 1, "head_dim": 32, "intermediate_size": 80,
         "max_position_embeddings": 64, "hidden_act": "gelu_pytorch_tanh"}),
+    "gpt_bigcode": ("GPTBigCodeForCausalLM", "GPTBigCodeConfig", {
+        "vocab_size": 89, "n_embd": 48, "n_layer": 2, "n_head": 6, "n_inner": 72,
+        "n_positions": 32, "activation_function": "gelu_pytorch_tanh", "multi_query": True}),
 }
 
 
@@ -101,3 +104,23 @@ def test_q0f32_library_equals_reference(hf_dirs, libraries, arch):
 def test_float16_libraries_compile_and_run(hf_dirs, libraries, arch, quantization):
     # A few float16 ulps of the largest logit: both round to float16 at the same places.
     _compare(hf_dirs, libraries, arch, quantization, 4e-3, per_unit_logit=True)
+
+
+def test_batch_decode_reads_each_sequences_position(hf_dirs, libraries):
+    """Learned position embeddings in batch_decode: row i is looked up at sequence i's length."""
+    arch = "gpt_bigcode"
+    prompts = [[5, 17, 3, 9, 42, 7, 1], [11, 2], [33, 34, 35, 36, 37]]
+    steps = [[4, 9, 60], [1, 2, 3]]
+    refs = [ReferenceModel(hf_dirs[arch], "q0f32") for _ in prompts]
+    overrides = f"prefill_chunk_size={CHUNK};max_batch_size=4"
+    lib = libraries.get(hf_dirs[arch], "q0f32", "O2", overrides)
+    engine = CompiledEngine(lib, refs[0].params)
+    for i, (ref, prompt) in enumerate(zip(refs, prompts)):
+        engine.select_sequence(i)
+        np.testing.assert_allclose(engine.prefill_logits(prompt), ref.prefill_logits(prompt),
+                                   atol=1e-4)
+    for k, step in enumerate(steps):
+        logits = engine.batch_decode(step)
+        for i, ref in enumerate(refs):
+            np.testing.assert_allclose(logits[i], ref.decode(step[i]), atol=1e-4,
+                                       err_msg=f"sequence {i} step {k}")

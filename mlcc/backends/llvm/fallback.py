@@ -306,6 +306,19 @@ def gen_last(spec: KernelSpec, name: str, fast: bool) -> str:
     return em.text()
 
 
+def gen_positions(spec: KernelSpec, name: str, fast: bool) -> str:
+    """Positions of the entry's tokens: seq_info[0] + i, or seq_info[i] for a batched entry
+    (row i is the next token of sequence i)."""
+    (shape, dt), = spec.outputs
+    batched = spec.attr("batched")
+    em = Emitter()
+    header(em, name, [("y", shape, dt), ("seq_info", shape if batched else (2,), "int32")])
+    rows = shape[0].name if isinstance(shape[0], Sym) else shape[0]
+    with em.block(f"for i in range({rows}):"):
+        em("y[i] = seq_info[i]" if batched else 'y[i] = seq_info[0] + T.Cast("int32", i)')
+    return em.text()
+
+
 GENERATORS: dict[str, Callable[[KernelSpec, str, bool], str]] = {
     "rms_norm": gen_norm, "layer_norm": gen_norm, "add_rms_norm": gen_norm,
     "add_layer_norm": gen_norm,
@@ -314,7 +327,7 @@ GENERATORS: dict[str, Callable[[KernelSpec, str, bool], str]] = {
     "gelu_mul": gen_elementwise, "scale_in_dtype": gen_elementwise, "cast": gen_elementwise,
     "embedding": gen_embedding, "q_embedding": gen_embedding,
     "linear": gen_linear, "q_linear": gen_linear,
-    "last_row": gen_last, "last_logits": gen_last,
+    "last_row": gen_last, "last_logits": gen_last, "positions": gen_positions,
 }
 
 
