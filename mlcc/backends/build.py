@@ -147,7 +147,7 @@ def metadata_functions(metadata: Mapping[str, Any]) -> dict[str, tirx.PrimFunc]:
 def _with_prefix(module: tvm.IRModule, prefix: str) -> tvm.IRModule:
     """System-library build: every symbol gets `prefix`, including call_cpacked targets."""
     renamed = {}
-    for _, func in module.functions.items():
+    for func in module.functions.values():
         name = prefix + _name_of(func)
         renamed[name] = _prefix_calls(func, prefix).with_attr("global_symbol", name)
     return tvm.IRModule(renamed).with_attr("system_lib_prefix", prefix)
