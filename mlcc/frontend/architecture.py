@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from mlcc.frontend.config import ModelConfig
 
-Combine = Literal["identity", "concat0", "neox_qkv"]
+Combine = Literal["identity", "concat0", "neox_qkv", "transpose"]
 ParamKind = Literal["linear", "embedding", "norm", "bias", "other"]
 
-COMBINE_KINDS = ("identity", "concat0", "neox_qkv")
+COMBINE_KINDS = ("identity", "concat0", "neox_qkv", "transpose")
 PARAM_KINDS = ("linear", "embedding", "norm", "bias", "other")
 
 
@@ -32,7 +32,9 @@ class ParamSource:
     - "concat0": tensors stacked along dim 0 in the listed order (q, k, v or gate, up);
     - "neox_qkv": one GPT-NeoX `query_key_value` tensor whose rows are per-head interleaved
       [q_h, k_h, v_h] for each of `heads` heads; it is regrouped to all q rows, then all k rows,
-      then all v rows, which is the layout of our `qkv_proj` (the same for its bias).
+      then all v rows, which is the layout of our `qkv_proj` (the same for its bias);
+    - "transpose": one 2-D tensor stored (in_features, out_features), as GPT-2's Conv1D layers
+      store their weights; it is transposed to `shape` (`hf_shapes` defaults to it reversed).
     """
 
     name: str
@@ -51,7 +53,8 @@ class ParamSource:
         if self.combine != "concat0" and len(self.hf_names) != 1:
             raise ValueError(f"{self.name}: combine {self.combine!r} takes exactly one HF tensor")
         if not self.hf_shapes and self.combine != "concat0":
-            object.__setattr__(self, "hf_shapes", (tuple(self.shape),))
+            stored = self.shape[::-1] if self.combine == "transpose" else self.shape
+            object.__setattr__(self, "hf_shapes", (tuple(stored),))
         if len(self.hf_names) != len(self.hf_shapes) or not self.hf_names:
             raise ValueError(f"{self.name}: hf_names and hf_shapes must be non-empty, same length")
         if self.combine == "neox_qkv" and self.heads <= 0:

@@ -344,6 +344,8 @@ def combine_parts(param: ParamSource, parts: list[torch.Tensor]) -> torch.Tensor
         combined = parts[0]
     elif param.combine == "concat0":
         combined = torch.cat([p.to(parts[0].dtype) for p in parts], dim=0)
+    elif param.combine == "transpose":  # (in_features, out_features) -> (out, in)
+        combined = parts[0].t()
     else:  # neox_qkv: rows per head [q_h, k_h, v_h] -> all q, all k, all v.
         fused = parts[0]
         rest = tuple(fused.shape[1:])

@@ -12,7 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlcc.errors import MlccError
-from mlcc.frontend import gemma, gpt_bigcode, gpt_neox, llama, mistral, phi, qwen2, stablelm
+from mlcc.frontend import (
+    gemma,
+    gpt2,
+    gpt_bigcode,
+    gpt_neox,
+    llama,
+    mistral,
+    phi,
+    qwen2,
+    stablelm,
+)
 from mlcc.frontend.architecture import Architecture
 from mlcc.frontend.config import ModelConfig
 from mlcc.frontend.presets import PRESETS, get_preset, preset_names
@@ -23,7 +33,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     arch.name: arch
     for arch in (llama.ARCHITECTURE, mistral.ARCHITECTURE, gpt_neox.ARCHITECTURE,
                  qwen2.ARCHITECTURE, stablelm.ARCHITECTURE, phi.ARCHITECTURE,
-                 gemma.ARCHITECTURE, gpt_bigcode.ARCHITECTURE)
+                 gemma.ARCHITECTURE, gpt2.ARCHITECTURE, gpt_bigcode.ARCHITECTURE)
 }
 
 __all__ = ["ARCHITECTURES", "Architecture", "ModelSource", "get_architecture", "resolve_model"]

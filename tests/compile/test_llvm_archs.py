@@ -43,6 +43,9 @@ MODELS = {
     "gpt_bigcode": ("GPTBigCodeForCausalLM", "GPTBigCodeConfig", {
         "vocab_size": 89, "n_embd": 48, "n_layer": 2, "n_head": 6, "n_inner": 72,
         "n_positions": 32, "activation_function": "gelu_pytorch_tanh", "multi_query": True}),
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", {
+        "vocab_size": 97, "n_embd": 60, "n_layer": 2, "n_head": 5, "n_positions": 32,
+        "activation_function": "gelu_new"}),
 }
 
 
@@ -64,8 +67,19 @@ def hf_dirs(tmp_path_factory) -> dict[str, Path]:
         model = _randomize(getattr(transformers, model_cls)(config), sum(map(ord, arch)))
         path = tmp_path_factory.mktemp(arch)
         model.save_pretrained(path)
+        if arch == "gpt2":
+            _unprefix_gpt2(path)
         dirs[arch] = path
     return dirs
+
+
+def _unprefix_gpt2(path: Path) -> None:
+    """Tensor names as in the published GPT-2 checkpoints: no `transformer.` prefix."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path / "model.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in state.items()},
+              str(path / "model.safetensors"))
 
 
 def _schedule(engine, ids: list[int]) -> list[np.ndarray]:
