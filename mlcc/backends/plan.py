@@ -31,7 +31,8 @@ from mlcc.ir.types import Dim, Sym, TensorType
 SUPPORTED_OPS = (
     "embedding", "q_embedding", "linear", "q_linear", "rms_norm", "layer_norm", "add_rms_norm",
     "add_layer_norm", "add", "mul", "scale", "silu", "gelu", "silu_mul", "cast",
-    "qkv_attention", "last_row", "last_logits", "gelu_mul", "scale_in_dtype",
+    "qkv_attention", "last_row", "last_logits", "gelu_mul", "scale_in_dtype", "moe_route",
+    "moe_combine",
 )
 VIEW_OPS = ("reshape",)
 # Attention kernels read positions from seq_info themselves; `positions` gets a kernel only when

@@ -19,6 +19,7 @@ from mlcc.frontend import (
     gpt_neox,
     llama,
     mistral,
+    mixtral,
     phi,
     qwen2,
     stablelm,
@@ -33,7 +34,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     arch.name: arch
     for arch in (llama.ARCHITECTURE, mistral.ARCHITECTURE, gpt_neox.ARCHITECTURE,
                  qwen2.ARCHITECTURE, stablelm.ARCHITECTURE, phi.ARCHITECTURE,
-                 gemma.ARCHITECTURE, gpt2.ARCHITECTURE, gpt_bigcode.ARCHITECTURE)
+                 gemma.ARCHITECTURE, gpt2.ARCHITECTURE, gpt_bigcode.ARCHITECTURE,
+                 mixtral.ARCHITECTURE)
 }
 
 __all__ = ["ARCHITECTURES", "Architecture", "ModelSource", "get_architecture", "resolve_model"]

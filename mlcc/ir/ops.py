@@ -403,3 +403,59 @@ def _last_row_infer(types, attrs):
 
 register(OpDef("last_row", (), (1, 1), _last_row_infer, lambda ctx, i, a: (i[0][-1:],),
                doc="The last row of [seq_len, features], kept 2-D: [1, features]."))
+
+
+# --- mixture of experts ---------------------------------------------------------------------
+
+
+def _moe_route_infer(types, attrs):
+    logits = tensor(types, 0, "router_logits")
+    need_float(logits, "router_logits")
+    experts = logits.shape[-1] if logits.rank == 2 else None
+    need(isinstance(experts, int), f"router_logits must be [n, experts], got {logits}")
+    need(0 < attrs["top_k"] <= experts, f"top_k must be in [1, {experts}], got {attrs['top_k']}")
+    return (TensorType("float32", logits.shape),)
+
+
+def _moe_route_ref(ctx, inputs, attrs):
+    logits = as_f32(inputs[0])
+    # The k largest logits (ties: the lower expert index first), softmax over those k only.
+    chosen = np.argsort(-logits, axis=-1, kind="stable")[:, : attrs["top_k"]]
+    picked = np.take_along_axis(logits, chosen, axis=-1)
+    e = np.exp(picked - picked.max(axis=-1, keepdims=True))
+    weights = np.zeros_like(logits)
+    np.put_along_axis(weights, chosen, e / e.sum(axis=-1, keepdims=True), axis=-1)
+    return (weights,)
+
+
+register(OpDef("moe_route", (AttrSpec("top_k", (int,)),), (1, 1), _moe_route_infer,
+               _moe_route_ref,
+               doc="Router weights f32[n, experts]: softmax over each row's top_k logits, "
+                   "0 for the experts not chosen."))
+
+
+def _moe_combine_infer(types, attrs):
+    weights = tensor(types, 0, "weights")
+    outs = [tensor(types, i, f"expert{i - 1}") for i in range(1, len(types))]
+    need(weights.dtype == "float32" and weights.rank == 2 and weights.shape[1] == len(outs),
+         f"weights must be f32[n, {len(outs)}] (one column per expert input), got {weights}")
+    for i, o in enumerate(outs):
+        need_float(o, f"expert{i}")
+        need(o == outs[0] and o.rank == 2 and o.shape[0] == weights.shape[0],
+             f"expert outputs must all be [n, hidden] like {outs[0]}; expert{i} is {o}")
+    return (outs[0],)
+
+
+def _moe_combine_ref(ctx, inputs, attrs):
+    weights, outs = inputs[0], inputs[1:]
+    total = np.zeros(outs[0].shape, np.float32)
+    for e, o in enumerate(outs):
+        # An expert with weight 0 is not evaluated by the kernels: it contributes exactly 0.
+        rows = weights[:, e] != 0
+        total[rows] += weights[rows, e:e + 1] * as_f32(o[rows])
+    return out([total], [outs[0].dtype.name])
+
+
+register(OpDef("moe_combine", (), (2, None), _moe_combine_infer, _moe_combine_ref,
+               doc="sum over experts e of weights[:, e] * expert_e, in float32, experts in "
+                   "order; an expert whose weight is 0 contributes nothing."))

@@ -46,6 +46,10 @@ MODELS = {
     "gpt2": ("GPT2LMHeadModel", "GPT2Config", {
         "vocab_size": 97, "n_embd": 60, "n_layer": 2, "n_head": 5, "n_positions": 32,
         "activation_function": "gelu_new"}),
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", {
+        "vocab_size": 103, "hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 6,
+        "num_key_value_heads": 2, "intermediate_size": 40, "max_position_embeddings": 64,
+        "num_local_experts": 5, "num_experts_per_tok": 2}),
 }
 
 

@@ -43,3 +43,38 @@ def test_scale_in_dtype_multiplies_by_the_rounded_constant(hidden, dtype):
         torch_dtype = getattr(torch, dtype)
         assert_close(ours, T(x) * torch.tensor(factor, dtype=torch_dtype), dtype, rtol=0,
                      atol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize(("experts", "top_k"), [(8, 2), (5, 3), (4, 1)])
+def test_moe_route_is_mixtrals_router(experts, top_k, dtype):
+    """transformers' Mixtral: softmax over all logits, top-k, renormalize over the k chosen."""
+    module = op_module([("logits", (N, experts), dtype)],
+                       lambda b, x: b.emit("moe_route", x, top_k=top_k))
+    rng = np.random.default_rng(42)
+    for n in SIZES:
+        logits = rand(rng, (n, experts), dtype, 3.0)
+        (ours,) = run(module, logits)
+        probs = torch.softmax(T(logits).float(), dim=-1)
+        top, index = torch.topk(probs, top_k, dim=-1)
+        dense = torch.zeros_like(probs).scatter(-1, index, top / top.sum(-1, keepdim=True))
+        assert_close(ours, dense, "float32")
+        assert ((ours > 0).sum(-1) == top_k).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_moe_combine_weights_the_experts(dtype):
+    experts = 4
+    module = op_module([("w", (N, experts), "float32")] + [(f"o{e}", (N, 24), dtype)
+                                                          for e in range(experts)],
+                       lambda b, w, *outs: b.emit("moe_combine", w, *outs))
+    rng = np.random.default_rng(43)
+    for n in SIZES:
+        weights = np.abs(rand(rng, (n, experts), "float32"))
+        weights[:, 1] = 0.0  # an unchosen expert, whose output may be anything
+        outs = [rand(rng, (n, 24), dtype, 2.0) for _ in range(experts)]
+        outs[1][:] = np.inf
+        (ours,) = run(module, weights, *outs)
+        expected = sum(T(weights)[:, e:e + 1] * T(outs[e]).float()
+                       for e in range(experts) if e != 1)
+        assert_close(ours, expected.to(getattr(torch, dtype)), dtype)

@@ -159,7 +159,7 @@ COMPARED_WITH_TORCH = frozenset({
     "last_logits", "positions", "rope", "attention", "q_linear", "q_embedding",
     "last_row", "add_rms_norm", "add_layer_norm", "qkv_attention",
     # compared in test_ir_arch_ops_vs_torch.py
-    "gelu_mul", "scale_in_dtype",
+    "gelu_mul", "scale_in_dtype", "moe_route", "moe_combine",
 })
 
 

@@ -319,6 +319,59 @@ def gen_positions(spec: KernelSpec, name: str, fast: bool) -> str:
     return em.text()
 
 
+def gen_moe_route(spec: KernelSpec, name: str, fast: bool) -> str:
+    """Router weights: per row, the top_k logits (ties: lower expert first) by repeated
+    argmax, then a softmax over them; 0 for the other experts."""
+    L = Loops(fast)
+    (shape, dt), = spec.inputs
+    experts, k = shape[1], spec.attr("top_k")
+    em = Emitter()
+    header(em, name, [("x", shape, dt), ("y", shape, "float32")])
+    rows = shape[0].name if isinstance(shape[0], Sym) else shape[0]
+    with em.block(f"for i in {L.par}({rows}):"):
+        em(f'taken = T.alloc_buffer(({experts},), "int32")')
+        em(f'idx = T.alloc_buffer(({k},), "int32")')
+        em(f'val = T.alloc_buffer(({k},), "float32")')
+        with em.block(f"for e in range({experts}):"):
+            em("taken[e] = 0")
+            em("y[i, e] = T.float32(0)")
+        with em.block(f"for s in range({k}):"):
+            em("val[s] = T.float32(-3.4e38)")
+            em("idx[s] = 0")
+            with em.block(f"for e in range({experts}):"):
+                with em.block("if taken[e] == 0:"):
+                    with em.block(f"if {f32('x[i, e]', dt)} > val[s]:"):
+                        em(f"val[s] = {f32('x[i, e]', dt)}")
+                        em('idx[s] = T.Cast("int32", e)')
+            em("taken[idx[s]] = 1")
+        em('total = T.alloc_buffer((1,), "float32")')
+        em("total[0] = T.float32(0)")
+        with em.block(f"for s in range({k}):"):
+            em("total[0] = total[0] + T.exp(val[s] - val[0])")
+        with em.block(f"for s in range({k}):"):
+            em("y[i, idx[s]] = T.exp(val[s] - val[0]) / total[0]")
+    return em.text()
+
+
+def gen_moe_combine(spec: KernelSpec, name: str, fast: bool) -> str:
+    """y = sum over experts e (in order, float32) of w[:, e] * expert_e; experts of weight 0
+    are not read."""
+    L = Loops(fast)
+    (wshape, wdt), outs = spec.inputs[0], spec.inputs[1:]
+    (shape, dt), = spec.outputs
+    em = Emitter()
+    header(em, name, [("w", wshape, wdt)] + [(f"o{e}", s, d) for e, (s, d) in enumerate(outs)]
+           + [("y", shape, dt)])
+    rows = shape[0].name if isinstance(shape[0], Sym) else shape[0]
+    terms = "".join(
+        f" + T.if_then_else(w[i, {e}] != T.float32(0), w[i, {e}] * {f32(f'o{e}[i, h]', d)}, "
+        "T.float32(0))" for e, (_, d) in enumerate(outs))
+    with em.block(f"for i in {L.par}({rows}):"):
+        with em.block(f"for h in {L.vec}({shape[1]}):"):
+            em(f"y[i, h] = {to(dt, 'T.float32(0)' + terms)}")
+    return em.text()
+
+
 GENERATORS: dict[str, Callable[[KernelSpec, str, bool], str]] = {
     "rms_norm": gen_norm, "layer_norm": gen_norm, "add_rms_norm": gen_norm,
     "add_layer_norm": gen_norm,
@@ -328,6 +381,7 @@ GENERATORS: dict[str, Callable[[KernelSpec, str, bool], str]] = {
     "embedding": gen_embedding, "q_embedding": gen_embedding,
     "linear": gen_linear, "q_linear": gen_linear,
     "last_row": gen_last, "last_logits": gen_last, "positions": gen_positions,
+    "moe_route": gen_moe_route, "moe_combine": gen_moe_combine,
 }
 
 
