@@ -1,0 +1,151 @@
+"""Throughput, time to first token and greedy outputs of one runner, timed from Python.
+
+A runner is anything with `prefill(ids) -> logits` (a fresh sequence) and `decode(token) ->
+logits`: `CompiledRunner` wraps `CompiledEngine` (the TVM runtime only) and
+`benchmarks.peer.TorchRunner` wraps HF transformers, so both are measured by the same code.
+Each measurement repeats up to `repeats` timed runs after an untimed warm-up and stops early
+once `budget` seconds are spent (always at least one run); the summaries record the count.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from benchmarks.stats import rates, summarize
+
+
+class Runner(Protocol):
+    def prefill(self, ids: Sequence[int]) -> np.ndarray: ...
+
+    def decode(self, token: int) -> np.ndarray: ...
+
+
+def repeat_within(run: Callable[[], object], repeats: int, budget: float) -> list:
+    """Results of `run()` repeated up to `repeats` times, stopping once `budget` s are spent."""
+    results = []
+    start = time.perf_counter()
+    while len(results) < repeats:
+        results.append(run())
+        if time.perf_counter() - start >= budget:
+            break
+    return results
+
+
+def measure_prefill(runner: Runner, prompt: Sequence[int], lengths: Sequence[int],
+                    repeats: int, budget: float) -> dict[str, dict]:
+    """Prefill tok/s and time to first token (prefill + choosing the token) per length."""
+    runner.prefill(prompt[:max(lengths)])  # warm-up: first touches of weights and workspace
+    out = {}
+    for length in lengths:
+        ids = list(prompt[:length])
+
+        def run(ids: list[int] = ids) -> tuple[float, float]:
+            start = time.perf_counter()
+            logits = runner.prefill(ids)
+            prefilled = time.perf_counter()
+            int(np.argmax(logits))
+            return prefilled - start, time.perf_counter() - start
+
+        times = repeat_within(run, repeats, budget / len(lengths))
+        out[str(length)] = {
+            "tokens_per_second": summarize(rates(length, [t[0] for t in times])).to_json(),
+            "ttft_ms": summarize([t[1] * 1e3 for t in times]).to_json(),
+        }
+    return out
+
+
+def measure_decode(runner: Runner, prompt: Sequence[int], tokens: int, repeats: int,
+                   budget: float) -> dict:
+    """Greedy decode tok/s at batch 1 after `prompt`: one rate per run of `tokens` steps."""
+    def run() -> list[float]:
+        token = int(np.argmax(runner.prefill(list(prompt))))
+        steps = []
+        for _ in range(tokens):
+            start = time.perf_counter()
+            logits = runner.decode(token)
+            steps.append(time.perf_counter() - start)
+            token = int(np.argmax(logits))
+        return steps
+
+    run_with(runner, prompt, min(tokens, 4))  # warm-up
+    runs = repeat_within(run, repeats, budget)
+    return {
+        "tokens_per_second": summarize(rates(tokens, [sum(r) for r in runs])).to_json(),
+        "step_ms": summarize([s * 1e3 for r in runs for s in r]).to_json(),
+        "prompt_length": len(prompt),
+        "tokens": tokens,
+    }
+
+
+def run_with(runner: Runner, prompt: Sequence[int], tokens: int) -> None:
+    token = int(np.argmax(runner.prefill(list(prompt))))
+    for _ in range(tokens):
+        token = int(np.argmax(runner.decode(token)))
+
+
+def greedy(runner: Runner, prompt: Sequence[int], tokens: int) -> tuple[list[int], np.ndarray]:
+    """`tokens` greedy tokens after `prompt` and the logits each was chosen from."""
+    logits = runner.prefill(list(prompt))
+    chosen, rows = [], []
+    for step in range(tokens):
+        rows.append(np.asarray(logits, np.float32).copy())
+        chosen.append(int(np.argmax(logits)))
+        if step + 1 < tokens:
+            logits = runner.decode(chosen[-1])
+    return chosen, np.stack(rows)
+
+
+def forced_logits(runner: Runner, prompt: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+    """The logits before each of `tokens` when they are fed one by one after `prompt`."""
+    rows = [np.asarray(runner.prefill(list(prompt)), np.float32).copy()]
+    for token in tokens[:-1]:
+        rows.append(np.asarray(runner.decode(int(token)), np.float32).copy())
+    return np.stack(rows)
+
+
+class CompiledRunner:
+    """A library built by `mlcc compile`, loaded with `CompiledEngine`."""
+
+    def __init__(self, lib: str | Path, params: str | Path) -> None:
+        from mlcc.runtime_check.compiled import CompiledEngine
+
+        chat = json.loads((Path(params) / "mlc-chat-config.json").read_text())
+        self.engine = CompiledEngine(lib, params, chat_config=chat)
+
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        return self.engine.prefill_logits(ids)
+
+    def decode(self, token: int) -> np.ndarray:
+        return self.engine.decode(token)
+
+
+def measure_batch_decode(engine, prompt: Sequence[int], tokens: int, repeats: int,
+                         budget: float) -> dict:
+    """Aggregate tok/s of `batch_decode` over all sequences the library holds, if it has one."""
+    if engine._batch_decode is None or engine.max_sequences < 2:
+        return {"available": False,
+                "reason": "the library decodes one sequence per call (compiled with "
+                          "max_batch_size=1); pass --max-batch-size N to build batch_decode"}
+    batch = engine.max_sequences
+
+    def run() -> float:
+        for seq in range(batch):
+            engine.select_sequence(seq)
+            engine.prefill_logits(list(prompt))
+        ids = [int(prompt[-1])] * batch
+        start = time.perf_counter()
+        for _ in range(tokens):
+            ids = np.argmax(engine.batch_decode(ids), axis=1).tolist()
+        return time.perf_counter() - start
+
+    run()  # warm-up
+    seconds = repeat_within(run, repeats, budget)
+    engine.select_sequence(0)
+    return {"available": True, "batch": batch,
+            "tokens_per_second": summarize(rates(batch * tokens, seconds)).to_json()}

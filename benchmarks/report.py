@@ -1,0 +1,248 @@
+"""The results folder: results.json (every raw number), README.md (tables) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks.stats import Summary
+
+MB = 1e6
+# A 1-minute load average above this fraction of the cores means other work competed for them.
+BUSY_LOAD_FRACTION = 0.5
+
+
+def write_results(results: dict, out: Path, log: Callable[[str], None]) -> None:
+    from benchmarks.plots import write_plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    plots = write_plots(results, out)
+    if not plots:
+        log("plots skipped: matplotlib is not installed (pip install -e .[test])")
+    (out / "README.md").write_text(render_markdown(results, plots))
+    log(f"wrote {out}/README.md, results.json" + "".join(f", {p}" for p in plots))
+
+
+def _summary(data: dict | None) -> Summary | None:
+    return Summary.from_json(data) if data else None
+
+
+def fmt_rate(data: dict | None, spread: bool = False) -> str:
+    s = _summary(data)
+    if s is None:
+        return "—"
+    text = f"{s.median:,.1f}" if s.median < 1000 else f"{s.median:,.0f}"
+    if spread:
+        text += f" ({s.low:,.1f}–{s.high:,.1f}, n={s.count})"
+    return text
+
+
+def gate_text(entry: dict) -> str:
+    gate = entry.get("gate")
+    if gate is None:
+        return "—"
+    return ("pass" if gate.get("passed") else "**FAIL**") + f": {gate.get('note', '')}"
+
+
+def passed(entry: dict) -> bool:
+    return bool(entry.get("gate", {}).get("passed")) and "error" not in entry.get("run", {})
+
+
+def machine_lines(results: dict) -> list[str]:
+    m = results["machine"]
+    v = m["versions"]
+    spec = results["spec"]
+    memory = f"{m['memory_bytes'] / 2**30:.0f} GiB" if m.get("memory_bytes") else "unknown"
+    lines = [
+        f"- Date: {m['date']}; sweep wall time {results['wall_seconds'] / 60:.1f} min",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {memory} RAM, {m['os']}",
+        f"- Threads: {spec['threads']} (TVM runtime and torch)",
+        "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"- mlcc commit: {m['git']}",
+        f"- Command: `{results['command']}`",
+    ]
+    before, after = m.get("load_average"), results.get("load_average_after")
+    if before:
+        lines.append(f"- Load average (1, 5, 15 min) at the start: {before}; at the end: {after}")
+        if max(before[0], (after or [0])[0]) > BUSY_LOAD_FRACTION * (m["cores"] or 1):
+            lines.append("- **Other work ran on this machine during the sweep** (load above "
+                         f"{BUSY_LOAD_FRACTION:g} per core): absolute numbers are lower and "
+                         "noisier than on an idle machine; ratios taken side by side suffer less.")
+    return lines
+
+
+def throughput_table(model: dict) -> list[str]:
+    lengths = model["plan"]["lengths"]
+    head = ["runner", "gate", "decode tok/s (median, min–max, runs)",
+            *[f"prefill tok/s @{n}" for n in lengths], f"TTFT ms @{lengths[-1]}",
+            "peak RSS MB", "host µs/token"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for level, entry in model["levels"].items():
+        run = entry.get("run", {})
+        error = entry["compile"].get("error") or run.get("error")
+        if error:
+            rows.append(f"| mlcc {level} | **FAIL**: {error} |" + " |" * (len(head) - 2))
+            continue
+        if not passed(entry):
+            rows.append(f"| mlcc {level} | {gate_text(entry)} | not reported (gate failed) |"
+                        + " |" * (len(head) - 3))
+            continue
+        host = run["host_overhead"]
+        rows.append("| " + " | ".join([
+            f"mlcc {level}", gate_text(entry), fmt_rate(run["decode"]["tokens_per_second"], True),
+            *[fmt_rate(run["prefill"][str(n)]["tokens_per_second"]) for n in lengths],
+            fmt_rate(run["prefill"][str(lengths[-1])]["ttft_ms"]),
+            f"{run['rss']['peak_bytes'] / MB:,.0f}",
+            f"{host['host_us']:,.0f} ({host['host_percent']:.1f}%)"]) + " |")
+    for dtype, peer in model["peers"].items():
+        if "error" in peer:
+            rows.append(f"| transformers {dtype} | not run: {peer['error']} |"
+                        + " |" * (len(head) - 2))
+            continue
+        rows.append("| " + " | ".join([
+            f"transformers {dtype}", "(peer)", fmt_rate(peer["decode"]["tokens_per_second"], True),
+            *[fmt_rate(peer["prefill"][str(n)]["tokens_per_second"]) for n in lengths],
+            fmt_rate(peer["prefill"][str(lengths[-1])]["ttft_ms"]),
+            f"{peer['rss']['peak_bytes'] / MB:,.0f}", "—"]) + " |")
+    return rows
+
+
+def ratio_lines(model: dict) -> list[str]:
+    """mlcc's levels over the float32 peer, decode and the longest prefill."""
+    peer = model["peers"].get("float32", {})
+    if "decode" not in peer:
+        return []
+    longest = str(model["plan"]["lengths"][-1])
+    base_decode = Summary.from_json(peer["decode"]["tokens_per_second"]).median
+    base_prefill = Summary.from_json(peer["prefill"][longest]["tokens_per_second"]).median
+    lines = ["", f"Side by side with transformers float32 (decode; prefill @{longest}):", ""]
+    for level, entry in model["levels"].items():
+        if not passed(entry):
+            continue
+        run = entry["run"]
+        decode = Summary.from_json(run["decode"]["tokens_per_second"]).median / base_decode
+        prefill = Summary.from_json(run["prefill"][longest]["tokens_per_second"]).median
+        lines.append(f"- mlcc {level}: decode {decode:.2f}x, prefill {prefill / base_prefill:.2f}x")
+    return lines
+
+
+def gate_table(model: dict) -> list[str]:
+    rows = ["| level | passed | max logit error | tolerance | leading tokens equal | note |",
+            "|---|---|---|---|---|---|"]
+    for level, entry in model["levels"].items():
+        g = entry.get("gate", {})
+        if "max_error" not in g:
+            rows.append(f"| {level} | no | | | | {g.get('note', '')} |")
+            continue
+        rows.append(f"| {level} | {'yes' if g['passed'] else 'no'} | {g['max_error']:.3g} | "
+                    f"{g['tolerance']:.3g} | {g['matching_tokens']}/{g['total_tokens']} | "
+                    f"{g['note']} |")
+    return rows
+
+
+def host_table(model: dict) -> list[str]:
+    rows = [("| level | decode step µs | direct entry call µs | Python work µs | "
+             "no-op call with the decode arguments µs | empty FFI call µs | host µs (% of step) |"),
+            "|---|---|---|---|---|---|---|"]
+    for level, entry in model["levels"].items():
+        host = entry.get("run", {}).get("host_overhead")
+        if not host or not passed(entry):
+            continue
+        marshal = "—" if host["marshal_us"] is None else f"{host['marshal_us']:.1f}"
+        rows.append(f"| {level} | {host['decode_step_us']:,.0f} | {host['direct_entry_us']:,.0f} | "
+                    f"{host['python_us']:,.1f} | {marshal} ({host['arguments']} args) | "
+                    f"{host['ffi_call_us']:.2f} | {host['host_us']:,.1f} "
+                    f"({host['host_percent']:.1f}%) |")
+    return rows
+
+
+def compile_table(model: dict) -> list[str]:
+    built = {lv: e["compile"] for lv, e in model["levels"].items() if "error" not in e["compile"]}
+    if not built:
+        return []
+    stages = list(next(iter(built.values()))["stage_seconds"])
+    passes: list[str] = []
+    for c in built.values():
+        passes += [p for p in c["pass_seconds"] if p not in passes]
+    rows = ["| seconds | " + " | ".join(built) + " |", "|---|" + "---|" * len(built)]
+    rows.append("| total | " + " | ".join(f"{c['seconds']:.1f}" for c in built.values()) + " |")
+    for stage in stages:
+        rows.append(f"| stage: {stage} | " + " | ".join(
+            f"{c['stage_seconds'].get(stage, 0):.2f}" for c in built.values()) + " |")
+    for name in passes:
+        rows.append(f"| pass: {name} | " + " | ".join(
+            f"{c['pass_seconds'][name]:.3f}" if name in c["pass_seconds"] else "—"
+            for c in built.values()) + " |")
+    return rows
+
+
+def batch_lines(model: dict) -> list[str]:
+    notes = []
+    for level, entry in model["levels"].items():
+        batch = entry.get("run", {}).get("batch_decode")
+        if not batch or not passed(entry):
+            continue
+        if batch["available"]:
+            notes.append(f"- {level}: batch {batch['batch']}: "
+                         f"{fmt_rate(batch['tokens_per_second'], True)} tok/s in all")
+        else:
+            notes.append(f"- {level}: not available: {batch['reason']}")
+    return notes
+
+
+def model_section(model: dict, quantization: str) -> list[str]:
+    plan, weights = model["plan"], model["weights"]
+    origin = "random weights" if model["random_weights"] else "trained weights"
+    title = (f"## {model['name']} ({quantization}, {weights['parameters']:,} parameters, "
+             f"{origin})")
+    about = (f"Weights: {weights['bytes'] / MB:,.1f} MB ({weights['bits_per_param']:.2f} bits per "
+             f"parameter), converted in {weights['seconds']:.1f} s. Context window "
+             f"{plan['context_window_size']}, prefill chunk {plan['prefill_chunk_size']}; decode "
+             f"runs {plan['decode_tokens']} greedy steps after a {plan['decode_prompt_length']}-"
+             "token prompt.")
+    lines = [title, "", about, ""]
+    lines += throughput_table(model) + ratio_lines(model)
+    lines += ["", "### Correctness gate", ""] + gate_table(model)
+    lines += ["", "### Per-token host overhead of decode", ""] + host_table(model)
+    lines += ["", "### Batch decode", ""] + (batch_lines(model) or ["- no level passed"])
+    lines += ["", "### Compile time", ""] + compile_table(model) + [""]
+    return lines
+
+
+METHOD = """## What the numbers are
+
+- **decode tok/s**: greedy steps at batch 1 through `CompiledEngine.decode` (one compiled entry
+  call per token, logits copied to NumPy, argmax in NumPy), after an untimed warm-up; one rate
+  per run of N steps, median with min–max over the runs. The same loop drives transformers.
+- **prefill tok/s @L**: one `prefill` of L tokens into an empty cache (chunked by the library's
+  prefill chunk), L / seconds; **TTFT** is the same call plus choosing the first token.
+- **peak RSS**: the peak resident memory of the process that loaded and measured that runner
+  alone (each library and each peer runs in its own process; imports included).
+- **host µs/token**: the time a decode step spends outside the kernels, as far as it can be
+  seen from outside the library: the Python work of `CompiledEngine.decode` (the step minus a
+  direct call of the decode entry with prebuilt arguments at the same position) plus the cost of
+  passing and checking the entry's arguments (a compiled no-op function with exactly the decode
+  entry's arguments). The empty FFI call (`mlcc_metadata_nbytes`, no arguments) is the floor of
+  any call. Host code inside the entry (its kernel calls) counts as kernel time.
+- **gate**: each level's greedy tokens after a fixed 16-token prompt are compared with O0's,
+  and its logits along O0's tokens with the IR interpreter's (benchmarks/gate.py states the
+  tolerance and the near-tie rule). A level that fails shows no speed.
+- **peer**: HF transformers on the same checkpoint (the float weights the quantized ones were
+  made from), same prompts, same thread count, `logits_to_keep=1` in prefill.
+- A measurement repeats up to `repeats` runs and stops early once it has used its time budget
+  (at least one run); `n=` says how many runs it got.
+"""
+
+
+def render_markdown(results: dict, plots: list[str]) -> str:
+    spec = results["spec"]
+    lines = [f"# mlcc {spec['device'].upper()} benchmark, {results['machine']['date'][:10]}", ""]
+    lines += machine_lines(results) + [""]
+    for model in results["models"]:
+        lines += model_section(model, spec["quantization"])
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    lines.append(METHOD)
+    return "\n".join(lines)
