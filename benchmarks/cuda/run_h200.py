@@ -85,7 +85,7 @@ def engine_numbers(engine, cudagraph: bool) -> dict:
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, HF_CONFIG["vocab_size"], PROMPT).tolist()
     engine.cudagraph = cudagraph
-    engine._graph = None
+    engine._graphs.clear()
 
     def decode_run() -> float:
         logits = engine.prefill_logits(prompt)
@@ -119,38 +119,42 @@ def spec_bytes(spec: dict) -> int:
     return total
 
 
-def kernel_breakdown(engine, steps: int = 8) -> list[dict]:
-    """Per kernel: calls and time per decode step, bytes moved and achieved bandwidth."""
+def kernel_breakdown(engine, phase: str = "decode", steps: int = 8) -> list[dict]:
+    """Per kernel: calls and time per decode step (or per 512-token prefill), bytes moved and
+    achieved bandwidth (decode: weights once, activations once; prefill: no bandwidth)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     specs = engine.metadata.get("kernel_specs", {})
     engine.cudagraph = False
-    logits = engine.prefill_logits(list(range(1, PROMPT + 1)))
+    prompt = list(range(1, (PREFILL if phase == "prefill" else PROMPT) + 1))
+    logits = engine.prefill_logits(prompt)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            logits = engine.decode(int(np.argmax(logits)))
+            if phase == "prefill":
+                engine.prefill_logits(prompt)
+            else:
+                logits = engine.decode(int(np.argmax(logits)))
         torch.cuda.synchronize()
     rows: dict[str, dict] = {}
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        name = event.name
-        row = rows.setdefault(name, {"kernel": name, "calls": 0, "us": 0.0})
+        row = rows.setdefault(event.name, {"kernel": event.name, "calls": 0, "us": 0.0})
         row["calls"] += 1
         row["us"] += event.time_range.elapsed_us() / steps
     out = []
     for row in rows.values():
         row["calls"] //= steps
         base = row["kernel"].removesuffix("_kernel").rsplit("_kernel", 1)[0]
-        spec = next((s for n, s in specs.items() if base == n or base.startswith(n + "_")),
-                    None)
-        if spec is not None and row["calls"]:
-            per_call = spec_bytes(spec)
+        spec = specs.get(base)
+        if spec is not None:
             row["op"] = spec["op"]
-            row["bytes_per_call"] = per_call
-            row["gb_s"] = per_call * row["calls"] / (row["us"] * 1e-6) / 1e9
+            if phase == "decode" and row["calls"]:
+                per_call = spec_bytes(spec)
+                row["bytes_per_call"] = per_call
+                row["gb_s"] = per_call * row["calls"] / (row["us"] * 1e-6) / 1e9
         out.append(row)
     return sorted(out, key=lambda r: -r["us"])
 
@@ -181,6 +185,7 @@ def run_library(args, params: Path) -> dict:
     free_after, _ = torch.cuda.mem_get_info()
     results["peak_gpu_mem_gb"] = (free_before - free_after) / 1e9
     results["kernels"] = kernel_breakdown(engine)
+    results["prefill_kernels"] = kernel_breakdown(engine, "prefill", steps=2)
     results["weight_bytes_per_token"] = weight_bytes_per_token(engine.metadata)
     return results
 
@@ -244,8 +249,19 @@ def report(r: dict) -> str:
         lines.append(f"| {k['kernel'][:48]} | {k.get('op', '')} | {k['calls']} | "
                      f"{k['us']:.1f} | {gbs} |")
     total = sum(k["us"] for k in r["kernels"])
+    gemv = [k for k in r["kernels"] if k.get("op") == "q_linear"]
+    moved = sum(k["bytes_per_call"] * k["calls"] for k in gemv)
+    gemv_us = sum(k["us"] for k in gemv)
     lines += ["", f"Kernel time per step: {total / 1000:.3f} ms "
-              f"({1e6 / total:.0f} tok/s if launches were free)."]
+              f"({1e6 / total:.0f} tok/s if launches were free); all q_linear GEMVs: "
+              f"{gemv_us / 1000:.3f} ms at {moved / gemv_us / 1e3:.0f} GB/s.", "",
+              f"## One {PREFILL}-token prefill, per kernel", "",
+              "| kernel | op | calls | us |", "|---|---|---|---|"]
+    for k in r["prefill_kernels"][:12]:
+        lines.append(f"| {k['kernel'][:48]} | {k.get('op', '')} | {k['calls']} | "
+                     f"{k['us']:.0f} |")
+    prefill_total = sum(k["us"] for k in r["prefill_kernels"])
+    lines += ["", f"Kernel time per prefill: {prefill_total / 1000:.2f} ms."]
     return "\n".join(lines) + "\n"
 
 

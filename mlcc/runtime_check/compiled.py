@@ -154,6 +154,11 @@ class CompiledEngine:
             self.metadata["entries"] else None
         self.lengths = [0] * self.max_sequences
         self.sequence = 0  # the sequence that reset/append/decode work on
+        # CUDA graph of the decode step, one per sequence (each has its own page table row).
+        self._graphs: dict[int, DecodeGraph] = {}
+        if cudagraph is None:
+            cudagraph = "cudagraph" in str(self.metadata.get("opt", ""))
+        self.cudagraph = bool(cudagraph) and self.device.dlpack_device_type() == 2
         self.load_seconds = time.perf_counter() - load_start
 
     # --- loading and checks ------------------------------------------------------------
@@ -265,8 +270,21 @@ class CompiledEngine:
         if not 0 <= int(token_id) < self.vocab_size:
             raise MlccError(STAGE, f"token id {token_id} is outside [0, {self.vocab_size})")
         self._check_room(self.sequence, 1)
-        self._run(self._decode, np.array([token_id], np.int32))
+        if self.cudagraph:
+            self._decode_graph(int(token_id))
+        else:
+            self._run(self._decode, np.array([token_id], np.int32))
         return self.logits.numpy()
+
+    def _decode_graph(self, token_id: int) -> None:
+        """One decode step replayed from a CUDA graph captured on first use (needs torch)."""
+        graph = self._graphs.get(self.sequence)
+        if graph is None:
+            graph = DecodeGraph(self._decode, self._tables[self.sequence], self.kv_pool,
+                                self.params, self.logits, self.workspace, self.device)
+            self._graphs[self.sequence] = graph
+        graph.step(token_id, self.lengths[self.sequence])
+        self.lengths[self.sequence] += 1
 
     def batch_decode(self, token_ids: Sequence[int]) -> np.ndarray:
         """One step of sequences 0..B-1 at once (token i goes to sequence i): f32[B, vocab]."""

@@ -3,10 +3,11 @@
 One launcher, two kernels in order:
 1. append: a block per (token, KV head), a thread per feature: rotate k, write k and v into
    the token's slot of the page pool (this layer's part: [pages, 2, kv_heads, page, d]);
-2. attend: a block per (token, query head), four warps. The rotated query sits in shared
-   memory; warp w takes every fourth visible position, its lanes split the head dimension
-   (coalesced key and value rows), and it keeps an online softmax (running max, sum, weighted
-   values). The four partial states are merged at the end.
+2. attend: a block per (token, query head), eight warps. The rotated query sits in shared
+   memory; the warps take turns over the visible positions, four positions a round each (their
+   loads in flight together), lanes split the head dimension (coalesced key and value rows),
+   and each warp keeps an online softmax (running max, sum, weighted values). The eight
+   partial states are merged at the end.
 
 Visibility and slots follow the CPU kernel (mlcc.backends.llvm.attention): causal; with a
 window, the last `window` positions plus the first `sinks`; a ring layout maps position p >=
@@ -23,7 +24,8 @@ from mlcc.backends.cuda.kernels import (
 from mlcc.backends.llvm.fallback import inv_freq_table
 from mlcc.backends.plan import KernelSpec
 
-WARPS = 4
+WARPS = 8
+UNROLL = 4
 
 
 def _slot(kv: dict) -> str:
@@ -117,25 +119,49 @@ __device__ __forceinline__ long long {name}_row(const int* page_table, long long
   for (int e = 0; e < {per_lane}; ++e) acc[e] = 0.f;
   const long long lo = {first_window};
   const long long sinks_end = {sinks} < lo ? {sinks} : lo;
-  // visible: [0, sinks_end) then [lo, pos]; walked as one index range
+  // visible: [0, sinks_end) then [lo, pos], walked as one index range; each warp takes
+  // {UNROLL} positions per round so their key and value loads are in flight together
   const long long count = sinks_end + (pos - lo + 1);
-  for (long long t = warp; t < count; t += {WARPS}) {{
-    const long long j = t < sinks_end ? t : lo + (t - sinks_end);
-    const long long krow = {name}_row(table, j, 0, g), vrow = {name}_row(table, j, 1, g);
-    float dot = 0.f;
+  for (long long t0 = warp * {UNROLL}; t0 < count; t0 += {WARPS * UNROLL}) {{
+    float score[{UNROLL}];
+    long long vrow[{UNROLL}];
     #pragma unroll
-    for (int e = 0; e < {per_lane}; ++e) {{
-      const int c = lane + e * 32;
-      if (c < {d}) dot += q[c] * mlcc_f32(pool[krow + c]);
+    for (int u = 0; u < {UNROLL}; ++u) {{
+      const long long t = t0 + u;
+      const long long j = t < sinks_end ? t : lo + (t - sinks_end);
+      float dot = 0.f;
+      vrow[u] = -1;
+      if (t < count) {{
+        const long long krow = {name}_row(table, j, 0, g);
+        vrow[u] = {name}_row(table, j, 1, g);
+        #pragma unroll
+        for (int e = 0; e < {per_lane}; ++e) {{
+          const int c = lane + e * 32;
+          if (c < {d}) dot += q[c] * mlcc_f32(pool[krow + c]);
+        }}
+      }}
+      score[u] = dot;
     }}
-    const float score = mlcc_warp_sum(dot) * {fp(scale)};
-    const float m_new = fmaxf(m, score);
-    const float keep = expf(m - m_new), w = expf(score - m_new);
-    l = l * keep + w;
+    float m_new = m;
     #pragma unroll
-    for (int e = 0; e < {per_lane}; ++e) {{
-      const int c = lane + e * 32;
-      if (c < {d}) acc[e] = acc[e] * keep + w * mlcc_f32(pool[vrow + c]);
+    for (int u = 0; u < {UNROLL}; ++u) {{
+      score[u] = t0 + u < count ? mlcc_warp_sum(score[u]) * {fp(scale)} : -1.0e30f;
+      m_new = fmaxf(m_new, score[u]);
+    }}
+    const float keep = expf(m - m_new);
+    l *= keep;
+    #pragma unroll
+    for (int e = 0; e < {per_lane}; ++e) acc[e] *= keep;
+    #pragma unroll
+    for (int u = 0; u < {UNROLL}; ++u) {{
+      if (vrow[u] < 0) continue;
+      const float wgt = expf(score[u] - m_new);
+      l += wgt;
+      #pragma unroll
+      for (int e = 0; e < {per_lane}; ++e) {{
+        const int c = lane + e * 32;
+        if (c < {d}) acc[e] += wgt * mlcc_f32(pool[vrow[u] + c]);
+      }}
     }}
     m = m_new;
   }}

@@ -48,6 +48,22 @@ __device__ __forceinline__ float mlcc_warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
+// Eight 4-bit codes of `w` (element j at bits 4j) times eight activations stored as pairs
+// (x_j, x_{j+4}): OR-ing a nibble pair into 0x6400 makes the half2 (1024 + c_j, 1024 + c_{j+4})
+// exactly, and subtracting 1031 (1024 + max_int) leaves c - 7. Products are summed two at a
+// time in float16, then in float32.
+__device__ __forceinline__ float mlcc_q4_dot8(unsigned int w, const half2* xp) {
+  const half2 magic = __half2half2(__ushort_as_half((unsigned short)0x6407));
+  unsigned int t0 = (w & 0x000F000Fu) | 0x64006400u, t1 = ((w >> 4) & 0x000F000Fu) | 0x64006400u;
+  unsigned int t2 = ((w >> 8) & 0x000F000Fu) | 0x64006400u;
+  unsigned int t3 = ((w >> 12) & 0x000F000Fu) | 0x64006400u;
+  const half2 p = __hfma2(__hsub2(*reinterpret_cast<half2*>(&t1), magic), xp[1],
+                          __hmul2(__hsub2(*reinterpret_cast<half2*>(&t0), magic), xp[0]));
+  const half2 q = __hfma2(__hsub2(*reinterpret_cast<half2*>(&t3), magic), xp[3],
+                          __hmul2(__hsub2(*reinterpret_cast<half2*>(&t2), magic), xp[2]));
+  const float2 a = __half22float2(p), b = __half22float2(q);
+  return (a.x + a.y) + (b.x + b.y);
+}
 // Sum over the block; every thread gets the total. `red` holds 32 floats of shared memory.
 __device__ __forceinline__ float mlcc_block_sum(float v, float* red) {
   v = mlcc_warp_sum(v);
@@ -116,7 +132,11 @@ def launcher_nests(name: str, buffers: list[tuple[str, tuple[Dim, ...], str]],
 
 def signature(name: str, buffers: list[tuple[str, tuple[Dim, ...], str]],
               outputs: tuple[str, ...], symbols: list[str]) -> str:
-    params = [f"{'' if b in outputs else 'const '}{C_TYPES[dt]}* {b}" for b, _, dt in buffers]
+    # Outputs never alias inputs (the memory plan keeps values alive together apart), and
+    # without __restrict__ every store would order the loads after it: one memory round trip
+    # per element instead of all loads in flight.
+    params = [f"{'' if b in outputs else 'const '}{C_TYPES[dt]}* __restrict__ {b}"
+              for b, _, dt in buffers]
     params += [f"long long {s}" for s in symbols]
     return f"__device__ __forceinline__ int {name}_dev({', '.join(params)})"
 
@@ -174,6 +194,11 @@ def gen_embedding(spec: KernelSpec, name: str) -> CudaKernel:
 # --- norms --------------------------------------------------------------------------------
 
 
+def norm_block(h: int) -> int:
+    """Threads per row: about four features each, so loads overlap and the reduction is short."""
+    return min(1024, max(128, -(-h // 4 // 32) * 32))
+
+
 def gen_norm(spec: KernelSpec, name: str) -> CudaKernel:
     """rms_norm, layer_norm and their add_ fusions over rows of H features."""
     fused_add, layer = spec.op.startswith("add_"), spec.op.endswith("layer_norm")
@@ -183,7 +208,8 @@ def gen_norm(spec: KernelSpec, name: str) -> CudaKernel:
     buffers = [(n, shape if n in ("x", "r") else (h,), dt) for n in names]
     buffers += [("y", shape, dt)] + ([("s", shape, dt)] if fused_add else [])
     syms = symbols_of(shape)
-    per_thread = -(-h // BLOCK)
+    block = norm_block(h)
+    per_thread = -(-h // block)
     eps = fp(spec.attr("eps"))
     load = "float a = mlcc_f32(x[base + k]);"
     if fused_add:
@@ -195,7 +221,7 @@ def gen_norm(spec: KernelSpec, name: str) -> CudaKernel:
   float dev = 0.f;
   #pragma unroll
   for (int j = 0; j < {per_thread}; ++j) {{
-    const int k = threadIdx.x + j * {BLOCK};
+    const int k = threadIdx.x + j * {block};
     if (k < {h}) dev += (v[j] - mean) * (v[j] - mean);
   }}
   const float inv = 1.0f / sqrtf(mlcc_block_sum(dev, red) / {h}.0f + {eps});"""
@@ -213,21 +239,21 @@ def gen_norm(spec: KernelSpec, name: str) -> CudaKernel:
   float part = 0.f;
   #pragma unroll
   for (int j = 0; j < {per_thread}; ++j) {{
-    const int k = threadIdx.x + j * {BLOCK};
+    const int k = threadIdx.x + j * {block};
     v[j] = 0.f;
     if (k < {h}) {{ {load} v[j] = a; {accumulate} }}
   }}
 {stats}
   #pragma unroll
   for (int j = 0; j < {per_thread}; ++j) {{
-    const int k = threadIdx.x + j * {BLOCK};
+    const int k = threadIdx.x + j * {block};
     if (k < {h}) mlcc_put(y, base + k, {value});
   }}
   return 0;
 }}
 """
     rows = tir_numel(shape[:-1]) if len(shape) > 1 else "T.int64(1)"
-    return CudaKernel(name, body, launcher(name, buffers, (rows,), BLOCK, syms))
+    return CudaKernel(name, body, launcher(name, buffers, (rows,), block, syms))
 
 
 # --- elementwise --------------------------------------------------------------------------

@@ -3,16 +3,19 @@
 Rules, first match wins (each returns None when it does not apply):
 
     gemv_q4_rule     few static rows, 4-bit weights in groups of 32, float16 activations: the
-                     decode hot path. Each warp owns ROWS output features; a lane reads one
-                     group (four packed words) per row with one 128-bit load, converts nibbles
-                     to half2 with the 0x6400 exponent trick (two nibbles per LOP3, no int->float
-                     conversions), multiplies with half2 instructions and accumulates each word
-                     in float32, applying the group's scale once. The activation row is staged
-                     in shared memory, already permuted into the nibble-pair order.
+                     decode hot path. Each warp owns up to four output features; a lane reads
+                     one group (four packed words) per feature with one 128-bit load, and all of
+                     a warp's weight and scale loads are issued before the activation row is
+                     staged in shared memory (already permuted into nibble-pair order), so the
+                     memory latency overlaps the staging. Nibbles become half2 by the 0x6400
+                     exponent trick (mlcc_q4_dot8: no int->float conversions), products are
+                     summed in pairs in half2, then in float32, and the group's scale is applied
+                     once.
     gemv_rule        few static rows, any weight: a warp per output feature, lanes over k.
     gemm_wmma_rule   float16 activations, any row count: 64x64 tiles on tensor cores (WMMA,
-                     fp32 accumulation), weights dequantized into shared memory per 32-wide K
-                     step (one 128-bit load and one scale per row for 4-bit groups of 32).
+                     fp32 accumulation) over 64- (or 32-) wide K steps; activations staged
+                     with 128-bit loads, 4-bit weights dequantized a packed word at a time into
+                     shared memory (one 128-bit store per word).
     gemm_rule        fallback: 16x16 shared-memory tiles in float32.
 """
 
@@ -77,26 +80,30 @@ def gemv_q4_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
             and s.sdt == "float16" and s.k % 32 == 0 and s.words * 8 == s.k
             and s.static_rows is not None and s.static_rows <= GEMV_MAX_ROWS):
         return None
-    warps, rows_per_warp = 8, max(1, min(4, s.n // 8192))
-    per_block = warps * rows_per_warp
     groups = s.k // 32
-    body = f"""__device__ __forceinline__ float {name}_dot8(unsigned int w, const half2* xp) {{
-  const half2 magic = __half2half2(__ushort_as_half((unsigned short)0x6407));  // 1024 + max_int (7)
-  unsigned int t = (w & 0x000F000Fu) | 0x64006400u;
-  half2 p = __hmul2(__hsub2(*reinterpret_cast<half2*>(&t), magic), xp[0]);
-  t = ((w >> 4) & 0x000F000Fu) | 0x64006400u;
-  p = __hfma2(__hsub2(*reinterpret_cast<half2*>(&t), magic), xp[1], p);
-  t = ((w >> 8) & 0x000F000Fu) | 0x64006400u;
-  p = __hfma2(__hsub2(*reinterpret_cast<half2*>(&t), magic), xp[2], p);
-  t = ((w >> 12) & 0x000F000Fu) | 0x64006400u;
-  p = __hfma2(__hsub2(*reinterpret_cast<half2*>(&t), magic), xp[3], p);
-  const float2 f = __half22float2(p);
-  return f.x + f.y;
-}}
-{signature(name, s.buffers, ("y",), s.symbols)} {{
+    iters = -(-groups // 32)  # groups per lane and row
+    # Every weight load of a warp is issued before anything waits: rows * iters 128-bit loads
+    # per lane, kept to 16 (64 registers) so that enough warps fit on an SM.
+    rows_per_warp = max(1, min(4, 16 // iters))
+    warps = 8
+    per_block = warps * rows_per_warp
+    body = f"""{signature(name, s.buffers, ("y",), s.symbols)} {{
   __shared__ __align__(16) half2 xs[{s.k // 2}];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const long long n0 = (long long)blockIdx.x * {per_block} + warp * {rows_per_warp};
+  uint4 w[{rows_per_warp}][{iters}];
+  half sc[{rows_per_warp}][{iters}];
+  #pragma unroll
+  for (int q = 0; q < {rows_per_warp}; ++q) {{
+    const long long n = n0 + q < {s.n} ? n0 + q : {s.n - 1};
+    const uint4* row = reinterpret_cast<const uint4*>(qw + n * {s.words}LL);
+    #pragma unroll
+    for (int it = 0; it < {iters}; ++it) {{
+      const int g = lane + it * 32;
+      w[q][it] = g < {groups} ? __ldg(row + g) : make_uint4(0u, 0u, 0u, 0u);
+      sc[q][it] = g < {groups} ? qs[n * {s.groups}LL + g] : __float2half(0.f);
+    }}
+  }}
   for (int r = 0; r < {s.static_rows}; ++r) {{
     __syncthreads();
     for (int blk = threadIdx.x; blk < {s.k // 8}; blk += {warps * 32}) {{
@@ -109,21 +116,17 @@ def gemv_q4_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
     float acc[{rows_per_warp}];
     #pragma unroll
     for (int q = 0; q < {rows_per_warp}; ++q) acc[q] = 0.f;
-    #pragma unroll 2
-    for (int g = lane; g < {groups}; g += 32) {{
-      uint4 w[{rows_per_warp}];
-      #pragma unroll
-      for (int q = 0; q < {rows_per_warp}; ++q) {{
-        const long long n = n0 + q < {s.n} ? n0 + q : {s.n - 1};
-        w[q] = __ldg(reinterpret_cast<const uint4*>(qw + n * {s.words}LL) + g);
-      }}
-      const half2* xg = xs + g * 16;
-      #pragma unroll
-      for (int q = 0; q < {rows_per_warp}; ++q) {{
-        const long long n = n0 + q < {s.n} ? n0 + q : {s.n - 1};
-        const float part = {name}_dot8(w[q].x, xg) + {name}_dot8(w[q].y, xg + 4)
-                         + {name}_dot8(w[q].z, xg + 8) + {name}_dot8(w[q].w, xg + 12);
-        acc[q] += part * __half2float(qs[n * {s.groups}LL + g]);
+    #pragma unroll
+    for (int it = 0; it < {iters}; ++it) {{
+      const int g = lane + it * 32;
+      if (g < {groups}) {{
+        const half2* xg = xs + g * 16;
+        #pragma unroll
+        for (int q = 0; q < {rows_per_warp}; ++q) {{
+          const float part = mlcc_q4_dot8(w[q][it].x, xg) + mlcc_q4_dot8(w[q][it].y, xg + 4)
+                           + mlcc_q4_dot8(w[q][it].z, xg + 8) + mlcc_q4_dot8(w[q][it].w, xg + 12);
+          acc[q] += part * __half2float(sc[q][it]);
+        }}
       }}
     }}
     #pragma unroll
@@ -162,22 +165,48 @@ def gemv_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
     return CudaKernel(name, body, launcher(name, s.buffers, (grid,), warps * 32, s.symbols))
 
 
-def _gemm_q4_tile(s: LinearShape) -> str:
-    """Fill Bs (64 features x 32 k) from one 4-bit group of 32 per feature."""
-    return f"""    if (tid < 64) {{
-      const long long n = n0 + tid;
-      half* dst = &Bs[tid][0];
+def _gemm_a_fill(s: LinearShape, bk: int) -> str:
+    """Fill As (64 rows x bk) from x, 128-bit loads when rows are 16-byte aligned."""
+    m = s.rows_text
+    if s.k % 8 == 0:
+        return f"""    for (int v = tid; v < {64 * bk // 8}; v += 128) {{
+      const int r = v / {bk // 8}, c = (v % {bk // 8}) * 8;
+      const long long mm = m0 + r;
+      const int k = k0 + c;
+      uint4 val = make_uint4(0u, 0u, 0u, 0u);
+      if (mm < {m} && k < {s.k}) val = *reinterpret_cast<const uint4*>(x + mm * {s.k}LL + k);
+      *reinterpret_cast<uint4*>(&As[r][c]) = val;
+    }}"""
+    return f"""    for (int e = tid; e < {64 * bk}; e += 128) {{
+      const int r = e / {bk}, c = e % {bk};
+      const long long mm = m0 + r;
+      const int k = k0 + c;
+      As[r][c] = (mm < {m} && k < {s.k}) ? x[mm * {s.k}LL + k] : __float2half(0.f);
+    }}"""
+
+
+def _gemm_b_fill(s: LinearShape, bk: int, q4: bool) -> str:
+    """Fill Bs (64 output features x bk) with dequantized (or plain) weights."""
+    if q4:
+        # One packed word = eight consecutive k of one feature -> one 128-bit shared store.
+        return f"""    for (int v = tid; v < {64 * bk // 8}; v += 128) {{
+      const int r = v / {bk // 8}, c = (v % {bk // 8}) * 8;
+      const long long n = n0 + r;
+      uint4 out = make_uint4(0u, 0u, 0u, 0u);
       if (n < {s.n}) {{
-        const uint4 q = __ldg(reinterpret_cast<const uint4*>(qw + n * {s.words}LL) + k0 / 32);
-        const float sc = mlcc_f32(qs[n * {s.groups}LL + k0 / 32]);
-        const unsigned int words[4] = {{q.x, q.y, q.z, q.w}};
+        const unsigned int word = __ldg(qw + n * {s.words}LL + (k0 + c) / 8);
+        const float sc = mlcc_f32(qs[n * {s.groups}LL + (k0 + c) / 32]);
+        half* h = reinterpret_cast<half*>(&out);
         #pragma unroll
-        for (int j = 0; j < 32; ++j)
-          dst[j] = __float2half(((float)((words[j >> 3] >> ((j & 7) * 4)) & 15u) - 7.0f) * sc);
-      }} else {{
-        #pragma unroll
-        for (int j = 0; j < 32; ++j) dst[j] = __float2half(0.f);
+        for (int j = 0; j < 8; ++j) h[j] = __float2half(((float)((word >> (4 * j)) & 15u) - 7.0f) * sc);
       }}
+      *reinterpret_cast<uint4*>(&Bs[r][c]) = out;
+    }}"""
+    return f"""    for (int e = tid; e < {64 * bk}; e += 128) {{
+      const int r = e / {bk}, c = e % {bk};
+      const long long n = n0 + r;
+      const int k = k0 + c;
+      Bs[r][c] = __float2half((n < {s.n} && k < {s.k}) ? {s.weight("n", "k")} : 0.f);
     }}"""
 
 
@@ -186,20 +215,12 @@ def gemm_wmma_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
     if s.xdt != "float16" or s.ydt != "float16":
         return None
     q4 = s.quant and s.bits == 4 and s.group == 32 and s.k % 32 == 0 and s.sdt == "float16"
-    m = s.rows_text
-    if q4:
-        b_fill = _gemm_q4_tile(s)
-    else:
-        b_fill = f"""    for (int e = tid; e < 2048; e += 128) {{
-      const int r = e >> 5, c = e & 31;
-      const long long n = n0 + r;
-      const int k = k0 + c;
-      Bs[r][c] = __float2half((n < {s.n} && k < {s.k}) ? {s.weight("n", "k")} : 0.f);
-    }}"""
+    bk = 64 if s.k % 64 == 0 else 32
+    m, ld = s.rows_text, bk + 8
     body = f"""{signature(name, s.buffers, ("y",), s.symbols)} {{
   using namespace nvcuda;
-  __shared__ __align__(32) half As[64][40];
-  __shared__ __align__(32) half Bs[64][40];
+  __shared__ __align__(32) half As[64][{ld}];
+  __shared__ __align__(32) half Bs[64][{ld}];
   __shared__ __align__(32) float Cs[64][68];
   const int tid = threadIdx.x, warp = tid >> 5;
   const long long m0 = (long long)blockIdx.y * 64, n0 = (long long)blockIdx.x * 64;
@@ -209,23 +230,18 @@ def gemm_wmma_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
   for (int i = 0; i < 2; ++i)
     #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
-  for (int k0 = 0; k0 < {s.k}; k0 += 32) {{
-    for (int e = tid; e < 2048; e += 128) {{
-      const int r = e >> 5, c = e & 31;
-      const long long mm = m0 + r;
-      const int k = k0 + c;
-      As[r][c] = (mm < {m} && k < {s.k}) ? x[mm * {s.k}LL + k] : __float2half(0.f);
-    }}
-{b_fill}
+  for (int k0 = 0; k0 < {s.k}; k0 += {bk}) {{
+{_gemm_a_fill(s, bk)}
+{_gemm_b_fill(s, bk, q4)}
     __syncthreads();
     #pragma unroll
-    for (int kk = 0; kk < 32; kk += 16) {{
+    for (int kk = 0; kk < {bk}; kk += 16) {{
       wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> a[2];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> b[2];
       #pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &As[wm + 16 * i][kk], 40);
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &As[wm + 16 * i][kk], {ld});
       #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &Bs[wn + 16 * j][kk], 40);
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &Bs[wn + 16 * j][kk], {ld});
       #pragma unroll
       for (int i = 0; i < 2; ++i)
         #pragma unroll
