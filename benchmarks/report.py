@@ -9,6 +9,13 @@ from pathlib import Path
 from benchmarks.stats import Summary
 
 MB = 1e6
+# Figures measured outside this harness on the same model shape (design.md §7, CPU anchor).
+ANCHORS = {
+    "random-llama-100m": ("llama.cpp on this shape, this 2-core machine, 2026-11-28, 2 threads, "
+                          "median of 5 (design.md §7): Q4_0 decode 309 tok/s, prefill(128) "
+                          "1,344 tok/s; F16 decode 107 tok/s, prefill(128) 828 tok/s. mlcc's CPU "
+                          "aim: q4f16_1 at least llama.cpp Q4_0's."),
+}
 # A 1-minute load average above this fraction of the cores means other work competed for them.
 BUSY_LOAD_FRACTION = 0.5
 
@@ -204,6 +211,8 @@ def model_section(model: dict, quantization: str) -> list[str]:
              "token prompt.")
     lines = [title, "", about, ""]
     lines += throughput_table(model) + ratio_lines(model)
+    if model["name"] in ANCHORS:
+        lines += ["", f"Reference point: {ANCHORS[model['name']]}"]
     lines += ["", "### Correctness gate", ""] + gate_table(model)
     lines += ["", "### Per-token host overhead of decode", ""] + host_table(model)
     lines += ["", "### Batch decode", ""] + (batch_lines(model) or ["- no level passed"])

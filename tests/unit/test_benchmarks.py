@@ -186,6 +186,7 @@ def test_per_call_seconds_shrinks_batches_for_slow_calls():
 # --- the peer ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # imports transformers' generation stack: ~10-40 s on 2 busy cores
 def test_torch_runner_greedy_equals_generate(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -243,6 +244,7 @@ def test_unknown_model_name_is_refused(tmp_path):
 # --- child processes ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a child process imports TVM and mlcc afresh
 def test_child_reports_a_missing_library_as_one_line(tmp_path):
     from benchmarks.child import run_child
 
