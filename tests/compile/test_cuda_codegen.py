@@ -123,3 +123,27 @@ def test_built_library_holds_compiled_code_and_metadata(tmp_path):
     assert set(meta["entries"]) == {"prefill", "decode"}
     with pytest.raises(MlccError, match=r"\[compile\] -o .*lib\.tar: the CUDA backend writes"):
         compile_model(STORIES, tmp_path / "lib.tar", quantization="q4f16_1", device="cuda")
+
+
+def test_decode_folds_norms_and_silu_mul_into_the_gemv():
+    from mlcc.backends.cuda.fusion import fuse_prologues
+    from mlcc.backends.plan import plan_entry
+
+    module = lowered("llama2_7b", "q4f16_1")
+    decode = next(fn for fn in module.functions if fn.name == "decode")
+    plan = plan_entry(decode, module)
+    fused = fuse_prologues(plan)
+    ops = [c.spec.op for c in fused.calls]
+    # per layer: norm+qkv, attention, o_proj, add_norm+gate_up, silu_mul+down; then the head
+    assert ops.count("norm_q_linear") == 65  # two per layer and the final norm before lm_head
+    assert ops.count("silu_mul_q_linear") == 32
+    assert "rms_norm" not in ops and "add_rms_norm" not in ops and "silu_mul" not in ops
+    assert len(fused.calls) == len(plan.calls) - 97
+    # the residual sum keeps flowing: every add_rms_norm output s is still produced
+    produced = {b for c in fused.calls for b in c.buffers[len(c.spec.inputs):]}
+    needed = {b for c in fused.calls for b in c.buffers[:len(c.spec.inputs)]
+              if b.source == "workspace"}
+    assert needed <= produced
+    prefill = next(fn for fn in module.functions if fn.name == "prefill")
+    assert len(fuse_prologues(plan_entry(prefill, module)).calls) == len(
+        plan_entry(prefill, module).calls), "prefill GEMMs take no prologue"

@@ -3,11 +3,11 @@
 One launcher, two kernels in order:
 1. append: a block per (token, KV head), a thread per feature: rotate k, write k and v into
    the token's slot of the page pool (this layer's part: [pages, 2, kv_heads, page, d]);
-2. attend: a block per (token, query head), eight warps. The rotated query sits in shared
-   memory; the warps take turns over the visible positions, four positions a round each (their
-   loads in flight together), lanes split the head dimension (coalesced key and value rows),
-   and each warp keeps an online softmax (running max, sum, weighted values). The eight
-   partial states are merged at the end.
+2. attend: a block per (token, query head), sixteen warps. The rotated query sits in shared
+   memory; the warps take turns over the visible positions, four positions a round each (keys
+   and values of all four loaded before any is used), lanes split the head dimension
+   (coalesced key and value rows), and each warp keeps an online softmax (running max, sum,
+   weighted values). The partial states are merged at the end.
 
 Visibility and slots follow the CPU kernel (mlcc.backends.llvm.attention): causal; with a
 window, the last `window` positions plus the first `sinks`; a ring layout maps position p >=
@@ -24,7 +24,7 @@ from mlcc.backends.cuda.kernels import (
 from mlcc.backends.llvm.fallback import inv_freq_table
 from mlcc.backends.plan import KernelSpec
 
-WARPS = 8
+WARPS = 16
 UNROLL = 4
 
 
@@ -123,29 +123,31 @@ __device__ __forceinline__ long long {name}_row(const int* page_table, long long
   // {UNROLL} positions per round so their key and value loads are in flight together
   const long long count = sinks_end + (pos - lo + 1);
   for (long long t0 = warp * {UNROLL}; t0 < count; t0 += {WARPS * UNROLL}) {{
-    float score[{UNROLL}];
-    long long vrow[{UNROLL}];
+    // keys and values of this round's positions are all loaded before any is used
+    float kv_k[{UNROLL}][{per_lane}], kv_v[{UNROLL}][{per_lane}];
     #pragma unroll
     for (int u = 0; u < {UNROLL}; ++u) {{
-      const long long t = t0 + u;
+      const long long t = t0 + u < count ? t0 + u : count - 1;
       const long long j = t < sinks_end ? t : lo + (t - sinks_end);
-      float dot = 0.f;
-      vrow[u] = -1;
-      if (t < count) {{
-        const long long krow = {name}_row(table, j, 0, g);
-        vrow[u] = {name}_row(table, j, 1, g);
-        #pragma unroll
-        for (int e = 0; e < {per_lane}; ++e) {{
-          const int c = lane + e * 32;
-          if (c < {d}) dot += q[c] * mlcc_f32(pool[krow + c]);
-        }}
+      const long long krow = {name}_row(table, j, 0, g), vrow = {name}_row(table, j, 1, g);
+      #pragma unroll
+      for (int e = 0; e < {per_lane}; ++e) {{
+        const int c = lane + e * 32;
+        kv_k[u][e] = c < {d} ? mlcc_f32(pool[krow + c]) : 0.f;
+        kv_v[u][e] = c < {d} ? mlcc_f32(pool[vrow + c]) : 0.f;
       }}
-      score[u] = dot;
     }}
+    float score[{UNROLL}];
     float m_new = m;
     #pragma unroll
     for (int u = 0; u < {UNROLL}; ++u) {{
-      score[u] = t0 + u < count ? mlcc_warp_sum(score[u]) * {fp(scale)} : -1.0e30f;
+      float dot = 0.f;
+      #pragma unroll
+      for (int e = 0; e < {per_lane}; ++e) {{
+        const int c = lane + e * 32;
+        if (c < {d}) dot += q[c] * kv_k[u][e];
+      }}
+      score[u] = t0 + u < count ? mlcc_warp_sum(dot) * {fp(scale)} : -1.0e30f;
       m_new = fmaxf(m_new, score[u]);
     }}
     const float keep = expf(m - m_new);
@@ -154,14 +156,10 @@ __device__ __forceinline__ long long {name}_row(const int* page_table, long long
     for (int e = 0; e < {per_lane}; ++e) acc[e] *= keep;
     #pragma unroll
     for (int u = 0; u < {UNROLL}; ++u) {{
-      if (vrow[u] < 0) continue;
-      const float wgt = expf(score[u] - m_new);
+      const float wgt = t0 + u < count ? expf(score[u] - m_new) : 0.f;
       l += wgt;
       #pragma unroll
-      for (int e = 0; e < {per_lane}; ++e) {{
-        const int c = lane + e * 32;
-        if (c < {d}) acc[e] += wgt * mlcc_f32(pool[vrow[u] + c]);
-      }}
+      for (int e = 0; e < {per_lane}; ++e) acc[e] += wgt * kv_v[u][e];
     }}
     m = m_new;
   }}

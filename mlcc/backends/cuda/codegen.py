@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from mlcc import ir
-from mlcc.backends.cuda import attention, kernels, linear
+from mlcc.backends.cuda import attention, fusion, kernels, linear
 from mlcc.backends.cuda.kernels import COMMON_SOURCE, CudaKernel
 from mlcc.backends.cuda.toolchain import (
     DEFAULT_ARCHS, cuda_target, enable_cuda_codegen, host_target, install_hooks,
@@ -39,6 +39,8 @@ GENERATORS: dict[str, Generator] = {
     "scale_in_dtype": kernels.gen_elementwise, "positions": kernels.gen_positions,
     "linear": linear.gen_linear, "q_linear": linear.gen_linear,
     "qkv_attention": attention.gen_qkv_attention,
+    "norm_q_linear": fusion.gen_norm_q_linear,
+    "silu_mul_q_linear": fusion.gen_silu_mul_q_linear,
     "last_row": kernels.gen_last, "last_logits": kernels.gen_last,
 }
 
@@ -53,7 +55,7 @@ def kernel_for(spec: KernelSpec, name: str) -> CudaKernel:
 def library_parts(module: ir.Module, metadata: dict
                   ) -> tuple[list[CudaKernel], list[EntryPlan], str, str]:
     """Kernels (one per distinct spec), entry plans, host TVMScript, metadata TVMScript."""
-    plans = [plan_entry(fn, module) for fn in module.functions]
+    plans = [fusion.fuse_prologues(plan_entry(fn, module)) for fn in module.functions]
     names: dict[KernelSpec, str] = {}
     for plan in plans:
         for call in plan.calls:
@@ -82,8 +84,6 @@ def build(module: ir.Module, output: Path, metadata: dict,
           archs: tuple[str, ...] = DEFAULT_ARCHS,
           log: Callable[[str], None] = lambda s: None) -> dict[str, int]:
     """Build `module` into the shared library `output` (written under a temporary name)."""
-    import tvm
-
     if output.suffix != ".so":
         raise MlccError(STAGE, f"-o {output}: the CUDA backend writes a shared library; use .so")
     built, _, entries, meta = library_parts(module, metadata)
@@ -92,14 +92,26 @@ def build(module: ir.Module, output: Path, metadata: dict,
         op = k.name.split("_", 1)[1]
         counts[op] = counts.get(op, 0) + 1
     log("CUDA kernels: " + ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())))
+    compile_library(built, entries, meta, output, archs)
+    return counts
+
+
+def compile_library(built: list[CudaKernel], host_source: str, cpu_source: str, output: Path,
+                    archs: tuple[str, ...] = DEFAULT_ARCHS) -> None:
+    """Compile kernels + host functions (cuda target) + CPU-only functions into `output`."""
+    import tvm
+
     enable_cuda_codegen()
     keep = os.environ.get("MLCC_CUDA_KEEP_SOURCE")
     install_hooks(device_source(built), archs, Path(keep) if keep else None)
     target, host = cuda_target(archs[0]), host_target()
-    gpu = parse_functions("\n\n".join(k.launcher for k in built) + "\n\n" + entries)
-    cpu = parse_functions(meta)
-    funcs = {name: f.with_attr("target", target) for name, f in _items(gpu)}
-    funcs.update({name: f.with_attr("target", host) for name, f in _items(cpu)})
+    funcs = {}
+    gpu_source = "\n\n".join([k.launcher for k in built] + ([host_source] if host_source else []))
+    for name, f in _items(parse_functions(gpu_source)):
+        funcs[name] = f.with_attr("target", target)
+    if cpu_source:
+        funcs.update({name: f.with_attr("target", host)
+                      for name, f in _items(parse_functions(cpu_source))})
     with target:
         executable = tvm.compile(tvm.IRModule(funcs), target=target)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +122,6 @@ def build(module: ir.Module, output: Path, metadata: dict,
     finally:
         if partial.exists():
             partial.unlink()
-    return counts
 
 
 def _items(mod) -> list[tuple[str, object]]:

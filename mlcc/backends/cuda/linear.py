@@ -26,6 +26,7 @@ from collections.abc import Callable
 from mlcc.backends.cuda.kernels import (
     CudaKernel, dequant_expr, dim_text, launcher, signature, symbols_of,
 )
+from mlcc.backends.cuda.tuning import gemv_config
 from mlcc.backends.plan import KernelSpec
 from mlcc.ir.types import Sym
 
@@ -74,21 +75,53 @@ class LinearShape:
         return dim_text(self.rows)
 
 
+def gemv_q4_applies(s: LinearShape) -> bool:
+    return (s.quant and s.bits == 4 and s.group == 32 and s.xdt == "float16"
+            and s.sdt == "float16" and s.k % 32 == 0 and s.words * 8 == s.k
+            and s.static_rows is not None and s.static_rows <= GEMV_MAX_ROWS)
+
+
 def gemv_q4_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
     s = LinearShape(spec)
-    if not (s.quant and s.bits == 4 and s.group == 32 and s.xdt == "float16"
-            and s.sdt == "float16" and s.k % 32 == 0 and s.words * 8 == s.k
-            and s.static_rows is not None and s.static_rows <= GEMV_MAX_ROWS):
+    if not gemv_q4_applies(s):
         return None
+    warps, rows_per_warp = gemv_config(s.n, s.k)
+    return gemv_q4_kernel(s, name, warps, rows_per_warp)
+
+
+def stage_plain(s: LinearShape, warps: int) -> str:
+    """Stage activation row r into xs, permuted into nibble-pair order: (x_j, x_{j+4})."""
+    stage = -(-(s.k // 8) // (warps * 32))  # 128-bit activation loads per thread
+    return f"""    uint4 raw[{stage}];
+    #pragma unroll
+    for (int i = 0; i < {stage}; ++i) {{
+      const int blk = threadIdx.x + i * {warps * 32};
+      if (blk < {s.k // 8}) raw[i] = *reinterpret_cast<const uint4*>(x + r * {s.k}LL + blk * 8);
+    }}
+    #pragma unroll
+    for (int i = 0; i < {stage}; ++i) {{
+      const int blk = threadIdx.x + i * {warps * 32};
+      const half* h = reinterpret_cast<const half*>(&raw[i]);
+      if (blk < {s.k // 8}) {{
+        #pragma unroll
+        for (int j = 0; j < 4; ++j) xs[blk * 4 + j] = __halves2half2(h[j], h[j + 4]);
+      }}
+    }}"""
+
+
+def gemv_q4_kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
+                   buffers: list | None = None, staging: str | None = None,
+                   outputs: tuple[str, ...] = ("y",)) -> CudaKernel:
+    """The q4 decode GEMV with `warps` warps per block, each owning `rows_per_warp` features;
+    `staging` (C++ filling xs from row r) replaces the plain copy for fused prologues."""
     groups = s.k // 32
-    iters = -(-groups // 32)  # groups per lane and row
-    # Every weight load of a warp is issued before anything waits: rows * iters 128-bit loads
-    # per lane, kept to 16 (64 registers) so that enough warps fit on an SM.
-    rows_per_warp = max(1, min(4, 16 // iters))
-    warps = 8
+    iters = -(-groups // 32)  # groups per lane and feature
     per_block = warps * rows_per_warp
-    body = f"""{signature(name, s.buffers, ("y",), s.symbols)} {{
+    buffers = buffers or s.buffers
+    staging = staging or stage_plain(s, warps)
+    body = f"""{signature(name, buffers, outputs, s.symbols)} {{
   __shared__ __align__(16) half2 xs[{s.k // 2}];
+  __shared__ float red[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const long long n0 = (long long)blockIdx.x * {per_block} + warp * {rows_per_warp};
   uint4 w[{rows_per_warp}][{iters}];
@@ -106,12 +139,7 @@ def gemv_q4_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
   }}
   for (int r = 0; r < {s.static_rows}; ++r) {{
     __syncthreads();
-    for (int blk = threadIdx.x; blk < {s.k // 8}; blk += {warps * 32}) {{
-      const uint4 raw = *reinterpret_cast<const uint4*>(x + r * {s.k}LL + blk * 8);
-      const half* h = reinterpret_cast<const half*>(&raw);
-      #pragma unroll
-      for (int j = 0; j < 4; ++j) xs[blk * 4 + j] = __halves2half2(h[j], h[j + 4]);
-    }}
+{staging}
     __syncthreads();
     float acc[{rows_per_warp}];
     #pragma unroll
@@ -140,7 +168,7 @@ def gemv_q4_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
 }}
 """
     grid = f"T.int64({-(-s.n // per_block)})"
-    return CudaKernel(name, body, launcher(name, s.buffers, (grid,), warps * 32, s.symbols))
+    return CudaKernel(name, body, launcher(name, buffers, (grid,), warps * 32, s.symbols))
 
 
 def gemv_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
