@@ -23,7 +23,8 @@ from mlcc.errors import MlccError
 
 K_IN, N_OUT = 172, 37
 QUANTS = (None, (4, 32), (3, 40), (8, 32))
-RULES = {"gemv": L.gemv_rule, "gemm": L.gemm_rule, "fallback": L.linear_fallback}
+RULES = {"gemv": L.gemv_rule, "gemm": L.gemm_rule, "fallback": L.linear_fallback,
+         "gemvq4": L.gemv_q4_rule}
 
 
 def specs(dt: str) -> list[tuple[str, L.LinearSpec]]:
@@ -42,6 +43,10 @@ def specs(dt: str) -> list[tuple[str, L.LinearSpec]]:
             (f"fallback_last_{tag}_{dt}", L.LinearSpec("seq_len", K_IN, N_OUT, dt, dt, layout,
                                                        False, True)),
         ]
+        if quant and quant[0] == 4:
+            out += [(f"gemvq4_{tag}_{dt}", L.LinearSpec(1, K_IN, N_OUT, dt, dt, layout, True)),
+                    (f"gemvq4_last_{tag}_{dt}", L.LinearSpec("seq_len", K_IN, N_OUT, dt, dt,
+                                                             layout, False, True))]
     return out
 
 
@@ -67,15 +72,18 @@ def weights(quant, dt, rng):
     return [q, s], group_dequantize(q, s, quant[0], quant[1], K_IN)
 
 
-@pytest.mark.parametrize("quant", QUANTS, ids=["float", "q4", "q3", "q8"])
-@pytest.mark.parametrize("rule", ["gemv", "gemm", "fallback"])
+def cases(rules):
+    return [(q, r) for r in rules for q in QUANTS if r != "gemvq4" or (q and q[0] == 4)]
+
+
+@pytest.mark.parametrize("quant,rule", cases(["gemv", "gemvq4", "gemm", "fallback"]))
 def test_linear_matches_numpy(built, quant, rule):
     dt, ex = built
     tag = f"q{quant[0]}" if quant else "f"
     rng = np.random.default_rng(hash((rule, tag)) % 2**32)
     w_args, w_ref = weights(quant, dt, rng)
     bias = rng.standard_normal(N_OUT).astype(dt)
-    for n in ((1,) if rule == "gemv" else (1, 5, 9, 33)):
+    for n in ((1,) if rule.startswith("gemv") else (1, 5, 9, 33)):
         x = rng.standard_normal((n, K_IN)).astype(dt)
         expected = x.astype(np.float32) @ w_ref.T + bias.astype(np.float32)
         args = tensors(x, *w_args, bias, np.zeros((n, N_OUT), dt))
@@ -83,8 +91,7 @@ def test_linear_matches_numpy(built, quant, rule):
         assert_close(args[-1].numpy(), expected, dt, scale=np.abs(expected).max())
 
 
-@pytest.mark.parametrize("quant", QUANTS, ids=["float", "q4", "q3", "q8"])
-@pytest.mark.parametrize("rule", ["gemv", "fallback"])
+@pytest.mark.parametrize("quant,rule", cases(["gemv", "gemvq4", "fallback"]))
 def test_last_row_only_multiplies_the_last_row(built, quant, rule):
     dt, ex = built
     tag = f"q{quant[0]}" if quant else "f"
@@ -103,6 +110,9 @@ def test_rules_are_tried_in_order():
     decode = L.LinearSpec(1, 64, 32, "float32", "float32")
     prefill = L.LinearSpec("seq_len", 64, 32, "float32", "float32")
     assert L.gemm_rule(decode) is None and L.gemv_rule(prefill) is None
+    assert L.gemv_q4_rule(decode) is None  # float weights
+    q3 = L.LinearSpec(1, 64, 32, "float32", "float32", GroupQuantLayout(3, 40, 64))
+    assert L.gemv_q4_rule(q3) is None and L.gemv_rule(q3) is not None
     chosen = L.schedule_linear(prefill, rules=[L.gemv_rule, L.linear_fallback])
     assert "T.parallel(T.int64(32))" in chosen.script() or "T.parallel(32)" in chosen.script()
     with pytest.raises(MlccError, match="no linear schedule accepts"):
