@@ -83,7 +83,7 @@ def test_every_figure_is_recorded(swept, tmp_path):
 
 @pytest.mark.slow
 def test_gate_catches_a_level_that_computes_something_else(swept, tmp_path):
-    spec, model, cache = swept
+    _, model, cache = swept
     params = next((cache / "work").iterdir()) / "params"
     wrong = tmp_path / "params"
     shutil.copytree(params, wrong)
