@@ -58,7 +58,7 @@ def test_rope_in_place_on_q_and_k_heads(kernel_cache, dt, case):  # noqa: F811
 # (q heads, kv heads, head_dim, window, sinks, chunk sizes of the sequence)
 CACHE_CASES = {
     "full": (4, 2, 16, -1, 0, [5, 1, 1, 19, 1, 1]),
-    "mqa_window": (4, 1, 8, 8, 0, [5, 1, 7, 7, 7, 1, 1, 1]),
+    "mqa_window": (4, 1, 48, 8, 0, [5, 1, 7, 7, 7, 1, 1, 1]),
     "window_sinks": (2, 2, 8, 8, 4, [7, 7, 7, 7, 1, 1, 1, 1, 7, 1]),
 }
 DTYPES = [("float32", "float32"), ("float16", "float16"), ("float32", "float16")]

@@ -29,7 +29,7 @@ from typing import Any
 from tvm import tirx
 from tvm.script import tirx as T
 
-from mlcc.backends.layouts import Dim, PagedKVSpec, check_float_dtype
+from mlcc.backends.layouts import Dim, PagedKVSpec, check_float_dtype, lanes_dividing
 from mlcc.backends.llvm.kernel_base import extent, finish
 from mlcc.errors import MlccError
 
@@ -173,6 +173,7 @@ def attention(name: str, rows: Dim, q_heads: int, spec: PagedKVSpec, dtype: str,
     sm_scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
     page, slot_of, blk = spec.PAGE_SIZE, spec.physical_slot, KEY_BLOCK
     window, sinks = spec.sliding_window, spec.attention_sink if spec.windowed else 0
+    lanes = lanes_dividing(d)
 
     def first_in_window(pos):
         return T.max(pos - (window - 1), T.int64(0)) if window > 0 else T.int64(0)
@@ -196,6 +197,7 @@ def attention(name: str, rows: Dim, q_heads: int, spec: PagedKVSpec, dtype: str,
             q = T.alloc_buffer((d,), "float32")
             acc = T.alloc_buffer((d,), "float32")
             score = T.alloc_buffer((blk,), "float32")
+            partial = T.alloc_buffer((lanes,), "float32")
             state = T.alloc_buffer((3,), "float32")  # running max, running sum, block max
             for c in T.vectorized(d):
                 q[c] = T.Cast("float32", qkv[i, h * d + c]) * T.float32(sm_scale)
@@ -208,10 +210,17 @@ def attention(name: str, rows: Dim, q_heads: int, spec: PagedKVSpec, dtype: str,
                     key = T.min(kb * blk + t, count - 1)
                     slot = slot_of(T.Select(key < n_sink, key, lo + key - n_sink))
                     where = T.Cast("int64", page_table[slot // page])
+                    # q . k in `lanes`-wide partial sums, then one short scalar sum
+                    for c in T.vectorized(lanes):
+                        partial[c] = T.float32(0)
+                    for co in range(d // lanes):
+                        for c in T.vectorized(lanes):
+                            partial[c] = partial[c] + q[co * lanes + c] * T.Cast(
+                                "float32", kv_pages[where, 0, h // group, slot % page,
+                                                    co * lanes + c])
                     score[t] = T.float32(0)
-                    for c in range(d):
-                        score[t] = score[t] + q[c] * T.Cast(
-                            "float32", kv_pages[where, 0, h // group, slot % page, c])
+                    for c in range(lanes):
+                        score[t] = score[t] + partial[c]
                     score[t] = T.Select(kb * blk + t < count, score[t], T.float32(NEG_LARGE))
                     state[2] = T.max(state[2], score[t])
                 for c in T.vectorized(d):
