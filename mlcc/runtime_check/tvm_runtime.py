@@ -156,6 +156,10 @@ class Session:
     def run(self, entry: str, tokens: Sequence[int]) -> np.ndarray:
         """Feed `tokens` through `entry`; returns its logits (or output) as numpy."""
         sig = self.library.signature(entry)
+        if "args" not in sig:
+            raise MlccError(STAGE, f"entry {entry} of {self.library.path.name} carries no "
+                            "argument roles (it was not built with EntryBuilder); call it with "
+                            "ModelLibrary.call or run the library with CompiledEngine")
         ids = np.asarray(tokens, dtype=np.int32).reshape(-1)
         values, result = [], None
         for arg in sig["args"]:

@@ -118,6 +118,10 @@ def test_session_rejects_weights_that_do_not_match(libraries):
         lib.call("verify")
     with pytest.raises(MlccError, match="entry decode takes 5 arguments"):
         lib.call("decode", np.zeros(1, np.int32))
+    lib.metadata["entries"]["decode"] = {"inputs": []}  # as written without EntryBuilder
+    session = lib.session({"embed": good, "head": good})
+    with pytest.raises(MlccError, match="carries no argument roles"):
+        session.run("decode", [1])
 
 
 def test_metadata_and_artifact_errors(tmp_path):
