@@ -12,7 +12,8 @@ The library carries its metadata as JSON, readable with the TVM runtime alone:
 `mlcc_metadata_nbytes() -> int64` and `mlcc_metadata(out: uint8[n >= nbytes])`, which copies the
 bytes (ASCII JSON) into `out`. Required keys: model_type, quantization, params (list of {name,
 shape, dtype} in load order). `build_library` adds entries (each entry's signature), kernels,
-target and compiler versions. Targets: `make_target("cpu" | "llvm" | dict | Target, host)`.
+target and compiler versions, and unless given: symbol_bounds, kv_cache (the kv_cache arguments'
+shapes and dtypes) and memory (params, workspace and KV bytes). Targets: `make_target("cpu" | "llvm" | dict | Target, host)`.
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ def complete_metadata(metadata: Mapping[str, Any], entries: Sequence[tirx.PrimFu
         signatures[_name_of(func)] = json.loads(str(text)) if text else {"name": _name_of(func)}
     entry_names = set(signatures)
     full.setdefault("entries", signatures)
+    for key, value in derived_metadata(full["params"], signatures.values()).items():
+        full.setdefault(key, value)
     full["kernels"] = sorted(n for n in functions if n not in entry_names)
     full["target"] = str(target)
     full["compiler"] = {"mlcc": __version__, "tvm": tvm.__version__}
@@ -125,6 +128,28 @@ def complete_metadata(metadata: Mapping[str, Any], entries: Sequence[tirx.PrimFu
         raise MlccError(STAGE, f"library metadata is not JSON-serializable ({err}); use "
                         "plain dicts, lists, strings and numbers") from None
     return full
+
+
+def derived_metadata(params: Sequence[Mapping[str, Any]],
+                     signatures: Any) -> dict[str, Any]:
+    """symbol_bounds, memory and kv_cache, as the entry signatures and the params imply."""
+    import numpy as np
+
+    bounds: dict[str, int] = {}
+    workspace, kv = 0, {}
+    for sig in signatures:
+        bounds.update(sig.get("symbol_bounds", {}))
+        workspace = max(workspace, int(sig.get("workspace_bytes", 0)))
+        for arg in sig.get("args", []):
+            if arg.get("role") == "kv_cache":
+                kv[arg["name"]] = {"shape": arg["shape"], "dtype": arg["dtype"]}
+    params_bytes = sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
+                       for p in params)
+    kv_bytes = sum(int(np.prod(a["shape"])) * np.dtype(a["dtype"]).itemsize
+                   for a in kv.values())
+    return {"symbol_bounds": bounds, "kv_cache": kv,
+            "memory": {"params_bytes": params_bytes, "workspace_bytes": workspace,
+                       "kv_cache_bytes": kv_bytes}}
 
 
 def metadata_functions(metadata: Mapping[str, Any]) -> dict[str, tirx.PrimFunc]:

@@ -67,6 +67,9 @@ def test_artifacts_are_written_whole(libraries):
                                                     "shape": [1], "dtype": "int32"}
     assert meta["kernels"] == ["decode_embed", "decode_head", "prefill_embed", "prefill_head"]
     assert meta["compiler"]["mlcc"] and meta["target"].startswith('{"kind":"llvm"')
+    assert meta["symbol_bounds"] == {"seq_len": 16} and meta["kv_cache"] == {}
+    assert meta["memory"] == {"params_bytes": 2 * VOCAB * HIDDEN * 4,
+                              "workspace_bytes": 16 * HIDDEN * 4, "kv_cache_bytes": 0}
     tar, _ = libraries[".tar"]
     with tarfile.open(tar) as archive:
         assert any(n.endswith(".o") for n in archive.getnames())

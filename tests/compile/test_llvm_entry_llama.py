@@ -129,7 +129,10 @@ def stories(tmp_path_factory):
     meta = {"model_type": "llama", "quantization": "q0f32",
             "params": [{"name": n, "shape": list(a.shape), "dtype": "float32"}
                        for n, a in params.items()]}
-    build_library(kernels, entries, meta, "cpu", path)
+    built = build_library(kernels, entries, meta, "cpu", path)
+    layers = cfg["num_hidden_layers"]
+    assert built["kv_cache"]["kv_pool"]["shape"] == [layers, *spec.page_shape]
+    assert built["memory"]["kv_cache_bytes"] == layers * PAGES * 2 * hkv * 16 * d * 4
     return load_library(path).session(params)
 
 
