@@ -52,10 +52,16 @@ def kernel_for(spec: KernelSpec, name: str) -> CudaKernel:
     return GENERATORS[spec.op](spec, name)
 
 
-def library_parts(module: ir.Module, metadata: dict
+def library_parts(module: ir.Module, metadata: dict, prologues: bool = False
                   ) -> tuple[list[CudaKernel], list[EntryPlan], str, str]:
-    """Kernels (one per distinct spec), entry plans, host TVMScript, metadata TVMScript."""
-    plans = [fusion.fuse_prologues(plan_entry(fn, module)) for fn in module.functions]
+    """Kernels (one per distinct spec), entry plans, host TVMScript, metadata TVMScript.
+
+    `prologues` folds norms and silu_mul into the decode GEMVs (mlcc.backends.cuda.fusion);
+    off by default: on the H200 the fused GEMVs took longer than the two kernels they replace.
+    """
+    plans = [plan_entry(fn, module) for fn in module.functions]
+    if prologues:
+        plans = [fusion.fuse_prologues(plan) for plan in plans]
     names: dict[KernelSpec, str] = {}
     for plan in plans:
         for call in plan.calls:
@@ -82,11 +88,11 @@ def device_source(built: list[CudaKernel]) -> str:
 
 def build(module: ir.Module, output: Path, metadata: dict,
           archs: tuple[str, ...] = DEFAULT_ARCHS,
-          log: Callable[[str], None] = lambda s: None) -> dict[str, int]:
+          log: Callable[[str], None] = lambda s: None, prologues: bool = False) -> dict[str, int]:
     """Build `module` into the shared library `output` (written under a temporary name)."""
     if output.suffix != ".so":
         raise MlccError(STAGE, f"-o {output}: the CUDA backend writes a shared library; use .so")
-    built, _, entries, meta = library_parts(module, metadata)
+    built, _, entries, meta = library_parts(module, metadata, prologues)
     counts: dict[str, int] = {}
     for k in built:
         op = k.name.split("_", 1)[1]

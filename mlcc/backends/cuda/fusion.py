@@ -11,6 +11,12 @@ op that produces that row can run there instead:
 It applies when the q_linear directly follows its producer, takes the GEMV rule, and nothing
 else reads h (h is then never written). Every block recomputes the norm of the row it staged
 (the row is a few KB, already read); the residual sum s is written by block 0 alone.
+
+Measured on an H200 (benchmarks/results/2026-11-28-h200/decode_bench_fused_prologues.md): the
+fused kernels are correct (the GPU parity tests passed with them) but slower than the pair they
+replace, because every block repeats the prologue on its critical path (silu_mul + down
+projection: 26.8 us fused against 11.9 + 1.2 us apart). The builder therefore leaves this off
+unless asked (`library_parts(..., prologues=True)`).
 """
 
 from __future__ import annotations

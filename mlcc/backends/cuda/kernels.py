@@ -226,21 +226,25 @@ def gen_norm(spec: KernelSpec, name: str) -> CudaKernel:
   }}
   const float inv = 1.0f / sqrtf(mlcc_block_sum(dev, red) / {h}.0f + {eps});"""
         accumulate = "part += a;"
-        value = "(v[j] - mean) * inv * mlcc_f32(w[k]) + mlcc_f32(b[k])"
+        value = "(v[j] - mean) * inv * wk[j] + bk[j]"
     else:
         stats = f"""  const float inv = 1.0f / sqrtf(mlcc_block_sum(part, red) / {h}.0f + {eps});"""
         accumulate = "part += a * a;"
         offset = fp(spec.attr("weight_offset"))
-        value = f"v[j] * inv * (mlcc_f32(w[k]) + {offset})"
+        value = f"v[j] * inv * (wk[j] + {offset})"
+    bias_load = f"k < {h} ? mlcc_f32(b[k]) : 0.f" if layer else "0.f"
     body = f"""{signature(name, buffers, ("y", "s"), syms)} {{
   __shared__ float red[32];
   const long long base = (long long)blockIdx.x * {h}LL;
-  float v[{per_thread}];
+  // the norm's weights are loaded with the row, before the reduction waits
+  float v[{per_thread}], wk[{per_thread}], bk[{per_thread}];
   float part = 0.f;
   #pragma unroll
   for (int j = 0; j < {per_thread}; ++j) {{
     const int k = threadIdx.x + j * {block};
     v[j] = 0.f;
+    wk[j] = k < {h} ? mlcc_f32(w[k]) : 0.f;
+    bk[j] = {bias_load};
     if (k < {h}) {{ {load} v[j] = a; {accumulate} }}
   }}
 {stats}
