@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prefill lengths, capped by the context window")
     run.add_argument("--decode-tokens", type=int, default=32, help="steps per decode run")
     run.add_argument("--gate-tokens", type=int, default=32, help="greedy tokens compared")
+    run.add_argument("--reference-steps", type=int, default=8,
+                     help="steps the IR interpreter checks (slow: seconds per step at 100M)")
     run.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
     run.add_argument("--budget", type=float, default=30.0,
                      help="seconds after which a measurement stops repeating (>= 1 run)")
@@ -48,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compile with this many sequences and measure batch_decode too")
     run.add_argument("--child-timeout", type=float, default=1200.0,
                      help="seconds one measuring process may take")
+    run.add_argument("--fresh", action="store_true",
+                     help="compile every level even if the same library was built before")
     run.add_argument("--out", type=Path, default=None,
                      help="results folder (default: benchmarks/results/<date>-<device>)")
     run.add_argument("--cache", type=Path, default=None,
@@ -65,9 +69,10 @@ def spec_from_args(args: argparse.Namespace) -> SweepSpec:
         models=tuple(args.model or DEFAULT_MODELS), levels=parse_list(args.opt),
         quantization=args.quantization, device=args.device,
         prompt_lengths=parse_int_list(args.prompt_lengths, "--prompt-lengths"),
-        decode_tokens=args.decode_tokens, gate_tokens=args.gate_tokens, repeats=args.repeats,
+        decode_tokens=args.decode_tokens, gate_tokens=args.gate_tokens,
+        reference_steps=args.reference_steps, repeats=args.repeats,
         budget_seconds=args.budget, peers=peers, max_batch_size=args.max_batch_size,
-        child_timeout=args.child_timeout, **extra)
+        child_timeout=args.child_timeout, reuse_libraries=not args.fresh, **extra)
 
 
 def run_command(args: argparse.Namespace, argv: list[str]) -> Path:

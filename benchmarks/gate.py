@@ -1,14 +1,20 @@
 """The correctness gate: a level's speed is reported only if it computes what O0 computes.
 
-Inputs per level: its greedy tokens after a fixed prompt, and its logits at each of those steps
-when fed the baseline's (O0's) tokens; the IR interpreter's logits along the same tokens are
-the reference. A level passes when
-1. its logits are within `tolerance` of the interpreter's at every step, and
-2. its greedy tokens equal the baseline's, or first differ at a step where the interpreter
-   cannot tell the two candidates apart: their reference logits are within `tolerance`. After
-   such a near tie the sequences continue from different prefixes, so later tokens say nothing.
-The baseline itself is held to the interpreter: each token it chose must be the interpreter's
-argmax or within `tolerance` of it.
+Inputs per level: its N greedy tokens after a fixed prompt, and its logits at each of those
+steps when fed the baseline's (O0's) tokens. The IR interpreter's logits along O0's tokens are
+the reference for the first R <= N steps (the interpreter dequantizes every weight in NumPy at
+every step, seconds per token for a 100M model, so R is usually smaller than N).
+
+O0 passes when its logits are within `tolerance` of the interpreter's for the R steps and each
+token it chose there is the interpreter's argmax or within `tolerance` of it (a near tie).
+
+Another level passes when
+1. its logits are within `tolerance` of the interpreter's for the R steps and of O0's for all
+   N steps, and
+2. its greedy tokens equal O0's, or first differ at a step where the two candidates are within
+   `tolerance` of each other in the interpreter's logits (in O0's past step R): a near tie that
+   rounding may break either way. After it the sequences continue from different prefixes, so
+   later tokens say nothing.
 
 The tolerance scales with the largest reference logit: 1e-3 of it for float32 models; for
 float16 models 2e-2, since activations are rounded to 11 significant bits after every kernel
@@ -27,9 +33,9 @@ RELATIVE_TOLERANCE = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 2e-2}
 @dataclass(frozen=True)
 class GateVerdict:
     passed: bool
-    max_error: float
+    max_error: float  # largest logit difference to the references it was held to
     tolerance: float
-    matching_tokens: int  # leading greedy tokens equal to the baseline's
+    matching_tokens: int  # leading greedy tokens equal to the baseline's (or interpreter's)
     total_tokens: int
     note: str
 
@@ -43,10 +49,12 @@ def logits_tolerance(reference: np.ndarray, model_dtype: str) -> float:
     return RELATIVE_TOLERANCE.get(model_dtype, RELATIVE_TOLERANCE["float16"]) * scale
 
 
-def _logit_error(reference: np.ndarray, logits: np.ndarray) -> float | None:
-    if reference.shape != logits.shape:
+def _error(expected: np.ndarray, logits: np.ndarray) -> float | None:
+    """Largest difference over the rows `expected` has; None if the rows do not line up."""
+    rows = expected.shape[0]
+    if logits.shape[0] < rows or logits.shape[1:] != expected.shape[1:]:
         return None
-    return float(np.abs(logits.astype(np.float64) - reference).max())
+    return float(np.abs(logits[:rows].astype(np.float64) - expected).max())
 
 
 def _leading_matches(a: list[int], b: list[int]) -> int:
@@ -58,54 +66,57 @@ def _leading_matches(a: list[int], b: list[int]) -> int:
     return count
 
 
+def _shape_failure(reference, logits, tolerance, n) -> GateVerdict:
+    return GateVerdict(False, float("nan"), tolerance, 0, n, f"logits shape {logits.shape} does "
+                       f"not line up with the reference's {reference.shape}")
+
+
 def check_baseline(reference: np.ndarray, logits: np.ndarray, tokens: list[int],
                    tolerance: float) -> GateVerdict:
-    """O0 against the interpreter (both along O0's own tokens)."""
-    error = _logit_error(reference, logits)
-    n = len(tokens)
+    """O0 against the interpreter, both along O0's own tokens."""
+    n, rows = len(tokens), reference.shape[0]
+    error = _error(reference, logits)
     if error is None:
-        return GateVerdict(False, float("nan"), tolerance, 0, n,
-                           f"logits shape {logits.shape} differs from the reference's "
-                           f"{reference.shape}")
-    picks = reference.argmax(axis=1)
-    matches = _leading_matches([int(p) for p in picks], tokens)
-    for step, token in enumerate(tokens):
-        margin = float(reference[step, picks[step]] - reference[step, token])
+        return _shape_failure(reference, logits, tolerance, n)
+    picks = [int(p) for p in reference.argmax(axis=1)]
+    matches = _leading_matches(picks, tokens[:rows])
+    for step in range(rows):
+        margin = float(reference[step, picks[step]] - reference[step, tokens[step]])
         if margin > tolerance:
             return GateVerdict(False, error, tolerance, matches, n,
-                               f"token {step}: chose {token}, the interpreter prefers "
-                               f"{int(picks[step])} by {margin:.3g} > {tolerance:.3g}")
+                               f"token {step}: chose {tokens[step]}, the interpreter prefers "
+                               f"{picks[step]} by {margin:.3g} > {tolerance:.3g}")
     if error > tolerance:
-        return GateVerdict(False, error, tolerance, matches, n,
-                           f"logits differ from the interpreter's by {error:.3g} > "
-                           f"{tolerance:.3g}")
-    note = "equal to the interpreter's greedy choice" if matches == n else \
-        f"near tie at token {matches} (within {tolerance:.3g})"
+        return GateVerdict(False, error, tolerance, matches, n, f"logits differ from the "
+                           f"interpreter's by {error:.3g} > {tolerance:.3g}")
+    note = (f"the interpreter's greedy choice for {rows} of {n} tokens" if matches == rows
+            else f"near tie at token {matches} (within {tolerance:.3g})")
     return GateVerdict(True, error, tolerance, matches, n, note)
 
 
-def check_level(reference: np.ndarray, logits: np.ndarray, tokens: list[int],
-                baseline_tokens: list[int], tolerance: float) -> GateVerdict:
-    """A level against the interpreter's logits and the baseline's greedy tokens."""
-    error = _logit_error(reference, logits)
-    n = len(baseline_tokens)
+def check_level(reference: np.ndarray, baseline_logits: np.ndarray, logits: np.ndarray,
+                tokens: list[int], baseline_tokens: list[int], tolerance: float) -> GateVerdict:
+    """A level against the interpreter's and O0's logits and O0's greedy tokens."""
+    n, rows = len(baseline_tokens), reference.shape[0]
     matches = _leading_matches(tokens, baseline_tokens)
-    if error is None:
-        return GateVerdict(False, float("nan"), tolerance, matches, n,
-                           f"logits shape {logits.shape} differs from the reference's "
-                           f"{reference.shape}")
-    if error > tolerance:
-        return GateVerdict(False, error, tolerance, matches, n,
-                           f"logits differ from the interpreter's by {error:.3g} > "
-                           f"{tolerance:.3g}")
+    to_reference, to_baseline = _error(reference, logits), _error(baseline_logits, logits)
+    if to_reference is None or to_baseline is None:
+        return _shape_failure(baseline_logits, logits, tolerance, n)
+    error = max(to_reference, to_baseline)
+    for what, value in (("the interpreter's", to_reference), ("O0's", to_baseline)):
+        if value > tolerance:
+            return GateVerdict(False, error, tolerance, matches, n, f"logits differ from "
+                               f"{what} by {value:.3g} > {tolerance:.3g}")
     if matches >= min(len(tokens), n):
         return GateVerdict(True, error, tolerance, matches, n, "same tokens as O0")
+    judge, name = (reference, "the interpreter's") if matches < rows else \
+        (baseline_logits, "O0's")
     ours, theirs = tokens[matches], baseline_tokens[matches]
-    margin = float(reference[matches, theirs] - reference[matches, ours])
+    margin = float(judge[matches, theirs] - judge[matches, ours])
     if abs(margin) > tolerance:
         return GateVerdict(False, error, tolerance, matches, n,
-                           f"token {matches}: {ours} where O0 has {theirs}; the interpreter "
-                           f"separates them by {margin:.3g} > {tolerance:.3g}")
+                           f"token {matches}: {ours} where O0 has {theirs}; {name} logits "
+                           f"separate them by {margin:.3g} > {tolerance:.3g}")
     return GateVerdict(True, error, tolerance, matches, n,
                        f"near tie at token {matches}: {ours} vs O0's {theirs}, "
-                       f"{abs(margin):.3g} apart in the interpreter's logits")
+                       f"{abs(margin):.3g} apart in {name} logits")

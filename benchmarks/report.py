@@ -173,7 +173,8 @@ def compile_table(model: dict) -> list[str]:
     passes: list[str] = []
     for c in built.values():
         passes += [p for p in c["pass_seconds"] if p not in passes]
-    rows = ["| seconds | " + " | ".join(built) + " |", "|---|" + "---|" * len(built)]
+    names = [f"{lv} (built earlier)" if c.get("reused") else lv for lv, c in built.items()]
+    rows = ["| seconds | " + " | ".join(names) + " |", "|---|" + "---|" * len(built)]
     rows.append("| total | " + " | ".join(f"{c['seconds']:.1f}" for c in built.values()) + " |")
     for stage in stages:
         rows.append(f"| stage: {stage} | " + " | ".join(

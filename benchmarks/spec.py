@@ -30,12 +30,14 @@ class SweepSpec:
     prompt_lengths: tuple[int, ...] = (16, 64, 128)
     decode_tokens: int = 32
     gate_tokens: int = 32
+    reference_steps: int = 8
     repeats: int = 5
     budget_seconds: float = 30.0
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     peers: tuple[str, ...] = PEER_DTYPES
     max_batch_size: int = 1
     child_timeout: float = 1200.0
+    reuse_libraries: bool = True
 
     def __post_init__(self) -> None:
         check_device(self.device)
@@ -43,7 +45,8 @@ class SweepSpec:
             check_level(level)
         if not self.models:
             raise MlccError(STAGE, "--model: name at least one model")
-        for key in ("decode_tokens", "gate_tokens", "repeats", "threads", "max_batch_size"):
+        for key in ("decode_tokens", "gate_tokens", "reference_steps", "repeats", "threads",
+                    "max_batch_size"):
             if getattr(self, key) < 1:
                 raise MlccError(STAGE, f"--{key.replace('_', '-')} must be >= 1, got "
                                 f"{getattr(self, key)}")

@@ -7,6 +7,7 @@ folder is meant to be kept.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -46,11 +47,25 @@ def prepare_weights(model: BenchModel, spec: SweepSpec, params: Path, log: Log) 
             "bits_per_param": summary["bits_per_param"]}
 
 
-def compile_level(params: Path, level: str, lib: Path, spec: SweepSpec, log: Log) -> dict:
-    """Compile one level; its time per stage and per pass, or the error."""
+def compile_level(params: Path, level: str, lib: Path, spec: SweepSpec, cache: Path,
+                  log: Log) -> dict:
+    """Compile one level; its time per stage and per pass, or the error.
+
+    A library built earlier from the same mlc-chat-config.json, level, overrides and mlcc
+    sources is reused (with the compile times it took then), so a re-run after a failure
+    later in the sweep does not compile again; any change to mlcc's code builds anew.
+    """
     from mlcc.interface.compile import compile_model
 
     overrides = f"max_batch_size={spec.max_batch_size}" if spec.max_batch_size > 1 else None
+    config = (params / "mlc-chat-config.json").read_text()
+    key = hashlib.sha256("\n".join([config, level, str(overrides), spec.device,
+                                     mlcc_source_digest()]).encode()).hexdigest()[:20]
+    stored_lib, stored_record = cache / "libs" / f"{key}.so", cache / "libs" / f"{key}.json"
+    if spec.reuse_libraries and stored_lib.is_file() and stored_record.is_file():
+        log(f"compile --opt {level!r}: reusing {stored_lib} (same config and mlcc sources)")
+        shutil.copyfile(stored_lib, lib)
+        return {**json.loads(stored_record.read_text()), "lib": str(lib), "reused": True}
     log(f"compile --opt {level!r} -> {lib.name}")
     start = time.perf_counter()
     try:
@@ -58,9 +73,25 @@ def compile_level(params: Path, level: str, lib: Path, spec: SweepSpec, log: Log
                                opt=level, overrides=overrides)
     except MlccError as err:
         return {"error": str(err)}
-    return {"seconds": time.perf_counter() - start, "stage_seconds": result.stage_seconds,
-            "pass_seconds": result.pass_seconds, "opt": result.metadata.get("opt"),
-            "lib": str(lib), "lib_bytes": lib.stat().st_size}
+    record = {"seconds": time.perf_counter() - start, "stage_seconds": result.stage_seconds,
+              "pass_seconds": result.pass_seconds, "opt": result.metadata.get("opt"),
+              "lib_bytes": lib.stat().st_size}
+    stored_lib.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(lib, stored_lib)
+    stored_record.write_text(json.dumps(record))
+    return {**record, "lib": str(lib), "reused": False}
+
+
+def mlcc_source_digest() -> str:
+    """A digest of every Python file of the mlcc package (names and contents)."""
+    import mlcc
+
+    root = Path(mlcc.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def measurement_plan(params: Path, spec: SweepSpec) -> dict:
@@ -123,8 +154,9 @@ def apply_gate(levels: dict, baseline: list[int] | None, params: Path, plan: dic
         return
     log("reference logits from the IR interpreter along O0's tokens")
     ref_path = work / "logits-reference.npy"
+    steps = min(spec.reference_steps, len(baseline))
     ref_run = run_child({"kind": "reference", "params": str(params), "logits_out": str(ref_path),
-                         "gate_prompt": plan["gate_prompt"], "forced_tokens": baseline},
+                         "gate_prompt": plan["gate_prompt"], "forced_tokens": baseline[:steps]},
                         work, "reference", spec.child_timeout, spec.threads)
     if "error" in ref_run:
         for entry in levels.values():
@@ -132,6 +164,7 @@ def apply_gate(levels: dict, baseline: list[int] | None, params: Path, plan: dic
         return
     reference = np.load(ref_path).astype(np.float64)
     tolerance = logits_tolerance(reference, plan["model_dtype"])
+    baseline_logits = np.load(levels[BASELINE_LEVEL]["logits_file"]).astype(np.float64)
     for level, entry in levels.items():
         run = entry.get("run", {})
         if "error" in entry["compile"] or "error" in run or not run:
@@ -141,7 +174,8 @@ def apply_gate(levels: dict, baseline: list[int] | None, params: Path, plan: dic
         if level == BASELINE_LEVEL:
             verdict = check_baseline(reference, logits, baseline, tolerance)
         else:
-            verdict = check_level(reference, logits, run["gate_tokens"], baseline, tolerance)
+            verdict = check_level(reference, baseline_logits, logits, run["gate_tokens"],
+                                  baseline, tolerance)
         entry["gate"] = verdict.to_json()
         log(f"gate {level}: {'pass' if verdict.passed else 'FAIL'} ({verdict.note}; max logit "
             f"error {verdict.max_error:.3g}, tolerance {verdict.tolerance:.3g})")
@@ -169,7 +203,7 @@ def bench_model(name: str, spec: SweepSpec, cache: Path, log: Log) -> dict:
     weights = prepare_weights(model, spec, params, log)
     plan = measurement_plan(params, spec)
     levels = {level: {"compile": compile_level(params, level, work / f"{level_slug(level)}.so",
-                                               spec, log)}
+                                               spec, cache, log)}
               for level in spec.compiled_levels}
     measure_levels(levels, params, plan, work, spec, log)
     peers = measure_peers(model, plan, work, spec, log)

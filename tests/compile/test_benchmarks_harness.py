@@ -113,7 +113,9 @@ def test_gate_catches_a_level_that_computes_something_else(swept, tmp_path):
            "budget": 0.1}
     result = run_child(job, tmp_path, "wrong", timeout=300, threads=1)
     assert "error" not in result, result
-    reference = np.load(next((cache / "work").iterdir()) / "logits-reference.npy")
-    verdict = check_level(reference, np.load(tmp_path / "wrong.npy"), result["gate_tokens"],
-                          baseline, logits_tolerance(reference, "float32"))
+    work = next((cache / "work").iterdir())
+    reference = np.load(work / "logits-reference.npy")
+    verdict = check_level(reference, np.load(work / "logits-O0.npy"),
+                          np.load(tmp_path / "wrong.npy"), result["gate_tokens"], baseline,
+                          logits_tolerance(reference, "float32"))
     assert not verdict.passed and verdict.max_error > verdict.tolerance

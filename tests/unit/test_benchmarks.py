@@ -63,7 +63,7 @@ def test_identical_level_passes():
     ref = np.random.default_rng(1).normal(size=(5, VOCAB))
     tokens = ref.argmax(axis=1).tolist()
     tol = gate.logits_tolerance(ref, "float32")
-    verdict = gate.check_level(ref, ref + tol / 2, tokens, tokens, tol)
+    verdict = gate.check_level(ref[:2], ref, ref + tol / 2, tokens, tokens, tol)
     assert verdict.passed and verdict.matching_tokens == 5
     assert verdict.max_error == pytest.approx(tol / 2)
 
@@ -73,9 +73,15 @@ def test_logits_beyond_tolerance_fail_even_with_equal_tokens():
     tokens = ref.argmax(axis=1).tolist()
     tol = gate.logits_tolerance(ref, "float16")
     bad = ref.copy()
-    bad[2, 0] += 1.5 * tol
-    verdict = gate.check_level(ref, bad, tokens, tokens, tol)
+    bad[1, 0] += 1.5 * tol
+    verdict = gate.check_level(ref, ref, bad, tokens, tokens, tol)
     assert not verdict.passed and "differ from the interpreter's" in verdict.note
+    # past the interpreter's rows, O0's logits are the reference
+    late = ref.copy()
+    late[3, 0] += 1.5 * tol
+    verdict = gate.check_level(ref[:2], ref, late, tokens, tokens, tol)
+    assert not verdict.passed and "differ from O0's" in verdict.note
+    assert verdict.max_error == pytest.approx(1.5 * tol)
 
 
 def test_divergence_at_a_near_tie_passes_and_a_clear_one_fails():
@@ -85,10 +91,15 @@ def test_divergence_at_a_near_tie_passes_and_a_clear_one_fails():
     ref[1, 8] = 5.0
     tol = gate.logits_tolerance(ref, "float16")  # 0.2
     baseline = [4, 4, 4]
-    tie = gate.check_level(ref, ref, [4, 7, 1], baseline, tol)
+    tie = gate.check_level(ref, ref, ref, [4, 7, 1], baseline, tol)
     assert tie.passed and tie.matching_tokens == 1 and "near tie at token 1" in tie.note
-    clear = gate.check_level(ref, ref, [4, 8, 1], baseline, tol)
-    assert not clear.passed and "separates them by 5" in clear.note
+    assert "the interpreter's" in tie.note
+    clear = gate.check_level(ref, ref, ref, [4, 8, 1], baseline, tol)
+    assert not clear.passed and "separate them by 5" in clear.note
+    # a divergence after the interpreter's rows is judged on O0's logits
+    late = gate.check_level(ref[:1], ref, ref, [4, 7, 1], baseline, tol)
+    assert late.passed and "O0's logits" in late.note
+    assert not gate.check_level(ref[:1], ref, ref, [4, 8, 1], baseline, tol).passed
 
 
 def test_baseline_must_follow_the_interpreter():
@@ -98,6 +109,11 @@ def test_baseline_must_follow_the_interpreter():
     assert gate.check_baseline(ref, ref, [3, 6], tol).passed  # near tie at step 1
     wrong = gate.check_baseline(ref, ref, [4, 5], tol)
     assert not wrong.passed and "prefers 3" in wrong.note
+    # only the interpreter's rows are judged; O0's own later rows are not compared
+    longer = np.vstack([ref, np.full((2, VOCAB), 9.0)])
+    verdict = gate.check_baseline(ref, longer, [3, 5, 0, 0], tol)
+    assert verdict.passed and verdict.total_tokens == 4
+    assert not gate.check_baseline(ref, ref[:1], [3, 5], tol).passed  # rows missing
 
 
 def test_tolerance_scales_with_largest_logit_and_dtype():
