@@ -19,9 +19,9 @@ Schedules are ordered rules (first that applies wins), each returning a finished
     GEMV  rows == 1 or last_row: blocks of 4 output rows in parallel; K walks 16-lane vectors
           (for 4-bit codes: two uint32 words shifted by a lane-dependent amount), scales are
           applied once per group.
-    GEMM  any rows: blocks of 4 output rows in parallel; each block's weights are dequantized once
-          into a float32 tile [4, K] and reused by every 4-row block of x (16 vector
-          accumulators, horizontal sums at the end).
+    GEMM  any rows: blocks of 16 output rows in parallel; each block's weights are dequantized
+          once into float32 tiles [4, K] and reused by every 4-row block of x, which stays in
+          cache across the block's 4 tiles (16 vector accumulators, horizontal sums at the end).
     Fallback: one row per parallel step, scalar dot products; always applies.
 """
 
@@ -40,6 +40,7 @@ from mlcc.errors import MlccError
 STAGE = "compile"
 BLOCK_ROWS = 4  # output rows (of W) per parallel step
 X_ROWS = 4  # rows of x per GEMM micro-kernel step
+TILES_PER_TASK = 4  # GEMM: 4-row weight tiles per parallel task, sharing each block of x
 
 
 @dataclass(frozen=True)
@@ -329,7 +330,8 @@ def gemm_rule(spec: LinearSpec) -> tirx.PrimFunc | None:
     dt, wdt, odt, k_tile = spec.dtype, spec.weight_dtype, spec.out_dtype, spec.k_tile
     w_shape, qw_shape, qs_shape, o_shape = _signature(spec, n)
     rb, xr, quantized, has_bias = BLOCK_ROWS, X_ROWS, q is not None, spec.bias
-    blocks = ceil_div(n_out, rb)
+    tiles, wr = TILES_PER_TASK, BLOCK_ROWS * TILES_PER_TASK  # W rows dequantized per task
+    blocks = ceil_div(n_out, wr)
     x_blocks = (n + xr - 1) // xr
     bits = q.bits if q else 0
     per_word, mask, max_int = (q.per_word, q.mask, q.max_int) if q else (1, 0, 0)
@@ -358,50 +360,54 @@ def gemm_rule(spec: LinearSpec) -> tirx.PrimFunc | None:
                         T.Cast("float32", x[T.min(i, n - 1), T.min(co * lanes + lane, k - 1)]),
                         T.float32(0))
         for jb in T.parallel(blocks):
-            tile = T.alloc_buffer((rb, k_tile), "float32")
+            tile = T.alloc_buffer((wr, k_tile), "float32")
             if quantized:
-                for r in range(rb):
+                for r in range(wr):
                     for wv in range(w_vecs):
                         for lane in T.vectorized(lanes):
                             tile[r, wv * lanes + lane] = (T.Cast("float32", T.bitwise_and(
-                                T.shift_right(q_weight[T.min(jb * rb + r, n_out - 1),
+                                T.shift_right(q_weight[T.min(jb * wr + r, n_out - 1),
                                                  wv * vec_words + lane // per_word],
                                               T.Cast("uint32", lane % per_word * bits)),
                                 T.uint32(mask))) - T.float32(max_int)) * T.Cast(
-                                    "float32", q_scale[T.min(jb * rb + r, n_out - 1),
+                                    "float32", q_scale[T.min(jb * wr + r, n_out - 1),
                                                   (wv * lanes + lane) // group])
                     for c in range(k_pad, k_tile):
                         tile[r, c] = T.float32(0)
             else:
-                for r in range(rb):
+                for r in range(wr):
                     for co in range(k_vecs):
                         for lane in T.vectorized(lanes):
                             tile[r, co * lanes + lane] = T.if_then_else(
                                 co * lanes + lane < k, T.Cast("float32", weight[
-                                    T.min(jb * rb + r, n_out - 1),
+                                    T.min(jb * wr + r, n_out - 1),
                                     T.min(co * lanes + lane, k - 1)]), T.float32(0))
             acc = T.alloc_buffer((xr, rb, lanes), "float32")
             total = T.alloc_buffer((1,), "float32")
             for ib in range(x_blocks):
-                for i in T.unroll(xr):
-                    for r in T.unroll(rb):
-                        for lane in T.vectorized(lanes):
-                            acc[i, r, lane] = T.float32(0)
-                for kv in range(k_vecs):
-                    for r in T.unroll(rb):
-                        for i in T.unroll(xr):
+                # the 4 rows of x stay in cache while the task's 4 tiles use them
+                for t in range(tiles):
+                    for i in T.unroll(xr):
+                        for r in T.unroll(rb):
                             for lane in T.vectorized(lanes):
-                                acc[i, r, lane] = acc[i, r, lane] + xf[
-                                    ib * xr + i, kv * lanes + lane] * tile[r, kv * lanes + lane]
-                for i in range(xr):
-                    for r in range(rb):
-                        if ib * xr + i < n and jb * rb + r < n_out:
-                            total[0] = T.float32(0)
-                            for lane in range(lanes):
-                                total[0] = total[0] + acc[i, r, lane]
-                            if has_bias:
-                                total[0] = total[0] + T.Cast("float32", bias[jb * rb + r])
-                            out[ib * xr + i, jb * rb + r] = T.Cast(odt, total[0])
+                                acc[i, r, lane] = T.float32(0)
+                    for kv in range(k_vecs):
+                        for r in T.unroll(rb):
+                            for i in T.unroll(xr):
+                                for lane in T.vectorized(lanes):
+                                    acc[i, r, lane] = acc[i, r, lane] + xf[
+                                        ib * xr + i, kv * lanes + lane] * tile[
+                                            t * rb + r, kv * lanes + lane]
+                    for i in range(xr):
+                        for r in range(rb):
+                            if ib * xr + i < n and jb * wr + t * rb + r < n_out:
+                                total[0] = T.float32(0)
+                                for lane in range(lanes):
+                                    total[0] = total[0] + acc[i, r, lane]
+                                if has_bias:
+                                    total[0] = total[0] + T.Cast("float32",
+                                                                 bias[jb * wr + t * rb + r])
+                                out[ib * xr + i, jb * wr + t * rb + r] = T.Cast(odt, total[0])
 
     return _drop_unused(gemm, spec)
 
