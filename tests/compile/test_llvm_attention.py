@@ -149,3 +149,14 @@ def test_from_layout_reads_the_kv_layout_pass_attribute():
     assert (spec.sliding_window, spec.attention_sink, spec.capacity) == (8, 4, 48)
     full = PagedKVSpec.from_layout({**ring, "ring": False, "pages": 128})
     assert not full.windowed and full.num_pages == 128
+
+
+def test_positions_past_the_page_table_stay_inside_the_pool(kernel_cache):  # noqa: F811
+    spec = PagedKVSpec(1, 16, "float32", 2)
+    ex = kernel_cache.get("clamp", lambda: [A.kv_append("clamp_append", "seq_len", 1, spec,
+                                                        "float32")])
+    qkv = np.ones((4, 48), np.float32)
+    pool, table = tensors(np.zeros(spec.page_shape, np.float32), np.array([9], np.int32))
+    ex["clamp_append"](tensors(qkv)[0], pool, table, tensors(np.array([40, 0], np.int32))[0])
+    written = pool.numpy()
+    assert written[0].sum() == 0 and written[1].sum() == 4 * 2 * 16  # page 9 clamps to 1

@@ -122,6 +122,18 @@ def rope(name: str, rows: Dim, q_heads: int, kv_heads: int, head_dim: int, rotar
     return finish(kernel, name)
 
 
+def _page_lookup(spec: PagedKVSpec):
+    """Physical page of a slot. Both indices are clamped, so a position past the cache (which
+    the runtime must refuse) can give wrong values but never touches memory outside it."""
+    last_page = spec.num_pages - 1
+
+    def page_of(page_table, slot, max_pages):
+        entry = page_table[tirx.min(slot // spec.PAGE_SIZE, max_pages - 1)]
+        return tirx.max(tirx.min(tirx.Cast("int64", entry), last_page), 0)
+
+    return page_of
+
+
 def _check_heads(q_heads: int, spec: PagedKVSpec, dtype: str) -> None:
     check_float_dtype("attention", dtype)
     if q_heads <= 0 or q_heads % spec.num_kv_heads:
@@ -139,7 +151,7 @@ def kv_append(name: str, rows: Dim, q_heads: int, spec: PagedKVSpec, dtype: str
     kv_heads, d, kv_dtype = spec.num_kv_heads, spec.head_dim, spec.dtype
     width = (q_heads + 2 * kv_heads) * d
     k_base, v_base = q_heads * d, (q_heads + kv_heads) * d
-    page, slot_of = spec.PAGE_SIZE, spec.physical_slot
+    page, slot_of, page_of = spec.PAGE_SIZE, spec.physical_slot, _page_lookup(spec)
 
     @T.prim_func
     def kernel(qkv_h: T.handle, pages_h: T.handle, table_h: T.handle, info_h: T.handle):
@@ -150,7 +162,7 @@ def kv_append(name: str, rows: Dim, q_heads: int, spec: PagedKVSpec, dtype: str
         seq_info = T.match_buffer(info_h, (info_len,), "int32")
         for i in T.parallel(n):
             slot = slot_of(T.Cast("int64", seq_info[0]) + i)
-            where = T.Cast("int64", page_table[slot // page])
+            where = page_of(page_table, slot, max_pages)
             for h in range(kv_heads):
                 for c in T.vectorized(d):
                     kv_pages[where, 0, h, slot % page, c] = T.Cast(
@@ -172,6 +184,7 @@ def attention(name: str, rows: Dim, q_heads: int, spec: PagedKVSpec, dtype: str,
     width, group = (q_heads + 2 * kv_heads) * d, q_heads // kv_heads
     sm_scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
     page, slot_of, blk = spec.PAGE_SIZE, spec.physical_slot, KEY_BLOCK
+    page_of = _page_lookup(spec)
     window, sinks = spec.sliding_window, spec.attention_sink if spec.windowed else 0
     lanes = lanes_dividing(d)
 
@@ -209,7 +222,7 @@ def attention(name: str, rows: Dim, q_heads: int, spec: PagedKVSpec, dtype: str,
                 for t in range(blk):
                     key = T.min(kb * blk + t, count - 1)
                     slot = slot_of(T.Select(key < n_sink, key, lo + key - n_sink))
-                    where = T.Cast("int64", page_table[slot // page])
+                    where = page_of(page_table, slot, max_pages)
                     # q . k in `lanes`-wide partial sums, then one short scalar sum
                     for c in T.vectorized(lanes):
                         partial[c] = T.float32(0)
@@ -231,7 +244,7 @@ def attention(name: str, rows: Dim, q_heads: int, spec: PagedKVSpec, dtype: str,
                     if kb * blk + t < count:
                         key = kb * blk + t
                         slot = slot_of(T.Select(key < n_sink, key, lo + key - n_sink))
-                        where = T.Cast("int64", page_table[slot // page])
+                        where = page_of(page_table, slot, max_pages)
                         weight = T.exp(score[t] - state[0])
                         state[1] = state[1] + weight
                         for c in T.vectorized(d):
