@@ -7,10 +7,11 @@
   for the GPU machine's Python, unpacked (pip downloads the wheel);
 * .device/cases: the parity-test models and CUDA libraries (tests/gpu/cuda_cases.py);
 * .device/bench/llama2_7b_q4f16_1.so: the benchmark library, compiled from the llama2_7b preset
-  (the compile time is printed).
+  (the compile time is printed);
+* .device/sweep: the q4 GEMV block-shape variants (benchmarks/cuda/gemv_sweep.py).
 
 Then, on the GPU machine: `bash benchmarks/cuda/device_run.sh` with `.device/site`,
-`.device/cases` and `.device/bench` carried (about 35 MB).
+`.device/cases`, `.device/bench` and `.device/sweep` carried (about 40 MB).
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ def main() -> None:
     from mlcc.interface.compile import compile_model
 
     build_cases(DEVICE / "cases")
+    sys.path.insert(0, str(ROOT / "benchmarks" / "cuda"))
+    from gemv_sweep import build as build_sweep
+
+    build_sweep(DEVICE / "sweep")
     start = time.perf_counter()
     result = compile_model("llama2_7b", DEVICE / "bench" / "llama2_7b_q4f16_1.so",
                            quantization="q4f16_1", device="cuda")

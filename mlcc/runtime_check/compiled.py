@@ -73,6 +73,12 @@ def _load_cuda_runtime() -> None:
                         "libcudart.so.13 and the CUDA driver (libcuda.so.1)") from None
 
 
+def _has_torch() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
 class DecodeGraph:
     """The decode entry captured once as a CUDA graph (through torch) and replayed per token.
 
@@ -157,7 +163,8 @@ class CompiledEngine:
         # CUDA graph of the decode step, one per sequence (each has its own page table row).
         self._graphs: dict[int, DecodeGraph] = {}
         if cudagraph is None:
-            cudagraph = "cudagraph" in str(self.metadata.get("opt", ""))
+            # The library's opt level asks for it; capture needs torch, else decode runs plain.
+            cudagraph = "cudagraph" in str(self.metadata.get("opt", "")) and _has_torch()
         self.cudagraph = bool(cudagraph) and self.device.dlpack_device_type() == 2
         self.load_seconds = time.perf_counter() - load_start
 
