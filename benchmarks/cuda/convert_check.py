@@ -27,8 +27,8 @@ def main() -> None:
     model, work, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     import torch
 
-    lines = [f"# convert_weight --device cuda vs cpu on stories260K "
-             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
+    lines = [(f"# convert_weight --device cuda vs cpu on stories260K "
+              f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})"), "",
              f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}",
              f"Command: `python {' '.join(sys.argv)}`", "",
              "| quantization | files | identical | md5 of params_shard_0.bin (cpu / cuda) |",

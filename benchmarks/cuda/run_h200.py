@@ -175,7 +175,7 @@ def run_library(args, params: Path) -> dict:
     from mlcc.runtime_check.compiled import CompiledEngine
 
     torch.cuda.empty_cache()
-    free_before, total = torch.cuda.mem_get_info()
+    free_before, _ = torch.cuda.mem_get_info()
     engine = CompiledEngine(args.lib, params, device="cuda")
     results = {}
     for graph in (False, True):
@@ -234,14 +234,14 @@ def report(r: dict) -> str:
              f"GPU: {r['gpu']}; torch {r['torch']}; python {r['python']}",
              f"Command: `{r['command']}`", "",
              "| metric | mlcc | HF transformers fp16 (peer) |", "|---|---|---|",
-             f"| decode tok/s (128 after 32), CUDA graph | {r['decode_tok_s_cudagraph']:.1f} | "
-             f"{r.get('peer_decode_tok_s', float('nan')):.1f} |",
+             (f"| decode tok/s (128 after 32), CUDA graph | {r['decode_tok_s_cudagraph']:.1f} | "
+              f"{r.get('peer_decode_tok_s', float('nan')):.1f} |"),
              f"| decode tok/s, no graph | {r['decode_tok_s_no_graph']:.1f} | |",
-             f"| prefill(512) tok/s | {r['prefill_tok_s']:.0f} | "
-             f"{r.get('peer_prefill_tok_s', float('nan')):.0f} |",
+             (f"| prefill(512) tok/s | {r['prefill_tok_s']:.0f} | "
+              f"{r.get('peer_prefill_tok_s', float('nan')):.0f} |"),
              f"| peak GPU memory GB | {r['peak_gpu_mem_gb']:.2f} | |",
-             f"| roofline fraction (decode / {r['roofline_tok_s']:.0f} tok/s) | "
-             f"{r['roofline_fraction']:.1%} | |", "",
+             (f"| roofline fraction (decode / {r['roofline_tok_s']:.0f} tok/s) | "
+              f"{r['roofline_fraction']:.1%} | |"), "",
              "## One decode step, per kernel (no graph)", "",
              "| kernel | op | calls | us/step | GB/s |", "|---|---|---|---|---|"]
     for k in r["kernels"]:
@@ -252,9 +252,9 @@ def report(r: dict) -> str:
     gemv = [k for k in r["kernels"] if k.get("op") == "q_linear"]
     moved = sum(k["bytes_per_call"] * k["calls"] for k in gemv)
     gemv_us = sum(k["us"] for k in gemv)
-    lines += ["", f"Kernel time per step: {total / 1000:.3f} ms "
-              f"({1e6 / total:.0f} tok/s if launches were free); all q_linear GEMVs: "
-              f"{gemv_us / 1000:.3f} ms at {moved / gemv_us / 1e3:.0f} GB/s.", "",
+    lines += ["", (f"Kernel time per step: {total / 1000:.3f} ms "
+                   f"({1e6 / total:.0f} tok/s if launches were free); all q_linear GEMVs: "
+                   f"{gemv_us / 1000:.3f} ms at {moved / gemv_us / 1e3:.0f} GB/s."), "",
               f"## One {PREFILL}-token prefill, per kernel", "",
               "| kernel | op | calls | us |", "|---|---|---|---|"]
     for k in r["prefill_kernels"][:12]:

@@ -50,7 +50,7 @@ def nvcc(source: str, tmp_path: Path, fmt: str = "cubin") -> subprocess.Complete
     src.write_text(PRELUDE + source)
     return subprocess.run(["nvcc", f"--{fmt}", "-O3", "-std=c++17", "-arch=sm_90",
                            "-Xptxas", "-v", "-o", str(tmp_path / f"k.{fmt}"), str(src)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
 
 
 def test_rules_pick_gemv_for_decode_and_tensor_cores_for_prefill():

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from cuda_cases import CASES
 
 pytestmark = pytest.mark.gpu

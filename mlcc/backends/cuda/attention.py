@@ -19,7 +19,12 @@ from __future__ import annotations
 import numpy as np
 
 from mlcc.backends.cuda.kernels import (
-    CudaKernel, fp, launcher_nests, signature, symbols_of, tir_numel,
+    CudaKernel,
+    fp,
+    launcher_nests,
+    signature,
+    symbols_of,
+    tir_numel,
 )
 from mlcc.backends.llvm.fallback import inv_freq_table
 from mlcc.backends.plan import KernelSpec

@@ -12,14 +12,18 @@ The device code of all kernels is one CUDA source compiled by nvcc into a fatbin
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mlcc import ir
 from mlcc.backends.cuda import attention, fusion, kernels, linear
 from mlcc.backends.cuda.kernels import COMMON_SOURCE, CudaKernel
 from mlcc.backends.cuda.toolchain import (
-    DEFAULT_ARCHS, cuda_target, enable_cuda_codegen, host_target, install_hooks,
+    DEFAULT_ARCHS,
+    cuda_target,
+    enable_cuda_codegen,
+    host_target,
+    install_hooks,
 )
 from mlcc.backends.llvm.codegen import entry_source, metadata_source, parse_functions
 from mlcc.backends.plan import EntryPlan, KernelSpec, plan_entry

@@ -170,7 +170,7 @@ def gen_embedding(spec: KernelSpec, name: str) -> CudaKernel:
         (tshape, tdt), (ishape, idt) = spec.inputs
         buffers = [("table", tshape, tdt), ("ids", ishape, idt), ("y", out_shape, dt)]
         vocab, hidden = tshape
-        value = "mlcc_f32(table[tok * %dLL + k])" % hidden
+        value = f"mlcc_f32(table[tok * {hidden}LL + k])"
     else:
         (wshape, wdt), (sshape, sdt), (ishape, idt) = spec.inputs
         buffers = [("qw", wshape, wdt), ("qs", sshape, sdt), ("ids", ishape, idt),

@@ -24,7 +24,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mlcc.backends.cuda.kernels import (
-    CudaKernel, dequant_expr, dim_text, launcher, signature, symbols_of,
+    CudaKernel,
+    dequant_expr,
+    dim_text,
+    launcher,
+    signature,
+    symbols_of,
 )
 from mlcc.backends.cuda.tuning import gemv_config
 from mlcc.backends.plan import KernelSpec
@@ -182,7 +187,8 @@ def gemv_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
   if (n >= {s.n}) return 0;
   for (int r = 0; r < {s.static_rows}; ++r) {{
     float acc = 0.f;
-    for (int k = lane; k < {s.k}; k += 32) acc += mlcc_f32(x[r * {s.k}LL + k]) * {s.weight("n", "k")};
+    for (int k = lane; k < {s.k}; k += 32)
+      acc += mlcc_f32(x[r * {s.k}LL + k]) * {s.weight("n", "k")};
     acc = mlcc_warp_sum(acc);
     if (lane == 0) mlcc_put(y, r * {s.n}LL + n, acc{s.bias_term("n")});
   }}
@@ -226,7 +232,8 @@ def _gemm_b_fill(s: LinearShape, bk: int, q4: bool) -> str:
         const float sc = mlcc_f32(qs[n * {s.groups}LL + (k0 + c) / 32]);
         half* h = reinterpret_cast<half*>(&out);
         #pragma unroll
-        for (int j = 0; j < 8; ++j) h[j] = __float2half(((float)((word >> (4 * j)) & 15u) - 7.0f) * sc);
+        for (int j = 0; j < 8; ++j)
+          h[j] = __float2half(((float)((word >> (4 * j)) & 15u) - 7.0f) * sc);
       }}
       *reinterpret_cast<uint4*>(&Bs[r][c]) = out;
     }}"""

@@ -128,7 +128,7 @@ def compile_source(code: str, archs: tuple[str, ...], nvcc: str | None = None,
         src, out = Path(tmp) / "kernels.cu", Path(tmp) / f"kernels.{fmt}"
         src.write_text(code)
         done = subprocess.run([nvcc, f"--{fmt}", "-O3", "-std=c++17", "-w", *gencode, "-o",
-                               str(out), str(src)], capture_output=True, text=True)
+                               str(out), str(src)], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             first = next((ln for ln in done.stderr.splitlines() if "error" in ln),
                          done.stderr.strip()[:300])
