@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -68,8 +69,27 @@ def build_cases(out: Path, log=print) -> dict:
                           device="cuda")
         manifest[name] = {"lib": str(lib.relative_to(out)), "model": str(
             models[model].relative_to(out)), "quantization": quant, "opt": opt}
+    manifest["main_job"] = main_job(out / "main_job", stories, log)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def main_job(folder: Path, model: Path, log=print) -> dict:
+    """The README's commands with --device cuda: convert_weight, gen_config, compile (q0f32)."""
+    params, lib = folder / "params", folder / "lib.so"
+    commands = [
+        ["convert_weight", str(model), "--quantization", "q0f32", "-o", str(params)],
+        ["gen_config", str(model), "--quantization", "q0f32", "--conv-template", "LM", "-o",
+         str(params)],
+        ["compile", str(params / "mlc-chat-config.json"), "--device", "cuda", "-o", str(lib)],
+    ]
+    if not lib.is_file():
+        for args in commands:
+            log("mlcc " + " ".join(args[:1]))
+            subprocess.run([sys.executable, "-m", "mlcc.cli", *args], check=True,
+                           capture_output=True)
+    return {"params": str(params.relative_to(folder.parent)),
+            "lib": str(lib.relative_to(folder.parent))}
 
 
 if __name__ == "__main__":

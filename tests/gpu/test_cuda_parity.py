@@ -85,6 +85,22 @@ def test_stories_q4f16_1_matches_its_reference(cases):
                                        atol=5e-2, rtol=0)
 
 
+def test_chat_on_cuda_writes_the_reference_story(cases):
+    """`mlcc chat --device cuda` on a library from `mlcc compile --device cuda` (subprocess)."""
+    import subprocess
+    import sys
+
+    root, manifest = cases
+    job = manifest["main_job"]
+    case = _stories_reference(cases)[0]
+    out = subprocess.run([sys.executable, "-m", "mlcc.cli", "chat", str(root / job["params"]),
+                          "--model-lib-path", str(root / job["lib"]), "--device", "cuda",
+                          "--prompt", case["prompt"], "--temperature", "0"],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith(case["continuation_text"])
+
+
 TINY_CASES = [name for name, model, _, _ in CASES if model != "stories260K"]
 
 
