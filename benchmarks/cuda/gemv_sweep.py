@@ -26,6 +26,7 @@ import numpy as np
 SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)]
 WARPS = (4, 8)
 ROWS = (1, 2, 4, 8)
+DOTS = {"shift": "mlcc_q4_dot8", "masked": "mlcc_q4_dot8_masked"}
 
 
 def variants() -> list[dict]:
@@ -34,9 +35,10 @@ def variants() -> list[dict]:
         iters = -(-(k // 32) // 32)
         for warps in WARPS:
             for rows in ROWS:
-                if rows * iters <= 32:
-                    out.append({"n": n, "k": k, "warps": warps, "rows_per_warp": rows,
-                                "name": f"gemv_{n}_{k}_w{warps}_r{rows}"})
+                for tag, dot in DOTS.items():
+                    if rows * iters <= 32 and (tag == "shift" or rows in (2, 4)):
+                        out.append({"n": n, "k": k, "warps": warps, "rows_per_warp": rows,
+                                    "dot": dot, "name": f"gemv_{n}_{k}_w{warps}_r{rows}_{tag}"})
     return out
 
 
@@ -52,7 +54,7 @@ def build(folder: Path) -> None:
                                        ((n, k // 32), "float16")), (((1, n), "float16"),),
                           (("bits", 4), ("group_size", 32), ("in_features", k)))
         kernels.append(gemv_q4_kernel(LinearShape(spec), v["name"], v["warps"],
-                                      v["rows_per_warp"]))
+                                      v["rows_per_warp"], dot=v["dot"]))
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     compile_library(kernels, "", "", folder / "gemv_sweep.so")
@@ -98,9 +100,10 @@ def run(folder: Path, out: Path) -> None:
                 row["gb_s"] = (n * k // 2 + n * k // 16) / (row["us"] * 1e-6) / 1e9
                 key = f"{n},{k}"
                 if key not in best or row["us"] < best[key]["us"]:
-                    best[key] = {kk: row[kk] for kk in ("warps", "rows_per_warp", "us", "gb_s")}
+                    best[key] = {kk: row[kk] for kk in ("warps", "rows_per_warp", "dot", "us",
+                                                          "gb_s")}
             results.append(row)
-            print(f"{v['name']:28s} err {err:.1e} " +
+            print(f"{v['name']:34s} err {err:.1e} " +
                   (f"{row['us']:7.2f} us {row['gb_s']:6.0f} GB/s" if "us" in row else "FAILED"))
     doc = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                           time.gmtime()),

@@ -87,7 +87,7 @@ def gen_norm_q_linear(spec: KernelSpec, name: str) -> CudaKernel:
     (shape, dt) = spec.inputs[0]
     k = shape[-1]
     lin = _linear_part(spec, 3 if residual else 2, shape)
-    warps, rows_per_warp = gemv_config(lin.n, lin.k)
+    warps, rows_per_warp, dot = gemv_config(lin.n, lin.k)
     threads, stage = warps * 32, -(-(k // 8) // (warps * 32))
     names = ["x"] + (["res"] if residual else []) + ["nw"]
     buffers = [(n, shape if n != "nw" else (k,), dt) for n in names]
@@ -129,14 +129,14 @@ def gen_norm_q_linear(spec: KernelSpec, name: str) -> CudaKernel:
       }}
     }}"""
     outputs = ("y", "s")
-    return gemv_q4_kernel(lin, name, warps, rows_per_warp, buffers, staging, outputs)
+    return gemv_q4_kernel(lin, name, warps, rows_per_warp, buffers, staging, outputs, dot)
 
 
 def gen_silu_mul_q_linear(spec: KernelSpec, name: str) -> CudaKernel:
     (shape, dt) = spec.inputs[0]
     k = shape[-1] // 2
     lin = _linear_part(spec, 1, shape[:-1] + (k,))
-    warps, rows_per_warp = gemv_config(lin.n, lin.k)
+    warps, rows_per_warp, dot = gemv_config(lin.n, lin.k)
     threads, stage = warps * 32, -(-(k // 8) // (warps * 32))
     buffers = [("gu", shape, dt)] + lin.buffers[1:]
     staging = f"""    #pragma unroll
@@ -156,4 +156,4 @@ def gen_silu_mul_q_linear(spec: KernelSpec, name: str) -> CudaKernel:
         {_permuted_store("o")}
       }}
     }}"""
-    return gemv_q4_kernel(lin, name, warps, rows_per_warp, buffers, staging)
+    return gemv_q4_kernel(lin, name, warps, rows_per_warp, buffers, staging, dot=dot)

@@ -90,8 +90,8 @@ def gemv_q4_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
     s = LinearShape(spec)
     if not gemv_q4_applies(s):
         return None
-    warps, rows_per_warp = gemv_config(s.n, s.k)
-    return gemv_q4_kernel(s, name, warps, rows_per_warp)
+    warps, rows_per_warp, dot = gemv_config(s.n, s.k)
+    return gemv_q4_kernel(s, name, warps, rows_per_warp, dot=dot)
 
 
 def stage_plain(s: LinearShape, warps: int) -> str:
@@ -116,7 +116,7 @@ def stage_plain(s: LinearShape, warps: int) -> str:
 
 def gemv_q4_kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
                    buffers: list | None = None, staging: str | None = None,
-                   outputs: tuple[str, ...] = ("y",)) -> CudaKernel:
+                   outputs: tuple[str, ...] = ("y",), dot: str = "mlcc_q4_dot8") -> CudaKernel:
     """The q4 decode GEMV with `warps` warps per block, each owning `rows_per_warp` features;
     `staging` (C++ filling xs from row r) replaces the plain copy for fused prologues."""
     groups = s.k // 32
@@ -156,8 +156,8 @@ def gemv_q4_kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
         const half2* xg = xs + g * 16;
         #pragma unroll
         for (int q = 0; q < {rows_per_warp}; ++q) {{
-          const float part = mlcc_q4_dot8(w[q][it].x, xg) + mlcc_q4_dot8(w[q][it].y, xg + 4)
-                           + mlcc_q4_dot8(w[q][it].z, xg + 8) + mlcc_q4_dot8(w[q][it].w, xg + 12);
+          const float part = {dot}(w[q][it].x, xg) + {dot}(w[q][it].y, xg + 4)
+                           + {dot}(w[q][it].z, xg + 8) + {dot}(w[q][it].w, xg + 12);
           acc[q] += part * __half2float(sc[q][it]);
         }}
       }}

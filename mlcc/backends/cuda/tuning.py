@@ -23,14 +23,15 @@ def _records() -> dict[str, dict]:
     return json.loads(DATABASE.read_text()).get("best", {})
 
 
-def heuristic(n: int, k: int) -> tuple[int, int]:
+def heuristic(n: int, k: int) -> tuple[int, int, str]:
     iters = -(-(k // 32) // 32)
-    return 8, max(1, min(4, 16 // iters))
+    return 8, max(1, min(4, 16 // iters)), "mlcc_q4_dot8"
 
 
-def gemv_config(n: int, k: int) -> tuple[int, int]:
-    """(warps per block, output features per warp) for an N x K q4 GEMV."""
+def gemv_config(n: int, k: int) -> tuple[int, int, str]:
+    """(warps per block, output features per warp, nibble dot function) for N x K."""
     record = _records().get(f"{n},{k}")
     if record is None:
         return heuristic(n, k)
-    return int(record["warps"]), int(record["rows_per_warp"])
+    return (int(record["warps"]), int(record["rows_per_warp"]),
+            str(record.get("dot", "mlcc_q4_dot8")))
