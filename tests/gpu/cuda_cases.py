@@ -25,6 +25,9 @@ CASES = [("stories_q0f32", "stories260K", "q0f32", "O2"),
 CASES += [(f"{arch}_{q}", arch, q, "O2") for arch in ("llama", "mistral", "gpt_neox")
           for q in ("q0f32", "q0f16", "q4f16_1")]
 CASES += [("llama_q0f32_O0", "llama", "q0f32", "O0")]
+# batch_decode entries: four sequences, one token each per call
+CASES += [("llama_batch_q0f32", "llama", "q0f32", "O2"),
+          ("mistral_batch_q4f16_1", "mistral", "q4f16_1", "O2")]
 
 
 def tiny_models(out: Path) -> dict[str, Path]:
@@ -63,6 +66,8 @@ def build_cases(out: Path, log=print) -> dict:
     for name, model, quant, opt in CASES:
         lib = out / "libs" / f"{name}.so"
         chunk = None if model == "stories260K" else f"prefill_chunk_size={CHUNK}"
+        if "_batch_" in name:
+            chunk += ";max_batch_size=4"
         if not lib.is_file():
             log(f"building {name}")
             compile_model(models[model], lib, quantization=quant, opt=opt, overrides=chunk,

@@ -127,3 +127,26 @@ def test_cuda_graph_decode_equals_plain_decode(cases, name):
     for token in ids[6:]:
         np.testing.assert_array_equal(graph.decode(token), plain.decode(token))
     assert graph._graphs[0].graph is not None, "the decode step was not captured"
+
+
+PROMPTS = [[5, 17, 3, 99, 42, 7, 1, 8, 64], [11, 2], [33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43]]
+
+
+@pytest.mark.parametrize("name", ["llama_batch_q0f32", "mistral_batch_q4f16_1"])
+def test_batch_decode_rows_equal_sequences_decoded_alone(cases, name):
+    from mlcc.runtime_check.reference import ReferenceModel
+
+    engine, _ = _engine(cases, name)
+    root, manifest = cases
+    case = manifest[name]
+    tol = TOLERANCE[case["quantization"]]
+    refs = [ReferenceModel(root / case["model"], case["quantization"]) for _ in PROMPTS]
+    for i, (prompt, ref) in enumerate(zip(PROMPTS, refs)):
+        engine.select_sequence(i)
+        np.testing.assert_allclose(engine.prefill_logits(prompt), ref.prefill_logits(prompt),
+                                   atol=tol, rtol=0)
+    for k, step in enumerate([[4, 9, 60], [1, 2, 3], [7, 7, 7]]):
+        logits = engine.batch_decode(step)
+        for i, ref in enumerate(refs):
+            np.testing.assert_allclose(logits[i], ref.decode(step[i]), atol=tol, rtol=0,
+                                       err_msg=f"{name} sequence {i} step {k}")
