@@ -102,7 +102,7 @@ def throughput_table(model: dict) -> list[str]:
             *[fmt_rate(run["prefill"][str(n)]["tokens_per_second"]) for n in lengths],
             fmt_rate(run["prefill"][str(lengths[-1])]["ttft_ms"]),
             f"{run['rss']['peak_bytes'] / MB:,.0f}",
-            f"{host['host_us']:,.0f} ({host['host_percent']:.1f}%)"]) + " |")
+            _host_cell(host)]) + " |")
     for dtype, peer in model["peers"].items():
         if "error" in peer:
             rows.append(f"| transformers {dtype} | not run: {peer['error']} |"
@@ -114,6 +114,12 @@ def throughput_table(model: dict) -> list[str]:
             fmt_rate(peer["prefill"][str(lengths[-1])]["ttft_ms"]),
             f"{peer['rss']['peak_bytes'] / MB:,.0f}", "—"]) + " |")
     return rows
+
+
+def _host_cell(host: dict) -> str:
+    if host.get("host_us") is None:
+        return "—"
+    return f"{host['host_us']:,.0f} ({host['host_percent']:.1f}%)"
 
 
 def ratio_lines(model: dict) -> list[str]:
@@ -150,18 +156,22 @@ def gate_table(model: dict) -> list[str]:
 
 
 def host_table(model: dict) -> list[str]:
-    rows = [("| level | decode step µs | direct entry call µs | Python work µs | "
-             "no-op call with the decode arguments µs | empty FFI call µs | host µs (% of step) |"),
-            "|---|---|---|---|---|---|---|"]
+    rows = [("| level | decode step µs | direct entry call µs | host µs: decode with a no-op entry "
+             "(% of step) | of which argument passing µs | empty FFI call µs |"),
+            "|---|---|---|---|---|---|"]
     for level, entry in model["levels"].items():
         host = entry.get("run", {}).get("host_overhead")
         if not host or not passed(entry):
             continue
-        marshal = "—" if host["marshal_us"] is None else f"{host['marshal_us']:.1f}"
-        rows.append(f"| {level} | {host['decode_step_us']:,.0f} | {host['direct_entry_us']:,.0f} | "
-                    f"{host['python_us']:,.1f} | {marshal} ({host['arguments']} args) | "
-                    f"{host['ffi_call_us']:.2f} | {host['host_us']:,.1f} "
-                    f"({host['host_percent']:.1f}%) |")
+        if host["host_us"] is None:
+            rows.append(f"| {level} | {host['decode_step_us']:,.0f} | "
+                        f"{host['direct_entry_us']:,.0f} | not measured (no TVM compiler) | | "
+                        f"{host['ffi_call_us']:.2f} |")
+            continue
+        rows.append(f"| {level} | {host['decode_step_us']:,.0f} | {host['direct_entry_us']:,.0f} "
+                    f"| {host['host_us']:,.1f} ({host['host_percent']:.2f}%) | "
+                    f"{host['marshal_us']:.1f} ({host['arguments']} args) | "
+                    f"{host['ffi_call_us']:.2f} |")
     return rows
 
 
@@ -230,12 +240,13 @@ METHOD = """## What the numbers are
   prefill chunk), L / seconds; **TTFT** is the same call plus choosing the first token.
 - **peak RSS**: the peak resident memory of the process that loaded and measured that runner
   alone (each library and each peer runs in its own process; imports included).
-- **host µs/token**: the time a decode step spends outside the kernels, as far as it can be
-  seen from outside the library: the Python work of `CompiledEngine.decode` (the step minus a
-  direct call of the decode entry with prebuilt arguments at the same position) plus the cost of
-  passing and checking the entry's arguments (a compiled no-op function with exactly the decode
-  entry's arguments). The empty FFI call (`mlcc_metadata_nbytes`, no arguments) is the floor of
-  any call. Host code inside the entry (its kernel calls) counts as kernel time.
+- **host µs/token**: what a decode step costs outside the kernels, measured directly: the same
+  `CompiledEngine.decode` call with the library's decode entry swapped for a compiled no-op that
+  takes and checks exactly the same arguments (runtime checks, token and position tensors,
+  argument passing, logits copied to NumPy). The host table splits off the argument passing (the
+  no-op called directly) and shows an empty FFI call (`mlcc_metadata_nbytes`, no arguments) as the
+  floor of any call; host code inside the entry (its kernel calls) counts as kernel time
+  (benchmarks/host_overhead.py).
 - **gate**: each level's greedy tokens after a fixed 16-token prompt are compared with O0's,
   and its logits along O0's tokens with the IR interpreter's (benchmarks/gate.py states the
   tolerance and the near-tie rule). A level that fails shows no speed.

@@ -277,7 +277,7 @@ def test_child_reports_a_missing_library_as_one_line(tmp_path):
 
 def fake_run(decode: float) -> dict:
     s = {"median": decode, "low": decode * 0.9, "high": decode * 1.1, "count": 3}
-    host = {"decode_step_us": 1e6 / decode, "direct_entry_us": 900.0, "python_us": 50.0,
+    host = {"decode_step_us": 1e6 / decode, "direct_entry_us": 900.0,
             "marshal_us": 2.0, "ffi_call_us": 0.2, "host_us": 52.0, "host_percent": 5.2,
             "arguments": 10, "position": 4}
     return {"gate_tokens": [1, 2], "decode": {"tokens_per_second": s},
