@@ -95,18 +95,18 @@ def _check_rope_unscaled(r: HFConfigReader) -> None:
 def _sliding_window_of_all_layers(r: HFConfigReader) -> int:
     """The window when every layer slides, -1 when none does; a mix is refused."""
     layers = r.int("num_hidden_layers")
+    window = r.opt_int("sliding_window")
+    if not r.bool("use_sliding_window", False) or not window:
+        return -1  # transformers drops the window unless use_sliding_window is set
     types = r.hf.get("layer_types")
     if isinstance(types, list) and types:
         sliding = [t == "sliding_attention" for t in types]
-    elif r.bool("use_sliding_window", False) and r.opt_int("sliding_window"):
+    else:
         first = r.int("max_window_layers", layers)
         sliding = [i >= first for i in range(layers)]
-    else:
-        return -1
     if not any(sliding):
         return -1
-    window = r.opt_int("sliding_window")
-    if not all(sliding) or not window:
+    if not all(sliding):
         raise _fail(
             f"config.json: only some of the {layers} layers use a sliding window "
             f"(use_sliding_window / max_window_layers / layer_types); mlcc supports one window "

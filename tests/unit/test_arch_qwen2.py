@@ -71,6 +71,11 @@ def test_sliding_window_on_every_layer_or_none() -> None:
     assert nowhere.sliding_window_size == -1
     with pytest.raises(MlccError, match=r"only some of the 24 layers use a sliding window"):
         arch.config_cls.from_hf(_qwen2(use_sliding_window=True, max_window_layers=12))
+    # transformers 5 writes layer_types; the window still needs use_sliding_window.
+    types = {"layer_types": ["sliding_attention"] * 24, "sliding_window": 256}
+    assert arch.config_cls.from_hf(_qwen2(**types)).sliding_window_size == -1
+    assert arch.config_cls.from_hf(_qwen2(**types, use_sliding_window=True)) \
+        .sliding_window_size == 256
 
 
 def test_bad_configs_name_the_value() -> None:
