@@ -27,12 +27,21 @@ TINY = {"vocab_size": 131, "hidden_size": 56, "num_hidden_layers": 2, "num_atten
 PUBLISHED = {"qwen2_0_5b": 494_032_768, "qwen2_1_5b": 1_543_714_304}
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_tiny_qwen2_matches_transformers(tmp_path: Path, tied: bool) -> None:
-    config = transformers.Qwen2Config(**TINY, tie_word_embeddings=tied)
-    torch_model = transformers.Qwen2ForCausalLM(config)
-    model = randomize(torch_model, seed=20 + tied)
+CASES = {
+    "tied": {"tie_word_embeddings": True},
+    "untied": {"tie_word_embeddings": False},
+    # every layer slides (max_window_layers=0); the 17 tokens exceed the window of 8
+    "window_8": {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_tiny_qwen2_matches_transformers(tmp_path: Path, case: str) -> None:
+    config = transformers.Qwen2Config(**TINY, **CASES[case])
+    model = randomize(transformers.Qwen2ForCausalLM(config), seed=sum(map(ord, case)))
     assert_reference_matches_transformers(model, save_tiny(model, tmp_path))
+    window = resolve_model(tmp_path).config.sliding_window_size
+    assert window == CASES[case].get("sliding_window", -1)
 
 
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))
