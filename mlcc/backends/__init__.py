@@ -22,6 +22,9 @@ def build_model_library(module, output: Path, metadata: dict, device: str = "llv
 
         raise MlccError("compile", f"no backend for device {device!r} in this build; use cpu")
     from mlcc.backends.llvm.codegen import build
+    from mlcc.backends.llvm.tuned_rules import tuned_rule
 
     fast = True if opt is None else opt.enabled("fast_schedules")
-    return build(module, Path(output), metadata, host, fast, system_lib_prefix, log)
+    # Tuned GEMV/GEMM kernels first (they decline at O0), the portable kernels as the fallback.
+    return build(module, Path(output), metadata, host, fast, system_lib_prefix, log,
+                 rules=[tuned_rule])

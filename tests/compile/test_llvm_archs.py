@@ -120,8 +120,11 @@ def test_q0f32_library_equals_reference(hf_dirs, libraries, arch):
 @pytest.mark.parametrize("quantization", ["q4f16_1", "q0f16"])
 @pytest.mark.parametrize("arch", sorted(MODELS))
 def test_float16_libraries_compile_and_run(hf_dirs, libraries, arch, quantization):
-    # A few float16 ulps of the largest logit: both round to float16 at the same places.
-    _compare(hf_dirs, libraries, arch, quantization, 4e-3, per_unit_logit=True)
+    # q0f16: a few float16 ulps of the largest logit (both round at the same places). q4f16_1:
+    # the tuned GEMV/GEMM multiply each group's sum by its scale instead of rounding every
+    # dequantized weight to float16 as the reference does, which moves logits by up to ~1%.
+    atol = 2e-2 if quantization == "q4f16_1" else 4e-3
+    _compare(hf_dirs, libraries, arch, quantization, atol, per_unit_logit=True)
 
 
 def test_batch_decode_reads_each_sequences_position(hf_dirs, libraries):

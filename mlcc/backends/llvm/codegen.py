@@ -22,6 +22,8 @@ from mlcc.backends.plan import BufferRef, EntryPlan, KernelSpec, plan_entry
 from mlcc.ir.types import Sym
 
 KernelRule = Callable[[KernelSpec, str, bool], "str | None"]
+RUNTIME_ARGS = ("tokens", "seq_info", "page_table", "kv_pool", "logits", "workspace")
+DL_DATA, DL_BYTE_OFFSET = 1, 8  # tvm_struct_get fields of a DLTensor
 
 
 def fallback_rule(spec: KernelSpec, name: str, fast: bool) -> str:
@@ -51,11 +53,19 @@ def entry_source(plan: EntryPlan, kernel_names: dict[KernelSpec, str], prefix: s
     em(f'T.func_attr({{"global_symbol": "{prefix}{plan.name}"}})')
     for sym in plan.symbols:
         em(f"{sym} = T.int64()")
-    var_of: dict[tuple, str] = {}
+    var_of: dict[tuple, str] = {("arg", ref.arg): f"b{i}" for i, ref in enumerate(plan.args)}
+    for i, ref in enumerate(plan.args):  # checked bindings must come first
+        if ref.arg in RUNTIME_ARGS:
+            em(f'b{i} = T.match_buffer(a{i}, {shape_text(ref.shape)}, "{ref.dtype}")')
     for i, ref in enumerate(plan.args):
         var = f"b{i}"
-        var_of[("arg", ref.arg)] = var
-        em(f'{var} = T.match_buffer(a{i}, {shape_text(ref.shape)}, "{ref.dtype}")')
+        if ref.arg not in RUNTIME_ARGS:
+            # Weights are bound unchecked: the runtime checks them once at load time, and a
+            # checked binding per argument makes LLVM's code generation time grow
+            # quadratically with the number of parameters (a 7B Llama has 291).
+            data = (f"T.handle_add_byte_offset(T.tvm_struct_get(a{i}, 0, {DL_DATA}, \"handle\"), "
+                    f"T.tvm_struct_get(a{i}, 0, {DL_BYTE_OFFSET}, \"int64\"))")
+            em(f'{var} = T.decl_buffer({shape_text(ref.shape)}, "{ref.dtype}", data={data})')
     ws = var_of[("arg", "workspace")]
     views: dict[tuple, str] = {}
 
@@ -141,12 +151,10 @@ def parse_functions(source: str) -> "tvm.IRModule":  # noqa: F821
 
 
 def llvm_target(host: str | None):
-    import tvm
+    """All cores, and the host CPU's features (AVX, F16C) unless cross-compiling."""
+    from mlcc.backends.build import make_target
 
-    config = {"kind": "llvm", "num-cores": max(1, os.cpu_count() or 1)}
-    if host:
-        config["mtriple"] = host
-    return tvm.target.Target(config)
+    return make_target("cpu", host)
 
 
 def build(module: ir.Module, output: Path, metadata: dict, host: str | None, fast: bool,

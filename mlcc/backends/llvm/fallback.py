@@ -13,6 +13,7 @@ by pointer. Symbolic dims (seq_len) are int64 variables bound from the argument 
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable
 
 import numpy as np
@@ -22,6 +23,10 @@ from mlcc.ir.kv import rope_inv_freq
 from mlcc.ir.types import Dim, Sym
 
 LANES = 16
+# Longer loops become LANES-wide vectors inside a serial loop: TVM vectors hold fewer than 32768
+# lanes, and LLVM's code generation time explodes on wide vectors (a 4096-lane gather with
+# dequantization took minutes to compile).
+MAX_VECTOR_LANES = 64
 
 
 class Emitter:
@@ -30,8 +35,11 @@ class Emitter:
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.depth = 0
+        self.subs: list[tuple[str, str]] = []  # (variable, index expression) in effect
 
     def __call__(self, line: str) -> "Emitter":
+        for var, expr in self.subs:
+            line = re.sub(rf"\b{var}\b", expr, line)
         self.lines.append("    " * self.depth + line)
         return self
 
@@ -39,19 +47,38 @@ class Emitter:
         self(line)
         return _Indent(self)
 
+    def loops(self, lines: list[str]) -> "_Indent":
+        """Open the nested loops of `lines` (as from Loops.vector); closed together."""
+        opened, subs = 0, 0
+        for line in lines:
+            if line.startswith("for "):
+                self(line)
+                self.depth += 1
+                opened += 1
+            else:  # "var = expr": substitute the expression for the variable in the body
+                var, expr = (part.strip() for part in line.split("=", 1))
+                self.subs.append((var, f"({expr})"))
+                subs += 1
+        self.depth -= 1
+        return _Indent(self, opened, subs)
+
     def text(self) -> str:
         return "\n".join(self.lines)
 
 
 class _Indent:
-    def __init__(self, em: Emitter) -> None:
+    def __init__(self, em: Emitter, levels: int = 1, subs: int = 0) -> None:
         self.em = em
+        self.levels = levels
+        self.pop = subs
 
     def __enter__(self):
         self.em.depth += 1
 
     def __exit__(self, *exc):
-        self.em.depth -= 1
+        self.em.depth -= self.levels
+        for _ in range(self.pop):
+            self.em.subs.pop()
 
 
 def shape_text(shape: tuple[Dim, ...]) -> str:
@@ -89,6 +116,19 @@ class Loops:
         self.par = "T.parallel" if fast else "range"
         self.vec = "T.vectorized" if fast else "range"
 
+    def vector(self, var: str, extent: Dim) -> list[str]:
+        """Lines of a vectorized loop of `var` over `extent`: loops longer than
+        MAX_VECTOR_LANES run LANES-wide vectors in a serial loop, or serially when LANES does
+        not divide them. A split loop ends with a `var = ...` line that `Emitter.loops` turns
+        into a textual substitution (a let-bound index inside a vectorized loop miscompiles)."""
+        if isinstance(extent, Sym) or extent < MAX_VECTOR_LANES or self.vec == "range":
+            size = extent.name if isinstance(extent, Sym) else extent
+            return [f"for {var} in {self.vec}({size}):"]
+        if extent % LANES:
+            return [f"for {var} in range({extent}):"]
+        return [f"for {var}_o in range({extent // LANES}):",
+                f"for {var}_l in T.vectorized({LANES}):", f"{var} = {var}_o * {LANES} + {var}_l"]
+
 
 # --- row-wise ops ---------------------------------------------------------------------------
 
@@ -115,7 +155,7 @@ def gen_norm(spec: KernelSpec, name: str, fast: bool) -> str:
     with em.block(f"for i in {L.par}({rows}):"):
         em('v = T.alloc_buffer((%d,), "float32")' % h)
         em('acc = T.alloc_buffer((2,), "float32")')
-        with em.block(f"for k in {L.vec}({h}):"):
+        with em.loops(L.vector("k", h)):
             src = f32("x[i, k]", dt)
             if fused_add:
                 # The sum is rounded to the model dtype before normalizing, as the interpreter does.
@@ -132,14 +172,14 @@ def gen_norm(spec: KernelSpec, name: str, fast: bool) -> str:
             with em.block(f"for k in range({h}):"):
                 em("acc[1] = acc[1] + (v[k] - acc[0]) * (v[k] - acc[0])")
             em(f"acc[1] = T.float32(1) / T.sqrt(acc[1] / T.float32({h}) + {fp(eps)})")
-            with em.block(f"for k in {L.vec}({h}):"):
+            with em.loops(L.vector("k", h)):
                 val = f"(v[k] - acc[0]) * acc[1] * {f32('w[k]', dt)} + {f32('b[k]', dt)}"
                 em(f"y[i, k] = {to(dt, val)}")
         else:
             with em.block(f"for k in range({h}):"):
                 em("acc[1] = acc[1] + v[k] * v[k]")
             em(f"acc[1] = T.float32(1) / T.sqrt(acc[1] / T.float32({h}) + {fp(eps)})")
-            with em.block(f"for k in {L.vec}({h}):"):
+            with em.loops(L.vector("k", h)):
                 val = f"v[k] * acc[1] * ({f32('w[k]', dt)} + {fp(offset)})"
                 em(f"y[i, k] = {to(dt, val)}")
     return em.text()
@@ -178,8 +218,10 @@ def gen_elementwise(spec: KernelSpec, name: str, fast: bool) -> str:
     loops = []
     for j, d in enumerate(shape):
         extent = d.name if isinstance(d, Sym) else d
-        kind = L.par if j == 0 else (L.vec if j == rank - 1 else "range")
-        loops.append(f"for i{j} in {kind}({extent}):")
+        if j == rank - 1 and j > 0:
+            loops += L.vector(f"i{j}", d)
+        else:
+            loops.append(f"for i{j} in {L.par if j == 0 else 'range'}({extent}):")
     a = f32(f"a0[{idx}]", in_dt)
     if op == "add":
         val = f"{a} + {f32(f'a1[{idx}]', in_dt)}"
@@ -206,11 +248,8 @@ def gen_elementwise(spec: KernelSpec, name: str, fast: bool) -> str:
         val = f'T.Cast("float32", a0[{idx}])' if in_dt != "float32" else f"a0[{idx}]"
     else:
         raise NotImplementedError(op)
-    for depth, line in enumerate(loops):
-        em.depth = 1 + depth
-        em(line)
-    em.depth = 1 + rank
-    em(f"y[{idx}] = {to(dt, val)}")
+    with em.loops(loops):
+        em(f"y[{idx}] = {to(dt, val)}")
     return em.text()
 
 
@@ -246,7 +285,7 @@ def gen_embedding(spec: KernelSpec, name: str, fast: bool) -> str:
         value = to(dt, _dequant(spec, "qw", "qs", "ids[i]", "k"))
     rows = ishape[0].name if isinstance(ishape[0], Sym) else ishape[0]
     with em.block(f"for i in {L.par}({rows}):"):
-        with em.block(f"for k in {L.vec}({h}):"):
+        with em.loops(L.vector("k", h)):
             em(f"y[i, k] = {value}")
     return em.text()
 
@@ -300,7 +339,7 @@ def gen_last(spec: KernelSpec, name: str, fast: bool) -> str:
     header(em, name, [("x", shape, dt), ("y", out_shape, odt)])
     rows = shape[0].name if isinstance(shape[0], Sym) else shape[0]
     index = "0, k" if spec.op == "last_row" else "k"
-    with em.block(f"for k in {L.vec}({shape[1]}):"):
+    with em.loops(L.vector("k", shape[1])):
         value = f"x[{rows} - 1, k]"
         em(f"y[{index}] = {to(odt, f32(value, dt)) if odt != dt else value}")
     return em.text()
@@ -338,11 +377,10 @@ def gen_moe_route(spec: KernelSpec, name: str, fast: bool) -> str:
         with em.block(f"for s in range({k}):"):
             em("val[s] = T.float32(-3.4e38)")
             em("idx[s] = 0")
-            with em.block(f"for e in range({experts}):"):
-                with em.block("if taken[e] == 0:"):
-                    with em.block(f"if {f32('x[i, e]', dt)} > val[s]:"):
-                        em(f"val[s] = {f32('x[i, e]', dt)}")
-                        em('idx[s] = T.Cast("int32", e)')
+            with (em.block(f"for e in range({experts}):"), em.block("if taken[e] == 0:"),
+                  em.block(f"if {f32('x[i, e]', dt)} > val[s]:")):
+                em(f"val[s] = {f32('x[i, e]', dt)}")
+                em('idx[s] = T.Cast("int32", e)')
             em("taken[idx[s]] = 1")
         em('total = T.alloc_buffer((1,), "float32")')
         em("total[0] = T.float32(0)")
@@ -366,9 +404,8 @@ def gen_moe_combine(spec: KernelSpec, name: str, fast: bool) -> str:
     terms = "".join(
         f" + T.if_then_else(w[i, {e}] != T.float32(0), w[i, {e}] * {f32(f'o{e}[i, h]', d)}, "
         "T.float32(0))" for e, (_, d) in enumerate(outs))
-    with em.block(f"for i in {L.par}({rows}):"):
-        with em.block(f"for h in {L.vec}({shape[1]}):"):
-            em(f"y[i, h] = {to(dt, 'T.float32(0)' + terms)}")
+    with em.block(f"for i in {L.par}({rows}):"), em.loops(L.vector("h", shape[1])):
+        em(f"y[i, h] = {to(dt, 'T.float32(0)' + terms)}")
     return em.text()
 
 
