@@ -103,7 +103,9 @@ def compile_command(
     quantization: Annotated[str | None, typer.Option(
         "--quantization", help="Needed unless MODEL is an mlc-chat-config.json.")] = None,
     model_type: Annotated[str | None, typer.Option("--model-type", help="Architecture.")] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu/llvm or auto.")] = "auto",
+    device: Annotated[str, typer.Option(
+        "--device", help="cpu/llvm, cuda, cuda:N, cuda-sm_90,sm_80, or auto (cuda if a GPU is "
+        "visible).")] = "auto",
     host: Annotated[str | None, typer.Option("--host", help="LLVM triple of the host.")] = None,
     opt: Annotated[str, typer.Option(
         "--opt", help='O0..O3, optionally with knobs: "O2;fuse_add_norm=0".')] = "O2",
