@@ -108,8 +108,13 @@ def substitute(nodes: Iterable[Node], replace: dict[int, Value]) -> list[Node]:
     return out
 
 
-def rewrite_function(fn: Function, rules: Sequence[Rule], max_rounds: int = 100) -> Function:
-    """Apply rules until none matches; fails loudly if that does not happen in max_rounds."""
+def rewrite_function(fn: Function, rules: Sequence[Rule], max_rounds: int | None = None
+                     ) -> Function:
+    """Apply rules until none matches; fails loudly if that does not happen in max_rounds
+    (default: a few rewrites per node, so a rule that keeps matching its own output is caught
+    while an 80-layer model with one rewrite per layer and pattern is not)."""
+    if max_rounds is None:
+        max_rounds = 100 + 4 * len(fn.nodes)
     for _ in range(max_rounds):
         view = FunctionView(fn)
         for index, node in enumerate(fn.nodes):

@@ -36,6 +36,14 @@ SHARED_FACTS = {
     "mistralai--Mistral-7B-v0.1": ("mistral", 4096, 32, 32, 8, 128, 32000, -1, 4096),
     "togethercomputer--RedPajama-INCITE-Chat-3B-v1":
         ("gpt_neox", 2560, 32, 32, 32, 80, 50432, 2048, -1),
+    "Qwen--Qwen2-0.5B": ("qwen2", 896, 24, 14, 2, 64, 151936, 32768, -1),
+    "Qwen--Qwen2-1.5B": ("qwen2", 1536, 28, 12, 2, 128, 151936, 32768, -1),
+    "google--gemma-2b": ("gemma", 2048, 18, 8, 1, 256, 256000, 8192, -1),
+    "microsoft--phi-2": ("phi", 2560, 32, 32, 32, 80, 51200, 2048, -1),
+    "stabilityai--stablelm-zephyr-3b": ("stablelm", 2560, 32, 32, 32, 80, 50304, 4096, -1),
+    "openai-community--gpt2": ("gpt2", 768, 12, 12, 12, 64, 50257, 1024, -1),
+    "bigcode--gpt_bigcode-santacoder": ("gpt_bigcode", 2048, 24, 16, 1, 128, 49280, 2048, -1),
+    "mistralai--Mixtral-8x7B-v0.1": ("mixtral", 4096, 32, 32, 8, 128, 32000, 32768, -1),
 }
 
 
@@ -232,9 +240,12 @@ def test_gpt_neox_bad_configs() -> None:
 
 
 def test_unknown_model_types_and_sources(tmp_path: Path) -> None:
-    with pytest.raises(MlccError, match=r"model_type 'gpt2' is not supported; known: gpt_neox, "
-                                        r"llama, mistral"):
-        resolve_model(CONFIGS / "openai-community--gpt2")
+    unknown = tmp_path / "bloom"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({**LLAMA_BASE, "model_type": "bloom"}))
+    with pytest.raises(MlccError, match=r"model_type 'bloom' is not supported; known: gemma, "
+                                        r"gpt2, gpt_bigcode, gpt_neox, llama, mistral, mixtral"):
+        resolve_model(unknown)
     with pytest.raises(MlccError, match=r"no such folder or file, and not a preset; known "
                                         r"presets: codellama_7b"):
         resolve_model("llama9_1t")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -135,17 +136,47 @@ def library_source(module: ir.Module, metadata: dict, fast: bool,
     return "\n".join(parts) + "\n", counts
 
 
+def _parse_deep(text: str):
+    """Parse one PrimFunc. An entry declares a buffer per weight and per workspace view, and the
+    TVMScript parser recurses once per declaration (a 2.7B model has ~950): parse in a thread
+    with a large stack and a raised recursion limit instead of overflowing the main stack."""
+    import threading
+
+    import tvm.script
+
+    result: dict = {}
+
+    def work() -> None:
+        try:
+            result["func"] = tvm.script.from_source(text)
+        except BaseException as err:  # re-raised in the caller's thread
+            result["error"] = err
+
+    old_limit, old_stack = sys.getrecursionlimit(), threading.stack_size()
+    sys.setrecursionlimit(max(old_limit, 200_000))
+    threading.stack_size(1 << 30)
+    try:
+        worker = threading.Thread(target=work, name="mlcc-parse")
+        worker.start()
+        worker.join()
+    finally:
+        threading.stack_size(old_stack)
+        sys.setrecursionlimit(old_limit)
+    if "error" in result:
+        raise result["error"]
+    return result["func"]
+
+
 def parse_functions(source: str) -> "tvm.IRModule":  # noqa: F821
     """Parse the library text into an IRModule (one PrimFunc per top-level definition)."""
     import tvm
-    import tvm.script
 
     funcs = {}
     chunks = re.split(r"\n(?=@T\.prim_func)", source)
     for chunk in chunks:
         if "@T.prim_func" not in chunk:
             continue
-        func = tvm.script.from_source(chunk[chunk.index("@T.prim_func"):])
+        func = _parse_deep(chunk[chunk.index("@T.prim_func"):])
         funcs[func.attrs["global_symbol"]] = func
     return tvm.IRModule(funcs)
 
