@@ -128,7 +128,7 @@ class CompiledRunner:
 def measure_batch_decode(engine, prompt: Sequence[int], tokens: int, repeats: int,
                          budget: float) -> dict:
     """Aggregate tok/s of `batch_decode` over all sequences the library holds, if it has one."""
-    if engine._batch_decode is None or engine.max_sequences < 2:
+    if "batch_decode" not in engine.metadata["entries"] or engine.max_sequences < 2:
         return {"available": False,
                 "reason": "the library decodes one sequence per call (compiled with "
                           "max_batch_size=1); pass --max-batch-size N to build batch_decode"}

@@ -186,6 +186,37 @@ def test_prefill_and_decode_summaries(table):
     assert runner.fed == prompt[:4] + walk(table, prompt[3], 5)  # greedy, fed back
 
 
+class BatchEngine:
+    """Sequences of a bigram table, with CompiledEngine's batch interface."""
+
+    def __init__(self, table: np.ndarray, sequences: int) -> None:
+        self.table, self.max_sequences = table, sequences
+        self.metadata = {"entries": {"decode": {}, **({"batch_decode": {}} if sequences > 1
+                                                      else {})}}
+        self.sequence, self.steps = 0, []
+
+    def select_sequence(self, index: int) -> None:
+        self.sequence = index
+
+    def prefill_logits(self, ids):
+        return self.table[ids[-1]]
+
+    def batch_decode(self, ids):
+        self.steps.append(list(ids))
+        return self.table[np.asarray(ids)]
+
+
+def test_batch_decode_counts_every_sequence_or_says_why_not(table):
+    engine = BatchEngine(table, sequences=3)
+    out = measure.measure_batch_decode(engine, [1, 2], tokens=4, repeats=2, budget=60.0)
+    assert out["available"] and out["batch"] == 3
+    assert out["tokens_per_second"]["count"] == 2
+    assert len(engine.steps) == 3 * 4  # warm-up + 2 runs, 4 steps each
+    assert engine.steps[1] == [walk(table, 2, 1)[0]] * 3 and engine.sequence == 0
+    single = measure.measure_batch_decode(BatchEngine(table, 1), [1, 2], 4, 2, 60.0)
+    assert not single["available"] and "--max-batch-size" in single["reason"]
+
+
 def test_per_call_seconds_shrinks_batches_for_slow_calls():
     import time
 
