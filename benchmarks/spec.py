@@ -115,7 +115,8 @@ def capped_lengths(lengths: tuple[int, ...], context: int, decode_tokens: int) -
     return kept or [max(1, room)]
 
 
-def bench_prompt(vocab_size: int, length: int, bos_token_id: int | None, seed: int = 0) -> list[int]:
+def bench_prompt(vocab_size: int, length: int, bos_token_id: int | None,
+                 seed: int = 0) -> list[int]:
     """A fixed prompt of `length` token ids: BOS, then ids drawn once from a seeded generator.
 
     Speed does not depend on which tokens are fed, and fixed ids make every level, every run

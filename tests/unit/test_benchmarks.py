@@ -255,7 +255,7 @@ def test_torch_runner_greedy_equals_generate(tmp_path):
     assert tokens == expected[0, len(prompt):].tolist()
 
 
-# --- random checkpoints ----------------------------------------------------------------------------
+# --- random checkpoints ---------------------------------------------------------------------
 
 
 def test_random_checkpoint_is_float16_loadable_and_cached(tmp_path):
