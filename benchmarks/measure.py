@@ -73,7 +73,7 @@ def measure_decode(runner: Runner, prompt: Sequence[int], tokens: int, repeats: 
             token = int(np.argmax(logits))
         return steps
 
-    run_with(runner, prompt, min(tokens, 4))  # warm-up
+    warm_up(runner, prompt, min(tokens, 4))
     runs = repeat_within(run, repeats, budget)
     return {
         "tokens_per_second": summarize(rates(tokens, [sum(r) for r in runs])).to_json(),
@@ -83,7 +83,8 @@ def measure_decode(runner: Runner, prompt: Sequence[int], tokens: int, repeats: 
     }
 
 
-def run_with(runner: Runner, prompt: Sequence[int], tokens: int) -> None:
+def warm_up(runner: Runner, prompt: Sequence[int], tokens: int) -> None:
+    """A short untimed greedy run: first touches of weights, cache and workspace."""
     token = int(np.argmax(runner.prefill(list(prompt))))
     for _ in range(tokens):
         token = int(np.argmax(runner.decode(token)))

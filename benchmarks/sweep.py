@@ -118,6 +118,13 @@ def measurement_plan(params: Path, spec: SweepSpec) -> dict:
     }
 
 
+def runner_settings(plan: dict) -> dict:
+    """What every measuring child (library or peer) gets from the plan."""
+    keys = ("lengths", "prompt", "gate_prompt", "gate_tokens", "decode_prompt_length",
+            "decode_tokens", "repeats", "budget")
+    return {key: plan[key] for key in keys}
+
+
 def _model_dtype(quantization: str) -> str:
     from mlcc.quant import get_scheme
 
@@ -127,9 +134,7 @@ def _model_dtype(quantization: str) -> str:
 def measure_levels(levels: dict, params: Path, plan: dict, work: Path, spec: SweepSpec,
                    log: Log) -> None:
     """Run each compiled level in a child (baseline first), then the gate, into `levels`."""
-    job = {"kind": "compiled", "params": str(params),
-           **{k: plan[k] for k in ("lengths", "prompt", "gate_prompt", "gate_tokens",
-                                   "decode_prompt_length", "decode_tokens", "repeats", "budget")}}
+    job = {"kind": "compiled", "params": str(params), **runner_settings(plan)}
     baseline: list[int] | None = None
     for level in spec.compiled_levels:
         entry = levels[level]
@@ -183,8 +188,7 @@ def apply_gate(levels: dict, baseline: list[int] | None, params: Path, plan: dic
 
 def measure_peers(model: BenchModel, plan: dict, work: Path, spec: SweepSpec, log: Log) -> dict:
     job = {"kind": "peer", "hf_dir": str(model.hf_dir), "threads": spec.threads,
-           **{k: plan[k] for k in ("lengths", "prompt", "gate_prompt", "gate_tokens",
-                                   "decode_prompt_length", "decode_tokens", "repeats", "budget")}}
+           **runner_settings(plan)}
     peers = {}
     for dtype in spec.peers:
         log(f"peer: transformers {dtype}")
@@ -207,6 +211,9 @@ def bench_model(name: str, spec: SweepSpec, cache: Path, log: Log) -> dict:
               for level in spec.compiled_levels}
     measure_levels(levels, params, plan, work, spec, log)
     peers = measure_peers(model, plan, work, spec, log)
+    for entry in levels.values():  # work files are replaced by the next sweep: not results
+        entry.pop("logits_file", None)
+        entry["compile"].pop("lib", None)
     shown = {k: v for k, v in plan.items() if k not in ("prompt", "gate_prompt")}
     return {"name": model.name, "hf_dir": str(model.hf_dir), "random_weights": model.random_weights,
             "weights": weights, "plan": shown, "gate_prompt": plan["gate_prompt"],

@@ -105,7 +105,7 @@ def test_gate_catches_a_level_that_computes_something_else(swept, tmp_path):
                 shard["md5sum"] = hashlib.md5(data).hexdigest()
     (wrong / "ndarray-cache.json").write_text(json.dumps(index))
     baseline = model["levels"]["O0"]["run"]["gate_tokens"]
-    job = {"kind": "compiled", "lib": model["levels"]["O2"]["compile"]["lib"],
+    job = {"kind": "compiled", "lib": str(next((cache / "work").iterdir()) / "O2.so"),
            "params": str(wrong), "gate_prompt": model["gate_prompt"],
            "gate_tokens": len(baseline), "forced_tokens": baseline,
            "logits_out": str(tmp_path / "wrong.npy"), "prompt": model["gate_prompt"],
