@@ -199,8 +199,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
     ),
     "redpajama_3b_v1": (
         "togethercomputer/RedPajama-INCITE-Chat-3B-v1",
-        {"_name_or_path": "/root/fm/models/rp_3b_800b_real_fp16",
-         "architectures": ["GPTNeoXForCausalLM"],
+        {"architectures": ["GPTNeoXForCausalLM"],
          "bos_token_id": 0,
          "eos_token_id": 0,
          "hidden_act": "gelu",
