@@ -58,10 +58,10 @@ def test_bench_prints_throughput(built):
 
 def test_compile_refuses_unknown_device_and_bad_suffix(built, tmp_path):
     params, _ = built
-    out = mlcc("compile", str(params), "--device", "cuda", "-o", str(tmp_path / "x.so"),
+    out = mlcc("compile", str(params), "--device", "metal", "-o", str(tmp_path / "x.so"),
                check=False)
     assert out.returncode == 1 and out.stderr.count("\n") == 2  # echo line + one error line
-    assert "error: [compile] --device cuda" in out.stderr
+    assert "error: [compile] --device metal" in out.stderr
     out = mlcc("compile", str(params), "-o", str(tmp_path / "x.zip"), check=False)
     assert out.returncode == 1 and "suffix chooses the artifact" in out.stderr
     assert not any(tmp_path.iterdir())
