@@ -14,17 +14,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from mlcc import ir
-from mlcc.frontend.architecture import (
-    Architecture,
-    ParamSource,
-    WeightMapping,
-    fused_param,
-    linear_param,
-    vector_param,
-)
+from mlcc.frontend.architecture import Architecture, WeightMapping
 from mlcc.frontend.config import HFConfigReader, ModelConfig, _fail
-from mlcc.frontend.entries import entry_points, module_attrs
-from mlcc.frontend.llama import kv_cache_type
+from mlcc.frontend.decoder import DecoderStyle, build_decoder, decoder_weight_mapping
 
 # HF activation name -> our gelu's `approximate`. transformers reads Gemma's legacy "gelu" as
 # the tanh form, which the released checkpoints were trained with; `hidden_activation` (older
@@ -100,87 +92,25 @@ def _gelu_approximate(r: HFConfigReader) -> str:
     return table[name]
 
 
-def _layer_params(config: GemmaConfig, layer: int) -> list[ParamSource]:
-    p = f"model.layers.{layer}."
-    attn = p + "self_attn."
-    hidden, d, inter = config.hidden_size, config.head_dim, config.intermediate_size
-    q_rows, kv_rows = config.num_attention_heads * d, config.num_key_value_heads * d
-
-    def qkv(what: str) -> tuple[tuple[str, int], ...]:
-        return ((f"{attn}q_proj.{what}", q_rows), (f"{attn}k_proj.{what}", kv_rows),
-                (f"{attn}v_proj.{what}", kv_rows))
-
-    gate_up = ((p + "mlp.gate_proj.weight", inter), (p + "mlp.up_proj.weight", inter))
-    params = [
-        vector_param(p + "input_layernorm.weight", hidden, "norm"),
-        fused_param(attn + "qkv_proj.weight", qkv("weight"), (hidden,), "linear"),
-    ]
-    if config.attention_bias:
-        params.append(fused_param(attn + "qkv_proj.bias", qkv("bias"), (), "bias"))
-    params.append(linear_param(attn + "o_proj.weight", hidden, q_rows))
-    if config.attention_bias:
-        params.append(vector_param(attn + "o_proj.bias", hidden, "bias"))
-    return params + [
-        vector_param(p + "post_attention_layernorm.weight", hidden, "norm"),
-        fused_param(p + "mlp.gate_up_proj.weight", gate_up, (hidden,), "linear"),
-        linear_param(p + "mlp.down_proj.weight", hidden, inter),
-    ]
+def gemma_style(config: GemmaConfig) -> DecoderStyle:
+    """Llama's decoder with (1 + w) RMSNorms, a GeGLU MLP and the embedding scaled by
+    sqrt(hidden_size) in the model dtype."""
+    return DecoderStyle(norm_eps=config.rms_norm_eps, norm_weight_offset=1.0,
+                        rope_theta=config.rope_theta, rotary_dim=config.head_dim,
+                        qkv_bias=config.attention_bias, o_bias=config.attention_bias,
+                        mlp="geglu", gelu_approximate=config.gelu_approximate,
+                        embed_scale=math.sqrt(config.hidden_size))
 
 
 def gemma_weight_mapping(config: GemmaConfig) -> WeightMapping:
     """mlcc parameters of a Gemma model in load order, from HF `GemmaForCausalLM` names."""
-    vocab, hidden = config.vocab_size, config.hidden_size
-    params = [ParamSource("model.embed_tokens.weight", (vocab, hidden),
-                          ("model.embed_tokens.weight",), "identity", "embedding")]
-    for layer in range(config.num_hidden_layers):
-        params += _layer_params(config, layer)
-    params.append(vector_param("model.norm.weight", hidden, "norm"))
-    unused = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
-    if config.tie_word_embeddings:
-        unused.append(r"lm_head\.weight")
-    else:
-        params.append(linear_param("lm_head.weight", vocab, hidden))
-    return WeightMapping(tuple(params), tuple(unused))
-
-
-def _layer(b: ir.FunctionBuilder, config: GemmaConfig, w: dict[str, ir.Value], layer: int,
-           x: ir.Value, pos: ir.Value, cache: ir.Value, n: ir.Dim) -> ir.Value:
-    p = f"model.layers.{layer}."
-    heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    eps = config.rms_norm_eps
-    h = b.rms_norm(x, w[p + "input_layernorm.weight"], eps, weight_offset=1.0)
-    qkv = b.linear(h, w[p + "self_attn.qkv_proj.weight"], w.get(p + "self_attn.qkv_proj.bias"))
-    q, k, v = b.split(qkv, [heads * d, kv_heads * d, kv_heads * d])
-    q = b.rope(b.reshape(q, (n, heads, d)), pos, config.rope_theta, d)
-    k = b.rope(b.reshape(k, (n, kv_heads, d)), pos, config.rope_theta, d)
-    attn = b.attention(q, k, b.reshape(v, (n, kv_heads, d)), cache, layer=layer)
-    x = x + b.linear(b.reshape(attn, (n, heads * d)), w[p + "self_attn.o_proj.weight"],
-                     w.get(p + "self_attn.o_proj.bias"))
-    h = b.rms_norm(x, w[p + "post_attention_layernorm.weight"], eps, weight_offset=1.0)
-    gate_up = b.linear(h, w[p + "mlp.gate_up_proj.weight"])
-    act = b.emit("gelu_mul", gate_up, approximate=config.gelu_approximate)
-    return x + b.linear(act, w[p + "mlp.down_proj.weight"])
+    return decoder_weight_mapping(config, gemma_style(config))
 
 
 def build_gemma(config: GemmaConfig) -> ir.Module:
     """The IR of a Gemma model: one function per entry of `entry_points` (prefill, decode,
     batch_decode when max_batch_size > 1), each returning logits."""
-    mb = ir.ModuleBuilder(config.model_type, module_attrs(config))
-    w = {p.name: mb.add_param(p.name, p.shape, "float32", kind=p.kind)
-         for p in gemma_weight_mapping(config).params}
-    head = w["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
-    for fn_name, n, fn_attrs in entry_points(config):
-        with mb.function(fn_name, **fn_attrs) as b:
-            tokens = b.input("tokens", (n,), "int32")
-            cache = b.kv_cache(kv_cache_type(config))
-            pos = b.positions(cache, n)
-            x = b.embedding(w["model.embed_tokens.weight"], tokens)
-            x = b.emit("scale_in_dtype", x, factor=math.sqrt(config.hidden_size))
-            for layer in range(config.num_hidden_layers):
-                x = _layer(b, config, w, layer, x, pos, cache, n)
-            x = b.rms_norm(x, w["model.norm.weight"], config.rms_norm_eps, weight_offset=1.0)
-            b.output(b.logits(b.linear(x, head)))
-    return mb.finish()
+    return build_decoder(config, gemma_style(config))
 
 
 ARCHITECTURE = Architecture(

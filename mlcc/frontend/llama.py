@@ -11,16 +11,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from mlcc import ir
-from mlcc.frontend.entries import entry_points, module_attrs
-from mlcc.frontend.architecture import (
-    Architecture,
-    ParamSource,
-    WeightMapping,
-    fused_param,
-    linear_param,
-    vector_param,
-)
+from mlcc.frontend.architecture import Architecture, WeightMapping
 from mlcc.frontend.config import HFConfigReader, ModelConfig, RopeScaling, _fail
+from mlcc.frontend.decoder import DecoderStyle, build_decoder, decoder_weight_mapping
+from mlcc.frontend.entries import kv_cache_type
+
+# kv_cache_type stays importable from here for the architectures written against llama.py.
+__all__ = ["ARCHITECTURE", "LlamaConfig", "build_llama", "kv_cache_type", "llama_style",
+           "llama_weight_mapping"]
 
 SUPPORTED_ACTIVATIONS = ("silu",)
 
@@ -89,90 +87,18 @@ def _head_dim_from_hidden(hidden: int, heads: int) -> int:
     return hidden // heads
 
 
-def _layer_params(config: LlamaConfig, layer: int) -> list[ParamSource]:
-    p = f"model.layers.{layer}."
-    hidden, head_dim = config.hidden_size, config.head_dim
-    q_rows = config.num_attention_heads * head_dim
-    kv_rows = config.num_key_value_heads * head_dim
-    inter = config.intermediate_size
-    attn = p + "self_attn."
-    qkv_parts = ((attn + "q_proj.{}", q_rows), (attn + "k_proj.{}", kv_rows),
-                 (attn + "v_proj.{}", kv_rows))
-    gate_up_parts = ((p + "mlp.gate_proj.{}", inter), (p + "mlp.up_proj.{}", inter))
-
-    def parts(template: tuple[tuple[str, int], ...], what: str) -> tuple[tuple[str, int], ...]:
-        return tuple((name.format(what), rows) for name, rows in template)
-
-    params = [
-        vector_param(p + "input_layernorm.weight", hidden, "norm"),
-        fused_param(attn + "qkv_proj.weight", parts(qkv_parts, "weight"), (hidden,), "linear"),
-    ]
-    if config.attention_bias:
-        params.append(fused_param(attn + "qkv_proj.bias", parts(qkv_parts, "bias"), (), "bias"))
-    params.append(linear_param(attn + "o_proj.weight", hidden, q_rows))
-    if config.attention_bias:
-        params.append(vector_param(attn + "o_proj.bias", hidden, "bias"))
-    params += [
-        vector_param(p + "post_attention_layernorm.weight", hidden, "norm"),
-        fused_param(p + "mlp.gate_up_proj.weight", parts(gate_up_parts, "weight"), (hidden,),
-                    "linear"),
-    ]
-    if config.mlp_bias:
-        params.append(
-            fused_param(p + "mlp.gate_up_proj.bias", parts(gate_up_parts, "bias"), (), "bias"))
-    params.append(linear_param(p + "mlp.down_proj.weight", hidden, inter))
-    if config.mlp_bias:
-        params.append(vector_param(p + "mlp.down_proj.bias", hidden, "bias"))
-    return params
+def llama_style(config: LlamaConfig) -> DecoderStyle:
+    """Llama's decoder: RMSNorm, full-head rotary with optional scaling, SwiGLU, optional
+    attention and MLP biases."""
+    return DecoderStyle(norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta,
+                        rotary_dim=config.head_dim, rope_scaling=config.rope_scaling,
+                        qkv_bias=config.attention_bias, o_bias=config.attention_bias,
+                        mlp_bias=config.mlp_bias)
 
 
 def llama_weight_mapping(config: LlamaConfig) -> WeightMapping:
     """mlcc parameters of a Llama model in load order, from HF `LlamaForCausalLM` names."""
-    vocab, hidden = config.vocab_size, config.hidden_size
-    embed = ParamSource("model.embed_tokens.weight", (vocab, hidden),
-                        ("model.embed_tokens.weight",), "identity", "embedding")
-    params = [embed]
-    for layer in range(config.num_hidden_layers):
-        params += _layer_params(config, layer)
-    params.append(vector_param("model.norm.weight", hidden, "norm"))
-    # Rotary tables are recomputed from the config; old checkpoints still store them.
-    unused = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
-              r"model\.rotary_emb\.inv_freq"]
-    if config.tie_word_embeddings:
-        # Tied models read the embedding for the output; some saves keep a copy as lm_head.
-        unused.append(r"lm_head\.weight")
-    else:
-        params.append(linear_param("lm_head.weight", vocab, hidden))
-    return WeightMapping(tuple(params), tuple(unused))
-
-
-def kv_cache_type(config: ModelConfig, dtype: str = "float32") -> ir.KVCacheType:
-    """The model's KV cache: the context window, or a sliding window with optional sinks."""
-    window = config.sliding_window_size if config.sliding_window_size > 0 else -1
-    capacity = config.context_window_size if config.context_window_size > 0 else (
-        config.sliding_window_size + config.attention_sink_size)
-    return ir.KVCacheType(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
-                          dtype, capacity, window, config.attention_sink_size if window > 0 else 0)
-
-
-def _decoder_layer(b: ir.FunctionBuilder, config: LlamaConfig, w: dict[str, ir.Value],
-                   layer: int, x: ir.Value, pos: ir.Value, cache: ir.Value,
-                   n: ir.Dim) -> ir.Value:
-    p = f"model.layers.{layer}."
-    heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    scaling = config.rope_scaling.to_json() if config.rope_scaling else None
-    h = b.rms_norm(x, w[p + "input_layernorm.weight"], config.rms_norm_eps)
-    qkv = b.linear(h, w[p + "self_attn.qkv_proj.weight"], w.get(p + "self_attn.qkv_proj.bias"))
-    q, k, v = b.split(qkv, [heads * d, kv_heads * d, kv_heads * d])
-    q = b.rope(b.reshape(q, (n, heads, d)), pos, config.rope_theta, d, scaling=scaling)
-    k = b.rope(b.reshape(k, (n, kv_heads, d)), pos, config.rope_theta, d, scaling=scaling)
-    attn = b.attention(q, k, b.reshape(v, (n, kv_heads, d)), cache, layer=layer)
-    x = x + b.linear(b.reshape(attn, (n, heads * d)), w[p + "self_attn.o_proj.weight"],
-                     w.get(p + "self_attn.o_proj.bias"))
-    h = b.rms_norm(x, w[p + "post_attention_layernorm.weight"], config.rms_norm_eps)
-    gate_up = b.linear(h, w[p + "mlp.gate_up_proj.weight"], w.get(p + "mlp.gate_up_proj.bias"))
-    return x + b.linear(b.silu_mul(gate_up), w[p + "mlp.down_proj.weight"],
-                        w.get(p + "mlp.down_proj.bias"))
+    return decoder_weight_mapping(config, llama_style(config))
 
 
 def build_llama(config: LlamaConfig) -> ir.Module:
@@ -180,21 +106,7 @@ def build_llama(config: LlamaConfig) -> ir.Module:
 
     Mistral uses it too: its sliding window and sinks live in the KV cache type.
     """
-    mb = ir.ModuleBuilder(config.model_type, module_attrs(config))
-    w = {p.name: mb.add_param(p.name, p.shape, "float32", kind=p.kind)
-         for p in llama_weight_mapping(config).params}
-    for fn_name, n, fn_attrs in entry_points(config):
-        with mb.function(fn_name, **fn_attrs) as b:
-            tokens = b.input("tokens", (n,), "int32")
-            cache = b.kv_cache(kv_cache_type(config))
-            pos = b.positions(cache, n)
-            x = b.embedding(w["model.embed_tokens.weight"], tokens)
-            for layer in range(config.num_hidden_layers):
-                x = _decoder_layer(b, config, w, layer, x, pos, cache, n)
-            x = b.rms_norm(x, w["model.norm.weight"], config.rms_norm_eps)
-            head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-            b.output(b.logits(b.linear(x, w[head])))
-    return mb.finish()
+    return build_decoder(config, llama_style(config))
 
 
 ARCHITECTURE = Architecture(

@@ -13,18 +13,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from mlcc import ir
-from mlcc.frontend.architecture import (
-    Architecture,
-    ParamSource,
-    WeightMapping,
-    fused_param,
-    linear_param,
-    vector_param,
-)
+from mlcc.frontend.architecture import Architecture, WeightMapping
 from mlcc.frontend.config import HFConfigReader, ModelConfig, _fail
-from mlcc.frontend.entries import entry_points, module_attrs
+from mlcc.frontend.decoder import DecoderStyle, build_decoder, decoder_weight_mapping
 from mlcc.frontend.gpt_neox import GELU_APPROXIMATION
-from mlcc.frontend.llama import kv_cache_type
 from mlcc.frontend.stablelm import check_rotary, rope_fields
 
 
@@ -83,86 +75,27 @@ class PhiConfig(ModelConfig):
         return int(self.head_dim * self.partial_rotary_factor)
 
 
-def _layer_params(config: PhiConfig, layer: int) -> list[ParamSource]:
-    p = f"model.layers.{layer}."
-    attn = p + "self_attn."
-    hidden, d, inter = config.hidden_size, config.head_dim, config.intermediate_size
-    q_rows, kv_rows = config.num_attention_heads * d, config.num_key_value_heads * d
-
-    def qkv(what: str) -> tuple[tuple[str, int], ...]:
-        return ((f"{attn}q_proj.{what}", q_rows), (f"{attn}k_proj.{what}", kv_rows),
-                (f"{attn}v_proj.{what}", kv_rows))
-
-    return [
-        vector_param(p + "input_layernorm.weight", hidden, "norm"),
-        vector_param(p + "input_layernorm.bias", hidden, "norm"),
-        fused_param(attn + "qkv_proj.weight", qkv("weight"), (hidden,), "linear"),
-        fused_param(attn + "qkv_proj.bias", qkv("bias"), (), "bias"),
-        linear_param(attn + "dense.weight", hidden, q_rows),
-        vector_param(attn + "dense.bias", hidden, "bias"),
-        linear_param(p + "mlp.fc1.weight", inter, hidden),
-        vector_param(p + "mlp.fc1.bias", inter, "bias"),
-        linear_param(p + "mlp.fc2.weight", hidden, inter),
-        vector_param(p + "mlp.fc2.bias", hidden, "bias"),
-    ]
+def phi_style(config: PhiConfig) -> DecoderStyle:
+    """LayerNorms, partial rotary, biases everywhere, a GELU fc1/fc2 MLP, the parallel residual
+    summed as transformers does (attn + mlp + x), `self_attn.dense`, `final_layernorm` and
+    lm_head's bias."""
+    return DecoderStyle(norm="layer", norm_eps=config.layer_norm_eps,
+                        rope_theta=config.rope_theta, rotary_dim=config.rotary_dim,
+                        qkv_bias=True, o_bias=True, o_proj="dense", mlp="gelu", mlp_bias=True,
+                        gelu_approximate=GELU_APPROXIMATION[config.hidden_act],
+                        parallel_sum=("attn", "mlp", "x"), final_norm="model.final_layernorm",
+                        lm_head_bias=True)
 
 
 def phi_weight_mapping(config: PhiConfig) -> WeightMapping:
     """mlcc parameters of a Phi model in load order, from HF `PhiForCausalLM` names."""
-    vocab, hidden = config.vocab_size, config.hidden_size
-    params = [ParamSource("model.embed_tokens.weight", (vocab, hidden),
-                          ("model.embed_tokens.weight",), "identity", "embedding")]
-    for layer in range(config.num_hidden_layers):
-        params += _layer_params(config, layer)
-    params += [vector_param("model.final_layernorm.weight", hidden, "norm"),
-               vector_param("model.final_layernorm.bias", hidden, "norm")]
-    unused = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
-    if config.tie_word_embeddings:
-        unused.append(r"lm_head\.weight")
-    else:
-        params.append(linear_param("lm_head.weight", vocab, hidden))
-    params.append(vector_param("lm_head.bias", vocab, "bias"))
-    return WeightMapping(tuple(params), tuple(unused))
-
-
-def _layer(b: ir.FunctionBuilder, config: PhiConfig, w: dict[str, ir.Value], layer: int,
-           x: ir.Value, pos: ir.Value, cache: ir.Value, n: ir.Dim) -> ir.Value:
-    p = f"model.layers.{layer}."
-    heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    h = b.layer_norm(x, w[p + "input_layernorm.weight"], w[p + "input_layernorm.bias"],
-                     config.layer_norm_eps)
-    qkv = b.linear(h, w[p + "self_attn.qkv_proj.weight"], w[p + "self_attn.qkv_proj.bias"])
-    q, k, v = b.split(qkv, [heads * d, kv_heads * d, kv_heads * d])
-    q = b.rope(b.reshape(q, (n, heads, d)), pos, config.rope_theta, config.rotary_dim)
-    k = b.rope(b.reshape(k, (n, kv_heads, d)), pos, config.rope_theta, config.rotary_dim)
-    attn = b.attention(q, k, b.reshape(v, (n, kv_heads, d)), cache, layer=layer)
-    attn = b.linear(b.reshape(attn, (n, heads * d)), w[p + "self_attn.dense.weight"],
-                    w[p + "self_attn.dense.bias"])
-    up = b.linear(h, w[p + "mlp.fc1.weight"], w[p + "mlp.fc1.bias"])
-    act = b.gelu(up, approximate=GELU_APPROXIMATION[config.hidden_act])
-    mlp = b.linear(act, w[p + "mlp.fc2.weight"], w[p + "mlp.fc2.bias"])
-    return attn + mlp + x  # transformers' order of the parallel sum
+    return decoder_weight_mapping(config, phi_style(config))
 
 
 def build_phi(config: PhiConfig) -> ir.Module:
     """The IR of a Phi model: one function per entry of `entry_points` (prefill, decode,
     batch_decode when max_batch_size > 1), each returning logits."""
-    mb = ir.ModuleBuilder(config.model_type, module_attrs(config))
-    w = {p.name: mb.add_param(p.name, p.shape, "float32", kind=p.kind)
-         for p in phi_weight_mapping(config).params}
-    head = w["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
-    for fn_name, n, fn_attrs in entry_points(config):
-        with mb.function(fn_name, **fn_attrs) as b:
-            tokens = b.input("tokens", (n,), "int32")
-            cache = b.kv_cache(kv_cache_type(config))
-            pos = b.positions(cache, n)
-            x = b.embedding(w["model.embed_tokens.weight"], tokens)
-            for layer in range(config.num_hidden_layers):
-                x = _layer(b, config, w, layer, x, pos, cache, n)
-            x = b.layer_norm(x, w["model.final_layernorm.weight"],
-                             w["model.final_layernorm.bias"], config.layer_norm_eps)
-            b.output(b.logits(b.linear(x, head, w["lm_head.bias"])))
-    return mb.finish()
+    return build_decoder(config, phi_style(config))
 
 
 ARCHITECTURE = Architecture(

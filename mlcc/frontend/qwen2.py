@@ -14,17 +14,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from mlcc import ir
-from mlcc.frontend.architecture import (
-    Architecture,
-    ParamSource,
-    WeightMapping,
-    fused_param,
-    linear_param,
-    vector_param,
-)
+from mlcc.frontend.architecture import Architecture, WeightMapping
 from mlcc.frontend.config import HFConfigReader, ModelConfig, _fail
-from mlcc.frontend.entries import entry_points, module_attrs
-from mlcc.frontend.llama import kv_cache_type
+from mlcc.frontend.decoder import DecoderStyle, build_decoder, decoder_weight_mapping
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,78 +106,21 @@ def _sliding_window_of_all_layers(r: HFConfigReader) -> int:
     return window
 
 
-def _layer_params(config: Qwen2Config, layer: int) -> list[ParamSource]:
-    p = f"model.layers.{layer}."
-    attn = p + "self_attn."
-    hidden, d, inter = config.hidden_size, config.head_dim, config.intermediate_size
-    q_rows, kv_rows = config.num_attention_heads * d, config.num_key_value_heads * d
-
-    def qkv(what: str) -> tuple[tuple[str, int], ...]:
-        return ((f"{attn}q_proj.{what}", q_rows), (f"{attn}k_proj.{what}", kv_rows),
-                (f"{attn}v_proj.{what}", kv_rows))
-
-    gate_up = ((p + "mlp.gate_proj.weight", inter), (p + "mlp.up_proj.weight", inter))
-    return [
-        vector_param(p + "input_layernorm.weight", hidden, "norm"),
-        fused_param(attn + "qkv_proj.weight", qkv("weight"), (hidden,), "linear"),
-        fused_param(attn + "qkv_proj.bias", qkv("bias"), (), "bias"),
-        linear_param(attn + "o_proj.weight", hidden, q_rows),
-        vector_param(p + "post_attention_layernorm.weight", hidden, "norm"),
-        fused_param(p + "mlp.gate_up_proj.weight", gate_up, (hidden,), "linear"),
-        linear_param(p + "mlp.down_proj.weight", hidden, inter),
-    ]
+def qwen2_style(config: Qwen2Config) -> DecoderStyle:
+    """Llama's decoder with biases on q, k and v (not on o_proj)."""
+    return DecoderStyle(norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta,
+                        rotary_dim=config.head_dim, qkv_bias=True)
 
 
 def qwen2_weight_mapping(config: Qwen2Config) -> WeightMapping:
     """mlcc parameters of a Qwen2 model in load order, from HF `Qwen2ForCausalLM` names."""
-    vocab, hidden = config.vocab_size, config.hidden_size
-    params = [ParamSource("model.embed_tokens.weight", (vocab, hidden),
-                          ("model.embed_tokens.weight",), "identity", "embedding")]
-    for layer in range(config.num_hidden_layers):
-        params += _layer_params(config, layer)
-    params.append(vector_param("model.norm.weight", hidden, "norm"))
-    unused = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
-    if config.tie_word_embeddings:
-        unused.append(r"lm_head\.weight")  # some saves keep a copy of the tied embedding
-    else:
-        params.append(linear_param("lm_head.weight", vocab, hidden))
-    return WeightMapping(tuple(params), tuple(unused))
-
-
-def _layer(b: ir.FunctionBuilder, config: Qwen2Config, w: dict[str, ir.Value], layer: int,
-           x: ir.Value, pos: ir.Value, cache: ir.Value, n: ir.Dim) -> ir.Value:
-    p = f"model.layers.{layer}."
-    heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    h = b.rms_norm(x, w[p + "input_layernorm.weight"], config.rms_norm_eps)
-    qkv = b.linear(h, w[p + "self_attn.qkv_proj.weight"], w[p + "self_attn.qkv_proj.bias"])
-    q, k, v = b.split(qkv, [heads * d, kv_heads * d, kv_heads * d])
-    q = b.rope(b.reshape(q, (n, heads, d)), pos, config.rope_theta, d)
-    k = b.rope(b.reshape(k, (n, kv_heads, d)), pos, config.rope_theta, d)
-    attn = b.attention(q, k, b.reshape(v, (n, kv_heads, d)), cache, layer=layer)
-    x = x + b.linear(b.reshape(attn, (n, heads * d)), w[p + "self_attn.o_proj.weight"])
-    h = b.rms_norm(x, w[p + "post_attention_layernorm.weight"], config.rms_norm_eps)
-    gate_up = b.linear(h, w[p + "mlp.gate_up_proj.weight"])
-    return x + b.linear(b.silu_mul(gate_up), w[p + "mlp.down_proj.weight"])
+    return decoder_weight_mapping(config, qwen2_style(config))
 
 
 def build_qwen2(config: Qwen2Config) -> ir.Module:
     """The IR of a Qwen2 model: one function per entry of `entry_points` (prefill, decode,
     batch_decode when max_batch_size > 1), each returning logits."""
-    mb = ir.ModuleBuilder(config.model_type, module_attrs(config))
-    w = {p.name: mb.add_param(p.name, p.shape, "float32", kind=p.kind)
-         for p in qwen2_weight_mapping(config).params}
-    head = w["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
-    for fn_name, n, fn_attrs in entry_points(config):
-        with mb.function(fn_name, **fn_attrs) as b:
-            tokens = b.input("tokens", (n,), "int32")
-            cache = b.kv_cache(kv_cache_type(config))
-            pos = b.positions(cache, n)
-            x = b.embedding(w["model.embed_tokens.weight"], tokens)
-            for layer in range(config.num_hidden_layers):
-                x = _layer(b, config, w, layer, x, pos, cache, n)
-            x = b.rms_norm(x, w["model.norm.weight"], config.rms_norm_eps)
-            b.output(b.logits(b.linear(x, head)))
-    return mb.finish()
+    return build_decoder(config, qwen2_style(config))
 
 
 ARCHITECTURE = Architecture(

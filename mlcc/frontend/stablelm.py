@@ -13,17 +13,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from mlcc import ir
-from mlcc.frontend.architecture import (
-    Architecture,
-    ParamSource,
-    WeightMapping,
-    fused_param,
-    linear_param,
-    vector_param,
-)
+from mlcc.frontend.architecture import Architecture, WeightMapping
 from mlcc.frontend.config import HFConfigReader, ModelConfig, _fail
-from mlcc.frontend.entries import entry_points, module_attrs
-from mlcc.frontend.llama import kv_cache_type
+from mlcc.frontend.decoder import DecoderStyle, build_decoder, decoder_weight_mapping
 
 
 def rope_fields(r: HFConfigReader, model_type: str, default_factor: float) -> tuple[float, float]:
@@ -112,97 +104,24 @@ class StableLmConfig(ModelConfig):
         return int(self.head_dim * self.partial_rotary_factor)
 
 
-def _layer_params(config: StableLmConfig, layer: int) -> list[ParamSource]:
-    p = f"model.layers.{layer}."
-    attn = p + "self_attn."
-    hidden, d, inter = config.hidden_size, config.head_dim, config.intermediate_size
-    q_rows, kv_rows = config.num_attention_heads * d, config.num_key_value_heads * d
-
-    def qkv(what: str) -> tuple[tuple[str, int], ...]:
-        return ((f"{attn}q_proj.{what}", q_rows), (f"{attn}k_proj.{what}", kv_rows),
-                (f"{attn}v_proj.{what}", kv_rows))
-
-    gate_up = ((p + "mlp.gate_proj.weight", inter), (p + "mlp.up_proj.weight", inter))
-    params = [
-        vector_param(p + "input_layernorm.weight", hidden, "norm"),
-        vector_param(p + "input_layernorm.bias", hidden, "norm"),
-        fused_param(attn + "qkv_proj.weight", qkv("weight"), (hidden,), "linear"),
-    ]
-    if config.use_qkv_bias:
-        params.append(fused_param(attn + "qkv_proj.bias", qkv("bias"), (), "bias"))
-    params.append(linear_param(attn + "o_proj.weight", hidden, q_rows))
-    if not config.use_parallel_residual:
-        params += [vector_param(p + "post_attention_layernorm.weight", hidden, "norm"),
-                   vector_param(p + "post_attention_layernorm.bias", hidden, "norm")]
-    params += [fused_param(p + "mlp.gate_up_proj.weight", gate_up, (hidden,), "linear"),
-               linear_param(p + "mlp.down_proj.weight", hidden, inter)]
-    return params
+def stablelm_style(config: StableLmConfig) -> DecoderStyle:
+    """LayerNorms, partial rotary, optional q/k/v biases, SwiGLU, and with the parallel residual
+    x + attn(ln(x)) + mlp(ln(x)) summed in transformers' order."""
+    return DecoderStyle(norm="layer", norm_eps=config.layer_norm_eps,
+                        rope_theta=config.rope_theta, rotary_dim=config.rotary_dim,
+                        qkv_bias=config.use_qkv_bias,
+                        parallel_sum=("x", "attn", "mlp") if config.use_parallel_residual else ())
 
 
 def stablelm_weight_mapping(config: StableLmConfig) -> WeightMapping:
     """mlcc parameters of a StableLM model in load order, from HF `StableLmForCausalLM` names."""
-    vocab, hidden = config.vocab_size, config.hidden_size
-    params = [ParamSource("model.embed_tokens.weight", (vocab, hidden),
-                          ("model.embed_tokens.weight",), "identity", "embedding")]
-    for layer in range(config.num_hidden_layers):
-        params += _layer_params(config, layer)
-    params += [vector_param("model.norm.weight", hidden, "norm"),
-               vector_param("model.norm.bias", hidden, "norm")]
-    unused = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
-    if config.tie_word_embeddings:
-        unused.append(r"lm_head\.weight")
-    else:
-        params.append(linear_param("lm_head.weight", vocab, hidden))
-    return WeightMapping(tuple(params), tuple(unused))
-
-
-def _attention(b: ir.FunctionBuilder, config: StableLmConfig, w: dict[str, ir.Value], p: str,
-               h: ir.Value, pos: ir.Value, cache: ir.Value, n: ir.Dim, layer: int) -> ir.Value:
-    heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    qkv = b.linear(h, w[p + "self_attn.qkv_proj.weight"], w.get(p + "self_attn.qkv_proj.bias"))
-    q, k, v = b.split(qkv, [heads * d, kv_heads * d, kv_heads * d])
-    q = b.rope(b.reshape(q, (n, heads, d)), pos, config.rope_theta, config.rotary_dim)
-    k = b.rope(b.reshape(k, (n, kv_heads, d)), pos, config.rope_theta, config.rotary_dim)
-    attn = b.attention(q, k, b.reshape(v, (n, kv_heads, d)), cache, layer=layer)
-    return b.linear(b.reshape(attn, (n, heads * d)), w[p + "self_attn.o_proj.weight"])
-
-
-def _layer(b: ir.FunctionBuilder, config: StableLmConfig, w: dict[str, ir.Value], layer: int,
-           x: ir.Value, pos: ir.Value, cache: ir.Value, n: ir.Dim) -> ir.Value:
-    p = f"model.layers.{layer}."
-    eps = config.layer_norm_eps
-    h = b.layer_norm(x, w[p + "input_layernorm.weight"], w[p + "input_layernorm.bias"], eps)
-    attn = _attention(b, config, w, p, h, pos, cache, n, layer)
-    if config.use_parallel_residual:
-        # x + attn(ln(x)) + mlp(ln(x)), summed in transformers' order.
-        mlp_in, x = h, x + attn
-    else:
-        x = x + attn
-        mlp_in = b.layer_norm(x, w[p + "post_attention_layernorm.weight"],
-                              w[p + "post_attention_layernorm.bias"], eps)
-    gate_up = b.linear(mlp_in, w[p + "mlp.gate_up_proj.weight"])
-    return x + b.linear(b.silu_mul(gate_up), w[p + "mlp.down_proj.weight"])
+    return decoder_weight_mapping(config, stablelm_style(config))
 
 
 def build_stablelm(config: StableLmConfig) -> ir.Module:
     """The IR of a StableLM model: one function per entry of `entry_points` (prefill, decode,
     batch_decode when max_batch_size > 1), each returning logits."""
-    mb = ir.ModuleBuilder(config.model_type, module_attrs(config))
-    w = {p.name: mb.add_param(p.name, p.shape, "float32", kind=p.kind)
-         for p in stablelm_weight_mapping(config).params}
-    head = w["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
-    for fn_name, n, fn_attrs in entry_points(config):
-        with mb.function(fn_name, **fn_attrs) as b:
-            tokens = b.input("tokens", (n,), "int32")
-            cache = b.kv_cache(kv_cache_type(config))
-            pos = b.positions(cache, n)
-            x = b.embedding(w["model.embed_tokens.weight"], tokens)
-            for layer in range(config.num_hidden_layers):
-                x = _layer(b, config, w, layer, x, pos, cache, n)
-            x = b.layer_norm(x, w["model.norm.weight"], w["model.norm.bias"],
-                             config.layer_norm_eps)
-            b.output(b.logits(b.linear(x, head)))
-    return mb.finish()
+    return build_decoder(config, stablelm_style(config))
 
 
 ARCHITECTURE = Architecture(
