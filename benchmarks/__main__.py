@@ -3,6 +3,12 @@
     python -m benchmarks run                      # stories260K + random-llama-100m, O0..O3
     python -m benchmarks run --model stories260K --opt "O0,O2,O2;fuse_add_norm=0" --peer none
     python -m benchmarks report benchmarks/results/2026-11-28-cpu/results.json
+
+A GPU machine without the TVM compiler measures libraries compiled elsewhere:
+
+    python -m benchmarks build --model llama2_7b --device cuda --out prebuilt   # build machine
+    python -m benchmarks run --model llama2_7b --device cuda --prebuilt prebuilt \
+        --reference-steps 0                                                        # GPU machine
 """
 
 from __future__ import annotations
@@ -14,7 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.spec import DEFAULT_LEVELS, DEFAULT_MODELS, SweepSpec, parse_int_list, parse_list
+from benchmarks.spec import (
+    DEFAULT_LEVELS,
+    DEFAULT_MODELS,
+    GPU_DEFAULT_PEERS,
+    PEER_DTYPES,
+    SweepSpec,
+    is_cpu,
+    parse_int_list,
+    parse_list,
+)
 from mlcc.errors import MlccError
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -25,6 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="compile, gate and measure; write a results folder")
+    add_sweep_options(run)
+    run.add_argument("--prebuilt", type=Path, default=None,
+                     help="use the libraries `python -m benchmarks build` wrote into this "
+                     "folder instead of compiling (GPU machines without the TVM compiler)")
+    run.add_argument("--out", type=Path, default=None,
+                     help="results folder (default: benchmarks/results/<date>-<device>)")
+    build = commands.add_parser("build", help="only compile every level (no weights needed) "
+                                "into a folder that `run --prebuilt` reads")
+    add_sweep_options(build)
+    build.add_argument("--out", type=Path, required=True, help="folder for the libraries")
+    report = commands.add_parser("report", help="rewrite README.md and plots from results.json")
+    report.add_argument("results", type=Path)
+    return parser
+
+
+def add_sweep_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--model", action="append", help="stories260K, random-llama-100m, a "
                      f"preset or an HF folder; repeat for several (default: "
                      f"{', '.join(DEFAULT_MODELS)})")
@@ -32,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help='comma-separated levels with knobs, e.g. "O0,O2,O2;fuse_add_norm=0"; '
                      "O0 is always built as the correctness baseline")
     run.add_argument("--quantization", default="q4f16_1")
-    run.add_argument("--device", default="cpu", help="cpu (GPU sweeps are not wired in yet)")
+    run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     run.add_argument("--prompt-lengths", default="16,64,128",
                      help="prefill lengths, capped by the context window")
     run.add_argument("--decode-tokens", type=int, default=32, help="steps per decode run")
@@ -44,27 +75,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds after which a measurement stops repeating (>= 1 run)")
     run.add_argument("--threads", type=int, default=None, help="TVM and torch threads "
                      "(default: all cores)")
-    run.add_argument("--peer", default="float32,bfloat16,float16",
-                     help="transformers dtypes to run as the peer, or none")
+    run.add_argument("--peer", default=None,
+                     help="transformers dtypes to run as the peer (on a GPU also "
+                     "float16-compiled), or none (default: float32,bfloat16,float16 on the "
+                     "CPU, float16,float16-compiled on a GPU)")
     run.add_argument("--max-batch-size", type=int, default=1,
                      help="compile with this many sequences and measure batch_decode too")
     run.add_argument("--child-timeout", type=float, default=1200.0,
                      help="seconds one measuring process may take")
     run.add_argument("--fresh", action="store_true",
                      help="compile every level even if the same library was built before")
-    run.add_argument("--out", type=Path, default=None,
-                     help="results folder (default: benchmarks/results/<date>-<device>)")
     run.add_argument("--cache", type=Path, default=None,
                      help="random checkpoints and work files (default: $MLCC_BENCH_CACHE or "
                      "~/.cache/mlcc-benchmarks)")
-    report = commands.add_parser("report", help="rewrite README.md and plots from results.json")
-    report.add_argument("results", type=Path)
-    return parser
 
 
 def spec_from_args(args: argparse.Namespace) -> SweepSpec:
-    peers = () if args.peer.strip().lower() == "none" else parse_list(args.peer)
+    if args.peer is None:
+        peers = PEER_DTYPES if is_cpu(args.device) else GPU_DEFAULT_PEERS
+    else:
+        peers = () if args.peer.strip().lower() == "none" else parse_list(args.peer)
     extra = {"threads": args.threads} if args.threads else {}
+    prebuilt = getattr(args, "prebuilt", None)
+    if prebuilt is not None:
+        extra["prebuilt"] = str(prebuilt)
     return SweepSpec(
         models=tuple(args.model or DEFAULT_MODELS), levels=parse_list(args.opt),
         quantization=args.quantization, device=args.device,
@@ -83,7 +117,7 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> Path:
 
     spec = spec_from_args(args)
     cache = args.cache or cache_root()
-    machine = machine_info()
+    machine = machine_info(gpu=spec.on_gpu)
     out = args.out or RESULTS / f"{time.strftime('%Y-%m-%d')}-{spec.device}"
     started = time.perf_counter()
     models = [bench_model(name, spec, cache, log_to_stderr) for name in spec.models]
@@ -94,12 +128,27 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> Path:
     return out
 
 
+def build_command(args: argparse.Namespace) -> Path:
+    from benchmarks.models import cache_root
+    from benchmarks.sweep import build_model, log_to_stderr
+
+    spec = spec_from_args(args)
+    for name in spec.models:
+        build_model(name, spec, args.cache or cache_root(), args.out, log_to_stderr)
+    log_to_stderr(f"libraries in {args.out}; on the measuring machine: python -m benchmarks run "
+                  f"--device {spec.device} --prebuilt {args.out} (same --model, --opt, "
+                  "--quantization and --max-batch-size)")
+    return args.out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
             run_command(args, argv)
+        elif args.command == "build":
+            build_command(args)
         else:
             from benchmarks.report import write_results
             from benchmarks.sweep import log_to_stderr

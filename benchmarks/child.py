@@ -35,8 +35,8 @@ def peak_rss_bytes() -> int:
 
 
 def compiled_job(job: dict) -> dict:
-    """Gate outputs, prefill, TTFT, decode, host overhead and batch decode of one library."""
-    from benchmarks.host_overhead import measure_host_overhead
+    """Gate outputs, prefill, TTFT, decode, host overhead (CPU) or per-kernel times and GPU
+    memory (CUDA), and batch decode of one library."""
     from benchmarks.measure import (
         CompiledRunner,
         measure_batch_decode,
@@ -44,17 +44,41 @@ def compiled_job(job: dict) -> dict:
         measure_prefill,
     )
 
-    runner = CompiledRunner(job["lib"], job["params"])
+    device = job.get("device", "cpu")
+    gpu = device.startswith("cuda")
+    free_before = _gpu_free_bytes() if gpu else None
+    runner = CompiledRunner(job["lib"], job["params"], device)
     result = {"load_seconds": runner.engine.load_seconds}
     result.update(gate_outputs(runner, job))
     prompt, repeats, budget = job["prompt"], job["repeats"], job["budget"]
     result["prefill"] = measure_prefill(runner, prompt, job["lengths"], repeats, budget)
     decode_prompt = prompt[:job["decode_prompt_length"]]
     result["decode"] = measure_decode(runner, decode_prompt, job["decode_tokens"], repeats, budget)
-    result["host_overhead"] = measure_host_overhead(runner.engine, decode_prompt, budget)
+    if gpu:
+        from benchmarks.kernels import kernel_breakdown, weight_bytes_per_token
+
+        result["kernels"] = {
+            "decode": kernel_breakdown(runner.engine, decode_prompt),
+            "prefill": kernel_breakdown(runner.engine, prompt[:max(job["lengths"])], "prefill",
+                                        steps=2),
+            "weight_bytes_per_token": weight_bytes_per_token(runner.engine.metadata)}
+        result["host_overhead"] = {"host_us": None, "reason": "measured on the CPU only"}
+    else:
+        from benchmarks.host_overhead import measure_host_overhead
+
+        result["host_overhead"] = measure_host_overhead(runner.engine, decode_prompt, budget)
     result["batch_decode"] = measure_batch_decode(runner.engine, decode_prompt,
                                                   job["decode_tokens"], repeats, budget)
+    if gpu:  # the engine allocates weights, KV pool and workspace up front: this is its peak
+        result["gpu_mem_bytes"] = free_before - _gpu_free_bytes()
     return result
+
+
+def _gpu_free_bytes() -> int:
+    import torch
+
+    torch.cuda.synchronize()
+    return int(torch.cuda.mem_get_info()[0])
 
 
 def gate_outputs(runner, job: dict) -> dict:
@@ -91,11 +115,18 @@ def reference_job(job: dict) -> dict:
 
 
 def peer_job(job: dict) -> dict:
-    """The same measurements on HF transformers at one dtype."""
+    """The same measurements on HF transformers at one dtype (or compiled, on a GPU)."""
     from benchmarks.measure import greedy, measure_decode, measure_prefill
-    from benchmarks.peer import TorchRunner
+    from benchmarks.peer import CompiledRunner, TorchRunner
+    from benchmarks.spec import COMPILED_PEER
 
-    runner = TorchRunner(job["hf_dir"], job["dtype"], job["threads"])
+    device = "cuda" if job.get("device", "cpu").startswith("cuda") else "cpu"
+    if job["dtype"] == COMPILED_PEER:
+        longest = max(len(job["prompt"]), job["decode_prompt_length"] + job["decode_tokens"],
+                      len(job["gate_prompt"]) + job["gate_tokens"])
+        runner = CompiledRunner(job["hf_dir"], longest + 8)
+    else:
+        runner = TorchRunner(job["hf_dir"], job["dtype"], job["threads"], device)
     tokens, _ = greedy(runner, job["gate_prompt"], job["gate_tokens"])
     prompt, repeats, budget = job["prompt"], job["repeats"], job["budget"]
     return {

@@ -54,6 +54,8 @@ def _error(expected: np.ndarray, logits: np.ndarray) -> float | None:
     rows = expected.shape[0]
     if logits.shape[0] < rows or logits.shape[1:] != expected.shape[1:]:
         return None
+    if rows == 0:
+        return 0.0
     return float(np.abs(logits[:rows].astype(np.float64) - expected).max())
 
 
@@ -94,9 +96,12 @@ def check_baseline(reference: np.ndarray, logits: np.ndarray, tokens: list[int],
     return GateVerdict(True, error, tolerance, matches, n, note)
 
 
-def check_level(reference: np.ndarray, baseline_logits: np.ndarray, logits: np.ndarray,
+def check_level(reference: np.ndarray | None, baseline_logits: np.ndarray, logits: np.ndarray,
                 tokens: list[int], baseline_tokens: list[int], tolerance: float) -> GateVerdict:
-    """A level against the interpreter's and O0's logits and O0's greedy tokens."""
+    """A level against the interpreter's (None: no interpreter run) and O0's logits and O0's
+    greedy tokens."""
+    if reference is None:
+        reference = baseline_logits[:0]
     n, rows = len(baseline_tokens), reference.shape[0]
     matches = _leading_matches(tokens, baseline_tokens)
     to_reference, to_baseline = _error(reference, logits), _error(baseline_logits, logits)

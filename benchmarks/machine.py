@@ -50,8 +50,21 @@ def versions() -> dict[str, str]:
     return out
 
 
+def gpu_name() -> str | None:
+    """The first CUDA GPU's name when torch sees one (only GPU sweeps ask)."""
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - any torch or driver failure means: no GPU to name
+        return None
+
+
 def git_state() -> str:
-    """The commit the harness ran from, with "+changes" when the work tree differs from it."""
+    """The commit the harness ran from, with "+changes" when the work tree differs from it;
+    $MLCC_GIT_COMMIT where the tree was copied without its .git folder (GPU machines)."""
+    if os.environ.get("MLCC_GIT_COMMIT"):
+        return os.environ["MLCC_GIT_COMMIT"]
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
                               timeout=30, check=False).stdout.strip()
@@ -64,9 +77,10 @@ def git_state() -> str:
     return f"{commit}+changes" if dirty else commit or "unknown"
 
 
-def machine_info() -> dict:
+def machine_info(gpu: bool = False) -> dict:
     """Everything a reader needs to compare two result folders."""
     return {
+        "gpu": gpu_name() if gpu else None,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),

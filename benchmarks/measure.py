@@ -113,11 +113,11 @@ def forced_logits(runner: Runner, prompt: Sequence[int], tokens: Sequence[int]) 
 class CompiledRunner:
     """A library built by `mlcc compile`, loaded with `CompiledEngine`."""
 
-    def __init__(self, lib: str | Path, params: str | Path) -> None:
+    def __init__(self, lib: str | Path, params: str | Path, device: str = "cpu") -> None:
         from mlcc.runtime_check.compiled import CompiledEngine
 
         chat = json.loads((Path(params) / "mlc-chat-config.json").read_text())
-        self.engine = CompiledEngine(lib, params, chat_config=chat)
+        self.engine = CompiledEngine(lib, params, chat_config=chat, device=device)
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         return self.engine.prefill_logits(ids)

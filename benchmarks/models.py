@@ -86,13 +86,52 @@ def resolve_bench_model(name: str, cache: Path | None = None) -> BenchModel:
                     f"folder or one of {known}")
 
 
+def random_model_config(name: str) -> tuple[str, dict] | None:
+    """(display name, HF config) of a random-weight model name, or None for other names."""
+    if name in RANDOM_MODELS:
+        return name, RANDOM_MODELS[name]
+    from mlcc.frontend.presets import get_preset, preset_names
+
+    if name in preset_names():
+        return f"random-{name}", get_preset(name)
+    return None
+
+
+def resolve_config_only(name: str, cache: Path | None = None) -> BenchModel:
+    """Like resolve_bench_model, but a random model gets its config.json and tokenizer only:
+    all that gen_config and compile read, so libraries can be built where the weights would
+    not fit or take long to create (`python -m benchmarks build`)."""
+    random = random_model_config(name)
+    if random is None:
+        return resolve_bench_model(name, cache)
+    display, hf_config = random
+    folder = (cache or cache_root()) / "configs" / display
+    if not (folder / "config.json").is_file() or \
+            json.loads((folder / "config.json").read_text()) != hf_config:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        write_config_files(folder, hf_config)
+    return BenchModel(display, folder, True)
+
+
+def write_config_files(folder: Path, hf_config: dict) -> None:
+    """config.json and, for the Llama-2 vocabulary, its tokenizer files."""
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+    if hf_config.get("vocab_size") == 32000 and LLAMA2_TOKENIZER.is_dir():
+        for item in LLAMA2_TOKENIZER.iterdir():
+            shutil.copyfile(item, folder / item.name)
+
+
 def ensure_random_checkpoint(folder: Path, hf_config: dict, seed: int = RANDOM_SEED) -> None:
     """Create `folder` with config.json and random float16 weights unless it is complete.
 
-    Written into a sibling folder first and renamed, so an interrupted run leaves nothing that
-    looks complete.
+    The weights are drawn on the GPU when one is visible to torch (a 7B model takes minutes on
+    a CPU). Written into a sibling folder first and renamed, so an interrupted run leaves
+    nothing that looks complete.
     """
-    marker = folder / "model.safetensors"
+    marker = folder / "model.safetensors.index.json"
+    if not marker.is_file():
+        marker = folder / "model.safetensors"
     if marker.is_file() and json.loads((folder / "config.json").read_text()) == hf_config:
         return
     import torch
@@ -105,11 +144,11 @@ def ensure_random_checkpoint(folder: Path, hf_config: dict, seed: int = RANDOM_S
                                                   if k != "architectures"})
     config.initializer_range = RANDOM_INIT_STD
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.float16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config).to(torch.float16)
     model.save_pretrained(staging, safe_serialization=True)
-    (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
-    if hf_config.get("vocab_size") == 32000 and LLAMA2_TOKENIZER.is_dir():
-        for item in LLAMA2_TOKENIZER.iterdir():
-            shutil.copyfile(item, staging / item.name)
+    del model
+    write_config_files(staging, hf_config)
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)

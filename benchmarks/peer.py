@@ -1,9 +1,13 @@
-"""The peer: HF transformers running the same checkpoint through torch on the CPU.
+"""The peer: HF transformers running the same checkpoint through torch, on the CPU or a GPU.
 
-Greedy, batch 1, a DynamicCache carried between calls; prefill computes the logits of the last
-position only (`logits_to_keep=1`, as `generate()` does), so it does the same work as an mlcc
-library compiled with lm_head_last_row. torch uses `threads` intra-op threads, the same count the
-TVM runtime gets.
+Greedy, batch 1; prefill computes the logits of the last position only (`logits_to_keep=1`, as
+`generate()` does), so it does the same work as an mlcc library compiled with lm_head_last_row.
+On the CPU torch uses `threads` intra-op threads, the same count the TVM runtime gets.
+
+`TorchRunner` is transformers eager with a DynamicCache carried between calls. `CompiledRunner`
+(GPU only) is transformers' documented fast path: a StaticCache and the model's forward compiled
+with torch.compile (mode "reduce-overhead": CUDA graphs) for the one-token decode step; prefill
+runs the same forward uncompiled into the static cache.
 """
 
 from __future__ import annotations
@@ -15,17 +19,25 @@ from pathlib import Path
 import numpy as np
 
 
+def _load(hf_dir: str | Path, dtype: str, device: str):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype))
+    return model.to(device).eval()
+
+
 class TorchRunner:
     """`prefill`/`decode` (see benchmarks.measure.Runner) on a transformers causal LM."""
 
-    def __init__(self, hf_dir: str | Path, dtype: str, threads: int) -> None:
+    def __init__(self, hf_dir: str | Path, dtype: str, threads: int,
+                 device: str = "cpu") -> None:
         import torch
-        import transformers
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            hf_dir, dtype=getattr(torch, dtype)).eval()
+        self.device = device
+        self.model = _load(hf_dir, dtype, device)
         self.attention = getattr(self.model.config, "_attn_implementation", None)
         # transformers 5 renamed `past_key_values` to `cache` (argument and output)
         parameters = inspect.signature(self.model.forward).parameters
@@ -34,13 +46,53 @@ class TorchRunner:
 
     def _step(self, ids: list[list[int]], past) -> np.ndarray:
         with self.torch.inference_mode():
-            out = self.model(self.torch.tensor(ids), use_cache=True, logits_to_keep=1,
-                             **{self.cache_name: past})
+            out = self.model(self.torch.tensor(ids, device=self.device), use_cache=True,
+                             logits_to_keep=1, **{self.cache_name: past})
         self.past = out[self.cache_name]
-        return out.logits[0, -1].float().numpy()
+        return out.logits[0, -1].float().cpu().numpy()
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         return self._step([list(ids)], None)
 
     def decode(self, token: int) -> np.ndarray:
         return self._step([[int(token)]], self.past)
+
+
+class CompiledRunner:
+    """transformers float16 on a GPU with a StaticCache of `max_len` positions and a
+    torch.compile'd decode step."""
+
+    def __init__(self, hf_dir: str | Path, max_len: int, device: str = "cuda") -> None:
+        import torch
+        import transformers
+
+        self.torch = torch
+        self.device = device
+        self.model = _load(hf_dir, "float16", device)
+        self.attention = getattr(self.model.config, "_attn_implementation", None)
+        wanted = {"config": self.model.config, "max_cache_len": max_len, "max_batch_size": 1,
+                  "device": device, "dtype": torch.float16}
+        accepted = inspect.signature(transformers.StaticCache.__init__).parameters
+        self.cache = transformers.StaticCache(**{k: v for k, v in wanted.items()
+                                                 if k in accepted})
+        parameters = inspect.signature(self.model.forward).parameters
+        self.cache_name = "cache" if "cache" in parameters else "past_key_values"
+        self.step = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
+        self.position = 0
+
+    def _run(self, forward, ids: list[int]) -> np.ndarray:
+        torch = self.torch
+        positions = torch.arange(self.position, self.position + len(ids), device=self.device)
+        with torch.inference_mode():
+            out = forward(torch.tensor([ids], device=self.device), cache_position=positions,
+                          use_cache=True, logits_to_keep=1, **{self.cache_name: self.cache})
+        self.position += len(ids)
+        return out.logits[0, -1].float().cpu().numpy()
+
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        self.cache.reset()
+        self.position = 0
+        return self._run(self.model.forward, list(ids))
+
+    def decode(self, token: int) -> np.ndarray:
+        return self._run(self.step, [int(token)])

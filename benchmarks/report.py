@@ -64,7 +64,8 @@ def machine_lines(results: dict) -> list[str]:
     memory = f"{m['memory_bytes'] / 2**30:.0f} GiB" if m.get("memory_bytes") else "unknown"
     lines = [
         f"- Date: {m['date']}; sweep wall time {results['wall_seconds'] / 60:.1f} min",
-        f"- Machine: {m['cpu']}, {m['cores']} cores, {memory} RAM, {m['os']}",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {memory} RAM, {m['os']}"
+        + (f"; GPU: {m['gpu']}" if m.get("gpu") else ""),
         f"- Threads: {spec['threads']} (TVM runtime and torch)",
         "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- mlcc commit: {m['git']}",
@@ -84,7 +85,7 @@ def throughput_table(model: dict) -> list[str]:
     lengths = model["plan"]["lengths"]
     head = ["runner", "gate", "decode tok/s (median, min–max, runs)",
             *[f"prefill tok/s @{n}" for n in lengths], f"TTFT ms @{lengths[-1]}",
-            "peak RSS MB", "host µs/token"]
+            "peak RSS MB", "GPU memory GB", "host µs/token"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for level, entry in model["levels"].items():
         run = entry.get("run", {})
@@ -101,7 +102,7 @@ def throughput_table(model: dict) -> list[str]:
             f"mlcc {level}", gate_text(entry), fmt_rate(run["decode"]["tokens_per_second"], True),
             *[fmt_rate(run["prefill"][str(n)]["tokens_per_second"]) for n in lengths],
             fmt_rate(run["prefill"][str(lengths[-1])]["ttft_ms"]),
-            f"{run['rss']['peak_bytes'] / MB:,.0f}",
+            f"{run['rss']['peak_bytes'] / MB:,.0f}", _gpu_cell(run),
             _host_cell(host)]) + " |")
     for dtype, peer in model["peers"].items():
         if "error" in peer:
@@ -112,8 +113,12 @@ def throughput_table(model: dict) -> list[str]:
             f"transformers {dtype}", "(peer)", fmt_rate(peer["decode"]["tokens_per_second"], True),
             *[fmt_rate(peer["prefill"][str(n)]["tokens_per_second"]) for n in lengths],
             fmt_rate(peer["prefill"][str(lengths[-1])]["ttft_ms"]),
-            f"{peer['rss']['peak_bytes'] / MB:,.0f}", "—"]) + " |")
+            f"{peer['rss']['peak_bytes'] / MB:,.0f}", _gpu_cell(peer), "—"]) + " |")
     return rows
+
+
+def _gpu_cell(run: dict) -> str:
+    return f"{run['gpu_mem_bytes'] / 1e9:.2f}" if run.get("gpu_mem_bytes") else "—"
 
 
 def _host_cell(host: dict) -> str:
@@ -123,14 +128,19 @@ def _host_cell(host: dict) -> str:
 
 
 def ratio_lines(model: dict) -> list[str]:
-    """mlcc's levels over the float32 peer, decode and the longest prefill."""
-    peer = model["peers"].get("float32", {})
-    if "decode" not in peer:
-        return []
+    """mlcc's levels over each peer that ran, decode and the longest prefill."""
+    lines = []
+    for name, peer in model["peers"].items():
+        if "decode" in peer:
+            lines += _ratios_to(model, name, peer)
+    return lines
+
+
+def _ratios_to(model: dict, name: str, peer: dict) -> list[str]:
     longest = str(model["plan"]["lengths"][-1])
     base_decode = Summary.from_json(peer["decode"]["tokens_per_second"]).median
     base_prefill = Summary.from_json(peer["prefill"][longest]["tokens_per_second"]).median
-    lines = ["", f"Side by side with transformers float32 (decode; prefill @{longest}):", ""]
+    lines = ["", f"Side by side with transformers {name} (decode; prefill @{longest}):", ""]
     for level, entry in model["levels"].items():
         if not passed(entry):
             continue
@@ -138,6 +148,35 @@ def ratio_lines(model: dict) -> list[str]:
         decode = Summary.from_json(run["decode"]["tokens_per_second"]).median / base_decode
         prefill = Summary.from_json(run["prefill"][longest]["tokens_per_second"]).median
         lines.append(f"- mlcc {level}: decode {decode:.2f}x, prefill {prefill / base_prefill:.2f}x")
+    return lines
+
+
+def kernel_lines(model: dict, top: int = 8) -> list[str]:
+    """Per level: decode step and prefill kernel totals, the q_linear GEMVs' bandwidth, and
+    the slowest kernels of a decode step."""
+    lines = []
+    for level, entry in model["levels"].items():
+        kernels = entry.get("run", {}).get("kernels")
+        if not kernels or not passed(entry):
+            continue
+        decode, prefill = kernels["decode"], kernels["prefill"]
+        step_us = sum(k["us"] for k in decode)
+        gemv = [k for k in decode if k.get("op") == "q_linear" and "bytes_per_call" in k]
+        gemv_us = sum(k["us"] for k in gemv)
+        moved = sum(k["bytes_per_call"] * k["calls"] for k in gemv)
+        bandwidth = f" at {moved / gemv_us / 1e3:,.0f} GB/s" if gemv_us else ""
+        launches = sum(k["calls"] for k in decode)
+        summary = (f"**{level}**: decode step {step_us / 1e3:.3f} ms of kernels ({launches} "
+                   f"launches; q_linear {gemv_us / 1e3:.3f} ms{bandwidth}); prefill "
+                   f"@{model['plan']['lengths'][-1]} {sum(k['us'] for k in prefill) / 1e3:.2f} "
+                   "ms of kernels.")
+        lines += [summary, "",
+                  "| kernel | op | calls/step | µs/step | GB/s |", "|---|---|---|---|---|"]
+        for k in decode[:top]:
+            gbs = f"{k['gb_s']:,.0f}" if "gb_s" in k else ""
+            lines.append(f"| {k['kernel'][:56]} | {k.get('op', '')} | {k['calls']} | "
+                         f"{k['us']:,.1f} | {gbs} |")
+        lines.append("")
     return lines
 
 
@@ -225,7 +264,10 @@ def model_section(model: dict, quantization: str) -> list[str]:
     if model["name"] in ANCHORS:
         lines += ["", f"Reference point: {ANCHORS[model['name']]}"]
     lines += ["", "### Correctness gate", ""] + gate_table(model)
-    lines += ["", "### Per-token host overhead of decode", ""] + host_table(model)
+    if any("kernels" in e.get("run", {}) for e in model["levels"].values()):
+        lines += ["", "### Per-kernel time (CUDA profiler, no graph)", ""] + kernel_lines(model)
+    else:
+        lines += ["", "### Per-token host overhead of decode", ""] + host_table(model)
     lines += ["", "### Batch decode", ""] + (batch_lines(model) or ["- no level passed"])
     lines += ["", "### Compile time", ""] + compile_table(model) + [""]
     return lines

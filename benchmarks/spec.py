@@ -16,6 +16,11 @@ DEFAULT_LEVELS = ("O0", "O1", "O2", "O3")
 BASELINE_LEVEL = "O0"
 CPU_DEVICES = ("cpu", "llvm")
 PEER_DTYPES = ("float32", "bfloat16", "float16")
+# On a GPU the peer runs eagerly per dtype, and "float16-compiled" is transformers float16 with
+# a static KV cache and torch.compile (its documented fast path), timed through generate().
+COMPILED_PEER = "float16-compiled"
+PEER_KINDS = (*PEER_DTYPES, COMPILED_PEER)
+GPU_DEFAULT_PEERS = ("float16", COMPILED_PEER)
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class SweepSpec:
     max_batch_size: int = 1
     child_timeout: float = 1200.0
     reuse_libraries: bool = True
+    prebuilt: str | None = None  # a folder from `python -m benchmarks build` (GPU machines)
 
     def __post_init__(self) -> None:
         check_device(self.device)
@@ -45,18 +51,26 @@ class SweepSpec:
             check_level(level)
         if not self.models:
             raise MlccError(STAGE, "--model: name at least one model")
-        for key in ("decode_tokens", "gate_tokens", "reference_steps", "repeats", "threads",
-                    "max_batch_size"):
+        if self.reference_steps < 0:
+            raise MlccError(STAGE, f"--reference-steps must be >= 0, got {self.reference_steps}")
+        for key in ("decode_tokens", "gate_tokens", "repeats", "threads", "max_batch_size"):
             if getattr(self, key) < 1:
                 raise MlccError(STAGE, f"--{key.replace('_', '-')} must be >= 1, got "
                                 f"{getattr(self, key)}")
         if not self.prompt_lengths or min(self.prompt_lengths) < 1:
             raise MlccError(STAGE, f"--prompt-lengths must be positive integers, got "
                             f"{list(self.prompt_lengths)}")
-        bad = [p for p in self.peers if p not in PEER_DTYPES]
+        bad = [p for p in self.peers if p not in PEER_KINDS]
         if bad:
-            raise MlccError(STAGE, f"--peer {','.join(bad)} is not a torch dtype the peer runs; "
-                            f"use some of {','.join(PEER_DTYPES)} or none")
+            raise MlccError(STAGE, f"--peer {','.join(bad)} is not a peer this harness runs; "
+                            f"use some of {','.join(PEER_KINDS)} or none")
+        if COMPILED_PEER in self.peers and not self.on_gpu:
+            raise MlccError(STAGE, f"--peer {COMPILED_PEER} runs on a GPU only; drop it for "
+                            "--device cpu")
+
+    @property
+    def on_gpu(self) -> bool:
+        return not is_cpu(self.device)
 
     @property
     def compiled_levels(self) -> tuple[str, ...]:
@@ -68,16 +82,17 @@ class SweepSpec:
         return asdict(self)
 
 
+def is_cpu(device: str) -> bool:
+    return device.strip().lower() in CPU_DEVICES
+
+
 def check_device(device: str) -> None:
-    """Only CPU libraries are measured here; GPUs fail with one line that says so."""
+    """CPU and CUDA libraries are measured; other devices fail with one line that says so."""
     name = device.strip().lower()
-    if name in CPU_DEVICES:
+    if name in CPU_DEVICES or name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
         return
-    if name == "cuda" or name.startswith("cuda:"):
-        raise MlccError(STAGE, f"--device {device}: this harness measures CPU libraries only "
-                        "for now; the GPU sweep (issue 9, part 2) needs CompiledEngine on CUDA "
-                        "wired in here; use --device cpu")
-    raise MlccError(STAGE, f"--device {device!r} is not supported; use cpu")
+    raise MlccError(STAGE, f"--device {device!r} is not supported by the harness; use cpu, "
+                    "cuda or cuda:N")
 
 
 def check_level(level: str) -> None:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.kernels import kernel_breakdown, weight_bytes_per_token
+
 HF_CONFIG = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
              "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "initializer_range": 0.02,
@@ -108,67 +110,6 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def spec_bytes(spec: dict) -> int:
-    """Bytes a kernel must move in one decode call (weights once, activations once)."""
-    total = 0
-    for shape, dtype in spec["inputs"] + spec["outputs"]:
-        count = int(np.prod([d if isinstance(d, int) else 1 for d in shape]))
-        total += count * np.dtype(dtype).itemsize
-    if spec["op"] == "q_embedding":  # reads one row of the table, not the table
-        total = sum(int(np.prod(s[1:])) * np.dtype(d).itemsize for s, d in spec["inputs"][:2])
-    return total
-
-
-def kernel_breakdown(engine, phase: str = "decode", steps: int = 8) -> list[dict]:
-    """Per kernel: calls and time per decode step (or per 512-token prefill), bytes moved and
-    achieved bandwidth (decode: weights once, activations once; prefill: no bandwidth)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    specs = engine.metadata.get("kernel_specs", {})
-    engine.cudagraph = False
-    prompt = list(range(1, (PREFILL if phase == "prefill" else PROMPT) + 1))
-    logits = engine.prefill_logits(prompt)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            if phase == "prefill":
-                engine.prefill_logits(prompt)
-            else:
-                logits = engine.decode(int(np.argmax(logits)))
-        torch.cuda.synchronize()
-    rows: dict[str, dict] = {}
-    for event in prof.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        row = rows.setdefault(event.name, {"kernel": event.name, "calls": 0, "us": 0.0})
-        row["calls"] += 1
-        row["us"] += event.time_range.elapsed_us() / steps
-    out = []
-    for row in rows.values():
-        row["calls"] //= steps
-        base = row["kernel"].removesuffix("_kernel").rsplit("_kernel", 1)[0]
-        spec = specs.get(base)
-        if spec is not None:
-            row["op"] = spec["op"]
-            if phase == "decode" and row["calls"]:
-                per_call = spec_bytes(spec)
-                row["bytes_per_call"] = per_call
-                row["gb_s"] = per_call * row["calls"] / (row["us"] * 1e-6) / 1e9
-        out.append(row)
-    return sorted(out, key=lambda r: -r["us"])
-
-
-def weight_bytes_per_token(metadata: dict) -> int:
-    total = 0
-    for p in metadata["params"]:
-        nbytes = int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
-        if "embed_tokens" in p["name"]:
-            nbytes //= p["shape"][0]
-        total += nbytes
-    return total
-
-
 def run_library(args, params: Path) -> dict:
     import torch
 
@@ -184,8 +125,9 @@ def run_library(args, params: Path) -> dict:
         results.update({k + suffix: v for k, v in numbers.items()})
     free_after, _ = torch.cuda.mem_get_info()
     results["peak_gpu_mem_gb"] = (free_before - free_after) / 1e9
-    results["kernels"] = kernel_breakdown(engine)
-    results["prefill_kernels"] = kernel_breakdown(engine, "prefill", steps=2)
+    results["kernels"] = kernel_breakdown(engine, list(range(1, PROMPT + 1)))
+    results["prefill_kernels"] = kernel_breakdown(engine, list(range(1, PREFILL + 1)), "prefill",
+                                                steps=2)
     results["weight_bytes_per_token"] = weight_bytes_per_token(engine.metadata)
     return results
 

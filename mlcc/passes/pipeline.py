@@ -59,13 +59,16 @@ def parse_opt(text: str | None) -> OptConfig:
 
 
 def build_pipeline(opt: OptConfig, model_dtype: str, quantization: str,
-                   prefill_chunk_size: int) -> list[Pass]:
+                   prefill_chunk_size: int, tensor_parallel_shards: int = 1) -> list[Pass]:
     from mlcc.passes.quantize import QuantizeWeights
+    from mlcc.passes.shard import ShardModule
 
     passes: list[Pass] = [
         # Legalize: dtypes and quantized weights as they are stored.
         ConvertModelDType(model_dtype),
         QuantizeWeights(quantization),
+        # Tensor parallelism: each rank's program, on whole quantization groups.
+        *([ShardModule(tensor_parallel_shards)] if tensor_parallel_shards > 1 else []),
         # Attention reads the fused QKV projection and owns the KV cache layout.
         FuseQKVAttention(),
     ]

@@ -119,3 +119,37 @@ def test_gate_catches_a_level_that_computes_something_else(swept, tmp_path):
                           np.load(tmp_path / "wrong.npy"), result["gate_tokens"], baseline,
                           logits_tolerance(reference, "float32"))
     assert not verdict.passed and verdict.max_error > verdict.tolerance
+
+
+@pytest.mark.slow
+def test_prebuilt_libraries_are_measured_where_nothing_compiles(swept, tmp_path):
+    """`build` then `run --prebuilt` (the GPU machine's flow, here on the CPU): the libraries
+    come from the build folder, the gate holds every level to O0 without the interpreter, and
+    a build from another config is refused."""
+    from benchmarks.sweep import build_model
+
+    spec, model, cache = swept
+    own_cache = tmp_path / "cache"
+    shutil.copytree(cache / "libs", own_cache / "libs")  # the same builds: reused, not redone
+    out = tmp_path / "prebuilt"
+    manifest = build_model(model["hf_dir"], spec, own_cache, out, lambda message: None)
+    assert set(manifest["levels"]) == {"O0", "O2"}
+    assert all((out / manifest["model"] / e["file"]).is_file()
+               for e in manifest["levels"].values())
+    measured_spec = SweepSpec(**{**spec.to_json(), "prebuilt": str(out), "reference_steps": 0,
+                                 "peers": ()})
+    measured = bench_model(model["hf_dir"], measured_spec, own_cache, lambda message: None)
+    for level in ("O0", "O2"):
+        entry = measured["levels"][level]
+        assert entry["compile"]["reused"] and entry["gate"]["passed"], entry
+        assert entry["run"]["gate_tokens"] == model["levels"][level]["run"]["gate_tokens"]
+    assert "--reference-steps 0" in measured["levels"]["O0"]["gate"]["note"]
+    path = out / manifest["model"] / "build.json"
+    edited = json.loads(path.read_text())
+    edited["chat_config"]["context_window_size"] += 1
+    path.write_text(json.dumps(edited))
+    from mlcc.errors import MlccError
+
+    with pytest.raises(MlccError, match="built from another mlc-chat-config.json .*"
+                       "context_window_size"):
+        bench_model(model["hf_dir"], measured_spec, own_cache, lambda message: None)

@@ -157,10 +157,16 @@ def test_levels_knobs_and_devices():
     assert spec.parse_list("O0, O2;lm_head_last_row=0,") == ("O0", "O2;lm_head_last_row=0")
     with pytest.raises(MlccError, match=r"^\[benchmarks\] --opt 'O9'"):
         spec.SweepSpec(levels=("O9",))
-    with pytest.raises(MlccError, match=r"--device cuda: this harness measures CPU"):
-        spec.SweepSpec(device="cuda")
+    assert spec.SweepSpec(device="cuda:1", peers=spec.GPU_DEFAULT_PEERS).on_gpu
+    assert not spec.SweepSpec(device="cpu").on_gpu
+    with pytest.raises(MlccError, match=r"--device 'metal' is not supported by the harness"):
+        spec.SweepSpec(device="metal")
     with pytest.raises(MlccError, match="--peer float64"):
         spec.SweepSpec(peers=("float64",))
+    with pytest.raises(MlccError, match="--peer float16-compiled runs on a GPU only"):
+        spec.SweepSpec(peers=("float16-compiled",))
+    with pytest.raises(MlccError, match="--reference-steps must be >= 0"):
+        spec.SweepSpec(reference_steps=-1)
     with pytest.raises(MlccError, match="--prompt-lengths '16,x'"):
         spec.parse_int_list("16,x", "--prompt-lengths")
 
@@ -372,9 +378,19 @@ def test_plots_written_with_matplotlib(tmp_path):
     assert "![throughput.png](throughput.png)" in (tmp_path / "README.md").read_text()
 
 
-def test_cli_refuses_cuda_with_one_line(capsys):
+def test_cli_refuses_unknown_devices_with_one_line(capsys):
     from benchmarks.__main__ import main
 
-    assert main(["run", "--device", "cuda", "--model", "stories260K"]) == 1
+    assert main(["run", "--device", "metal", "--model", "stories260K"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("[benchmarks] --device cuda:") and "\n" not in err
+    assert err.startswith("[benchmarks] --device 'metal'") and "\n" not in err
+
+
+def test_gpu_peers_are_the_default_on_cuda():
+    from benchmarks.__main__ import build_parser, spec_from_args
+
+    args = build_parser().parse_args(["run", "--device", "cuda", "--reference-steps", "0"])
+    built = spec_from_args(args)
+    assert built.peers == spec.GPU_DEFAULT_PEERS and built.reference_steps == 0
+    args = build_parser().parse_args(["run"])
+    assert spec_from_args(args).peers == spec.PEER_DTYPES
