@@ -6,6 +6,7 @@ This package is the floor of the project: it imports nothing else of mlcc.
 from mlcc.ir import collective as _collective_ops  # noqa: F401  (registers all_reduce)
 from mlcc.ir import fused as _fused_ops  # noqa: F401  (registers qkv_attention, add_*_norm)
 from mlcc.ir import kv as _kv_ops  # noqa: F401  (registers positions/rope/attention)
+from mlcc.ir import moe_ops as _moe_ops  # noqa: F401  (registers moe_dispatch/moe_linear/...)
 from mlcc.ir import ops as _core_ops  # noqa: F401  (registers the core ops)
 from mlcc.ir import quant_ops as _quant_ops  # noqa: F401  (registers q_linear/q_embedding)
 from mlcc.ir.builder import FunctionBuilder, ModuleBuilder, current_builder

@@ -16,6 +16,7 @@ from mlcc.passes.cleanup import DeadCodeElimination
 from mlcc.passes.dtype import ConvertModelDType
 from mlcc.passes.fuse import FuseAddNorm, FuseQKVAttention, LMHeadLastRow
 from mlcc.passes.layout import KVCacheLayout, PlanMemory, PrefillChunking
+from mlcc.passes.moe import SparseMoE
 
 # knob -> lowest level at which it is on by default
 KNOBS: dict[str, tuple[int, str]] = {
@@ -69,6 +70,7 @@ def build_pipeline(opt: OptConfig, model_dtype: str, quantization: str,
         QuantizeWeights(quantization),
         # Tensor parallelism: each rank's program, on whole quantization groups.
         *([ShardModule(tensor_parallel_shards)] if tensor_parallel_shards > 1 else []),
+        SparseMoE(),  # every level: dense experts cost E/top_k times the work and workspace
         # Attention reads the fused QKV projection and owns the KV cache layout.
         FuseQKVAttention(),
     ]

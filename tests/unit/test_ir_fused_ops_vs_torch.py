@@ -160,6 +160,8 @@ COMPARED_WITH_TORCH = frozenset({
     "last_row", "add_rms_norm", "add_layer_norm", "qkv_attention",
     # compared in test_ir_arch_ops_vs_torch.py
     "gelu_mul", "scale_in_dtype", "moe_route", "moe_combine",
+    # compared in test_ir_moe_ops_vs_torch.py
+    "moe_dispatch", "moe_linear", "q_moe_linear", "moe_reduce",
 })
 
 
