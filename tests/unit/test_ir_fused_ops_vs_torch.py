@@ -162,6 +162,7 @@ COMPARED_WITH_TORCH = frozenset({
     "gelu_mul", "scale_in_dtype", "moe_route", "moe_combine",
     # compared in test_ir_moe_ops_vs_torch.py
     "moe_dispatch", "moe_linear", "q_moe_linear", "moe_reduce",
+    "all_reduce",  # compared in test_ir_collective_vs_torch.py
 })
 
 
