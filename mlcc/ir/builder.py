@@ -139,9 +139,9 @@ class FunctionBuilder:
         return self.emit("embedding", table, ids, name=name)
 
     def linear(self, x: Value, weight: Value, bias: Value | None = None,
-               name: str | None = None) -> Value:
+               name: str | None = None, out_dtype: str | None = None) -> Value:
         args = (x, weight) if bias is None else (x, weight, bias)
-        return self.emit("linear", *args, name=name)
+        return self.emit("linear", *args, out_dtype=out_dtype, name=name)
 
     def matmul(self, a: Value, b: Value, name: str | None = None) -> Value:
         return self.emit("matmul", a, b, name=name)

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlcc.ir.ops import INT_DTYPES, need, need_float, out, tensor
+from mlcc.ir.ops import (
+    INT_DTYPES,
+    OUT_DTYPE_ATTR,
+    need,
+    need_float,
+    out,
+    result_dtype,
+    tensor,
+)
 from mlcc.ir.registry import AttrSpec, OpDef, as_f32, register
 from mlcc.ir.types import TensorType
 
@@ -62,7 +70,7 @@ def _q_linear_infer(types, attrs):
     if len(types) == 4:
         b = tensor(types, 3, "bias")
         need(b.rank == 1 and b.shape[0] == n, f"bias must be [{n}], got {b}")
-    return (TensorType(x.dtype, x.shape[:-1] + (n,)),)
+    return (TensorType(result_dtype(x, attrs), x.shape[:-1] + (n,)),)
 
 
 def _q_linear_ref(ctx, inputs, attrs):
@@ -72,11 +80,13 @@ def _q_linear_ref(ctx, inputs, attrs):
     y = as_f32(inputs[0]) @ w.T
     if len(inputs) == 4:
         y = y + as_f32(inputs[3])
-    return out([y], [inputs[0].dtype.name])
+    return out([y], [attrs["out_dtype"] or inputs[0].dtype.name])
 
 
-register(OpDef("q_linear", QUANT_ATTRS, (3, 4), _q_linear_infer, _q_linear_ref,
-               doc="x @ dequantize(q_weight, q_scale).T (+ bias), dequantization fused."))
+register(OpDef("q_linear", QUANT_ATTRS + (OUT_DTYPE_ATTR,), (3, 4), _q_linear_infer,
+               _q_linear_ref,
+               doc="x @ dequantize(q_weight, q_scale).T (+ bias), dequantization fused; the "
+                   "float32 sum is rounded to out_dtype (default: x's dtype)."))
 
 
 def _q_embedding_infer(types, attrs):

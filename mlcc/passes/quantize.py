@@ -46,7 +46,8 @@ class QuantizeWeights(Pass):
 
     Requires: parameters annotated with `kind`, model dtype already legalized. Guarantees: no
     `linear`/`embedding` reads a quantized parameter; `q_linear`/`q_embedding` read `q_weight`
-    and `q_scale`; parameters appear in the order convert_weight stores them.
+    and `q_scale`, a `q_linear` keeps its linear's out_dtype; parameters appear in the order
+    convert_weight stores them.
     """
 
     name: ClassVar[str] = "quantize_weights"
@@ -82,7 +83,8 @@ class QuantizeWeights(Pass):
         attrs = None
         if node.op == "linear" and (q := quantized(node.inputs[1])):
             k = node.inputs[1].shape[1]
-            attrs = {"bits": scheme.bits, "group_size": scheme.group_size, "in_features": k}
+            attrs = {"bits": scheme.bits, "group_size": scheme.group_size, "in_features": k,
+                     "out_dtype": node.attrs["out_dtype"]}
             return Node("q_linear", (node.inputs[0],) + q + node.inputs[2:], node.outputs, attrs)
         if node.op == "embedding" and (q := quantized(node.inputs[0])):
             k = node.inputs[0].shape[1]
