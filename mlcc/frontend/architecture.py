@@ -8,8 +8,9 @@ compiled library's metadata all follow.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -63,10 +64,17 @@ class ParamSource:
 
 @dataclass(frozen=True)
 class WeightMapping:
-    """All parameters of a model in load order, and regexes of HF tensors ignored on purpose."""
+    """All parameters of a model in load order, and regexes of HF tensors ignored on purpose.
+
+    `hf_prefix` is a prefix that checkpoints of the model write before their tensor names or
+    leave out, depending on the class that saved them (GPT2LMHeadModel writes
+    `transformer.h.0...`, GPT2Model and the published GPT-2 folders `h.0...`); a tensor is
+    found under either spelling.
+    """
 
     params: tuple[ParamSource, ...]
     unused: tuple[str, ...] = ()
+    hf_prefix: str = ""
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.params]
@@ -86,7 +94,28 @@ class WeightMapping:
 
     def is_unused(self, hf_name: str) -> bool:
         """True when `hf_name` is an HF tensor this model deliberately ignores."""
-        return any(re.fullmatch(pattern, hf_name) for pattern in self.unused)
+        spellings = (hf_name, self._other_spelling(hf_name)) if self.hf_prefix else (hf_name,)
+        return any(re.fullmatch(pattern, name) for pattern in self.unused for name in spellings)
+
+    def spelled_as(self, stored: Iterable[str]) -> WeightMapping:
+        """This mapping with every HF name that a checkpoint holding `stored` spells with or
+        without `hf_prefix` renamed to its spelling (parameter names stay)."""
+        if not self.hf_prefix:
+            return self
+        stored = set(stored)
+
+        def spelled(hf: str) -> str:
+            other = self._other_spelling(hf)
+            return other if hf not in stored and other in stored else hf
+
+        params = tuple(dataclasses.replace(p, hf_names=tuple(spelled(hf) for hf in p.hf_names))
+                       for p in self.params)
+        return dataclasses.replace(self, params=params)
+
+    def _other_spelling(self, hf_name: str) -> str:
+        if hf_name.startswith(self.hf_prefix):
+            return hf_name.removeprefix(self.hf_prefix)
+        return self.hf_prefix + hf_name
 
 
 @dataclass(frozen=True)

@@ -391,11 +391,13 @@ def iter_params(
 
     Files are visited in order and each is closed before the next opens; a parameter is yielded
     as soon as its last HF tensor is read (parts from earlier files wait as copies). Tensors
-    are float32, or float16 / bfloat16 when stored so.
+    are float32, or float16 / bfloat16 when stored so. HF names are found with or without the
+    mapping's `hf_prefix`; the yielded parameter lists them as the checkpoint spells them.
     """
+    located = checkpoint.locate()
+    mapping = mapping.spelled_as(located)
     _check_names(mapping, checkpoint)
     _check_header_shapes(mapping, checkpoint)
-    located = checkpoint.locate()
     waiting: dict[str, dict[str, torch.Tensor]] = {}
     for path, params in _plan(mapping, checkpoint).items():
         if not params:

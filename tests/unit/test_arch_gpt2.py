@@ -3,7 +3,8 @@
 The tiny models keep GPT-2's structure (learned positions, Conv1D weights stored (in, out),
 tanh GELU, tied lm_head, an odd vocabulary) and are written the way the published checkpoints
 are: tensor names without the `transformer.` prefix, the `h.N.attn.bias` mask buffers included,
-as model.safetensors or as pytorch_model.bin.
+as model.safetensors or as pytorch_model.bin; or as GPT2LMHeadModel writes them, with the
+prefix (save_pretrained's safetensors, or its state dict as a .bin).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from arch_parity import CHUNK, assert_reference_matches_transformers, randomize
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from mlcc.errors import MlccError
 from mlcc.frontend import resolve_model
@@ -61,6 +62,59 @@ def test_tiny_gpt2_matches_transformers(tmp_path: Path, case: str) -> None:
     config = transformers.GPT2Config(**{**TINY, **changes})
     model = randomize(transformers.GPT2LMHeadModel(config), seed=sum(map(ord, case)))
     assert_reference_matches_transformers(model, save_published_layout(model, tmp_path, fmt))
+
+
+def save_prefixed_layout(model, path: Path, fmt: str) -> Path:
+    """Write the model as GPT2LMHeadModel saves it: `transformer.h.0...` names."""
+    if fmt == "bin":
+        state = {name: t.contiguous() for name, t in model.state_dict().items()}
+        assert any(name.startswith("transformer.h.0.") for name in state)
+        torch.save(state, path / "pytorch_model.bin")
+        model.config.save_pretrained(path)
+    else:
+        model.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "prefill_chunk_size": CHUNK}))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_prefixed_checkpoint_matches_transformers(tmp_path: Path, fmt: str) -> None:
+    config = transformers.GPT2Config(**{**TINY, "tie_word_embeddings": fmt == "bin"})
+    model = randomize(transformers.GPT2LMHeadModel(config), seed=len(fmt))
+    assert_reference_matches_transformers(model, save_prefixed_layout(model, tmp_path, fmt))
+
+
+def test_both_spellings_load_the_same_params(tmp_path: Path) -> None:
+    from mlcc.frontend import load_params, open_checkpoint
+
+    model = randomize(transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY)), 7)
+    loaded = []
+    for layout, save in (("bare", save_published_layout), ("prefixed", save_prefixed_layout)):
+        folder = tmp_path / layout
+        folder.mkdir()
+        source = resolve_model(save(model, folder, "safetensors"))
+        mapping = source.arch.weight_mapping(source.config)
+        loaded.append(load_params(mapping, open_checkpoint(folder)))
+    bare, prefixed = loaded
+    assert sorted(bare) == sorted(prefixed) and "h.1.attn.c_attn.weight" in bare
+    for name, value in bare.items():
+        assert (value == prefixed[name]).all(), name
+    wpe = model.transformer.wpe.weight.detach().numpy()
+    assert (prefixed["wpe.weight"] == wpe).all()
+
+
+def test_missing_tensor_is_named_as_published(tmp_path: Path) -> None:
+    from mlcc.frontend import load_params, open_checkpoint
+
+    model = randomize(transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY)), 8)
+    save_prefixed_layout(model, tmp_path, "safetensors")
+    state = load_file(str(tmp_path / "model.safetensors"))
+    del state["transformer.h.1.ln_2.bias"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    source = resolve_model(tmp_path)
+    with pytest.raises(MlccError, match=r"h\.1\.ln_2\.bias: missing from the checkpoint"):
+        load_params(source.arch.weight_mapping(source.config), open_checkpoint(tmp_path))
 
 
 def test_conv1d_weights_are_transposed(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ transformers.
 The tiny models keep SantaCoder's structure: multi-query attention (6 query heads, one KV head),
 learned position embeddings, LayerNorms and linear layers with bias, tanh GELU, tied lm_head;
 plus the multi-head variant whose c_attn rows are per head [q_h, k_h, v_h], and one without
-attention-weight scaling.
+attention-weight scaling. Checkpoints are read as GPTBigCodeForCausalLM saves them
+(`transformer.h.0...`) and with bare names (`h.0...`, as the base GPTBigCodeModel has them).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from arch_parity import assert_reference_matches_transformers, randomize, save_tiny
+
+from safetensors.torch import save_file
 
 from mlcc.errors import MlccError
 from mlcc.frontend import resolve_model
@@ -37,6 +41,22 @@ def test_tiny_gpt_bigcode_matches_transformers(tmp_path: Path, case: str) -> Non
     config = transformers.GPTBigCodeConfig(**{**TINY, **CASES[case]})
     model = randomize(transformers.GPTBigCodeForCausalLM(config), seed=sum(map(ord, case)))
     assert_reference_matches_transformers(model, save_tiny(model, tmp_path))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_checkpoint_without_prefix_matches_transformers(tmp_path: Path, fmt: str) -> None:
+    config = transformers.GPTBigCodeConfig(**{**TINY, "multi_query": fmt == "bin"})
+    model = randomize(transformers.GPTBigCodeForCausalLM(config), seed=len(fmt) + 1)
+    save_tiny(model, tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    state = {name.removeprefix("transformer."): t.contiguous()
+             for name, t in model.state_dict().items() if name != "lm_head.weight"}
+    assert "h.0.attn.c_attn.weight" in state
+    if fmt == "bin":
+        torch.save(state, tmp_path / "pytorch_model.bin")
+    else:
+        save_file(state, str(tmp_path / "model.safetensors"))
+    assert_reference_matches_transformers(model, tmp_path)
 
 
 def test_preset_reads_santacoder() -> None:
