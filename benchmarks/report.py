@@ -25,11 +25,54 @@ def write_results(results: dict, out: Path, log: Callable[[str], None]) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    if results["spec"]["device"].startswith("cuda"):
+        (out / "summary.json").write_text(json.dumps(gpu_summary(results), indent=1) + "\n")
     plots = write_plots(results, out)
     if not plots:
         log("plots skipped: matplotlib is not installed (pip install -e .[test])")
     (out / "README.md").write_text(render_markdown(results, plots))
     log(f"wrote {out}/README.md, results.json" + "".join(f", {p}" for p in plots))
+
+
+# HBM read bandwidth of one H200 measured on 2026-11-28 (design.md section 7).
+HBM_BYTES_PER_S = 4.24e12
+
+
+def _median(data: dict | None) -> float | None:
+    return Summary.from_json(data).median if data else None
+
+
+def gpu_summary(results: dict) -> dict:
+    """The headline figures of a GPU sweep per model and level (medians), in the key names
+    the CUDA backend's benchmark uses: decode/prefill tok/s, batch decode, GPU memory, the
+    peers' decode and the fraction of the HBM roofline that decode reaches."""
+    out = {"date": results["machine"]["date"], "gpu": results["machine"].get("gpu"),
+           "command": results["command"], "hbm_bytes_per_s": HBM_BYTES_PER_S, "models": {}}
+    for model in results["models"]:
+        longest = str(model["plan"]["lengths"][-1])
+        peers = {f"peer_{name.replace('-', '_')}_decode_tok_s":
+                 _median(p.get("decode", {}).get("tokens_per_second"))
+                 for name, p in model["peers"].items()}
+        levels = {}
+        for level, entry in model["levels"].items():
+            if not passed(entry):
+                levels[level] = {"gate_passed": False}
+                continue
+            run = entry["run"]
+            decode = _median(run["decode"]["tokens_per_second"])
+            weights = run.get("kernels", {}).get("weight_bytes_per_token")
+            batch = run.get("batch_decode", {})
+            levels[level] = {
+                "gate_passed": True, "decode_tok_s": decode,
+                "prefill_tok_s": _median(run["prefill"][longest]["tokens_per_second"]),
+                "prefill_tokens": int(longest),
+                f"batch{batch.get('batch', '')}_decode_tok_s":
+                    _median(batch.get("tokens_per_second")) if batch.get("available") else None,
+                "peak_gpu_mem_gb": run.get("gpu_mem_bytes", 0) / 1e9,
+                "roofline_fraction": decode * weights / HBM_BYTES_PER_S if weights else None,
+                **peers}
+        out["models"][model["name"]] = levels
+    return out
 
 
 def _summary(data: dict | None) -> Summary | None:

@@ -394,3 +394,32 @@ def test_gpu_peers_are_the_default_on_cuda():
     assert built.peers == spec.GPU_DEFAULT_PEERS and built.reference_steps == 0
     args = build_parser().parse_args(["run"])
     assert spec_from_args(args).peers == spec.PEER_DTYPES
+
+
+def test_gpu_summary_takes_medians_and_the_roofline_fraction():
+    from benchmarks.report import HBM_BYTES_PER_S, gpu_summary
+    from benchmarks.stats import summarize
+
+    def rate(*values):
+        return summarize(list(values)).to_json()
+
+    run = {"decode": {"tokens_per_second": rate(400.0, 500.0, 450.0)},
+           "prefill": {"512": {"tokens_per_second": rate(6000.0)}},
+           "batch_decode": {"available": True, "batch": 16,
+                            "tokens_per_second": rate(3000.0, 3200.0)},
+           "gpu_mem_bytes": 40e9, "kernels": {"weight_bytes_per_token": 3.72e9}}
+    model = {"name": "random-llama2_7b", "plan": {"lengths": [32, 512]},
+             "levels": {"O0": {"gate": {"passed": True}, "run": run},
+                        "O2": {"gate": {"passed": False}, "run": run}},
+             "peers": {"float16-compiled": {"decode": {"tokens_per_second": rate(120.0)}},
+                       "float16": {"error": "out of memory"}}}
+    results = {"machine": {"date": "d", "gpu": "NVIDIA H200"}, "command": "c",
+               "models": [model]}
+    summary = gpu_summary(results)["models"]["random-llama2_7b"]
+    assert summary["O2"] == {"gate_passed": False}
+    o0 = summary["O0"]
+    assert o0["decode_tok_s"] == 450.0 and o0["prefill_tok_s"] == 6000.0
+    assert o0["batch16_decode_tok_s"] == 3100.0 and o0["peak_gpu_mem_gb"] == 40.0
+    assert o0["roofline_fraction"] == pytest.approx(450.0 * 3.72e9 / HBM_BYTES_PER_S)
+    assert o0["peer_float16_compiled_decode_tok_s"] == 120.0
+    assert o0["peer_float16_decode_tok_s"] is None

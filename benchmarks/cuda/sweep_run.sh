@@ -1,0 +1,20 @@
+#!/bin/bash
+# The O0..O3 sweep (python -m benchmarks) of the Llama-2-7B-shaped q4f16_1 model on one GPU of
+# a machine without the TVM compiler. On the build machine first:
+#   python benchmarks/cuda/prepare_device_run.py       # .device/site (runtime-only TVM), ...
+#   python -m benchmarks build --model llama2_7b --device cuda --opt O0,O1,O2,O3 \
+#       --max-batch-size 16 --out .device/prebuilt
+# then, on the GPU machine from the repository root with .device/site and .device/prebuilt
+# carried: OUT=out bash benchmarks/cuda/sweep_run.sh   (results in $OUT/sweep)
+set -u
+OUT=${OUT:-/tmp/mlcc-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD/.device/site:$PWD TVM_USE_RUNTIME_LIB=1 PYTHONUNBUFFERED=1
+export MLCC_BENCH_CACHE=${MLCC_BENCH_CACHE:-/tmp/mlcc-bench} NCCL_NVLS_ENABLE=0
+timeout "${SWEEP_TIMEOUT:-540}" python3 -m benchmarks run --model llama2_7b --device cuda \
+  --prebuilt .device/prebuilt --opt O0,O1,O2,O3 --max-batch-size 16 --reference-steps 0 \
+  --prompt-lengths 32,128,512 --decode-tokens 128 --gate-tokens 32 --repeats 3 --budget 15 \
+  --child-timeout 300 --out "$OUT/sweep" 2>&1 | tee "$OUT/sweep.log" | tail -40
+for log in "$MLCC_BENCH_CACHE"/work/*/*.log; do  # the children's logs, for failures
+  [ -f "$log" ] && cp "$log" "$OUT/" 2>/dev/null
+done
