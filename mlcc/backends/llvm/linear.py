@@ -6,8 +6,9 @@ Arguments, in order (row-major, 64-byte aligned):
     q_weight  uint32[N, K_pad // per_word]                   `linear_q` (layout: layouts.py)
     q_scale   sdtype[N, K_pad // group_size]                 `linear_q`
     bias      wdtype[N]                                      only with bias=True
-    out       dtype[rows, N]; float32[N] with last_row=True (the lm_head of a prefill chunk:
-              only row rows - 1 of x is multiplied, so the head runs on one row)
+    out       dtype[rows, N], or out_dtype[rows, N] when given (float32 logits of a float16
+              model); float32[N] with last_row=True (the lm_head of a prefill chunk: only row
+              rows - 1 of x is multiplied, so the head runs on one row)
 `rows` is an int or a symbol name. Products accumulate in float32; the dequantized weight never
 exists outside a per-thread tile of 4 rows.
 
@@ -55,10 +56,13 @@ class LinearSpec:
     quant: GroupQuantLayout | None = None
     bias: bool = False
     last_row: bool = False
+    result_dtype: str | None = None  # None: the activations' dtype
 
     def __post_init__(self) -> None:
         check_float_dtype("linear activations", self.dtype)
         check_float_dtype("linear weight", self.weight_dtype)
+        if self.result_dtype is not None:
+            check_float_dtype("linear result", self.result_dtype)
         if self.in_features <= 0 or self.out_features <= 0:
             raise MlccError(STAGE, f"linear: in_features {self.in_features} and out_features "
                             f"{self.out_features} must be positive")
@@ -68,7 +72,7 @@ class LinearSpec:
 
     @property
     def out_dtype(self) -> str:
-        return "float32" if self.last_row else self.dtype
+        return "float32" if self.last_row else self.result_dtype or self.dtype
 
     @property
     def single_row(self) -> bool:
@@ -97,20 +101,21 @@ LinearRule = Callable[[LinearSpec], tirx.PrimFunc | None]
 
 def linear(name: str, rows: Dim, in_features: int, out_features: int, dtype: str,
            bias: bool = False, weight_dtype: str | None = None,
-           last_row: bool = False) -> tirx.PrimFunc:
-    """x[rows, K] @ weight[N, K]^T (+ bias[N]) -> out[rows, N] (or float32[N] with last_row)."""
+           last_row: bool = False, out_dtype: str | None = None) -> tirx.PrimFunc:
+    """x[rows, K] @ weight[N, K]^T (+ bias[N]) -> out[rows, N] (or float32[N] with last_row);
+    out is out_dtype when given, else dtype."""
     spec = LinearSpec(rows, in_features, out_features, dtype, weight_dtype or dtype, None, bias,
-                      last_row)
+                      last_row, out_dtype)
     return finish(schedule_linear(spec), name)
 
 
 def linear_q(name: str, rows: Dim, in_features: int, out_features: int, bits: int,
              group_size: int, dtype: str, bias: bool = False, scale_dtype: str | None = None,
-             last_row: bool = False) -> tirx.PrimFunc:
+             last_row: bool = False, out_dtype: str | None = None) -> tirx.PrimFunc:
     """Like `linear` with W given as q_weight/q_scale; dequantization is fused."""
     quant = GroupQuantLayout(bits, group_size, in_features)
     spec = LinearSpec(rows, in_features, out_features, dtype, scale_dtype or dtype, quant, bias,
-                      last_row)
+                      last_row, out_dtype)
     return finish(schedule_linear(spec), name)
 
 

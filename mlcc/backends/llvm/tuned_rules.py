@@ -3,7 +3,8 @@
 `codegen.kernel_source(spec, name, fast, rules)` asks each rule for a kernel's TVMScript text
 before it falls back to the portable kernels. `tuned_rule` answers for the ops where the tuned
 generators differ most: `linear` and `q_linear` (GEMV for one row, tiled GEMM with a per-block
-dequantized tile for a chunk), and returns None for everything else and at O0 (`fast=False`).
+dequantized tile for a chunk), with the activations' dtype or float32 as the result dtype, and
+returns None for everything else and at O0 (`fast=False`).
 
     from mlcc.backends.llvm.tuned_rules import tuned_rule
     codegen.build(module, output, metadata, host, fast, prefix, log, rules=[tuned_rule])
@@ -35,18 +36,20 @@ def tuned_kernel(spec: Any, name: str) -> tirx.PrimFunc | None:
     if spec.op not in ("linear", "q_linear") or len(spec.inputs[0][0]) != 2:
         return None
     (x_shape, x_dtype), (out_shape, out_dtype) = spec.inputs[0], spec.outputs[0]
-    if out_dtype != x_dtype or len(out_shape) != 2:
+    # A float16 model's output projection writes float32 logits (out_dtype="float32").
+    if out_dtype not in (x_dtype, "float32") or len(out_shape) != 2:
         return None
     rows, k = _dim(x_shape[0]), x_shape[1]
     if spec.op == "linear":
         (n_out, _), w_dtype = spec.inputs[1]
         return L.linear(name, rows, k, n_out, x_dtype, bias=len(spec.inputs) == 3,
-                        weight_dtype=w_dtype)
+                        weight_dtype=w_dtype, out_dtype=out_dtype)
     bits, group = spec.attr("bits"), spec.attr("group_size")
     if spec.attr("in_features") != k:
         return None
     return L.linear_q(name, rows, k, spec.inputs[1][0][0], bits, group, x_dtype,
-                      bias=len(spec.inputs) == 4, scale_dtype=spec.inputs[2][1])
+                      bias=len(spec.inputs) == 4, scale_dtype=spec.inputs[2][1],
+                      out_dtype=out_dtype)
 
 
 def tuned_rule(spec: Any, name: str, fast: bool) -> str | None:
