@@ -1,0 +1,49 @@
+"""Tiny models for tensor-parallel tests: frontend configs of llama, mistral and gpt_neox.
+
+Llama and Mistral have 4 query heads over 2 key/value heads (GQA), so 4 shards share each
+key/value head between two ranks; Mistral has a sliding window shorter than the test sequence.
+`QUANT_SIZES` makes every row-parallel input (o_proj, down_proj) split into whole q4 groups of
+32 for 2 and 4 shards. Weights are random; `stored_weights` converts them as convert_weight
+stores them (quantized when the scheme says so).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mlcc.frontend import get_architecture
+from mlcc.quant import get_scheme
+
+BASE = {"vocab_size": 48, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 40, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False, "prefill_chunk_size": 5}
+QUANT_SIZES = {"hidden_size": 128, "intermediate_size": 256}
+HF_CONFIGS = {
+    "llama": {**BASE, "model_type": "llama", "num_key_value_heads": 2},
+    "mistral": {**BASE, "model_type": "mistral", "num_key_value_heads": 2, "sliding_window": 6},
+    "gpt_neox": {**BASE, "model_type": "gpt_neox", "rotary_pct": 0.5, "layer_norm_eps": 1e-5,
+                 "use_parallel_residual": True, "hidden_act": "gelu"},
+}
+
+
+def tiny_config(arch: str, quantized: bool = False):
+    hf = dict(HF_CONFIGS[arch], **(QUANT_SIZES if quantized else {}))
+    architecture = get_architecture(arch)
+    return architecture, architecture.config_cls.from_hf(hf)
+
+
+def stored_weights(architecture, config, quantization: str, seed: int = 0
+                   ) -> dict[str, np.ndarray]:
+    """Random weights (norms near 1), converted as convert_weight stores them."""
+    generator = torch.Generator().manual_seed(seed)
+    scheme = get_scheme(quantization)
+    arrays: dict[str, np.ndarray] = {}
+    for param in architecture.weight_mapping(config).params:
+        noise = torch.randn(param.shape, generator=generator)
+        # N(0, 0.3) at 32 input features, scaled as 1/sqrt(fan-in) so wider models keep
+        # activations (and float32 rounding) of the same size
+        scale = 0.3 * (32 / param.shape[-1]) ** 0.5
+        w = 1 + 0.1 * noise if param.kind == "norm" else scale * noise
+        arrays.update(scheme.convert(param, w))
+    return arrays
