@@ -33,6 +33,7 @@ SUPPORTED_OPS = (
     "add_layer_norm", "add", "mul", "scale", "silu", "gelu", "silu_mul", "cast",
     "qkv_attention", "last_row", "last_logits", "gelu_mul", "scale_in_dtype", "moe_route",
     "moe_combine",
+    "moe_dispatch", "moe_linear", "q_moe_linear", "moe_reduce",
 )
 VIEW_OPS = ("reshape",)
 # Attention kernels read positions from seq_info themselves; `positions` gets a kernel only when

@@ -19,6 +19,7 @@ from typing import Callable
 from mlcc import ir
 from mlcc.backends.llvm.attention import gen_qkv_attention
 from mlcc.backends.llvm.fallback import GENERATORS, Emitter, shape_text
+from mlcc.backends.llvm.moe import MOE_GENERATORS
 from mlcc.backends.plan import BufferRef, EntryPlan, KernelSpec, plan_entry
 from mlcc.ir.types import Sym
 
@@ -30,6 +31,8 @@ DL_DATA, DL_BYTE_OFFSET = 1, 8  # tvm_struct_get fields of a DLTensor
 def fallback_rule(spec: KernelSpec, name: str, fast: bool) -> str:
     if spec.op == "qkv_attention":
         return gen_qkv_attention(spec, name, fast)
+    if spec.op in MOE_GENERATORS:
+        return MOE_GENERATORS[spec.op](spec, name, fast)
     return GENERATORS[spec.op](spec, name, fast)
 
 
