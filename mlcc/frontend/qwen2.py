@@ -3,9 +3,16 @@
 A Llama-shaped decoder (RMSNorm, rotary attention with GQA, SwiGLU MLP) whose q, k and v
 projections carry a bias while o_proj does not; the embedding is tied or not.
 
-transformers gives Qwen2 a sliding window only on the layers at index >= max_window_layers and
-only when use_sliding_window is true. Our KV cache has one window for every layer, so a config
-where every layer slides gets that window, one where none does gets none, and a mix is refused.
+transformers gives Qwen2 a sliding window only when use_sliding_window is true, and then only on
+the layers at index >= max_window_layers (or those that `layer_types` marks
+"sliding_attention"). Our KV cache has one window for every layer: a config where every layer
+slides gets that window, one where none does gets none. Where only some layers slide, a token
+attends to itself and the window - 1 before it on those layers and to every earlier token on the
+others; while the context window is at most the sliding window the two rules see the same
+positions, so such a model runs exactly with no window, its context bounded by the window
+(`layer_sliding_window` keeps that bound through overrides). A longer context is refused:
+per-layer windows would need a window per attention call and a cache that keeps the full
+context for some layers while masking others, which the KV layout does not express.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from mlcc import ir
+from mlcc.errors import MlccError
 from mlcc.frontend.architecture import Architecture, WeightMapping
 from mlcc.frontend.config import HFConfigReader, ModelConfig, _fail
 from mlcc.frontend.decoder import DecoderStyle, build_decoder, decoder_weight_mapping
@@ -27,6 +35,8 @@ class Qwen2Config(ModelConfig):
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     hidden_act: str = "silu"
+    # The window transformers applies to some layers only (-1: none); the context must fit in it.
+    layer_sliding_window: int = -1
 
     model_type: ClassVar[str] = "qwen2"
     default_bos_token_id: ClassVar[int | None] = None
@@ -59,8 +69,17 @@ class Qwen2Config(ModelConfig):
     @classmethod
     def _hf_windows(cls, r: HFConfigReader) -> dict:
         fields = super()._hf_windows(r)
-        window = _sliding_window_of_all_layers(r)
-        if window > 0 and not r.has("sliding_window_size"):
+        window, sliding = _sliding_layers(r)
+        layers = r.int("num_hidden_layers")
+        if not sliding:
+            return fields
+        if len(sliding) < layers:
+            context = fields["context_window_size"]
+            if not 0 < context <= window:
+                raise _partial_window_error(window, context,
+                                            f"layers {_ranges(sliding)} of {layers}")
+            return {**fields, "layer_sliding_window": window}
+        if not r.has("sliding_window_size"):
             fields.update(context_window_size=-1, sliding_window_size=window,
                           prefill_chunk_size=r.int("prefill_chunk_size", min(window, 2048)))
         return fields
@@ -74,6 +93,10 @@ class Qwen2Config(ModelConfig):
                         f"{self.rms_norm_eps} and rope_theta={self.rope_theta} must be positive")
         if self.head_dim % 2:
             raise _fail(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        window, context = self.layer_sliding_window, self.context_window_size
+        if window > 0 and not 0 < context <= window:
+            raise _partial_window_error(window, context,
+                                        f"some of the {self.num_hidden_layers} layers")
 
 
 def _check_rope_unscaled(r: HFConfigReader) -> None:
@@ -84,26 +107,40 @@ def _check_rope_unscaled(r: HFConfigReader) -> None:
                     "unscaled rotary embeddings are")
 
 
-def _sliding_window_of_all_layers(r: HFConfigReader) -> int:
-    """The window when every layer slides, -1 when none does; a mix is refused."""
+def _sliding_layers(r: HFConfigReader) -> tuple[int, list[int]]:
+    """(window, indices of the layers transformers gives it); no layers unless
+    use_sliding_window is set, as transformers drops the window otherwise."""
     layers = r.int("num_hidden_layers")
     window = r.opt_int("sliding_window")
     if not r.bool("use_sliding_window", False) or not window:
-        return -1  # transformers drops the window unless use_sliding_window is set
+        return -1, []
     types = r.hf.get("layer_types")
     if isinstance(types, list) and types:
-        sliding = [t == "sliding_attention" for t in types]
-    else:
-        first = r.int("max_window_layers", layers)
-        sliding = [i >= first for i in range(layers)]
-    if not any(sliding):
-        return -1
-    if not all(sliding):
-        raise _fail(
-            f"config.json: only some of the {layers} layers use a sliding window "
-            f"(use_sliding_window / max_window_layers / layer_types); mlcc supports one window "
-            "for all layers or none: set use_sliding_window=false")
-    return window
+        return window, [i for i, t in enumerate(types) if t == "sliding_attention"]
+    first = r.int("max_window_layers", layers)
+    return window, list(range(first, layers))
+
+
+def _ranges(indices: list[int]) -> str:
+    """"0-3, 8, 10-11" for [0, 1, 2, 3, 8, 10, 11]."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _partial_window_error(window: int, context: int, which: str) -> MlccError:
+    return _fail(
+        f"config.json: use_sliding_window=true gives {which} a sliding window of {window} "
+        f"(max_window_layers / layer_types) and the other layers the full context, but "
+        f"context_window_size={context} is longer than that window; mlcc's KV cache applies one "
+        f"window to every layer, so such a model runs exactly only while its context fits in the "
+        f"window: add \"context_window_size\": {window} (or less) to config.json, or set "
+        f"use_sliding_window=false to attend the full context on every layer (which differs from "
+        f"transformers past {window} tokens)")
 
 
 def qwen2_style(config: Qwen2Config) -> DecoderStyle:

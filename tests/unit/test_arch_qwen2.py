@@ -78,13 +78,49 @@ def test_sliding_window_on_every_layer_or_none() -> None:
     assert (everywhere.sliding_window_size, everywhere.context_window_size) == (512, -1)
     nowhere = arch.config_cls.from_hf(_qwen2(use_sliding_window=True, max_window_layers=24))
     assert nowhere.sliding_window_size == -1
-    with pytest.raises(MlccError, match=r"only some of the 24 layers use a sliding window"):
-        arch.config_cls.from_hf(_qwen2(use_sliding_window=True, max_window_layers=12))
     # transformers 5 writes layer_types; the window still needs use_sliding_window.
     types = {"layer_types": ["sliding_attention"] * 24, "sliding_window": 256}
     assert arch.config_cls.from_hf(_qwen2(**types)).sliding_window_size == -1
     assert arch.config_cls.from_hf(_qwen2(**types, use_sliding_window=True)) \
         .sliding_window_size == 256
+
+
+def test_window_on_some_layers_runs_while_the_context_fits_in_it() -> None:
+    arch = resolve_model("qwen2_0_5b").arch
+    # The published config: window 32768 on layers 12-23 would equal the 32768-token context.
+    some = arch.config_cls.from_hf(_qwen2(use_sliding_window=True, max_window_layers=12))
+    got = (some.sliding_window_size, some.context_window_size, some.layer_sliding_window)
+    assert got == (-1, 32768, 32768)
+    assert arch.config_cls.from_json(some.to_json()) == some
+    assert some.with_overrides(context_window_size=4096).context_window_size == 4096
+    with pytest.raises(MlccError, match=r"some of the 24 layers a sliding window of 32768 .* "
+                                        r"context_window_size=65536 is longer"):
+        some.with_overrides(context_window_size=65536)
+    with pytest.raises(MlccError, match=r"gives layers 12-23 of 24 a sliding window of 512 .* "
+                                        r"context_window_size=32768 is longer than that window.* "
+                                        r"add \"context_window_size\": 512 \(or less\)"):
+        arch.config_cls.from_hf(_qwen2(use_sliding_window=True, max_window_layers=12,
+                                       sliding_window=512))
+    types = ["full_attention", "sliding_attention"] * 12
+    with pytest.raises(MlccError, match=r"gives layers 1, 3, 5, .*, 23 of 24 a sliding window"):
+        arch.config_cls.from_hf(_qwen2(use_sliding_window=True, layer_types=types,
+                                       sliding_window=512))
+    fits = arch.config_cls.from_hf(_qwen2(use_sliding_window=True, layer_types=types,
+                                          sliding_window=512, context_window_size=512))
+    assert (fits.context_window_size, fits.layer_sliding_window) == (512, 512)
+
+
+def test_tiny_qwen2_window_on_some_layers_matches_transformers(tmp_path: Path) -> None:
+    # Layer 1 slides with a window of 17, layer 0 does not; the 17 tokens of the schedule fill
+    # the 17-token context, so the last one still sees the first on both layers.
+    sizes = {**TINY, "max_position_embeddings": 17}
+    config = transformers.Qwen2Config(**sizes, use_sliding_window=True, sliding_window=17,
+                                      max_window_layers=1)
+    assert config.layer_types == ["full_attention", "sliding_attention"]
+    model = randomize(transformers.Qwen2ForCausalLM(config), seed=23)
+    assert_reference_matches_transformers(model, save_tiny(model, tmp_path))
+    ours = resolve_model(tmp_path).config
+    assert (ours.sliding_window_size, ours.context_window_size) == (-1, 17)
 
 
 def test_bad_configs_name_the_value() -> None:
