@@ -1,6 +1,8 @@
 """CUDA kernels for `linear` and `q_linear`: y[m, n] = sum_k x[m, k] * W[n, k] (+ b[n]).
 
-Rules, first match wins (each returns None when it does not apply):
+Rules, first match wins (each returns None when it does not apply). Every rule sums in float32
+and stores through mlcc_put, which rounds to y's dtype: float32 logits of a float16 model
+(out_dtype="float32" on the output projection) are stored unrounded.
 
     gemv_q4_rule     few static rows, 4-bit weights in groups of 32, float16 activations: the
                      decode hot path. Each warp owns up to four output features; a lane reads
@@ -12,8 +14,9 @@ Rules, first match wins (each returns None when it does not apply):
                      summed in pairs in half2, then in float32, and the group's scale is applied
                      once.
     gemv_rule        few static rows, any weight: a warp per output feature, lanes over k.
-    gemm_wmma_rule   float16 activations, any row count: 64x64 tiles on tensor cores (WMMA,
-                     fp32 accumulation) over 64- (or 32-) wide K steps; activations staged
+    gemm_wmma_rule   float16 activations, float16 or float32 results (the logits), any row
+                     count: 64x64 tiles on tensor cores (WMMA, fp32 accumulation) over 64- (or
+                     32-) wide K steps; activations staged
                      with 128-bit loads, 4-bit weights dequantized a packed word at a time into
                      shared memory (one 128-bit store per word).
     gemm_rule        fallback: 16x16 shared-memory tiles in float32.
@@ -247,7 +250,8 @@ def _gemm_b_fill(s: LinearShape, bk: int, q4: bool) -> str:
 
 def gemm_wmma_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
     s = LinearShape(spec)
-    if s.xdt != "float16" or s.ydt != "float16":
+    # float32 results: the logits projection of a float16 model (out_dtype="float32").
+    if s.xdt != "float16" or s.ydt not in ("float16", "float32"):
         return None
     q4 = s.quant and s.bits == 4 and s.group == 32 and s.k % 32 == 0 and s.sdt == "float16"
     bk = 64 if s.k % 64 == 0 else 32
