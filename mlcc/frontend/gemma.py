@@ -13,10 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mlcc import ir
-from mlcc.frontend.architecture import Architecture, WeightMapping
 from mlcc.frontend.config import HFConfigReader, ModelConfig, _fail
-from mlcc.frontend.decoder import DecoderStyle, build_decoder, decoder_weight_mapping
+from mlcc.frontend.decoder import DecoderStyle, decoder_architecture
 
 # HF activation name -> our gelu's `approximate`. transformers reads Gemma's legacy "gelu" as
 # the tanh form, which the released checkpoints were trained with; `hidden_activation` (older
@@ -102,20 +100,4 @@ def gemma_style(config: GemmaConfig) -> DecoderStyle:
                         embed_scale=math.sqrt(config.hidden_size))
 
 
-def gemma_weight_mapping(config: GemmaConfig) -> WeightMapping:
-    """mlcc parameters of a Gemma model in load order, from HF `GemmaForCausalLM` names."""
-    return decoder_weight_mapping(config, gemma_style(config))
-
-
-def build_gemma(config: GemmaConfig) -> ir.Module:
-    """The IR of a Gemma model: one function per entry of `entry_points` (prefill, decode,
-    batch_decode when max_batch_size > 1), each returning logits."""
-    return build_decoder(config, gemma_style(config))
-
-
-ARCHITECTURE = Architecture(
-    name="gemma",
-    config_cls=GemmaConfig,
-    weight_mapping=gemma_weight_mapping,
-    build_module=build_gemma,
-)
+ARCHITECTURE = decoder_architecture("gemma", GemmaConfig, gemma_style)

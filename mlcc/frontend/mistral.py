@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mlcc.frontend.architecture import Architecture
-from mlcc.frontend.llama import LlamaConfig, build_llama, llama_weight_mapping
+from mlcc.frontend.decoder import decoder_architecture
+from mlcc.frontend.llama import LlamaConfig, llama_style
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,9 +25,4 @@ class MistralConfig(LlamaConfig):
     hf_sliding_window_default: ClassVar[int] = 4096
 
 
-ARCHITECTURE = Architecture(
-    name="mistral",
-    config_cls=MistralConfig,
-    weight_mapping=llama_weight_mapping,
-    build_module=build_llama,
-)
+ARCHITECTURE = decoder_architecture("mistral", MistralConfig, llama_style)

@@ -12,10 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mlcc import ir
-from mlcc.frontend.architecture import Architecture, WeightMapping
 from mlcc.frontend.config import HFConfigReader, ModelConfig, _fail
-from mlcc.frontend.decoder import DecoderStyle, build_decoder, decoder_weight_mapping
+from mlcc.frontend.decoder import DecoderStyle, decoder_architecture
 from mlcc.frontend.gpt_neox import GELU_APPROXIMATION
 from mlcc.frontend.stablelm import check_rotary, rope_fields
 
@@ -87,20 +85,4 @@ def phi_style(config: PhiConfig) -> DecoderStyle:
                         lm_head_bias=True)
 
 
-def phi_weight_mapping(config: PhiConfig) -> WeightMapping:
-    """mlcc parameters of a Phi model in load order, from HF `PhiForCausalLM` names."""
-    return decoder_weight_mapping(config, phi_style(config))
-
-
-def build_phi(config: PhiConfig) -> ir.Module:
-    """The IR of a Phi model: one function per entry of `entry_points` (prefill, decode,
-    batch_decode when max_batch_size > 1), each returning logits."""
-    return build_decoder(config, phi_style(config))
-
-
-ARCHITECTURE = Architecture(
-    name="phi",
-    config_cls=PhiConfig,
-    weight_mapping=phi_weight_mapping,
-    build_module=build_phi,
-)
+ARCHITECTURE = decoder_architecture("phi", PhiConfig, phi_style)

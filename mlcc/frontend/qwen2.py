@@ -20,11 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mlcc import ir
 from mlcc.errors import MlccError
-from mlcc.frontend.architecture import Architecture, WeightMapping
 from mlcc.frontend.config import HFConfigReader, ModelConfig, _fail
-from mlcc.frontend.decoder import DecoderStyle, build_decoder, decoder_weight_mapping
+from mlcc.frontend.decoder import DecoderStyle, decoder_architecture
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,20 +147,4 @@ def qwen2_style(config: Qwen2Config) -> DecoderStyle:
                         rotary_dim=config.head_dim, qkv_bias=True)
 
 
-def qwen2_weight_mapping(config: Qwen2Config) -> WeightMapping:
-    """mlcc parameters of a Qwen2 model in load order, from HF `Qwen2ForCausalLM` names."""
-    return decoder_weight_mapping(config, qwen2_style(config))
-
-
-def build_qwen2(config: Qwen2Config) -> ir.Module:
-    """The IR of a Qwen2 model: one function per entry of `entry_points` (prefill, decode,
-    batch_decode when max_batch_size > 1), each returning logits."""
-    return build_decoder(config, qwen2_style(config))
-
-
-ARCHITECTURE = Architecture(
-    name="qwen2",
-    config_cls=Qwen2Config,
-    weight_mapping=qwen2_weight_mapping,
-    build_module=build_qwen2,
-)
+ARCHITECTURE = decoder_architecture("qwen2", Qwen2Config, qwen2_style)

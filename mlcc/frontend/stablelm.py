@@ -12,10 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mlcc import ir
-from mlcc.frontend.architecture import Architecture, WeightMapping
 from mlcc.frontend.config import HFConfigReader, ModelConfig, _fail
-from mlcc.frontend.decoder import DecoderStyle, build_decoder, decoder_weight_mapping
+from mlcc.frontend.decoder import DecoderStyle, decoder_architecture
 
 
 def rope_fields(r: HFConfigReader, model_type: str, default_factor: float) -> tuple[float, float]:
@@ -113,20 +111,4 @@ def stablelm_style(config: StableLmConfig) -> DecoderStyle:
                         parallel_sum=("x", "attn", "mlp") if config.use_parallel_residual else ())
 
 
-def stablelm_weight_mapping(config: StableLmConfig) -> WeightMapping:
-    """mlcc parameters of a StableLM model in load order, from HF `StableLmForCausalLM` names."""
-    return decoder_weight_mapping(config, stablelm_style(config))
-
-
-def build_stablelm(config: StableLmConfig) -> ir.Module:
-    """The IR of a StableLM model: one function per entry of `entry_points` (prefill, decode,
-    batch_decode when max_batch_size > 1), each returning logits."""
-    return build_decoder(config, stablelm_style(config))
-
-
-ARCHITECTURE = Architecture(
-    name="stablelm",
-    config_cls=StableLmConfig,
-    weight_mapping=stablelm_weight_mapping,
-    build_module=build_stablelm,
-)
+ARCHITECTURE = decoder_architecture("stablelm", StableLmConfig, stablelm_style)
