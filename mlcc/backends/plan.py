@@ -32,10 +32,14 @@ SUPPORTED_OPS = (
     "embedding", "q_embedding", "linear", "q_linear", "rms_norm", "layer_norm", "add_rms_norm",
     "add_layer_norm", "add", "mul", "scale", "silu", "gelu", "silu_mul", "cast",
     "qkv_attention", "last_row", "last_logits", "gelu_mul", "scale_in_dtype", "moe_route",
-    "moe_combine",
+    "moe_combine", "all_reduce",
     "moe_dispatch", "moe_linear", "q_moe_linear", "moe_reduce",
 )
 VIEW_OPS = ("reshape",)
+# Collectives get no kernel: the entry calls a function registered by the runtime that runs the
+# shards (mlcc.runtime_check.tensor_parallel) as `name(src_ptr, dst_ptr, count, dtype)`; dst
+# receives the sum of src over all ranks, on the device's current stream.
+CCL_FUNCTIONS = {"all_reduce": "mlcc.ccl.all_reduce"}
 # Attention kernels read positions from seq_info themselves; `positions` gets a kernel only when
 # another op reads it (learned position embeddings: GPT-2, GPT-BigCode).
 NO_KERNEL_OPS = ("positions",)
@@ -190,3 +194,15 @@ def symbolic_dims(spec: KernelSpec) -> set[str]:
     for shape, _ in spec.inputs + spec.outputs:
         names.update(d.name for d in shape if isinstance(d, Sym))
     return names
+
+
+def with_tensor_parallel(module: ir.Module, metadata: dict) -> dict:
+    """`metadata` plus, for a sharded module, how to slice each unsharded parameter per rank
+    (`tensor_parallel`: shards, the collective functions the entries call, ShardSpec JSON)."""
+    shards = int(module.attrs.get("tensor_parallel_shards", 1))
+    if shards <= 1:
+        return metadata
+    specs = {p.name: p.annotations["shard"].to_json() for p in module.params
+             if "shard" in p.annotations}
+    return {**metadata, "tensor_parallel": {"shards": shards, "ccl": dict(CCL_FUNCTIONS),
+                                            "params": specs}}

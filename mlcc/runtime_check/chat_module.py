@@ -122,7 +122,8 @@ class ChatModule:
 
     `model` is a params folder (or its mlc-chat-config.json). Without `engine`, the library at
     `model_lib_path` (default: the single *.so in the params folder or the folder above it) is
-    opened with `open_engine`.
+    opened with `open_engine`; with `tensor_parallel_shards` N > 1, a library compiled for N
+    shards is run by N ranks (TensorParallelEngine: threads on the CPU, one process per GPU).
     """
 
     def __init__(
@@ -131,6 +132,7 @@ class ChatModule:
         model_lib_path: str | Path | None = None,
         device: str = "cpu",
         engine: Engine | None = None,
+        tensor_parallel_shards: int = 1,
     ) -> None:
         params_dir = Path(model)
         if params_dir.name == CHAT_CONFIG_FILE:
@@ -153,7 +155,13 @@ class ChatModule:
                     f"{lib}: model library not found; build it with `mlcc compile "
                     f"{params_dir / CHAT_CONFIG_FILE} --device {device} -o {lib}`",
                 )
-            engine = open_engine(lib, params_dir, self.chat_config, device)
+            if tensor_parallel_shards > 1:  # N ranks: threads on the CPU, GPUs on CUDA
+                from mlcc.runtime_check.tensor_parallel import TensorParallelEngine
+
+                engine = TensorParallelEngine(lib, params_dir, self.chat_config, device,
+                                              tensor_parallel_shards)
+            else:
+                engine = open_engine(lib, params_dir, self.chat_config, device)
         self.engine = engine
         if self.tokenizer.vocab_size > engine.vocab_size:
             raise MlccError(

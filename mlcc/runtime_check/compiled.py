@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from mlcc.errors import MlccError
+from mlcc.runtime_check.tensor_parallel import check_rank, shard_arrays
 
 STAGE = "runtime"
 # The calling convention and metadata layout this runtime speaks; compile writes it into every
@@ -123,7 +124,7 @@ class CompiledEngine:
 
     def __init__(self, lib_path: str | Path, params: str | Path | Mapping[str, np.ndarray],
                  chat_config: dict | None = None, device: str = "cpu",
-                 cudagraph: bool | None = None) -> None:
+                 cudagraph: bool | None = None, tensor_parallel_rank: int | None = None) -> None:
         import tvm
 
         lib_path = Path(lib_path)
@@ -135,6 +136,9 @@ class CompiledEngine:
         self.lib = tvm.runtime.load_module(str(lib_path))
         self.metadata = read_metadata(self.lib)
         self._check_config(chat_config, lib_path)
+        # A library compiled for N shards runs as rank r of N (mlcc.runtime_check.tensor_parallel)
+        # on its slice of the unsharded weights.
+        self.tensor_parallel_rank = check_rank(self.metadata, tensor_parallel_rank, lib_path)
         arrays = self._load_params(params)
         self.params = [tvm.runtime.tensor(arrays[p["name"]], self.device)
                        for p in self.metadata["params"]]
@@ -189,6 +193,7 @@ class CompiledEngine:
 
             arrays = load_ndarray_cache(params)
             where = str(params)
+        arrays = shard_arrays(arrays, self.metadata, self.tensor_parallel_rank)
         expected = self.metadata["params"]
         for p in expected:
             if p["name"] not in arrays:

@@ -26,7 +26,13 @@ from mlcc.backends.cuda.toolchain import (
     install_hooks,
 )
 from mlcc.backends.llvm.codegen import entry_source, metadata_source, parse_functions
-from mlcc.backends.plan import EntryPlan, KernelSpec, plan_entry
+from mlcc.backends.plan import (
+    CCL_FUNCTIONS,
+    EntryPlan,
+    KernelSpec,
+    plan_entry,
+    with_tensor_parallel,
+)
 from mlcc.errors import MlccError
 from mlcc.ir.types import Sym
 
@@ -63,13 +69,15 @@ def library_parts(module: ir.Module, metadata: dict, prologues: bool = False
     `prologues` folds norms and silu_mul into the decode GEMVs (mlcc.backends.cuda.fusion);
     off by default: on the H200 the fused GEMVs took longer than the two kernels they replace.
     """
+    metadata = with_tensor_parallel(module, metadata)
     plans = [plan_entry(fn, module) for fn in module.functions]
     if prologues:
         plans = [fusion.fuse_prologues(plan) for plan in plans]
     names: dict[KernelSpec, str] = {}
     for plan in plans:
         for call in plan.calls:
-            names.setdefault(call.spec, f"k{len(names)}_{call.spec.op}")
+            if call.spec.op not in CCL_FUNCTIONS:  # collectives call the runtime, not a kernel
+                names.setdefault(call.spec, f"k{len(names)}_{call.spec.op}")
     built = [kernel_for(spec, name) for spec, name in names.items()]
     entries = "\n\n".join(entry_source(plan, names) for plan in plans)
     # Shapes of every kernel, so profiles can be read per kernel (bytes moved, FLOPs).

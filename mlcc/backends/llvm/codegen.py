@@ -20,7 +20,14 @@ from mlcc import ir
 from mlcc.backends.llvm.attention import gen_qkv_attention
 from mlcc.backends.llvm.fallback import GENERATORS, Emitter, shape_text
 from mlcc.backends.llvm.moe import MOE_GENERATORS
-from mlcc.backends.plan import BufferRef, EntryPlan, KernelSpec, plan_entry
+from mlcc.backends.plan import (
+    CCL_FUNCTIONS,
+    BufferRef,
+    EntryPlan,
+    KernelSpec,
+    plan_entry,
+    with_tensor_parallel,
+)
 from mlcc.ir.types import Sym
 
 KernelRule = Callable[[KernelSpec, str, bool], "str | None"]
@@ -93,9 +100,21 @@ def entry_source(plan: EntryPlan, kernel_names: dict[KernelSpec, str], prefix: s
         return views[key]
 
     for call in plan.calls:
+        if call.spec.op in CCL_FUNCTIONS:
+            em(collective_call(call.spec.op, [buffer_var(b) for b in call.buffers],
+                               call.buffers[0]))
+            continue
         names = ", ".join(buffer_var(b) for b in call.buffers)
         em(f'T.evaluate(T.call_cpacked("{kernel_names[call.spec]}", {names}))')
     return em.text()
+
+
+def collective_call(op: str, names: list[str], src: BufferRef) -> str:
+    """A call of the runtime's collective function (a global packed function, looked up by
+    name when first called) on the raw pointers of source and destination."""
+    count = " * ".join(d.name if isinstance(d, Sym) else f"T.int64({d})" for d in src.shape)
+    return (f'T.evaluate(T.call_packed("{CCL_FUNCTIONS[op]}", {names[0]}.data, {names[1]}.data, '
+            f'{count or "T.int64(1)"}, "{src.dtype}"))')
 
 
 def metadata_source(metadata: dict, prefix: str = "") -> str:
@@ -121,11 +140,12 @@ def library_source(module: ir.Module, metadata: dict, fast: bool,
     """TVMScript of the whole library, and how many kernels each op got (for the log).
 
     Every exported symbol starts with `prefix` (a system library's symbol prefix)."""
+    metadata = with_tensor_parallel(module, metadata)
     plans = [plan_entry(fn, module) for fn in module.functions]
     kernel_names: dict[KernelSpec, str] = {}
     for plan in plans:
         for call in plan.calls:
-            if call.spec not in kernel_names:
+            if call.spec not in kernel_names and call.spec.op not in CCL_FUNCTIONS:
                 kernel_names[call.spec] = f"{prefix}k{len(kernel_names)}_{call.spec.op}"
     parts = ["# from tvm.script import ir as I", "# from tvm.script import tirx as T", ""]
     for spec, name in kernel_names.items():
