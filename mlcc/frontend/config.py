@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -112,6 +113,40 @@ class HFConfigReader:
         if not isinstance(value, dict):
             raise self._bad("rope_parameters", value, "an object")
         return value
+
+    def rope_theta(self, key: str = "rope_theta") -> float:
+        """The rotary base: `key` at the top level, else `rope_parameters.rope_theta`."""
+        theta = self.float(key, None)
+        return float(self.rope_parameters().get("rope_theta", 10000.0)) if theta is None else theta
+
+    def check_unscaled_rope(self, model_type: str) -> None:
+        """Refuse rotary frequency scaling (`rope_scaling` or `rope_parameters`) for a model
+        that implements only the unscaled form."""
+        rope = self.hf.get("rope_scaling") or self.rope_parameters()
+        kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else None
+        if kind not in (None, "default"):
+            raise _fail(f"{self.origin}: rope scaling {kind!r} is not supported for {model_type}; "
+                        "only unscaled rotary embeddings are")
+
+    def decoder_sizes(self, head_dim: int | None = None,
+                      fix: str = "fix num_attention_heads") -> dict:
+        """The sizes that Llama-family configs state under the same keys; `head_dim` None means
+        hidden_size / num_attention_heads, which must then divide (`fix` says how to mend it)."""
+        hidden, heads = self.int("hidden_size"), self.int("num_attention_heads")
+        if head_dim is None:
+            if heads <= 0 or hidden % heads:
+                raise _fail(f"{self.origin}: num_attention_heads={heads} does not divide "
+                            f"hidden_size={hidden}; {fix}")
+            head_dim = hidden // heads
+        return {
+            "vocab_size": self.int("vocab_size"),
+            "hidden_size": hidden,
+            "num_hidden_layers": self.int("num_hidden_layers"),
+            "num_attention_heads": heads,
+            "num_key_value_heads": self.opt_int("num_key_value_heads") or heads,
+            "head_dim": head_dim,
+            "intermediate_size": self.int("intermediate_size"),
+        }
 
 
 @dataclass(frozen=True)
@@ -386,6 +421,23 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Architecture-specific checks; subclasses extend this."""
+
+    def _require_supported(self, name: str, supported: Iterable[str]) -> None:
+        value = getattr(self, name)
+        if value not in supported:
+            raise _fail(f"{name}={value!r} is not supported for {self.model_type}; "
+                        f"supported: {', '.join(supported)}")
+
+    def _require_positive(self, *names: str) -> None:
+        if not all(getattr(self, name) > 0 for name in names):
+            stated = [f"{name}={getattr(self, name)}" for name in names]
+            listed = stated[0] if len(stated) == 1 else (
+                f"{', '.join(stated[:-1])} and {stated[-1]}")
+            raise _fail(f"{listed} must be positive")
+
+    def _require_even_head_dim(self) -> None:
+        if self.head_dim % 2:
+            raise _fail(f"head_dim={self.head_dim} must be even for rotary embeddings")
 
     # ----- derived values and JSON -------------------------------------------------------
 

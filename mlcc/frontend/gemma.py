@@ -41,24 +41,11 @@ class GemmaConfig(ModelConfig):
 
     @classmethod
     def _hf_fields(cls, r: HFConfigReader) -> dict:
-        heads = r.int("num_attention_heads")
-        rope = r.rope_parameters()
-        theta = r.float("rope_theta", None)
-        theta = float(rope.get("rope_theta", 10000.0)) if theta is None else theta
-        scaling = r.hf.get("rope_scaling") or rope
-        if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-            raise _fail(f"config.json: rope scaling {scaling!r} is not supported for gemma; "
-                        "only unscaled rotary embeddings are")
+        r.check_unscaled_rope("gemma")
         return {
-            "vocab_size": r.int("vocab_size"),
-            "hidden_size": r.int("hidden_size"),
-            "num_hidden_layers": r.int("num_hidden_layers"),
-            "num_attention_heads": heads,
-            "num_key_value_heads": r.opt_int("num_key_value_heads") or heads,
-            "head_dim": r.int("head_dim", 256),
-            "intermediate_size": r.int("intermediate_size"),
+            **r.decoder_sizes(r.int("head_dim", 256)),
             "rms_norm_eps": r.float("rms_norm_eps", 1e-6),
-            "rope_theta": theta,
+            "rope_theta": r.rope_theta(),
             "gelu_approximate": _gelu_approximate(r),
             "attention_bias": r.bool("attention_bias", False),
         }
@@ -71,11 +58,8 @@ class GemmaConfig(ModelConfig):
     def validate(self) -> None:
         if self.gelu_approximate not in ("tanh", "none"):
             raise _fail(f"gelu_approximate={self.gelu_approximate!r} must be 'tanh' or 'none'")
-        if self.intermediate_size <= 0 or not self.rms_norm_eps > 0 or not self.rope_theta > 0:
-            raise _fail(f"intermediate_size={self.intermediate_size}, rms_norm_eps="
-                        f"{self.rms_norm_eps} and rope_theta={self.rope_theta} must be positive")
-        if self.head_dim % 2:
-            raise _fail(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        self._require_positive("intermediate_size", "rms_norm_eps", "rope_theta")
+        self._require_even_head_dim()
 
 
 def _gelu_approximate(r: HFConfigReader) -> str:

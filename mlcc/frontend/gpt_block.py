@@ -73,15 +73,11 @@ class LearnedPositionConfig(ModelConfig):
         return {**super()._hf_tokens(r), "tie_word_embeddings": r.bool("tie_word_embeddings", True)}
 
     def validate(self) -> None:
-        if self.activation_function not in GELU_APPROXIMATION:
-            raise _fail(f"activation_function={self.activation_function!r} is not supported for "
-                        f"{self.model_type}; supported: {', '.join(GELU_APPROXIMATION)}")
+        self._require_supported("activation_function", GELU_APPROXIMATION)
         if self.head_dim * self.num_attention_heads != self.hidden_size:
             raise _fail(f"head_dim={self.head_dim} x num_attention_heads="
                         f"{self.num_attention_heads} must equal hidden_size={self.hidden_size}")
-        if self.intermediate_size <= 0 or not self.layer_norm_eps > 0:
-            raise _fail(f"intermediate_size={self.intermediate_size} and layer_norm_eps="
-                        f"{self.layer_norm_eps} must be positive")
+        self._require_positive("intermediate_size", "layer_norm_eps")
         check_learned_positions(self.model_type, self)
 
     def attention_scale(self, layer: int) -> float | None:

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from mlcc import ir
 from mlcc.frontend.architecture import Architecture, WeightMapping
-from mlcc.frontend.config import HFConfigReader, ModelConfig, RopeScaling, _fail
+from mlcc.frontend.config import HFConfigReader, ModelConfig, RopeScaling
 from mlcc.frontend.decoder import DecoderStyle, build_decoder, decoder_weight_mapping
 from mlcc.frontend.entries import kv_cache_type
 
@@ -21,6 +21,7 @@ __all__ = ["ARCHITECTURE", "LlamaConfig", "build_llama", "kv_cache_type", "llama
            "llama_weight_mapping"]
 
 SUPPORTED_ACTIVATIONS = ("silu",)
+HEAD_DIM_FIX = "fix num_attention_heads or state head_dim in config.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,23 +40,13 @@ class LlamaConfig(ModelConfig):
 
     @classmethod
     def _hf_fields(cls, r: HFConfigReader) -> dict:
-        hidden = r.int("hidden_size")
-        heads = r.int("num_attention_heads")
+        sizes = r.decoder_sizes(r.opt_int("head_dim") or None, fix=HEAD_DIM_FIX)
         rope = r.rope_parameters()
-        rope_theta = r.float("rope_theta", None)
-        if rope_theta is None:
-            rope_theta = float(rope.get("rope_theta", 10000.0))
         scaling = r.hf.get("rope_scaling") if r.has("rope_scaling") else (rope or None)
         return {
-            "vocab_size": r.int("vocab_size"),
-            "hidden_size": hidden,
-            "num_hidden_layers": r.int("num_hidden_layers"),
-            "num_attention_heads": heads,
-            "num_key_value_heads": r.opt_int("num_key_value_heads") or heads,
-            "head_dim": r.opt_int("head_dim") or _head_dim_from_hidden(hidden, heads),
-            "intermediate_size": r.int("intermediate_size"),
+            **sizes,
             "rms_norm_eps": r.float("rms_norm_eps", 1e-6),
-            "rope_theta": rope_theta,
+            "rope_theta": r.rope_theta(),
             "rope_scaling": RopeScaling.from_hf(scaling),
             "hidden_act": r.str("hidden_act", "silu"),
             "attention_bias": r.bool("attention_bias", False),
@@ -63,28 +54,9 @@ class LlamaConfig(ModelConfig):
         }
 
     def validate(self) -> None:
-        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise _fail(
-                f"hidden_act={self.hidden_act!r} is not supported for {self.model_type}; "
-                f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
-            )
-        if self.intermediate_size <= 0:
-            raise _fail(f"intermediate_size={self.intermediate_size} must be positive")
-        if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
-            raise _fail(
-                f"rms_norm_eps={self.rms_norm_eps} and rope_theta={self.rope_theta} must be > 0"
-            )
-        if self.head_dim % 2:
-            raise _fail(f"head_dim={self.head_dim} must be even for rotary embeddings")
-
-
-def _head_dim_from_hidden(hidden: int, heads: int) -> int:
-    if heads <= 0 or hidden % heads:
-        raise _fail(
-            f"config.json: num_attention_heads={heads} does not divide hidden_size={hidden}; "
-            "fix num_attention_heads or state head_dim in config.json"
-        )
-    return hidden // heads
+        self._require_supported("hidden_act", SUPPORTED_ACTIVATIONS)
+        self._require_positive("intermediate_size", "rms_norm_eps", "rope_theta")
+        self._require_even_head_dim()
 
 
 def llama_style(config: LlamaConfig) -> DecoderStyle:

@@ -23,6 +23,7 @@ from typing import ClassVar
 from mlcc.errors import MlccError
 from mlcc.frontend.config import HFConfigReader, ModelConfig, _fail
 from mlcc.frontend.decoder import DecoderStyle, decoder_architecture
+from mlcc.frontend.llama import HEAD_DIM_FIX, SUPPORTED_ACTIVATIONS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,25 +43,11 @@ class Qwen2Config(ModelConfig):
 
     @classmethod
     def _hf_fields(cls, r: HFConfigReader) -> dict:
-        hidden = r.int("hidden_size")
-        heads = r.int("num_attention_heads")
-        if heads <= 0 or hidden % heads:
-            raise _fail(f"config.json: num_attention_heads={heads} does not divide "
-                        f"hidden_size={hidden}; fix num_attention_heads or state head_dim")
-        rope_theta = r.float("rope_theta", None)
-        if rope_theta is None:
-            rope_theta = float(r.rope_parameters().get("rope_theta", 10000.0))
-        _check_rope_unscaled(r)
+        r.check_unscaled_rope("qwen2")
         return {
-            "vocab_size": r.int("vocab_size"),
-            "hidden_size": hidden,
-            "num_hidden_layers": r.int("num_hidden_layers"),
-            "num_attention_heads": heads,
-            "num_key_value_heads": r.opt_int("num_key_value_heads") or heads,
-            "head_dim": r.opt_int("head_dim") or hidden // heads,
-            "intermediate_size": r.int("intermediate_size"),
+            **r.decoder_sizes(r.opt_int("head_dim") or None, fix=HEAD_DIM_FIX),
             "rms_norm_eps": r.float("rms_norm_eps", 1e-6),
-            "rope_theta": rope_theta,
+            "rope_theta": r.rope_theta(),
             "hidden_act": r.str("hidden_act", "silu"),
         }
 
@@ -83,26 +70,13 @@ class Qwen2Config(ModelConfig):
         return fields
 
     def validate(self) -> None:
-        if self.hidden_act != "silu":
-            raise _fail(f"hidden_act={self.hidden_act!r} is not supported for qwen2; "
-                        "supported: silu")
-        if self.intermediate_size <= 0 or not self.rms_norm_eps > 0 or not self.rope_theta > 0:
-            raise _fail(f"intermediate_size={self.intermediate_size}, rms_norm_eps="
-                        f"{self.rms_norm_eps} and rope_theta={self.rope_theta} must be positive")
-        if self.head_dim % 2:
-            raise _fail(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        self._require_supported("hidden_act", SUPPORTED_ACTIVATIONS)
+        self._require_positive("intermediate_size", "rms_norm_eps", "rope_theta")
+        self._require_even_head_dim()
         window, context = self.layer_sliding_window, self.context_window_size
         if window > 0 and not 0 < context <= window:
             raise _partial_window_error(window, context,
                                         f"some of the {self.num_hidden_layers} layers")
-
-
-def _check_rope_unscaled(r: HFConfigReader) -> None:
-    rope = r.hf.get("rope_scaling") or r.rope_parameters()
-    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else None
-    if kind not in (None, "default"):
-        raise _fail(f"config.json: rope scaling {kind!r} is not supported for qwen2; only "
-                    "unscaled rotary embeddings are")
 
 
 def _sliding_layers(r: HFConfigReader) -> tuple[int, list[int]]:
