@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from mlcc import ir
-from mlcc.frontend.entries import entry_points, module_attrs
 from mlcc.frontend.architecture import (
     Architecture,
     ParamSource,
@@ -23,7 +22,7 @@ from mlcc.frontend.architecture import (
     vector_param,
 )
 from mlcc.frontend.config import HFConfigReader, ModelConfig, _fail
-from mlcc.frontend.llama import kv_cache_type
+from mlcc.frontend.entries import build_entries
 
 # HF activation name -> the tanh approximation flag of our gelu ("none" = exact erf form).
 GELU_APPROXIMATION = {
@@ -64,9 +63,6 @@ class GPTNeoXConfig(ModelConfig):
         rotary_pct = r.float("rotary_pct", None)
         if rotary_pct is None:
             rotary_pct = float(rope.get("partial_rotary_factor", 0.25))
-        base = r.float("rotary_emb_base", None)
-        if base is None:
-            base = float(rope.get("rope_theta", 10000.0))
         if rope.get("rope_type", "default") != "default":
             raise _fail(
                 f"config.json: rope_parameters.rope_type={rope['rope_type']!r} is not supported "
@@ -82,18 +78,14 @@ class GPTNeoXConfig(ModelConfig):
             "intermediate_size": r.int("intermediate_size"),
             "layer_norm_eps": r.float("layer_norm_eps", 1e-5),
             "rotary_pct": rotary_pct,
-            "rotary_emb_base": base,
+            "rotary_emb_base": r.rope_theta("rotary_emb_base"),
             "use_parallel_residual": r.bool("use_parallel_residual", True),
             "hidden_act": r.str("hidden_act", "gelu"),
             "attention_bias": r.bool("attention_bias", True),
         }
 
     def validate(self) -> None:
-        if self.hidden_act not in GELU_APPROXIMATION:
-            raise _fail(
-                f"hidden_act={self.hidden_act!r} is not supported for gpt_neox; "
-                f"supported: {', '.join(GELU_APPROXIMATION)}"
-            )
+        self._require_supported("hidden_act", GELU_APPROXIMATION)
         if self.num_key_value_heads != self.num_attention_heads:
             raise _fail(
                 f"num_key_value_heads={self.num_key_value_heads} must equal "
@@ -111,11 +103,7 @@ class GPTNeoXConfig(ModelConfig):
                 f"rotary_pct={self.rotary_pct} of head_dim={self.head_dim} gives rotary_dim="
                 f"{self.rotary_dim}; it must be even and at least 2"
             )
-        if self.intermediate_size <= 0 or not self.layer_norm_eps > 0:
-            raise _fail(
-                f"intermediate_size={self.intermediate_size} and layer_norm_eps="
-                f"{self.layer_norm_eps} must be positive"
-            )
+        self._require_positive("intermediate_size", "layer_norm_eps")
 
     @property
     def rotary_dim(self) -> int:
@@ -207,24 +195,20 @@ def _layer(b: ir.FunctionBuilder, config: GPTNeoXConfig, w: dict[str, ir.Value],
 
 
 def build_gpt_neox(config: GPTNeoXConfig) -> ir.Module:
-    """The IR of a GPT-NeoX model: `prefill(tokens[seq_len])` and `decode(token[1])` -> logits."""
-    mb = ir.ModuleBuilder(config.model_type, module_attrs(config))
-    w = {p.name: mb.add_param(p.name, p.shape, "float32", kind=p.kind)
-         for p in gpt_neox_weight_mapping(config).params}
-    for fn_name, n, fn_attrs in entry_points(config):
-        with mb.function(fn_name, **fn_attrs) as b:
-            tokens = b.input("tokens", (n,), "int32")
-            cache = b.kv_cache(kv_cache_type(config))
-            pos = b.positions(cache, n)
-            x = b.embedding(w["gpt_neox.embed_in.weight"], tokens)
-            for layer in range(config.num_hidden_layers):
-                x = _layer(b, config, w, layer, x, pos, cache, n)
-            x = b.layer_norm(x, w["gpt_neox.final_layer_norm.weight"],
-                             w["gpt_neox.final_layer_norm.bias"], config.layer_norm_eps)
-            head = w["gpt_neox.embed_in.weight" if config.tie_word_embeddings
-                     else "embed_out.weight"]
-            b.output(b.logits(b.linear(x, head)))
-    return mb.finish()
+    """The IR of a GPT-NeoX model: one function per entry of `entry_points` (prefill, decode,
+    batch_decode when max_batch_size > 1), each returning logits."""
+    head = "gpt_neox.embed_in.weight" if config.tie_word_embeddings else "embed_out.weight"
+
+    def forward(b: ir.FunctionBuilder, w: dict[str, ir.Value], tokens: ir.Value, pos: ir.Value,
+                cache: ir.Value, n: ir.Dim) -> ir.Value:
+        x = b.embedding(w["gpt_neox.embed_in.weight"], tokens)
+        for layer in range(config.num_hidden_layers):
+            x = _layer(b, config, w, layer, x, pos, cache, n)
+        x = b.layer_norm(x, w["gpt_neox.final_layer_norm.weight"],
+                         w["gpt_neox.final_layer_norm.bias"], config.layer_norm_eps)
+        return b.linear(x, w[head])
+
+    return build_entries(config, gpt_neox_weight_mapping(config), forward)
 
 
 ARCHITECTURE = Architecture(
