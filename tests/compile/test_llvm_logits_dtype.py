@@ -4,10 +4,14 @@ A float16 model's output projection writes its float32 sum unrounded (the dtype 
 out_dtype="float32" on it). Each CPU kernel that can run that projection, the tuned rules
 (GEMV-Q4, GEMV, GEMM) and the portable kernel, is compared with a NumPy float32 product. The
 expected values are checked to be far from their float16 rounding at the tolerance used, so a
-kernel that rounds through float16 fails.
+kernel that rounds through float16 fails. Then stories260K compiled at q0f16 and q4f16_1 returns
+logits that are not float16 values, close to ReferenceModel's.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +23,10 @@ from mlcc.backends.llvm.fallback import gen_linear
 from mlcc.backends.llvm.tuned_rules import tuned_rule
 from mlcc.backends.plan import KernelSpec
 from mlcc.ir.types import Sym
+from mlcc.runtime_check.compiled import CompiledEngine
+from mlcc.runtime_check.reference import ReferenceModel
+
+STORIES = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "stories260K"
 
 K, N = 172, 37
 TOLERANCE = 2e-5  # of the result's largest magnitude: float32 sums in another order
@@ -97,3 +105,23 @@ def test_portable_kernel_writes_the_float32_sum(op, quant, fast):
     text = gen_linear(spec_of(op, Sym("seq_len"), quant, False), name, fast)
     x = rng.standard_normal((5, K)).astype(np.float16)
     check(run_kernel(text, name, [x, *w_args], 5), x.astype(np.float32) @ w_ref.T)
+
+
+@pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} not present")
+@pytest.mark.parametrize("opt", ["O0", "O2"])
+@pytest.mark.parametrize("quantization", ["q0f16", "q4f16_1"])
+def test_compiled_float16_model_returns_float32_logits(libraries, quantization, opt):
+    reference = ReferenceModel(STORIES, quantization)
+    engine = CompiledEngine(libraries.get(STORIES, quantization, opt), reference.params)
+    case = json.loads((STORIES / "reference.json").read_text())["cases"][0]
+    ids, follow = case["prompt_token_ids"], case["greedy_token_ids"][:4]
+    want = [reference.prefill_logits(ids)] + [reference.decode(t) for t in follow]
+    got = [engine.prefill_logits(ids)] + [engine.decode(t) for t in follow]
+    for step, (a, b) in enumerate(zip(want, got)):
+        assert b.dtype == np.float32
+        # float16 logits would all be float16 values; float32 sums almost never are.
+        assert np.mean(b.astype(np.float16).astype(np.float32) != b) > 0.9, step
+        # Both round activations to float16, in different summation orders: a few float16
+        # steps of the logits (0.0078 at 8..16) apart, as the q4f16_1 test of
+        # test_llvm_stories.py allows.
+        np.testing.assert_allclose(b, a, rtol=0, atol=5e-2, err_msg=f"step {step}")
