@@ -19,14 +19,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 
 from tp_build import compile_sharded  # noqa: E402
-from tp_models import stored_weights, tiny_config  # noqa: E402
+from tp_models import oracle_logits, stored_weights, tiny_config  # noqa: E402
 
-from mlcc import ir  # noqa: E402
 from mlcc.errors import MlccError  # noqa: E402
-from mlcc.passes import run_passes  # noqa: E402
-from mlcc.passes.dtype import ConvertModelDType  # noqa: E402
-from mlcc.passes.quantize import QuantizeWeights  # noqa: E402
-from mlcc.quant import get_scheme  # noqa: E402
 from mlcc.runtime_check.compiled import CompiledEngine  # noqa: E402
 from mlcc.runtime_check.tensor_parallel import TensorParallelEngine  # noqa: E402
 
@@ -50,21 +45,7 @@ def sharded_library(tmp_path_factory):
 
 def oracle(arch, config, quantization: str, arrays, ids: np.ndarray) -> list[np.ndarray]:
     """Unsharded interpreter: the logits after the prompt, then after each decoded token."""
-    scheme = get_scheme(quantization)
-    module = run_passes(arch.build_module(config), [ConvertModelDType(scheme.model_dtype),
-                                                    QuantizeWeights(quantization)]).module
-    params = {p.name: arrays[p.name] for p in module.params}
-    cache = ir.KVCacheState(next(v.type for v in module.function("decode").inputs
-                                 if isinstance(v.type, ir.KVCacheType)))
-    chunk = config.prefill_chunk_size
-    for start in range(0, PROMPT, chunk):
-        (logits,) = ir.interpret(module, "prefill", [ids[start:min(start + chunk, PROMPT)],
-                                                     cache], params)
-    out = [logits]
-    for token in ids[PROMPT:]:
-        out.append(ir.interpret(module, "decode", [np.array([token], np.int32), cache],
-                                params)[0])
-    return out
+    return oracle_logits(arch, config, quantization, arrays, ids, PROMPT)
 
 
 def assert_close(actual: np.ndarray, expected: np.ndarray, step: int) -> None:

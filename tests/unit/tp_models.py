@@ -12,7 +12,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mlcc import ir
 from mlcc.frontend import get_architecture
+from mlcc.passes import run_passes
+from mlcc.passes.dtype import ConvertModelDType
+from mlcc.passes.quantize import QuantizeWeights
 from mlcc.quant import get_scheme
 
 BASE = {"vocab_size": 48, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -47,3 +51,26 @@ def stored_weights(architecture, config, quantization: str, seed: int = 0
         w = 1 + 0.1 * noise if param.kind == "norm" else scale * noise
         arrays.update(scheme.convert(param, w))
     return arrays
+
+
+def oracle_logits(architecture, config, quantization: str, arrays: dict[str, np.ndarray],
+                  ids: np.ndarray, prompt: int) -> list[np.ndarray]:
+    """The unsharded model in the IR interpreter: the logits after `ids[:prompt]` (fed in
+    prefill chunks), then after each of the following tokens decoded one by one."""
+    scheme = get_scheme(quantization)
+    module = run_passes(architecture.build_module(config),
+                        [ConvertModelDType(scheme.model_dtype), QuantizeWeights(quantization)]
+                        ).module
+    params = {p.name: arrays[p.name] for p in module.params}
+    cache = ir.KVCacheState(next(v.type for v in module.function("decode").inputs
+                                 if isinstance(v.type, ir.KVCacheType)))
+    ids = np.asarray(ids, np.int32)
+    chunk = config.prefill_chunk_size
+    for start in range(0, prompt, chunk):
+        (logits,) = ir.interpret(module, "prefill", [ids[start:min(start + chunk, prompt)],
+                                                     cache], params)
+    out = [logits]
+    for token in ids[prompt:]:
+        out.append(ir.interpret(module, "decode", [np.array([token], np.int32), cache],
+                                params)[0])
+    return out
