@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlcc import ir
-from mlcc.backends.cuda import attention, fusion, kernels, linear
+from mlcc.backends.cuda import attention, fusion, kernels, linear, moe
 from mlcc.backends.cuda.kernels import COMMON_SOURCE, CudaKernel
 from mlcc.backends.cuda.toolchain import (
     DEFAULT_ARCHS,
@@ -52,6 +52,7 @@ GENERATORS: dict[str, Generator] = {
     "norm_q_linear": fusion.gen_norm_q_linear,
     "silu_mul_q_linear": fusion.gen_silu_mul_q_linear,
     "last_row": kernels.gen_last, "last_logits": kernels.gen_last,
+    **moe.MOE_GENERATORS,
 }
 
 

@@ -1,0 +1,303 @@
+"""CUDA kernels of the mixture-of-experts ops: routing, dispatch, grouped linears, reduction.
+
+The router's weights stay on the device, so every kernel finds the chosen experts there; the
+host launches the same grids whatever the routing is (no copy back, and a decode step stays
+capturable as a CUDA graph).
+
+    moe_route       one thread per row: top_k by repeated argmax (ties: lower expert), softmax
+                    over the chosen logits, 0 elsewhere (mlcc.ir.ops moe_route).
+    moe_dispatch    one block, a warp per expert: rows with a non-zero weight are compacted
+                    with warp ballots into the expert's slots (ordered by expert, then row).
+    moe_linear /    decode (a static row count): a gathered GEMV with one grid row per slot;
+    q_moe_linear    the block finds its expert in expert_offsets and reads only that expert's
+                    weights; blocks of unused slots write 0 and exit. Prefill (symbolic rows):
+                    a grouped GEMM whose grid covers every expert's largest possible slot range
+                    (n rows); a 16x16 tile block past its expert's last slot exits at once, the
+                    others gather their activation rows through slot_rows and multiply them by
+                    their expert's weight tile (dequantized on the fly), in float32.
+    moe_reduce      one block per row: weighted slot results summed in float32 over the row's
+                    experts in ascending order, as the dense combination adds them.
+
+Experts are separate parameters, so a kernel receives one pointer per expert weight and picks
+the one of its expert with a chain of selects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mlcc.backends.cuda.kernels import (
+    BLOCK,
+    C_TYPES,
+    CudaKernel,
+    dequant_expr,
+    dim_text,
+    launcher,
+    launcher_nests,
+    signature,
+    symbols_of,
+)
+from mlcc.backends.plan import KernelSpec
+from mlcc.ir.types import Sym
+
+TILE = 16
+GEMV_WARPS = 4
+GEMV_MAX_SLOTS = 64  # grid rows of the gathered GEMV (static slot counts up to this)
+
+
+def gen_moe_route(spec: KernelSpec, name: str) -> CudaKernel:
+    (shape, dt), = spec.inputs
+    experts, k = shape[1], spec.attr("top_k")
+    buffers = [("x", shape, dt), ("y", shape, "float32")]
+    syms = symbols_of(shape)
+    body = f"""{signature(name, buffers, ("y",), syms)} {{
+  const long long i = (long long)blockIdx.x * {BLOCK} + threadIdx.x;
+  if (i >= {dim_text(shape[0])}) return 0;
+  bool taken[{experts}];
+  float val[{k}];
+  int idx[{k}];
+  for (int e = 0; e < {experts}; ++e) {{ taken[e] = false; y[i * {experts}LL + e] = 0.f; }}
+  for (int s = 0; s < {k}; ++s) {{
+    val[s] = -3.4e38f;
+    idx[s] = 0;
+    for (int e = 0; e < {experts}; ++e) {{
+      const float v = mlcc_f32(x[i * {experts}LL + e]);
+      if (!taken[e] && v > val[s]) {{ val[s] = v; idx[s] = e; }}
+    }}
+    taken[idx[s]] = true;
+  }}
+  float total = 0.f;
+  for (int s = 0; s < {k}; ++s) total += expf(val[s] - val[0]);
+  for (int s = 0; s < {k}; ++s) y[i * {experts}LL + idx[s]] = expf(val[s] - val[0]) / total;
+  return 0;
+}}
+"""
+    grid = f"({dim_text(shape[0])} + T.int64({BLOCK - 1})) // T.int64({BLOCK})"
+    if not isinstance(shape[0], Sym):
+        grid = f"T.int64({-(-shape[0] // BLOCK)})"
+    return CudaKernel(name, body, launcher(name, buffers, (grid,), BLOCK, syms))
+
+
+def gen_moe_dispatch(spec: KernelSpec, name: str) -> CudaKernel:
+    (wshape, wdt), = spec.inputs
+    (rshape, _), (oshape, _), _ = spec.outputs
+    experts, k, n = wshape[1], spec.attr("top_k"), dim_text(wshape[0])
+    buffers = [("w", wshape, wdt), ("slot_rows", rshape, "int32"), ("offsets", oshape, "int32"),
+               ("row_slots", rshape, "int32")]
+    syms = symbols_of(wshape)
+    warps = min(experts, 32)
+    # rank: the expert's position among the row's experts; a row past top_k (never from
+    # moe_route) keeps its first top_k experts, as the CPU kernel does.
+    chosen = f"""const long long i = base + lane;
+      int rank = 0;
+      bool on = i < {n} && w[i * {experts}LL + e] != 0.f;
+      if (on) {{
+        for (int f = 0; f < e; ++f) rank += w[i * {experts}LL + f] != 0.f;
+        on = rank < {k};
+      }}
+      const unsigned int mask = __ballot_sync(0xffffffffu, on);"""
+    body = f"""{signature(name, buffers, ("slot_rows", "offsets", "row_slots"), syms)} {{
+  __shared__ int start[{experts + 1}];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (long long p = threadIdx.x; p < {n} * {k}LL; p += blockDim.x) {{
+    slot_rows[p] = -1;
+    row_slots[p] = -1;
+  }}
+  for (int e = warp; e < {experts}; e += {warps}) {{
+    int count = 0;
+    for (long long base = 0; base < {n}; base += 32) {{
+      {chosen}
+      count += __popc(mask);
+    }}
+    if (lane == 0) start[e + 1] = count;
+  }}
+  __syncthreads();
+  if (threadIdx.x == 0) {{
+    start[0] = 0;
+    for (int e = 0; e < {experts}; ++e) start[e + 1] += start[e];
+  }}
+  __syncthreads();
+  for (int e = threadIdx.x; e <= {experts}; e += blockDim.x) offsets[e] = start[e];
+  for (int e = warp; e < {experts}; e += {warps}) {{
+    int next = start[e];
+    for (long long base = 0; base < {n}; base += 32) {{
+      {chosen}
+      if (on) {{
+        const int p = next + __popc(mask & ((1u << lane) - 1u));
+        slot_rows[p] = (int)i;
+        row_slots[i * {k}LL + rank] = p;
+      }}
+      next += __popc(mask);
+    }}
+  }}
+  return 0;
+}}
+"""
+    return CudaKernel(name, body, launcher(name, buffers, ("T.int64(1)",), 32 * warps, syms))
+
+
+class _Grouped:
+    """Buffers, the expert select and the weight expression of a (q_)moe_linear spec."""
+
+    def __init__(self, spec: KernelSpec) -> None:
+        (self.xshape, self.xdt), (self.rshape, _), (self.oshape, _) = spec.inputs[:3]
+        (self.yshape, self.ydt), = spec.outputs
+        self.quant = spec.op == "q_moe_linear"
+        weights = spec.inputs[3:]
+        if self.quant:
+            self.experts = len(weights) // 2
+            (wshape, _), (sshape, self.sdt) = weights[0], weights[1]
+            self.n, self.k = wshape[0], spec.attr("in_features")
+            self.words, self.groups = wshape[1], sshape[1]
+            parts = [("qw", weights[0::2]), ("qs", weights[1::2])]
+        else:
+            self.experts = len(weights)
+            self.n, self.k = weights[0][0]
+            parts = [("w", weights)]
+        self.weight_buffers = [(f"{p}{e}",) + ws[e] for e in range(self.experts)
+                               for p, ws in parts]
+        self.buffers = ([("x", self.xshape, self.xdt), ("slot_rows", self.rshape, "int32"),
+                         ("offsets", self.oshape, "int32")] + self.weight_buffers
+                        + [("y", self.yshape, self.ydt)])
+        self.parts = [p for p, _ in parts]
+        self.slots_per_row = self.rshape[1]
+        self.rows = self.rshape[0]
+        self.gather = spec.attr("gather")
+        self.symbols = symbols_of(self.xshape, self.rshape)
+        self.spec = spec
+
+    def select(self, expert: str) -> str:
+        """C++ declarations of the chosen expert's weight pointers (`qwe`/`qse` or `we`)."""
+        lines = []
+        for part in self.parts:
+            chain = f"{part}{self.experts - 1}"
+            for e in range(self.experts - 2, -1, -1):
+                chain = f"{expert} == {e} ? {part}{e} : {chain}"
+            ctype = C_TYPES[next(dt for b, _, dt in self.weight_buffers if b == f"{part}0")]
+            lines.append(f"const {ctype}* __restrict__ {part}e = {chain};")
+        return "\n  ".join(lines)
+
+    def weight(self, n: str, k: str) -> str:
+        if self.quant:
+            return dequant_expr(self.spec, "qwe", "qse", n, k, self.words, self.groups, self.sdt)
+        return f"mlcc_f32(we[({n}) * {self.k}LL + ({k})])"
+
+    def source_row(self, p: str) -> str:
+        """Pointer offset of slot p's activation row."""
+        if self.gather:
+            return f"(long long)slot_rows[{p}] * {self.k}LL"
+        return f"({p}) * {self.k}LL"
+
+
+def _gemv(g: _Grouped, name: str, slots: int) -> CudaKernel:
+    body = f"""{signature(name, g.buffers, ("y",), g.symbols)} {{
+  const int lane = threadIdx.x & 31;
+  const long long n = (long long)blockIdx.x * {GEMV_WARPS} + (threadIdx.x >> 5);
+  const int p = blockIdx.y;
+  if (n >= {g.n}) return 0;
+  if (slot_rows[p] < 0) {{
+    if (lane == 0) mlcc_put(y, p * {g.n}LL + n, 0.f);
+    return 0;
+  }}
+  int e = 0;
+  while (e < {g.experts - 1} && p >= offsets[e + 1]) ++e;
+  {g.select("e")}
+  const long long src = {g.source_row("p")};
+  float acc = 0.f;
+  for (int k = lane; k < {g.k}; k += 32) acc += mlcc_f32(x[src + k]) * {g.weight("n", "k")};
+  acc = mlcc_warp_sum(acc);
+  if (lane == 0) mlcc_put(y, p * {g.n}LL + n, acc);
+  return 0;
+}}
+"""
+    grid = (f"T.int64({-(-g.n // GEMV_WARPS)})", f"T.int64({slots})")
+    return CudaKernel(name, body, launcher(name, g.buffers, grid, GEMV_WARPS * 32, g.symbols))
+
+
+def _grouped_gemm(g: _Grouped, name: str) -> CudaKernel:
+    rows, kk = dim_text(g.rows), g.slots_per_row
+    zero = f"""{signature(f"{name}_zero", g.buffers, ("y",), g.symbols)} {{
+  const long long i = (long long)blockIdx.x * {BLOCK} + threadIdx.x;
+  if (i < {rows} * {kk}LL * {g.n} && i / {g.n} >= offsets[{g.experts}]) mlcc_put(y, i, 0.f);
+  return 0;
+}}
+"""
+    body = f"""{signature(name, g.buffers, ("y",), g.symbols)} {{
+  __shared__ float As[{TILE}][{TILE + 1}];
+  __shared__ float Bs[{TILE}][{TILE + 1}];
+  const long long tiles = ({rows} + {TILE - 1}) / {TILE};
+  const int e = (int)(blockIdx.y / tiles);
+  const long long start = offsets[e] + (blockIdx.y % tiles) * {TILE}, end = offsets[e + 1];
+  if (start >= end) return 0;
+  {g.select("e")}
+  const int tx = threadIdx.x & {TILE - 1}, ty = threadIdx.x / {TILE};
+  const long long n0 = (long long)blockIdx.x * {TILE};
+  const long long p_load = start + ty;
+  const long long src = p_load < end ? {g.source_row("p_load")} : 0;
+  float acc = 0.f;
+  for (int k0 = 0; k0 < {g.k}; k0 += {TILE}) {{
+    const int k = k0 + tx;
+    const long long nn = n0 + ty;
+    As[ty][tx] = (p_load < end && k < {g.k}) ? mlcc_f32(x[src + k]) : 0.f;
+    Bs[ty][tx] = (nn < {g.n} && k < {g.k}) ? {g.weight("nn", "k")} : 0.f;
+    __syncthreads();
+    #pragma unroll
+    for (int j = 0; j < {TILE}; ++j) acc += As[ty][j] * Bs[tx][j];
+    __syncthreads();
+  }}
+  const long long n = n0 + tx;
+  if (p_load < end && n < {g.n}) mlcc_put(y, p_load * {g.n}LL + n, acc);
+  return 0;
+}}
+"""
+    zero_grid = f"({rows} * T.int64({kk * g.n}) + T.int64({BLOCK - 1})) // T.int64({BLOCK})"
+    grid = (f"T.int64({-(-g.n // TILE)})",
+            f"({rows} + T.int64({TILE - 1})) // T.int64({TILE}) * T.int64({g.experts})")
+    nests = [(f"{name}_zero_dev", (zero_grid,), BLOCK), (f"{name}_dev", grid, TILE * TILE)]
+    return CudaKernel(name, zero + body, launcher_nests(name, g.buffers, nests, g.symbols))
+
+
+def gen_moe_linear(spec: KernelSpec, name: str) -> CudaKernel:
+    g = _Grouped(spec)
+    if not isinstance(g.rows, Sym) and g.rows * g.slots_per_row <= GEMV_MAX_SLOTS:
+        return _gemv(g, name, g.rows * g.slots_per_row)
+    return _grouped_gemm(g, name)
+
+
+def gen_moe_reduce(spec: KernelSpec, name: str) -> CudaKernel:
+    (vshape, vdt), (wshape, wdt), (sshape, _) = spec.inputs
+    (yshape, ydt), = spec.outputs
+    k, hidden, experts = vshape[1], vshape[2], wshape[1]
+    buffers = [("v", vshape, vdt), ("w", wshape, wdt), ("row_slots", sshape, "int32"),
+               ("y", yshape, ydt)]
+    syms = symbols_of(vshape)
+    threads = min(BLOCK, -(-hidden // 32) * 32)
+    body = f"""{signature(name, buffers, ("y",), syms)} {{
+  const long long i = blockIdx.x;
+  for (int h = threadIdx.x; h < {hidden}; h += {threads}) {{
+    float acc = 0.f;
+    int c = 0;
+    for (int e = 0; e < {experts}; ++e) {{
+      const float we = w[i * {experts}LL + e];
+      if (we != 0.f) {{
+        if (c < {k}) {{
+          const long long s = row_slots[i * {k}LL + c];
+          acc += we * mlcc_f32(v[s * {hidden}LL + h]);
+        }}
+        ++c;
+      }}
+    }}
+    mlcc_put(y, i * {hidden}LL + h, acc);
+  }}
+  return 0;
+}}
+"""
+    rows = dim_text(vshape[0]) if isinstance(vshape[0], Sym) else f"T.int64({vshape[0]})"
+    return CudaKernel(name, body, launcher(name, buffers, (rows,), threads, syms))
+
+
+MOE_GENERATORS: dict[str, Callable[[KernelSpec, str], CudaKernel]] = {
+    "moe_route": gen_moe_route, "moe_dispatch": gen_moe_dispatch,
+    "moe_linear": gen_moe_linear, "q_moe_linear": gen_moe_linear,
+    "moe_reduce": gen_moe_reduce,
+}
