@@ -8,7 +8,9 @@ times its weight.
 
 In the IR every expert is an ordinary pair of linear layers, so quantization and the NumPy
 interpreter treat experts like any MLP; `moe_route` gives the dense weights (0 for experts not
-chosen) and `moe_combine` adds the weighted outputs, skipping experts of weight 0.
+chosen) and `moe_combine` adds the weighted outputs, skipping experts of weight 0. This dense
+form is the model's definition; the compiler's `sparse_moe` pass (mlcc/passes/moe.py) turns it
+into grouped linears over the routed rows only, and the experts stay separate parameters.
 """
 
 from __future__ import annotations
