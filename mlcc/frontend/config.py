@@ -123,7 +123,9 @@ class HFConfigReader:
         """Refuse rotary frequency scaling (`rope_scaling` or `rope_parameters`) for a model
         that implements only the unscaled form."""
         rope = self.hf.get("rope_scaling") or self.rope_parameters()
-        kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else None
+        kind = None
+        if isinstance(rope, dict):
+            kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in (None, "default"):
             raise _fail(f"{self.origin}: rope scaling {kind!r} is not supported for {model_type}; "
                         "only unscaled rotary embeddings are")

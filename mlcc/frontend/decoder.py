@@ -205,16 +205,16 @@ def decoder_layer(b: ir.FunctionBuilder, config: ModelConfig, style: DecoderStyl
     attn = decoder_attention(b, config, style, w, layer, h, pos, cache, n)
     if not style.parallel:
         x = x + attn
-        return x + decoder_mlp(b, style, w, layer, _norm(b, style, w,
-                                                         p + "post_attention_layernorm", x))
+        h = _norm(b, style, w, p + "post_attention_layernorm", x)
+        return x + decoder_mlp(b, style, w, layer, h)
     terms = {"x": x, "attn": attn}
-    if style.parallel_sum.index("mlp") == 2:
-        # Adding the first two before the MLP exists keeps transformers' order of operations.
-        first, second = (terms[t] for t in style.parallel_sum[:2])
-        return first + second + decoder_mlp(b, style, w, layer, h)
+    first, second, third = style.parallel_sum
+    if third == "mlp":
+        # The first two terms do not need the MLP, so their sum is emitted before it.
+        head = terms[first] + terms[second]
+        return head + decoder_mlp(b, style, w, layer, h)
     terms["mlp"] = decoder_mlp(b, style, w, layer, h)
-    first, second, third = (terms[t] for t in style.parallel_sum)
-    return first + second + third
+    return terms[first] + terms[second] + terms[third]
 
 
 def build_decoder(config: ModelConfig, style: DecoderStyle) -> ir.Module:

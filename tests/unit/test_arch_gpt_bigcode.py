@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 from arch_parity import assert_reference_matches_transformers, randomize, save_tiny
-
 from safetensors.torch import save_file
 
 from mlcc.errors import MlccError
