@@ -5,11 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from mlcc.backends.targets import BuildTarget
 
-def build_model_library(module, output: Path, metadata: dict, device: str = "llvm",
-                        host: str | None = None, opt=None, system_lib_prefix: str | None = None,
+
+def build_model_library(module, output: Path, metadata: dict,
+                        device: str | BuildTarget = "llvm", host: str | None = None, opt=None,
+                        system_lib_prefix: str | None = None,
                         log: Callable[[str], None] = lambda s: None) -> dict[str, int]:
     """Build `module` (after the pass pipeline) into the library `output` for `device`."""
+    if isinstance(device, BuildTarget):
+        # metal, opencl, webgpu, rocm (a preset or a TVM target JSON): TVM-generated device code
+        from mlcc.backends.gpu.codegen import build as build_gpu
+
+        return build_gpu(module, Path(output), metadata, device, log)
     if device == "cuda" or device.startswith("cuda:") or device.startswith("cuda-"):
         from mlcc.backends.cuda.codegen import build as build_cuda
         from mlcc.backends.cuda.toolchain import DEFAULT_ARCHS

@@ -15,6 +15,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mlcc import __version__, ir
+from mlcc.backends.targets import (
+    BuildTarget,
+    check_cpu_output,
+    check_prefix,
+    preset_for,
+    resolve_build_target,
+)
 from mlcc.errors import MlccError
 from mlcc.passes import OptConfig, build_pipeline, parse_opt, run_passes
 from mlcc.quant import get_scheme
@@ -54,7 +61,8 @@ def parse_overrides(text: str | None) -> dict[str, int]:
 
 
 def resolve_device(device: str) -> str:
-    """The backend kind for `--device`; devices without a backend yet fail clearly."""
+    """The backend kind for `--device`: "llvm", "cuda" (or "cuda-sm_90,sm_80"), or the name of a
+    GPU preset (iphone, android, metal, webgpu, rocm, opencl) or the TVM target JSON itself."""
     name = device.strip().lower()
     if name == "auto":
         return "cuda" if _cuda_visible() else "llvm"
@@ -65,13 +73,33 @@ def resolve_device(device: str) -> str:
     if name.startswith("cuda-sm_") and all(a.startswith("sm_") and a[3:].isdigit()
                                            for a in name[5:].split(",")):
         return name
-    base = name.split(":")[0]
-    if base in KNOWN_DEVICES or name.startswith("{"):
-        raise MlccError(STAGE, f"--device {device}: this build of mlcc compiles for cpu/llvm "
-                        "and cuda (cuda:N, or cuda-sm_90,sm_80 for several architectures); "
-                        "the other targets are not implemented yet")
-    raise MlccError(STAGE, f"--device {device!r} is unknown; use cpu/llvm, or one of "
-                    f"{', '.join(KNOWN_DEVICES)}, or auto")
+    if preset_for(device) is not None:  # raises for vulkan and for a bad target JSON
+        return device.strip() if device.strip().startswith("{") else name
+    raise MlccError(STAGE, f"--device {device!r} is unknown; use cpu/llvm, cuda, or one of "
+                    f"{', '.join(d for d in KNOWN_DEVICES if d != 'cuda')}, a TVM target JSON, "
+                    "or auto")
+
+
+def check_output(kind: str, device: str, host: str | None, output: Path, model_type: str,
+                 quantization: str, model_dtype: str,
+                 system_lib_prefix: str | None) -> BuildTarget | None:
+    """Refuse impossible device/host/suffix combinations before any work; the GPU presets'
+    build target (None for the CPU and CUDA backends)."""
+    if kind == "llvm":
+        check_cpu_output(host, output.suffix)
+        if system_lib_prefix is not None:
+            check_prefix(system_lib_prefix)
+        return None
+    if kind.startswith("cuda"):
+        if output.suffix != ".so":
+            raise MlccError(STAGE, f"--device {device} -o {output.name}: the CUDA backend "
+                            "writes a shared library for this machine; use -o lib.so")
+        if host is not None:
+            raise MlccError(STAGE, f"--device {device} --host {host}: CUDA libraries are built "
+                            "for this machine's host only; drop --host")
+        return None
+    return resolve_build_target(device, host, output, model_type, quantization, model_dtype,
+                                system_lib_prefix)
 
 
 def _cuda_visible() -> bool:
@@ -175,6 +203,8 @@ def compile_model(model: str | Path, output: str | Path, quantization: str | Non
     start = time.perf_counter()
     arch, config, quantization, _ = load_model_config(model, quantization, model_type)
     scheme = get_scheme(quantization)
+    build_target = check_output(kind, device, host, output, arch.name, quantization,
+                                scheme.model_dtype, system_lib_prefix)
     changes = parse_overrides(overrides)
     if changes:
         config = config.with_overrides(**changes)
@@ -200,8 +230,8 @@ def compile_model(model: str | Path, output: str | Path, quantization: str | Non
     start = time.perf_counter()
     from mlcc.backends import build_model_library
 
-    build_model_library(module, output, metadata, device=kind, host=host, opt=opt_config,
-                        system_lib_prefix=system_lib_prefix, log=log)
+    build_model_library(module, output, metadata, device=build_target or kind, host=host,
+                        opt=opt_config, system_lib_prefix=system_lib_prefix, log=log)
     timings["codegen + build"] = time.perf_counter() - start
     log(f"wrote {output}")
     return CompileResult(output, module, metadata, timings,
