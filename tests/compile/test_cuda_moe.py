@@ -23,8 +23,8 @@ from mlcc.quant import get_scheme
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
-from test_cuda_codegen import nvcc  # noqa: E402
-from test_passes_moe import TINY  # noqa: E402
+from test_cuda_codegen import nvcc
+from test_passes_moe import TINY
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 
@@ -53,7 +53,7 @@ def test_mixtral_kernels_compile_with_nvcc(tmp_path, quantization):
 
 def test_decode_gathers_one_expert_per_slot_and_prefill_groups_rows():
     module = lowered_mixtral("q4f16_1")
-    built, plans, _, _ = library_parts(module, {"params": []})
+    _, plans, _, _ = library_parts(module, {"params": []})
     by_entry = {plan.name: {call.spec for call in plan.calls if call.spec.op == "q_moe_linear"}
                 for plan in plans}
     decode = [moe.gen_moe_linear(spec, "k") for spec in by_entry["decode"]]

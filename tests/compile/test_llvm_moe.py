@@ -27,7 +27,7 @@ from mlcc.passes.moe import SparseMoE
 from mlcc.quant import get_scheme
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
-from test_passes_moe import (  # noqa: E402
+from test_passes_moe import (
     HIDDEN,
     TINY,
     dense_moe_module,
@@ -44,7 +44,7 @@ CASES += [pytest.param(*case, marks=pytest.mark.slow)
 
 def spec_of(node: ir.Node) -> KernelSpec:
     """The KernelSpec the plan gives this node (every input of these ops is a tensor)."""
-    shapes = lambda values: tuple((tuple(v.type.shape), v.type.dtype) for v in values)  # noqa
+    shapes = lambda values: tuple((tuple(v.type.shape), v.type.dtype) for v in values)
     return KernelSpec(node.op, shapes(node.inputs), shapes(node.outputs),
                       tuple(sorted(node.attrs.items())))
 

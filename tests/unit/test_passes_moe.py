@@ -23,7 +23,7 @@ from mlcc.passes.quantize import QuantizeWeights
 from mlcc.quant import get_scheme
 
 N = Sym("n")
-HIDDEN, INTER = 40, 24  # 40: a padded K for q3's groups of 40 is not needed, q4's 32 pads
+HIDDEN, INTER = 40, 24  # q4 pads K = 40 and 24 to its groups of 32, q3 pads 24 to 40
 ROUTINGS = [(5, 2), (4, 1), (4, 4), (6, 3)]
 
 

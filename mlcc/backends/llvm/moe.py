@@ -19,7 +19,7 @@ per expert and the generator writes one loop nest per expert.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from mlcc.backends.llvm.fallback import LANES, Emitter, Loops, f32, header, to
 from mlcc.backends.plan import KernelSpec
@@ -105,9 +105,9 @@ def gen_moe_linear(spec: KernelSpec, name: str, fast: bool) -> str:
     header(em, name, [("x", xshape, xdt), ("slot_rows", rshape, "int32"),
                       ("offsets", oshape, "int32")] + ex.buffers + [("y", yshape, ydt)])
     total = f"{_extent(rshape[0])} * {k}"
-    with em.block(f"for p in range(offsets[{ex.count}], {total}):"):
-        with em.block(f"for j in range({ex.n_out}):"):
-            em(f"y[p // {k}, p % {k}, j] = {to(ydt, 'T.float32(0)')}")
+    with (em.block(f"for p in range(offsets[{ex.count}], {total}):"),
+          em.block(f"for j in range({ex.n_out}):")):
+        em(f"y[p // {k}, p % {k}, j] = {to(ydt, 'T.float32(0)')}")
     lanes = LANES if fast and ex.k_in % LANES == 0 else 1
     src = (f"x[slot_rows[p // {k}, p % {k}], {{kk}}]" if spec.attr("gather")
            else f"x[p // {k}, p % {k}, {{kk}}]")
