@@ -1,0 +1,1 @@
+"""Device code for the GPU languages TVM generates itself: Metal, OpenCL, WebGPU (WGSL), ROCm."""
