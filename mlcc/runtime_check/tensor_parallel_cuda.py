@@ -78,7 +78,7 @@ class TorchNcclComm:
 
     def view(self, pointer: int, count: int, dtype: str):
         torch_dtype = getattr(self.torch, dtype)
-        nbytes = count * self.torch.empty((), dtype=torch_dtype).element_size()
+        nbytes = count * torch_dtype.itemsize
         offset = pointer - self.base
         if offset < 0 or offset + nbytes > self.workspace.numel():
             raise RuntimeError(f"[{STAGE}] all_reduce buffer at {pointer:#x} is outside the "
