@@ -77,20 +77,24 @@ class CompiledRunner:
                                                  if k in accepted})
         parameters = inspect.signature(self.model.forward).parameters
         self.cache_name = "cache" if "cache" in parameters else "past_key_values"
-        self.step = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
+        mode = "reduce-overhead" if device.startswith("cuda") else None  # CUDA graphs
+        self.step = torch.compile(self.model.forward, mode=mode, fullgraph=True)
         self.position = 0
 
     def _run(self, forward, ids: list[int]) -> np.ndarray:
         torch = self.torch
         positions = torch.arange(self.position, self.position + len(ids), device=self.device)
-        with torch.inference_mode():
+        # no_grad, not inference_mode: the cache is written in place by reset() and by the
+        # compiled step, which inference tensors forbid outside inference mode
+        with torch.no_grad():
             out = forward(torch.tensor([ids], device=self.device), cache_position=positions,
                           use_cache=True, logits_to_keep=1, **{self.cache_name: self.cache})
         self.position += len(ids)
         return out.logits[0, -1].float().cpu().numpy()
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
-        self.cache.reset()
+        with self.torch.no_grad():
+            self.cache.reset()
         self.position = 0
         return self._run(self.model.forward, list(ids))
 

@@ -153,3 +153,30 @@ def test_prebuilt_libraries_are_measured_where_nothing_compiles(swept, tmp_path)
     with pytest.raises(MlccError, match="built from another mlc-chat-config.json .*"
                        "context_window_size"):
         bench_model(model["hf_dir"], measured_spec, own_cache, lambda message: None)
+
+
+@pytest.mark.slow
+def test_static_cache_peer_generates_what_eager_transformers_does(tmp_path):
+    """The GPU's torch.compile peer (StaticCache + compiled decode step), run here on the CPU
+    with inductor's default mode: greedy tokens equal eager transformers', also after a reset."""
+    from benchmarks.peer import CompiledRunner, TorchRunner
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64,
+                                      initializer_range=0.2)
+    transformers.LlamaForCausalLM(config).to(torch.float16).save_pretrained(tmp_path)
+    prompt = [1, 5, 7, 9, 11]
+
+    def walk(runner, steps=6):
+        logits, tokens = runner.prefill(prompt), []
+        for _ in range(steps):
+            tokens.append(int(np.argmax(logits)))
+            logits = runner.decode(tokens[-1])
+        return tokens
+
+    compiled = CompiledRunner(tmp_path, 40, device="cpu")
+    expected = walk(TorchRunner(tmp_path, "float16", 1))
+    assert walk(compiled) == expected
+    assert walk(compiled) == expected  # the static cache is reset between sequences
