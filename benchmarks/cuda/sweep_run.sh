@@ -5,7 +5,10 @@
 #   python -m benchmarks build --model llama2_7b --device cuda --opt O0,O1,O2,O3 \
 #       --max-batch-size 16 --out .device/prebuilt
 # then, on the GPU machine from the repository root with .device/site and .device/prebuilt
-# carried: OUT=out bash benchmarks/cuda/sweep_run.sh   (results in $OUT/sweep)
+# carried: OUT=out bash benchmarks/cuda/sweep_run.sh
+# The device tool returns at most 8 files, so the results folder and the children's logs come
+# back as two archives: $OUT/sweep.tgz (README.md, results.json, summary.json, plots) and
+# $OUT/logs.tgz.
 set -u
 OUT=${OUT:-/tmp/mlcc-out}
 mkdir -p "$OUT"
@@ -14,7 +17,7 @@ export MLCC_BENCH_CACHE=${MLCC_BENCH_CACHE:-/tmp/mlcc-bench} NCCL_NVLS_ENABLE=0
 timeout "${SWEEP_TIMEOUT:-540}" python3 -m benchmarks run --model llama2_7b --device cuda \
   --prebuilt .device/prebuilt --opt O0,O1,O2,O3 --max-batch-size 16 --reference-steps 0 \
   --prompt-lengths 32,128,512 --decode-tokens 128 --gate-tokens 32 --repeats 3 --budget 15 \
-  --child-timeout 300 --out "$OUT/sweep" 2>&1 | tee "$OUT/sweep.log" | tail -40
-for log in "$MLCC_BENCH_CACHE"/work/*/*.log; do  # the children's logs, for failures
-  [ -f "$log" ] && cp "$log" "$OUT/" 2>/dev/null
-done
+  --child-timeout 300 --out /tmp/mlcc-sweep 2>&1 | tee "$OUT/sweep.log" | tail -40
+tar czf "$OUT/sweep.tgz" -C /tmp/mlcc-sweep .
+tar czf "$OUT/logs.tgz" -C "$MLCC_BENCH_CACHE/work" . --exclude='*.npy' --exclude='*.so' \
+  --exclude=params
