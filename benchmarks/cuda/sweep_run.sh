@@ -19,5 +19,5 @@ timeout "${SWEEP_TIMEOUT:-540}" python3 -m benchmarks run --model llama2_7b --de
   --prompt-lengths 32,128,512 --decode-tokens 128 --gate-tokens 32 --repeats 3 --budget 15 \
   --child-timeout 300 --out /tmp/mlcc-sweep 2>&1 | tee "$OUT/sweep.log" | tail -40
 tar czf "$OUT/sweep.tgz" -C /tmp/mlcc-sweep .
-tar czf "$OUT/logs.tgz" -C "$MLCC_BENCH_CACHE/work" . --exclude='*.npy' --exclude='*.so' \
-  --exclude=params
+tar czf "$OUT/logs.tgz" --exclude='*.npy' --exclude='*.so' --exclude=params \
+  -C "$MLCC_BENCH_CACHE/work" .
