@@ -13,8 +13,9 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mlcc.frontend.config import HFConfigReader, ModelConfig, _fail
+from mlcc.frontend.config import HFConfigReader, _fail
 from mlcc.frontend.decoder import DecoderStyle, decoder_architecture
+from mlcc.frontend.llama import RmsNormDecoderConfig
 
 # HF activation name -> our gelu's `approximate`. transformers reads Gemma's legacy "gelu" as
 # the tanh form, which the released checkpoints were trained with; `hidden_activation` (older
@@ -26,12 +27,9 @@ GELU_OF_HIDDEN_ACTIVATION = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_
 
 
 @dataclass(frozen=True, kw_only=True)
-class GemmaConfig(ModelConfig):
+class GemmaConfig(RmsNormDecoderConfig):
     """A Gemma 1 decoder; `gelu_approximate` is "tanh" (or "none", the exact erf form)."""
 
-    intermediate_size: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
     gelu_approximate: str = "tanh"
     attention_bias: bool = False
 
@@ -40,15 +38,14 @@ class GemmaConfig(ModelConfig):
     default_eos_token_id: ClassVar[int | None] = 1
 
     @classmethod
+    def _hf_head_dim(cls, r: HFConfigReader) -> int:
+        return r.int("head_dim", 256)  # independent of hidden_size / heads
+
+    @classmethod
     def _hf_fields(cls, r: HFConfigReader) -> dict:
         r.check_unscaled_rope("gemma")
-        return {
-            **r.decoder_sizes(r.int("head_dim", 256)),
-            "rms_norm_eps": r.float("rms_norm_eps", 1e-6),
-            "rope_theta": r.rope_theta(),
-            "gelu_approximate": _gelu_approximate(r),
-            "attention_bias": r.bool("attention_bias", False),
-        }
+        return {**super()._hf_fields(r), "gelu_approximate": _gelu_approximate(r),
+                "attention_bias": r.bool("attention_bias", False)}
 
     @classmethod
     def _hf_tokens(cls, r: HFConfigReader) -> dict:
@@ -58,8 +55,7 @@ class GemmaConfig(ModelConfig):
     def validate(self) -> None:
         if self.gelu_approximate not in ("tanh", "none"):
             raise _fail(f"gelu_approximate={self.gelu_approximate!r} must be 'tanh' or 'none'")
-        self._require_positive("intermediate_size", "rms_norm_eps", "rope_theta")
-        self._require_even_head_dim()
+        super().validate()
 
 
 def _gelu_approximate(r: HFConfigReader) -> str:

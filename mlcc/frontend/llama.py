@@ -25,12 +25,33 @@ HEAD_DIM_FIX = "fix num_attention_heads or state head_dim in config.json"
 
 
 @dataclass(frozen=True, kw_only=True)
-class LlamaConfig(ModelConfig):
-    """A Llama decoder: RMSNorm, rotary attention with GQA, SwiGLU MLP."""
+class RmsNormDecoderConfig(ModelConfig):
+    """Fields and checks of the RMSNorm decoders (llama, mistral, qwen2, gemma): the shared
+    sizes, the norm epsilon and the rotary base; head_dim is read by `_hf_head_dim`."""
 
     intermediate_size: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+
+    @classmethod
+    def _hf_head_dim(cls, r: HFConfigReader) -> int | None:
+        """config.json's head_dim; None (absent or 0): hidden_size / num_attention_heads."""
+        return r.opt_int("head_dim") or None
+
+    @classmethod
+    def _hf_fields(cls, r: HFConfigReader) -> dict:
+        return {**r.decoder_sizes(cls._hf_head_dim(r), fix=HEAD_DIM_FIX),
+                "rms_norm_eps": r.float("rms_norm_eps", 1e-6), "rope_theta": r.rope_theta()}
+
+    def validate(self) -> None:
+        self._require_positive("intermediate_size", "rms_norm_eps", "rope_theta")
+        self._require_even_head_dim()
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlamaConfig(RmsNormDecoderConfig):
+    """A Llama decoder: RMSNorm, rotary attention with GQA, SwiGLU MLP."""
+
     rope_scaling: RopeScaling | None = None
     hidden_act: str = "silu"
     attention_bias: bool = False
@@ -40,13 +61,10 @@ class LlamaConfig(ModelConfig):
 
     @classmethod
     def _hf_fields(cls, r: HFConfigReader) -> dict:
-        sizes = r.decoder_sizes(r.opt_int("head_dim") or None, fix=HEAD_DIM_FIX)
         rope = r.rope_parameters()
         scaling = r.hf.get("rope_scaling") if r.has("rope_scaling") else (rope or None)
         return {
-            **sizes,
-            "rms_norm_eps": r.float("rms_norm_eps", 1e-6),
-            "rope_theta": r.rope_theta(),
+            **super()._hf_fields(r),
             "rope_scaling": RopeScaling.from_hf(scaling),
             "hidden_act": r.str("hidden_act", "silu"),
             "attention_bias": r.bool("attention_bias", False),
@@ -55,8 +73,7 @@ class LlamaConfig(ModelConfig):
 
     def validate(self) -> None:
         self._require_supported("hidden_act", SUPPORTED_ACTIVATIONS)
-        self._require_positive("intermediate_size", "rms_norm_eps", "rope_theta")
-        self._require_even_head_dim()
+        super().validate()
 
 
 def llama_style(config: LlamaConfig) -> DecoderStyle:

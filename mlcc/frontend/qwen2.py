@@ -21,18 +21,15 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from mlcc.errors import MlccError
-from mlcc.frontend.config import HFConfigReader, ModelConfig, _fail
+from mlcc.frontend.config import HFConfigReader, _fail
 from mlcc.frontend.decoder import DecoderStyle, decoder_architecture
-from mlcc.frontend.llama import HEAD_DIM_FIX, SUPPORTED_ACTIVATIONS
+from mlcc.frontend.llama import SUPPORTED_ACTIVATIONS, RmsNormDecoderConfig
 
 
 @dataclass(frozen=True, kw_only=True)
-class Qwen2Config(ModelConfig):
+class Qwen2Config(RmsNormDecoderConfig):
     """A Qwen2 decoder: RMSNorm, rotary GQA attention with q/k/v biases, SwiGLU MLP."""
 
-    intermediate_size: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
     hidden_act: str = "silu"
     # The window transformers applies to some layers only (-1: none); the context must fit in it.
     layer_sliding_window: int = -1
@@ -44,12 +41,7 @@ class Qwen2Config(ModelConfig):
     @classmethod
     def _hf_fields(cls, r: HFConfigReader) -> dict:
         r.check_unscaled_rope("qwen2")
-        return {
-            **r.decoder_sizes(r.opt_int("head_dim") or None, fix=HEAD_DIM_FIX),
-            "rms_norm_eps": r.float("rms_norm_eps", 1e-6),
-            "rope_theta": r.rope_theta(),
-            "hidden_act": r.str("hidden_act", "silu"),
-        }
+        return {**super()._hf_fields(r), "hidden_act": r.str("hidden_act", "silu")}
 
     @classmethod
     def _hf_windows(cls, r: HFConfigReader) -> dict:
@@ -71,8 +63,7 @@ class Qwen2Config(ModelConfig):
 
     def validate(self) -> None:
         self._require_supported("hidden_act", SUPPORTED_ACTIVATIONS)
-        self._require_positive("intermediate_size", "rms_norm_eps", "rope_theta")
-        self._require_even_head_dim()
+        super().validate()
         window, context = self.layer_sliding_window, self.context_window_size
         if window > 0 and not 0 < context <= window:
             raise _partial_window_error(window, context,
