@@ -6,7 +6,7 @@
 - fuse_add_norm: a residual add feeding an RMSNorm/LayerNorm becomes `add_rms_norm` /
   `add_layer_norm`, which returns both the normalized value and the sum.
 - lm_head_last_row: the output projection runs on the last position only, since only its
-  logits are returned.
+  logits are returned; it keeps its attributes (out_dtype="float32" in a float16 model).
 - collapse_reshapes: reshape of reshape, and reshape to the same shape, disappear.
 """
 

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 from group_reference import reference_dequantize, reference_quantize
-from tiny_model import build_tiny_llama, random_params
+from tiny_model import VOCAB, build_tiny_llama, random_params
 
 from mlcc import ir
 from mlcc.ir.verify import VerifyError
 from mlcc.passes import build_pipeline, parse_opt, run_passes
 from mlcc.passes.dtype import ConvertModelDType
+from mlcc.passes.layout import nbytes_upper
 from mlcc.passes.quantize import QuantizeWeights
 
 STORIES = Path(__file__).parents[2].parent / "shared" / "models" / "stories260K"
@@ -124,6 +125,9 @@ def test_pipeline_keeps_float32_logits_and_the_interpreter_agrees(level):
     assert len(head) == 1
     if level == "O2":  # lm_head_last_row: the head runs on the last row only
         assert head[0].inputs[0].shape[0] == 1
+    else:  # the memory plan gives the whole chunk's float32 logits 4 bytes each
+        bounds = dict(lowered.attrs["symbol_bounds"])
+        assert nbytes_upper(head[0].output.type, bounds) == bounds["seq_len"] * VOCAB * 4
     halves = {k: v.astype(np.float16) for k, v in params.items()}
     tokens = np.array([3, 17, 5, 9, 22], np.int32)
     want = ir.interpret(plain, "prefill", [tokens, ir.KVCacheState(
