@@ -99,18 +99,25 @@ def convert_weight_command(
 def compile_command(
     model: Annotated[str, typer.Argument(
         help="mlc-chat-config.json (or its folder), an HF folder, a config.json or a preset.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Library to write (.so or .tar).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help=(
+        "Library to write; the suffix picks the artifact: .so/.dylib/.dll shared library, .tar "
+        "objects for static linking, .wasm WebAssembly module."))],
     quantization: Annotated[str | None, typer.Option(
         "--quantization", help="Needed unless MODEL is an mlc-chat-config.json.")] = None,
     model_type: Annotated[str | None, typer.Option("--model-type", help="Architecture.")] = None,
     device: Annotated[str, typer.Option(
-        "--device", help="cpu/llvm, cuda, cuda:N, cuda-sm_90,sm_80, or auto (cuda if a GPU is "
-        "visible).")] = "auto",
-    host: Annotated[str | None, typer.Option("--host", help="LLVM triple of the host.")] = None,
+        "--device", help="cpu/llvm, cuda, cuda:N, cuda-sm_90,sm_80, iphone, android, metal, "
+        "webgpu, rocm, opencl, a TVM target JSON, or auto (cuda if a GPU is visible).")
+    ] = "auto",
+    host: Annotated[str | None, typer.Option("--host", help=(
+        "LLVM triple of the host code, e.g. arm64-apple-ios, aarch64-linux-android, "
+        "arm64-apple-darwin, x86_64-pc-windows-msvc, wasm32-unknown-unknown-wasm, "
+        "x86_64-linux-gnu; default: the device's."))] = None,
     opt: Annotated[str, typer.Option(
         "--opt", help='O0..O3, optionally with knobs: "O2;fuse_add_norm=0".')] = "O2",
     system_lib_prefix: Annotated[str | None, typer.Option(
-        "--system-lib-prefix", help="Symbol prefix for a .tar linked into an app.")] = None,
+        "--system-lib-prefix", help="Symbol prefix for a .tar linked into an app (default for "
+        "iphone/android: <model_type>_<quantization>_).")] = None,
     overrides: Annotated[str | None, typer.Option(
         "--overrides", help='"context_window_size=..;prefill_chunk_size=..;..."')] = None,
     debug_dump: Annotated[Path | None, typer.Option(
