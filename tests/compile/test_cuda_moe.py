@@ -29,8 +29,8 @@ from test_passes_moe import TINY
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 
 
-def lowered_mixtral(quantization: str, batch: int = 1):
-    config = MixtralConfig.from_hf({**TINY, "max_batch_size": batch})
+def lowered_mixtral(quantization: str, batch: int = 1, **sizes):
+    config = MixtralConfig.from_hf({**TINY, "max_batch_size": batch, **sizes})
     passes = build_pipeline(parse_opt("O2"), get_scheme(quantization).model_dtype, quantization,
                             config.prefill_chunk_size)
     return run_passes(build_mixtral(config), passes).module
@@ -79,3 +79,18 @@ def test_mixtral_cuda_library_builds(tmp_path):
     counts = build(module, tmp_path / "lib.so", {"model_type": "mixtral"})
     assert counts["q_moe_linear"] == 4 and counts["moe_dispatch"] == 2
     assert (tmp_path / "lib.so").stat().st_size > 0
+
+
+def test_four_bit_decode_reads_whole_groups_with_128_bit_loads(tmp_path):
+    """K a multiple of 32 (hidden 64, intermediate 96): the nibble-pair GEMV of the dense path."""
+    module = lowered_mixtral("q4f16_1", hidden_size=64, intermediate_size=96,
+                             num_attention_heads=8)
+    built, plans, _, _ = library_parts(module, {"params": []})
+    decode = {call.spec for plan in plans if plan.name == "decode" for call in plan.calls
+              if call.spec.op == "q_moe_linear"}
+    assert len(decode) == 2
+    for spec in decode:
+        source = moe.gen_moe_linear(spec, "k").device_source
+        assert "mlcc_q4_dot8(w.x, xg)" in source and "__ldg(row + gi)" in source
+    done = nvcc(device_source(built), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]

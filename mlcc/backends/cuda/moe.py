@@ -10,7 +10,9 @@ capturable as a CUDA graph).
                     with warp ballots into the expert's slots (ordered by expert, then row).
     moe_linear /    decode (a static row count): a gathered GEMV with one grid row per slot;
     q_moe_linear    the block finds its expert in expert_offsets and reads only that expert's
-                    weights; blocks of unused slots write 0 and exit. Prefill (symbolic rows):
+                    weights (4-bit groups of 32 with float16 activations: 128-bit loads and the
+                    nibble-pair dot of the dense GEMV); blocks of unused slots write 0 and
+                    exit. Prefill (symbolic rows):
                     a grouped GEMM whose grid covers every expert's largest possible slot range
                     (n rows); a 16x16 tile block past its expert's last slot exits at once, the
                     others gather their activation rows through slot_rows and multiply them by
@@ -43,6 +45,8 @@ from mlcc.ir.types import Sym
 TILE = 16
 GEMV_WARPS = 4
 GEMV_MAX_SLOTS = 64  # grid rows of the gathered GEMV (static slot counts up to this)
+Q4_WARPS, Q4_ROWS_PER_WARP = 4, 4  # the 4-bit GEMV: 16 output features per block
+Q4_MAX_SHARED_BYTES = 48 * 1024  # the staged activation row (float16) must fit
 
 
 def gen_moe_route(spec: KernelSpec, name: str) -> CudaKernel:
@@ -214,6 +218,62 @@ def _gemv(g: _Grouped, name: str, slots: int) -> CudaKernel:
     return CudaKernel(name, body, launcher(name, g.buffers, grid, GEMV_WARPS * 32, g.symbols))
 
 
+def _q4_gemv_applies(g: _Grouped) -> bool:
+    return (g.quant and g.spec.attr("bits") == 4 and g.spec.attr("group_size") == 32
+            and g.xdt == "float16" and g.sdt == "float16" and g.k % 32 == 0
+            and g.words * 8 == g.k and 2 * g.k <= Q4_MAX_SHARED_BYTES)
+
+
+def _q4_gemv(g: _Grouped, name: str, slots: int) -> CudaKernel:
+    """The gathered GEMV for 4-bit experts: a lane reads a whole group (four packed words) of a
+    feature with one 128-bit load; the slot's activation row is staged in shared memory in
+    nibble-pair order for mlcc_q4_dot8 (see kernels.COMMON_SOURCE); the group's scale is
+    applied once to its sum."""
+    groups, per_block = g.k // 32, Q4_WARPS * Q4_ROWS_PER_WARP
+    body = f"""{signature(name, g.buffers, ("y",), g.symbols)} {{
+  __shared__ __align__(16) half2 xs[{g.k // 2}];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int p = blockIdx.y;
+  const long long n0 = (long long)blockIdx.x * {per_block} + warp * {Q4_ROWS_PER_WARP};
+  if (slot_rows[p] < 0) {{
+    for (int q = lane; q < {Q4_ROWS_PER_WARP}; q += 32)
+      if (n0 + q < {g.n}) mlcc_put(y, p * {g.n}LL + n0 + q, 0.f);
+    return 0;
+  }}
+  int e = 0;
+  while (e < {g.experts - 1} && p >= offsets[e + 1]) ++e;
+  {g.select("e")}
+  const half* xr = x + {g.source_row("p")};
+  for (int blk = threadIdx.x; blk < {g.k // 8}; blk += {Q4_WARPS * 32}) {{
+    const uint4 raw = *reinterpret_cast<const uint4*>(xr + blk * 8);
+    const half* h = reinterpret_cast<const half*>(&raw);
+    #pragma unroll
+    for (int j = 0; j < 4; ++j) xs[blk * 4 + j] = __halves2half2(h[j], h[j + 4]);
+  }}
+  __syncthreads();
+  #pragma unroll
+  for (int q = 0; q < {Q4_ROWS_PER_WARP}; ++q) {{
+    const long long n = n0 + q;
+    if (n >= {g.n}) break;
+    const uint4* row = reinterpret_cast<const uint4*>(qwe + n * {g.words}LL);
+    float acc = 0.f;
+    for (int gi = lane; gi < {groups}; gi += 32) {{
+      const uint4 w = __ldg(row + gi);
+      const half2* xg = xs + gi * 16;
+      const float part = mlcc_q4_dot8(w.x, xg) + mlcc_q4_dot8(w.y, xg + 4)
+                       + mlcc_q4_dot8(w.z, xg + 8) + mlcc_q4_dot8(w.w, xg + 12);
+      acc += part * __half2float(qse[n * {g.groups}LL + gi]);
+    }}
+    acc = mlcc_warp_sum(acc);
+    if (lane == 0) mlcc_put(y, p * {g.n}LL + n, acc);
+  }}
+  return 0;
+}}
+"""
+    grid = (f"T.int64({-(-g.n // per_block)})", f"T.int64({slots})")
+    return CudaKernel(name, body, launcher(name, g.buffers, grid, Q4_WARPS * 32, g.symbols))
+
+
 def _grouped_gemm(g: _Grouped, name: str) -> CudaKernel:
     rows, kk = dim_text(g.rows), g.slots_per_row
     zero = f"""{signature(f"{name}_zero", g.buffers, ("y",), g.symbols)} {{
@@ -260,7 +320,8 @@ def _grouped_gemm(g: _Grouped, name: str) -> CudaKernel:
 def gen_moe_linear(spec: KernelSpec, name: str) -> CudaKernel:
     g = _Grouped(spec)
     if not isinstance(g.rows, Sym) and g.rows * g.slots_per_row <= GEMV_MAX_SLOTS:
-        return _gemv(g, name, g.rows * g.slots_per_row)
+        slots = g.rows * g.slots_per_row
+        return _q4_gemv(g, name, slots) if _q4_gemv_applies(g) else _gemv(g, name, slots)
     return _grouped_gemm(g, name)
 
 
