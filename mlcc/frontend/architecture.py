@@ -12,7 +12,8 @@ import dataclasses
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from mlcc.frontend.config import ModelConfig
@@ -126,6 +127,23 @@ class Architecture:
     config_cls: type[ModelConfig]
     weight_mapping: Callable[[ModelConfig], WeightMapping]
     build_module: Callable[[ModelConfig], object]
+
+
+def styled_architecture(name: str, config_cls: type[ModelConfig],
+                        style: Callable[[Any], Any],
+                        weight_mapping: Callable[[Any, Any], WeightMapping],
+                        build_module: Callable[[Any, Any], object]) -> Architecture:
+    """An architecture whose mapping and IR are shared builders, `weight_mapping(config, s)`
+    and `build_module(config, s)`, applied to the style `s = style(config)` that states what
+    the family's members do differently."""
+    return Architecture(name=name, config_cls=config_cls,
+                        weight_mapping=partial(_with_style, weight_mapping, style),
+                        build_module=partial(_with_style, build_module, style))
+
+
+def _with_style(build: Callable[[Any, Any], Any], style: Callable[[Any], Any],
+                config: ModelConfig) -> Any:
+    return build(config, style(config))
 
 
 def linear_param(name: str, out_features: int, in_features: int) -> ParamSource:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Literal
 
 from mlcc import ir
@@ -28,6 +27,7 @@ from mlcc.frontend.architecture import (
     WeightMapping,
     fused_param,
     linear_param,
+    styled_architecture,
     vector_param,
 )
 from mlcc.frontend.config import ModelConfig, RopeScaling
@@ -235,18 +235,8 @@ def build_decoder(config: ModelConfig, style: DecoderStyle) -> ir.Module:
     return build_entries(config, decoder_weight_mapping(config, style), forward)
 
 
-def _styled_mapping(style: Callable[[Any], DecoderStyle], config: ModelConfig) -> WeightMapping:
-    return decoder_weight_mapping(config, style(config))
-
-
-def _styled_module(style: Callable[[Any], DecoderStyle], config: ModelConfig) -> ir.Module:
-    return build_decoder(config, style(config))
-
-
 def decoder_architecture(name: str, config_cls: type[ModelConfig],
-                         style: Callable[[Any], DecoderStyle]) -> Architecture:
-    """The registry entry of a Llama-family architecture whose decoder `style(config)` states:
-    its weight mapping is `decoder_weight_mapping` and its IR `build_decoder` of that style."""
-    return Architecture(name=name, config_cls=config_cls,
-                        weight_mapping=partial(_styled_mapping, style),
-                        build_module=partial(_styled_module, style))
+                        style: Callable[[Any], DecoderStyle]) -> Architecture:
+    """The registry entry of an architecture of this family whose differences `style(config)`
+    states."""
+    return styled_architecture(name, config_cls, style, decoder_weight_mapping, build_decoder)

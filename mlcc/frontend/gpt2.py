@@ -17,17 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mlcc import ir
-from mlcc.frontend.architecture import Architecture, WeightMapping
 from mlcc.frontend.config import HFConfigReader, _fail
-from mlcc.frontend.gpt_block import (
-    GPTBlockStyle,
-    LearnedPositionConfig,
-    build_gpt_block_model,
-    gpt_block_weight_mapping,
-)
-
-STYLE = GPTBlockStyle(prefix="", conv1d=True)
+from mlcc.frontend.gpt_block import GPTBlockStyle, LearnedPositionConfig, gpt_block_architecture
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,21 +51,9 @@ class GPT2Config(LearnedPositionConfig):
         return base / (layer + 1)
 
 
-def gpt2_weight_mapping(config: GPT2Config) -> WeightMapping:
-    """mlcc parameters of a GPT-2 model in load order, from the published checkpoints' names
-    (also found with GPT2LMHeadModel's `transformer.` prefix)."""
-    return gpt_block_weight_mapping(config, STYLE)
+def gpt2_style(config: GPT2Config) -> GPTBlockStyle:
+    """Unprefixed names (also found with GPT2LMHeadModel's `transformer.`), Conv1D weights."""
+    return GPTBlockStyle(prefix="", conv1d=True)
 
 
-def build_gpt2(config: GPT2Config) -> ir.Module:
-    """The IR of a GPT-2 model: one function per entry of `entry_points` (prefill, decode,
-    batch_decode when max_batch_size > 1), each returning logits."""
-    return build_gpt_block_model(config, STYLE)
-
-
-ARCHITECTURE = Architecture(
-    name="gpt2",
-    config_cls=GPT2Config,
-    weight_mapping=gpt2_weight_mapping,
-    build_module=build_gpt2,
-)
+ARCHITECTURE = gpt_block_architecture("gpt2", GPT2Config, gpt2_style)

@@ -16,21 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mlcc import ir
-from mlcc.frontend.architecture import Architecture, WeightMapping
 from mlcc.frontend.config import HFConfigReader, _fail
-from mlcc.frontend.gpt_block import (
-    GPTBlockStyle,
-    LearnedPositionConfig,
-    build_gpt_block_model,
-    check_learned_positions,
-    first_int,
-    gpt_block_weight_mapping,
-)
-
-# gpt2.py and older callers import these two from here.
-__all__ = ["ARCHITECTURE", "GPTBigCodeConfig", "build_gpt_bigcode", "check_learned_positions",
-           "first_int", "gpt_bigcode_weight_mapping"]
+from mlcc.frontend.gpt_block import GPTBlockStyle, LearnedPositionConfig, gpt_block_architecture
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,28 +47,13 @@ class GPTBigCodeConfig(LearnedPositionConfig):
         return self.num_key_value_heads == 1 and self.num_attention_heads > 1
 
 
-def _style(config: GPTBigCodeConfig) -> GPTBlockStyle:
+def gpt_bigcode_style(config: GPTBigCodeConfig) -> GPTBlockStyle:
+    """`transformer.` names (also found without), nn.Linear weights, c_attn regrouped per head
+    unless multi-query."""
     if config.multi_query:
         return GPTBlockStyle(prefix="transformer.", conv1d=False)
     return GPTBlockStyle(prefix="transformer.", conv1d=False, qkv_combine="neox_qkv",
                          qkv_heads=config.num_attention_heads)
 
 
-def gpt_bigcode_weight_mapping(config: GPTBigCodeConfig) -> WeightMapping:
-    """mlcc parameters of a GPT-BigCode model in load order, from HF `GPTBigCodeForCausalLM`
-    names (also found without the `transformer.` prefix)."""
-    return gpt_block_weight_mapping(config, _style(config))
-
-
-def build_gpt_bigcode(config: GPTBigCodeConfig) -> ir.Module:
-    """The IR of a GPT-BigCode model: one function per entry of `entry_points` (prefill,
-    decode, batch_decode when max_batch_size > 1), each returning logits."""
-    return build_gpt_block_model(config, _style(config))
-
-
-ARCHITECTURE = Architecture(
-    name="gpt_bigcode",
-    config_cls=GPTBigCodeConfig,
-    weight_mapping=gpt_bigcode_weight_mapping,
-    build_module=build_gpt_bigcode,
-)
+ARCHITECTURE = gpt_block_architecture("gpt_bigcode", GPTBigCodeConfig, gpt_bigcode_style)

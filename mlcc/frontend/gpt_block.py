@@ -13,15 +13,18 @@ rows are laid out, and the attention score scale of each layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from mlcc import ir
 from mlcc.frontend.architecture import (
+    Architecture,
     Combine,
     ParamSource,
     WeightMapping,
     linear_param,
+    styled_architecture,
     vector_param,
 )
 from mlcc.frontend.config import HFConfigReader, ModelConfig, _fail
@@ -208,3 +211,11 @@ def build_gpt_block_model(config: LearnedPositionConfig, style: GPTBlockStyle) -
         return b.linear(x, w[head])
 
     return build_entries(config, gpt_block_weight_mapping(config, style), forward)
+
+
+def gpt_block_architecture(name: str, config_cls: type[LearnedPositionConfig],
+                          style: Callable[[Any], GPTBlockStyle]) -> Architecture:
+    """The registry entry of an architecture of this family whose differences `style(config)`
+    states."""
+    return styled_architecture(name, config_cls, style, gpt_block_weight_mapping,
+                               build_gpt_block_model)
