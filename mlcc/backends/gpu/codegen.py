@@ -50,8 +50,10 @@ def portable_source(spec: KernelSpec, name: str) -> str:
                         "for --device cpu or cuda") from None
 
 
-def kernel_func(spec: KernelSpec, name: str, target, limit: int, bind: bool):
-    """The PrimFunc of one kernel: scheduled for `target` (bind) or serial (CPU check)."""
+def kernel_func(spec: KernelSpec, name: str, target, limit: int, bind: bool,
+                narrow: bool = False):
+    """The PrimFunc of one kernel: scheduled for `target` (bind) or serial (CPU check);
+    `narrow` indexes in int32 (WGSL has no 64-bit integers)."""
     if spec.op in ("linear", "q_linear"):
         func = linear.linear_compute(spec, name)
         if not bind:
@@ -64,9 +66,9 @@ def kernel_func(spec: KernelSpec, name: str, target, limit: int, bind: bool):
         text = norms.gen_norm(spec, name, limit, bind)
     else:
         text = threads.bind_threads(portable_source(spec, name), threads.Grid(limit, bind))
-    if bind and target.kind.name == "webgpu":
-        # WGSL has no 64-bit integers: TVM narrows indices to i32 but refuses int64 variables,
-        # so these kernels index in int32 throughout (WebGPU buffers are far below 2^31).
+    if narrow:
+        # TVM narrows WGSL indices to i32 but refuses int64 variables, so these kernels index
+        # in int32 throughout (WebGPU buffers are far below 2^31 elements).
         text = text.replace("T.int64", "T.int32").replace('"int64"', '"int32"')
     return parse_functions(text)[name]
 
@@ -92,7 +94,8 @@ def library_module(module: ir.Module, metadata: dict, target: BuildTarget, bind:
     limit = min(256, target.preset.max_threads_per_block)
     funcs = {}
     for spec, name in names.items():
-        funcs[name] = kernel_func(spec, name, device, limit, bind).with_attr("target", device)
+        func = kernel_func(spec, name, device, limit, bind, target.preset.kind == "webgpu")
+        funcs[name] = func.with_attr("target", device)
     entries = "\n\n".join(entry_source(plan, names, prefix) for plan in plans)
     for name, func in _items(parse_functions(entries)):
         funcs[name] = func.with_attr("target", device)
