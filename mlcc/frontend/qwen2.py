@@ -12,7 +12,8 @@ others; while the context window is at most the sliding window the two rules see
 positions, so such a model runs exactly with no window, its context bounded by the window
 (`layer_sliding_window` keeps that bound through overrides). A longer context is refused:
 per-layer windows would need a window per attention call and a cache that keeps the full
-context for some layers while masking others, which the KV layout does not express.
+context for some layers while masking others, which the KV layout does not express. An
+MLC-style `sliding_window_size` in config.json sets the window of every layer as stated.
 """
 
 from __future__ import annotations
@@ -48,25 +49,23 @@ class Qwen2Config(RmsNormDecoderConfig):
         fields = super()._hf_windows(r)
         window, sliding = _sliding_layers(r)
         layers = r.int("num_hidden_layers")
-        if not sliding:
-            return fields
-        if len(sliding) < layers:
-            context = fields["context_window_size"]
-            if not 0 < context <= window:
-                raise _partial_window_error(window, context,
-                                            f"layers {_ranges(sliding)} of {layers}")
-            return {**fields, "layer_sliding_window": window}
-        if not r.has("sliding_window_size"):
+        if not sliding or r.has("sliding_window_size"):
+            return fields  # an MLC-style sliding_window_size states the cache's window itself
+        if len(sliding) == layers:
             fields.update(context_window_size=-1, sliding_window_size=window,
                           prefill_chunk_size=r.int("prefill_chunk_size", min(window, 2048)))
-        return fields
+            return fields
+        if not 0 < fields["context_window_size"] <= window:
+            raise _partial_window_error(window, fields["context_window_size"], -1,
+                                        f"layers {_ranges(sliding)} of {layers}")
+        return {**fields, "layer_sliding_window": window}
 
     def validate(self) -> None:
         self._require_supported("hidden_act", SUPPORTED_ACTIVATIONS)
         super().validate()
         window, context = self.layer_sliding_window, self.context_window_size
-        if window > 0 and not 0 < context <= window:
-            raise _partial_window_error(window, context,
+        if window > 0 and not (0 < context <= window and self.sliding_window_size == -1):
+            raise _partial_window_error(window, context, self.sliding_window_size,
                                         f"some of the {self.num_hidden_layers} layers")
 
 
@@ -85,7 +84,7 @@ def _sliding_layers(r: HFConfigReader) -> tuple[int, list[int]]:
 
 
 def _ranges(indices: list[int]) -> str:
-    """"0-3, 8, 10-11" for [0, 1, 2, 3, 8, 10, 11]."""
+    """Indices as runs: [0, 1, 2, 3, 8, 10, 11] -> "0-3, 8, 10-11"."""
     runs: list[list[int]] = []
     for i in indices:
         if runs and i == runs[-1][1] + 1:
@@ -95,15 +94,16 @@ def _ranges(indices: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def _partial_window_error(window: int, context: int, which: str) -> MlccError:
+def _partial_window_error(window: int, context: int, sliding: int, which: str) -> MlccError:
+    got = f"context_window_size={context}" + (
+        f" with sliding_window_size={sliding}" if sliding > 0 else "")
     return _fail(
         f"config.json: use_sliding_window=true gives {which} a sliding window of {window} "
-        f"(max_window_layers / layer_types) and the other layers the full context, but "
-        f"context_window_size={context} is longer than that window; mlcc's KV cache applies one "
-        f"window to every layer, so such a model runs exactly only while its context fits in the "
-        f"window: add \"context_window_size\": {window} (or less) to config.json, or set "
-        f"use_sliding_window=false to attend the full context on every layer (which differs from "
-        f"transformers past {window} tokens)")
+        f"(max_window_layers / layer_types) and the other layers the full context; mlcc's KV "
+        f"cache applies one window to every layer, so such a model runs exactly only with no "
+        f"window and a context of at most {window}, got {got}: add \"context_window_size\": "
+        f"{window} (or less) to config.json, or set use_sliding_window=false to attend the full "
+        f"context on every layer (which differs from transformers past {window} tokens)")
 
 
 def qwen2_style(config: Qwen2Config) -> DecoderStyle:

@@ -94,10 +94,13 @@ def test_window_on_some_layers_runs_while_the_context_fits_in_it() -> None:
     assert arch.config_cls.from_json(some.to_json()) == some
     assert some.with_overrides(context_window_size=4096).context_window_size == 4096
     with pytest.raises(MlccError, match=r"some of the 24 layers a sliding window of 32768 .* "
-                                        r"context_window_size=65536 is longer"):
+                                        r"at most 32768, got context_window_size=65536:"):
         some.with_overrides(context_window_size=65536)
+    with pytest.raises(MlccError, match=r"at most 32768, got context_window_size=-1 with "
+                                        r"sliding_window_size=1024:"):
+        some.with_overrides(sliding_window_size=1024)
     with pytest.raises(MlccError, match=r"gives layers 12-23 of 24 a sliding window of 512 .* "
-                                        r"context_window_size=32768 is longer than that window.* "
+                                        r"at most 512, got context_window_size=32768: "
                                         r"add \"context_window_size\": 512 \(or less\)"):
         arch.config_cls.from_hf(_qwen2(use_sliding_window=True, max_window_layers=12,
                                        sliding_window=512))
@@ -108,6 +111,10 @@ def test_window_on_some_layers_runs_while_the_context_fits_in_it() -> None:
     fits = arch.config_cls.from_hf(_qwen2(use_sliding_window=True, layer_types=types,
                                           sliding_window=512, context_window_size=512))
     assert (fits.context_window_size, fits.layer_sliding_window) == (512, 512)
+    # An MLC-style sliding_window_size states the cache's window for every layer itself.
+    stated = arch.config_cls.from_hf(_qwen2(use_sliding_window=True, layer_types=types,
+                                            sliding_window=512, sliding_window_size=1024))
+    assert (stated.sliding_window_size, stated.layer_sliding_window) == (1024, -1)
 
 
 def test_tiny_qwen2_window_on_some_layers_matches_transformers(tmp_path: Path) -> None:
