@@ -53,6 +53,7 @@ class DecoderStyle:
     qkv_bias: bool = False
     o_bias: bool = False
     o_proj: str = "o_proj"
+    # "swiglu" / "geglu": fused mlp.gate_up_proj and mlp.down_proj; "gelu": mlp.fc1, mlp.fc2.
     mlp: Literal["swiglu", "geglu", "gelu"] = "swiglu"
     mlp_bias: bool = False
     gelu_approximate: str = "none"
