@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mlcc.backends.targets import BuildTarget
 
@@ -18,7 +18,7 @@ def build_model_library(module, output: Path, metadata: dict,
         from mlcc.backends.gpu.codegen import build as build_gpu
 
         return build_gpu(module, Path(output), metadata, device, log)
-    if device == "cuda" or device.startswith("cuda:") or device.startswith("cuda-"):
+    if device == "cuda" or device.startswith(("cuda:", "cuda-")):
         from mlcc.backends.cuda.codegen import build as build_cuda
         from mlcc.backends.cuda.toolchain import DEFAULT_ARCHS
 

@@ -53,7 +53,7 @@ def exported_symbols(path: Path) -> list[tuple[str, bool]]:
             if "external" not in line:
                 continue
             name = line.split()[-1]
-            symbols.append((name[1:] if name.startswith("_") else name, "weak external" in line))
+            symbols.append((name.removeprefix("_"), "weak external" in line))
         return symbols
     out = subprocess.run([nm, "--defined-only", "-g", str(path)], capture_output=True, text=True,
                          check=True).stdout

@@ -16,9 +16,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
-from mlcc.errors import MlccError
-from mlcc.interface.compile import compile_model
 from artifact_readers import (
     EM_AARCH64,
     EM_AMDGPU,
@@ -29,6 +26,9 @@ from artifact_readers import (
     nm_tool,
     object_format,
 )
+
+from mlcc.errors import MlccError
+from mlcc.interface.compile import compile_model
 
 pytestmark = pytest.mark.slow
 STORIES = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "stories260K"

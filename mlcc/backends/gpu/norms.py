@@ -14,7 +14,8 @@ With `bind=False` there are no threads to reduce across: the portable serial ker
 from __future__ import annotations
 
 from mlcc.backends.gpu.threads import Grid, bind_threads
-from mlcc.backends.llvm.fallback import Emitter, f32, fp, gen_norm as portable_norm, header, to
+from mlcc.backends.llvm.fallback import Emitter, f32, fp, header, to
+from mlcc.backends.llvm.fallback import gen_norm as portable_norm
 from mlcc.backends.plan import KernelSpec
 from mlcc.ir.types import Sym
 

@@ -63,10 +63,6 @@ def _nests(body: list[str]) -> tuple[list[str], list[list[str]]]:
     return prologue, nests
 
 
-def _extent_expr(extent: str, wide: bool) -> str:
-    return extent if not wide else f"T.int64({extent})" if extent.isdigit() else extent
-
-
 def _shift(lines: list[str], levels: int) -> list[str]:
     return [INDENT * levels + line if line.strip() else line for line in lines]
 
