@@ -17,7 +17,8 @@ from mlcc.frontend.decoder import DecoderStyle, build_decoder, decoder_weight_ma
 from mlcc.frontend.entries import kv_cache_type
 
 # kv_cache_type stays importable from here for the architectures written against llama.py.
-__all__ = ["ARCHITECTURE", "LlamaConfig", "build_llama", "kv_cache_type", "llama_style",
+__all__ = ["ARCHITECTURE", "HEAD_DIM_FIX", "SUPPORTED_ACTIVATIONS", "LlamaConfig",
+           "RmsNormDecoderConfig", "build_llama", "kv_cache_type", "llama_style",
            "llama_weight_mapping"]
 
 SUPPORTED_ACTIVATIONS = ("silu",)
@@ -91,9 +92,11 @@ def llama_weight_mapping(config: LlamaConfig) -> WeightMapping:
 
 
 def build_llama(config: LlamaConfig) -> ir.Module:
-    """The IR of a Llama model: `prefill(tokens[seq_len])` and `decode(token[1])` -> logits.
+    """The IR of a Llama model: one function per entry of `entry_points` (prefill, decode,
+    batch_decode when max_batch_size > 1), each returning logits.
 
-    Mistral uses it too: its sliding window and sinks live in the KV cache type.
+    Mistral has the same decoder (`llama_style`): its sliding window and sinks live in the KV
+    cache type.
     """
     return build_decoder(config, llama_style(config))
 
