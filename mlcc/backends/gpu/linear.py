@@ -36,7 +36,7 @@ def linear_compute(spec: KernelSpec, name: str):
     (xshape, xdt), (yshape, ydt) = spec.inputs[0], spec.outputs[0]
     x = te.placeholder(_dims(xshape, symbols), xdt, name="x")
     quant = spec.op == "q_linear"
-    i64 = lambda v: tirx.IntImm("int64", v)
+    i64 = lambda v: tirx.IntImm("int64", v)  # one index dtype everywhere (dlight needs it)
     if quant:
         (wshape, wdt), (sshape, sdt) = spec.inputs[1], spec.inputs[2]
         qw = te.placeholder(_dims(wshape, symbols), wdt, name="qw")
