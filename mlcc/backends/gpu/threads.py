@@ -2,8 +2,9 @@
 
 The portable kernels (mlcc.backends.llvm.fallback) lay each op out as independent iterations of
 a top-level loop (rows, output features, tokens) with serial work inside. On a GPU each such
-iteration becomes one thread, or, when the nest is a perfect 2-deep nest (rows x features, as
-in elementwise ops and lookups), one block per row with threads strided over the features.
+iteration becomes one thread, or, when an iteration is a few per-row scalars and then one static
+inner loop (elementwise ops and lookups over features, attention over heads), one block per row
+with threads strided over the inner loop.
 Vector loops become serial loops (vectors wider than 4 lanes do not exist in Metal or WGSL),
 temporary arrays become thread-local, and top-level statements that precede the nests (a rope
 frequency table, the chunk's start position) are repeated inside each thread.
@@ -73,26 +74,43 @@ def _loop(var: str, extent: str, tag: str, bind: bool) -> str:
     return f"for {var} in range({extent}):"
 
 
+def _row_split(inner: list[str]) -> tuple[list[str], str] | None:
+    """(leading scalar lines, the inner loop line) when a nest's body is scalar assignments
+    followed by one static loop that ends it; None otherwise."""
+    child = [ln for ln in inner if _depth(ln) == 2]
+    if not child or not _FOR.match(child[-1].strip()):
+        return None
+    loop = _FOR.match(child[-1].strip())
+    if not loop.group(3).isdigit() or inner.index(child[-1]) != len(child) - 1:
+        return None  # a symbolic inner extent, or a lead statement with a body of its own
+    lead = child[:-1]
+    # only pure per-row values may be repeated in every thread: no buffers, no stores
+    if any(not re.match(r"^\w+ = ", ln.strip()) or "T.alloc_buffer" in ln for ln in lead):
+        return None
+    return lead, child[-1]
+
+
 def _bind_nest(nest: list[str], prologue: list[str], grid: Grid) -> list[str]:
     var, _, extent = _FOR.match(nest[0].strip()).groups()
     inner = nest[1:]
     symbolic = not extent.isdigit()
     threads = grid.threads
-    child = [ln for ln in inner if _depth(ln) == 2]
-    perfect = (len(child) == 1 and _FOR.match(child[0].strip()) is not None
-               and _FOR.match(child[0].strip()).group(3).isdigit())
+    split = _row_split(inner)
     out: list[str] = []
-    if perfect:
-        # one block per row, threads strided over the features of the row
-        cvar, _, cext = _FOR.match(child[0].strip()).groups()
+    if split is not None:
+        # one block per row, threads strided over the inner loop (features, heads)
+        lead, loop_line = split
+        cvar, _, cext = _FOR.match(loop_line.strip()).groups()
+        threads = min(threads, -(-int(cext) // 32) * 32)
         steps = -(-int(cext) // threads)
         out.append(INDENT + _loop(var, extent, "blockIdx.x", grid.bind))
         out.append(INDENT * 2 + _loop(f"{cvar}_t", str(threads), "threadIdx.x", grid.bind))
         out += _shift([ln[4:] for ln in prologue], 3)
+        out += _shift([ln[8:] for ln in lead], 3)
         out.append(INDENT * 3 + f"for {cvar}_s in range({steps}):")
         out.append(INDENT * 4 + f"if {cvar}_s * {threads} + {cvar}_t < {cext}:")
         body = [re.sub(rf"\b{cvar}\b", f"({cvar}_s * {threads} + {cvar}_t)", ln)
-                for ln in inner[1:]]
+                for ln in inner[len(lead) + 1:]]
         return out + _shift([ln[12:] for ln in body], 5)
     blocks = (f"({extent} + T.int64({threads - 1})) // T.int64({threads})" if symbolic
               else str(-(-int(extent) // threads)))
