@@ -15,11 +15,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/tp_
 python3 -c 'import torch; print("torch", torch.__version__, "gpus", torch.cuda.device_count(),
   "nccl", torch.cuda.nccl.version())' >> "$OUT/tp_env.txt" 2>&1
 if [ "${SKIP_TESTS:-0}" != 1 ] && [ "${STAGE:-all}" != convert ]; then
-  MLCC_GPU_TP_CASES=$PWD/.device/tp/cases timeout "${TEST_TIMEOUT:-240}" python3 -m pytest \
-    tests/gpu/test_tp_cuda.py -q -p no:cacheprovider -x 2>&1 | tee "$OUT/tp_tests.log" | tail -30
+  # pytest-timeout (installed there) prints where a test hangs instead of a silent kill
+  MLCC_GPU_TP_CASES=$PWD/.device/tp/cases MLCC_TP_CALL_TIMEOUT=60 timeout \
+    "${TEST_TIMEOUT:-240}" python3 -m pytest tests/gpu/test_tp_cuda.py -q -p no:cacheprovider \
+    --timeout 90 --durations 0 2>&1 | grep -av '^frame #' | tee "$OUT/tp_tests.log" | tail -30
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout "${BENCH_TIMEOUT:-480}" python3 benchmarks/cuda/tp_run.py run --gpus "$GPUS" \
     --libs .device/tp/libs --work /tmp/mlcc-tp --out "$OUT" --stage "${STAGE:-all}" 2>&1 \
-    | tee "$OUT/tp_bench.log" | tail -40
+    | grep -av '^frame #' | tee "$OUT/tp_bench.log" | tail -40
 fi

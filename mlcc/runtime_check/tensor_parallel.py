@@ -7,9 +7,10 @@ the ranks' partial results must be summed. This module provides that function an
 
 - on the CPU, N engines in N threads of this process; the sum is a NumPy sum behind a barrier
   (tests and the numerical check of the sharding; no NCCL needed);
-- on CUDA, N worker processes, one per GPU, started here; the sum is torch.distributed's NCCL
-  all_reduce on the current stream, so the decode step's CUDA graph captures it and no Python
-  runs per token. NCCL_NVLS_ENABLE=0 (no NVLink multicast) is set for every worker.
+- on CUDA, N worker processes, one per GPU, started here (tensor_parallel_workers); the sum is
+  torch.distributed's NCCL all_reduce on the current stream, so the decode step's CUDA graph
+  captures it and no Python runs per token. NCCL_NVLS_ENABLE=0 (no NVLink multicast) is set
+  for every worker. The same workers run on the CPU with gloo.
 
 `TensorParallelEngine` drives all ranks with the engine contract (reset / append / decode, plus
 prefill_logits / decode_logits / generate_greedy) and returns rank 0's logits; every rank holds
@@ -208,11 +209,16 @@ def _read_library_metadata(lib_path: Path) -> dict:
 
 
 class TensorParallelEngine:
-    """The engine contract over N ranks of a sharded library (threads on CPU, GPUs on CUDA)."""
+    """The engine contract over N ranks of a sharded library.
+
+    `workers`: "threads" (the CPU default: N engines in this process) or "processes" (the CUDA
+    default: one worker process per GPU, NCCL; on the CPU, gloo).
+    """
 
     def __init__(self, lib_path: str | Path, params: str | Path | Mapping[str, np.ndarray],
                  chat_config: dict | None = None, device: str = "cpu",
-                 shards: int | None = None, cudagraph: bool | None = None) -> None:
+                 shards: int | None = None, cudagraph: bool | None = None,
+                 workers: str = "auto") -> None:
         lib_path = Path(lib_path)
         metadata = _read_library_metadata(lib_path)
         compiled = library_shards(metadata)
@@ -223,11 +229,16 @@ class TensorParallelEngine:
                             f"tensor_parallel_shards={shards} or ask for {compiled} shards")
         self.shards = shards
         self.metadata = metadata
-        if device.startswith("cuda"):
-            from mlcc.runtime_check.tensor_parallel_cuda import ProcessRanks
+        if workers not in ("auto", "threads", "processes"):
+            raise MlccError(STAGE, f"workers={workers!r}: use auto, threads or processes")
+        if workers == "processes" or (workers == "auto" and device.startswith("cuda")):
+            from mlcc.runtime_check.tensor_parallel_workers import ProcessRanks
 
             self.ranks = ProcessRanks(lib_path, params, chat_config, device, shards, cudagraph)
             self.engines = None
+        elif device.startswith("cuda"):
+            raise MlccError(STAGE, "GPU ranks run in worker processes (one per GPU); "
+                            "workers='threads' is for the CPU")
         else:
             self._start_threads(lib_path, params, chat_config, device, cudagraph)
 

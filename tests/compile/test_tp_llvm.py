@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 
 from tp_build import compile_sharded  # noqa: E402
-from tp_models import oracle_logits, stored_weights, tiny_config  # noqa: E402
+from tp_models import oracle_logits, stored_weights, tiny_config, write_params  # noqa: E402
 
 from mlcc.errors import MlccError  # noqa: E402
 from mlcc.runtime_check.compiled import CompiledEngine  # noqa: E402
@@ -97,3 +97,24 @@ def test_sharded_library_refuses_to_run_alone_or_with_another_shard_count(sharde
         CompiledEngine(lib, arrays)
     with pytest.raises(MlccError, match=r"compiled for tensor_parallel_shards=2, not 4"):
         TensorParallelEngine(lib, arrays, shards=4)
+
+
+@pytest.mark.slow
+def test_worker_processes_run_like_threads_and_stay_in_step_after_an_error(sharded_library,
+                                                                            tmp_path):
+    # The GPU path's machinery (spawned workers, torch.distributed, pipes), here with gloo.
+    arch, config = tiny_config("gpt_neox")
+    arrays = stored_weights(arch, config, "q0f32")
+    params = write_params(tmp_path / "params", arrays)
+    lib = sharded_library("gpt_neox", "q0f32", 2)
+    prompt = np.random.default_rng(9).integers(0, config.vocab_size, PROMPT).tolist()
+    with TensorParallelEngine(lib, arrays) as threads:
+        expected = threads.prefill_logits(prompt)
+        greedy = threads.generate_greedy(prompt, DECODE)
+    with TensorParallelEngine(lib, params, workers="processes") as processes:
+        np.testing.assert_array_equal(processes.prefill_logits(prompt), expected)
+        with pytest.raises(MlccError, match=r"\[runtime\] tensor-parallel rank 0: token id "
+                                            r"999 is outside \[0, 48\)"):
+            processes.decode(999)
+        assert processes.generate_greedy(prompt, DECODE) == greedy
+        assert processes.total_tokens == PROMPT + DECODE - 1

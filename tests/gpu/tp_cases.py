@@ -30,20 +30,10 @@ CASES = [
 SEED = 4
 
 
-def write_params(folder: Path, arrays: dict) -> None:
-    from mlcc.frontend.ndarray_cache import NDArrayCacheWriter
-
-    folder.mkdir(parents=True, exist_ok=True)
-    writer = NDArrayCacheWriter(folder)
-    for name, array in arrays.items():
-        writer.add(name, array)
-    writer.finish()
-
-
 def build_cases(out: Path, log=print) -> dict:
     """Build every case under `out` (skipping what exists); returns the manifest."""
     from tp_build import compile_sharded
-    from tp_models import stored_weights, tiny_config
+    from tp_models import stored_weights, tiny_config, write_params
 
     manifest = {}
     for name, arch_name, quantization, shards in CASES:

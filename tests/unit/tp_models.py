@@ -9,6 +9,8 @@ stores them (quantized when the scheme says so).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -51,6 +53,18 @@ def stored_weights(architecture, config, quantization: str, seed: int = 0
         w = 1 + 0.1 * noise if param.kind == "norm" else scale * noise
         arrays.update(scheme.convert(param, w))
     return arrays
+
+
+def write_params(folder: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """A params folder (ndarray-cache.json + shards) holding `arrays`, as convert_weight writes."""
+    from mlcc.frontend.ndarray_cache import NDArrayCacheWriter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = NDArrayCacheWriter(folder)
+    for name, array in arrays.items():
+        writer.add(name, array)
+    writer.finish()
+    return folder
 
 
 def oracle_logits(architecture, config, quantization: str, arrays: dict[str, np.ndarray],
