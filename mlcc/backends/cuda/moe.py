@@ -14,9 +14,10 @@ capturable as a CUDA graph).
                     nibble-pair dot of the dense GEMV); blocks of unused slots write 0 and
                     exit. Prefill (symbolic rows):
                     a grouped GEMM whose grid covers every expert's largest possible slot range
-                    (n rows); a 16x16 tile block past its expert's last slot exits at once, the
+                    (n rows); a tile block past its expert's last slot exits at once, the
                     others gather their activation rows through slot_rows and multiply them by
-                    their expert's weight tile (dequantized on the fly), in float32.
+                    their expert's weight tile (dequantized on the fly): 64x64 tiles on tensor
+                    cores (WMMA, float32 accumulation) for float16, else 16x16 in float32.
     moe_reduce      one block per row: weighted slot results summed in float32 over the row's
                     experts in ascending order, as the dense combination adds them.
 
@@ -274,22 +275,40 @@ def _q4_gemv(g: _Grouped, name: str, slots: int) -> CudaKernel:
     return CudaKernel(name, body, launcher(name, g.buffers, grid, Q4_WARPS * 32, g.symbols))
 
 
-def _grouped_gemm(g: _Grouped, name: str) -> CudaKernel:
+def _zero_unused(g: _Grouped, name: str) -> tuple[str, tuple[str, tuple[str, ...], int]]:
+    """Device function and launch nest writing 0 to the slots past the last used one."""
     rows, kk = dim_text(g.rows), g.slots_per_row
-    zero = f"""{signature(f"{name}_zero", g.buffers, ("y",), g.symbols)} {{
+    source = f"""{signature(f"{name}_zero", g.buffers, ("y",), g.symbols)} {{
   const long long i = (long long)blockIdx.x * {BLOCK} + threadIdx.x;
   if (i < {rows} * {kk}LL * {g.n} && i / {g.n} >= offsets[{g.experts}]) mlcc_put(y, i, 0.f);
   return 0;
 }}
 """
+    grid = f"({rows} * T.int64({kk * g.n}) + T.int64({BLOCK - 1})) // T.int64({BLOCK})"
+    return source, (f"{name}_zero_dev", (grid,), BLOCK)
+
+
+def _expert_tile(g: _Grouped, tile: int) -> str:
+    """C++ finding this block's expert and its slot range [start, end); returns if empty."""
+    return f"""const long long tiles = ({dim_text(g.rows)} + {tile - 1}) / {tile};
+  const int e = (int)(blockIdx.y / tiles);
+  const long long start = offsets[e] + (blockIdx.y % tiles) * {tile}, end = offsets[e + 1];
+  if (start >= end) return 0;
+  {g.select("e")}"""
+
+
+def _tile_grid(g: _Grouped, tile: int) -> tuple[str, str]:
+    rows = dim_text(g.rows)
+    return (f"T.int64({-(-g.n // tile)})",
+            f"({rows} + T.int64({tile - 1})) // T.int64({tile}) * T.int64({g.experts})")
+
+
+def _grouped_gemm(g: _Grouped, name: str) -> CudaKernel:
+    """16x16 tiles in float32: any dtype and quantization."""
     body = f"""{signature(name, g.buffers, ("y",), g.symbols)} {{
   __shared__ float As[{TILE}][{TILE + 1}];
   __shared__ float Bs[{TILE}][{TILE + 1}];
-  const long long tiles = ({rows} + {TILE - 1}) / {TILE};
-  const int e = (int)(blockIdx.y / tiles);
-  const long long start = offsets[e] + (blockIdx.y % tiles) * {TILE}, end = offsets[e + 1];
-  if (start >= end) return 0;
-  {g.select("e")}
+  {_expert_tile(g, TILE)}
   const int tx = threadIdx.x & {TILE - 1}, ty = threadIdx.x / {TILE};
   const long long n0 = (long long)blockIdx.x * {TILE};
   const long long p_load = start + ty;
@@ -310,10 +329,103 @@ def _grouped_gemm(g: _Grouped, name: str) -> CudaKernel:
   return 0;
 }}
 """
-    zero_grid = f"({rows} * T.int64({kk * g.n}) + T.int64({BLOCK - 1})) // T.int64({BLOCK})"
-    grid = (f"T.int64({-(-g.n // TILE)})",
-            f"({rows} + T.int64({TILE - 1})) // T.int64({TILE}) * T.int64({g.experts})")
-    nests = [(f"{name}_zero_dev", (zero_grid,), BLOCK), (f"{name}_dev", grid, TILE * TILE)]
+    zero, zero_nest = _zero_unused(g, name)
+    nests = [zero_nest, (f"{name}_dev", _tile_grid(g, TILE), TILE * TILE)]
+    return CudaKernel(name, zero + body, launcher_nests(name, g.buffers, nests, g.symbols))
+
+
+def _wmma_b_fill(g: _Grouped, bk: int) -> str:
+    """Fill Bs (64 features x bk) from the expert's weights, as float16."""
+    if g.quant and g.spec.attr("bits") == 4 and g.spec.attr("group_size") == 32 \
+            and g.k % 32 == 0 and g.words * 8 == g.k:
+        # one packed word = eight consecutive k of one feature -> one 128-bit shared store
+        return f"""    for (int v = tid; v < {64 * bk // 8}; v += 128) {{
+      const int r = v / {bk // 8}, c = (v % {bk // 8}) * 8;
+      const long long n = n0 + r;
+      uint4 out = make_uint4(0u, 0u, 0u, 0u);
+      if (n < {g.n} && k0 + c < {g.k}) {{
+        const unsigned int word = __ldg(qwe + n * {g.words}LL + (k0 + c) / 8);
+        const float sc = mlcc_f32(qse[n * {g.groups}LL + (k0 + c) / 32]);
+        half* h = reinterpret_cast<half*>(&out);
+        #pragma unroll
+        for (int j = 0; j < 8; ++j)
+          h[j] = __float2half(((float)((word >> (4 * j)) & 15u) - 7.0f) * sc);
+      }}
+      *reinterpret_cast<uint4*>(&Bs[r][c]) = out;
+    }}"""
+    return f"""    for (int i = tid; i < {64 * bk}; i += 128) {{
+      const int r = i / {bk}, c = i % {bk};
+      const long long n = n0 + r;
+      const int k = k0 + c;
+      Bs[r][c] = __float2half((n < {g.n} && k < {g.k}) ? {g.weight("n", "k")} : 0.f);
+    }}"""
+
+
+def _wmma_applies(g: _Grouped) -> bool:
+    return g.xdt == "float16" and g.ydt == "float16" and g.k % 8 == 0
+
+
+def _grouped_gemm_wmma(g: _Grouped, name: str) -> CudaKernel:
+    """float16: 64x64 tiles of slots x features on tensor cores (WMMA, float32 accumulation);
+    activation rows gathered with 128-bit loads, weights dequantized into shared memory."""
+    bk = 64 if g.k % 64 == 0 else 32
+    ld = bk + 8
+    body = f"""{signature(name, g.buffers, ("y",), g.symbols)} {{
+  using namespace nvcuda;
+  __shared__ __align__(32) half As[64][{ld}];
+  __shared__ __align__(32) half Bs[64][{ld}];
+  __shared__ __align__(32) float Cs[64][68];
+  {_expert_tile(g, 64)}
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+  const long long n0 = (long long)blockIdx.x * 64;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  #pragma unroll
+  for (int i = 0; i < 2; ++i)
+    #pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  for (int k0 = 0; k0 < {g.k}; k0 += {bk}) {{
+    for (int v = tid; v < {64 * bk // 8}; v += 128) {{
+      const int r = v / {bk // 8}, c = (v % {bk // 8}) * 8;
+      const long long p = start + r;
+      uint4 val = make_uint4(0u, 0u, 0u, 0u);
+      if (p < end && k0 + c < {g.k})
+        val = *reinterpret_cast<const uint4*>(x + {g.source_row("p")} + k0 + c);
+      *reinterpret_cast<uint4*>(&As[r][c]) = val;
+    }}
+{_wmma_b_fill(g, bk)}
+    __syncthreads();
+    #pragma unroll
+    for (int kk = 0; kk < {bk}; kk += 16) {{
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> a[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> b[2];
+      #pragma unroll
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &As[wm + 16 * i][kk], {ld});
+      #pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &Bs[wn + 16 * j][kk], {ld});
+      #pragma unroll
+      for (int i = 0; i < 2; ++i)
+        #pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }}
+    __syncthreads();
+  }}
+  #pragma unroll
+  for (int i = 0; i < 2; ++i)
+    #pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(&Cs[wm + 16 * i][wn + 16 * j], acc[i][j], 68, wmma::mem_row_major);
+  __syncthreads();
+  for (int i = tid; i < 4096; i += 128) {{
+    const int r = i >> 6, c = i & 63;
+    const long long p = start + r, n = n0 + c;
+    if (p < end && n < {g.n}) mlcc_put(y, p * {g.n}LL + n, Cs[r][c]);
+  }}
+  return 0;
+}}
+"""
+    zero, zero_nest = _zero_unused(g, name)
+    nests = [zero_nest, (f"{name}_dev", _tile_grid(g, 64), 128)]
     return CudaKernel(name, zero + body, launcher_nests(name, g.buffers, nests, g.symbols))
 
 
@@ -322,7 +434,7 @@ def gen_moe_linear(spec: KernelSpec, name: str) -> CudaKernel:
     if not isinstance(g.rows, Sym) and g.rows * g.slots_per_row <= GEMV_MAX_SLOTS:
         slots = g.rows * g.slots_per_row
         return _q4_gemv(g, name, slots) if _q4_gemv_applies(g) else _gemv(g, name, slots)
-    return _grouped_gemm(g, name)
+    return _grouped_gemm_wmma(g, name) if _wmma_applies(g) else _grouped_gemm(g, name)
 
 
 def gen_moe_reduce(spec: KernelSpec, name: str) -> CudaKernel:
