@@ -63,8 +63,8 @@ def prepare(args) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks" / "cuda"))
     sys.path.insert(0, str(ROOT / "tests" / "gpu"))
     from prepare_device_run import runtime_site
-    from tp_cases import build_cases  # also puts tests/compile on the path
     from tp_build import compile_sharded
+    from tp_cases import build_cases  # also puts tests/compile on the path
 
     from mlcc.frontend import resolve_model
 

@@ -9,8 +9,9 @@ which makes it the oracle for the sharding pass and for compiled multi-shard lib
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -88,7 +89,7 @@ class ShardSpec:
                 "rank_zero_only": self.rank_zero_only}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "ShardSpec":
+    def from_json(cls, data: Mapping[str, Any]) -> ShardSpec:
         return cls(int(data["shards"]), data.get("axis"),
                    tuple((int(s), int(p)) for s, p in data.get("segments", ())),
                    bool(data.get("rank_zero_only", False)))

@@ -24,8 +24,9 @@ import os
 import queue
 import socket
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -108,7 +109,7 @@ def register_collectives() -> None:
 class HostRank:
     """Rank `rank` of a group of threads: sums host buffers through shared slots."""
 
-    def __init__(self, group: "HostGroup", rank: int) -> None:
+    def __init__(self, group: HostGroup, rank: int) -> None:
         self.group, self.rank = group, rank
 
     def all_reduce(self, src: int, dst: int, count: int, dtype: str) -> None:
@@ -309,7 +310,7 @@ class TensorParallelEngine:
     def close(self) -> None:
         self.ranks.close()
 
-    def __enter__(self) -> "TensorParallelEngine":
+    def __enter__(self) -> TensorParallelEngine:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -18,9 +18,10 @@ import multiprocessing
 import os
 import time
 import traceback
+from collections.abc import Mapping
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 

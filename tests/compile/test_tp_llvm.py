@@ -18,12 +18,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 
-from tp_build import compile_sharded  # noqa: E402
-from tp_models import oracle_logits, stored_weights, tiny_config, write_params  # noqa: E402
+from tp_build import compile_sharded
+from tp_models import oracle_logits, stored_weights, tiny_config, write_params
 
-from mlcc.errors import MlccError  # noqa: E402
-from mlcc.runtime_check.compiled import CompiledEngine  # noqa: E402
-from mlcc.runtime_check.tensor_parallel import TensorParallelEngine  # noqa: E402
+from mlcc.errors import MlccError
+from mlcc.runtime_check.compiled import CompiledEngine
+from mlcc.runtime_check.tensor_parallel import TensorParallelEngine
 
 PROMPT, DECODE = 11, 6
 ATOL = 1e-5

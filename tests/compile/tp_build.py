@@ -9,8 +9,8 @@ shared by several ranks (fewer heads than shards), which the config check refuse
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mlcc.backends import build_model_library
 from mlcc.interface.compile import build_metadata

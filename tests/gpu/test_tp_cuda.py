@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tp_cases import CASES  # noqa: E402  (also puts tests/unit on the path)
+from tp_cases import CASES
 
 pytestmark = pytest.mark.gpu
 TOLERANCE = {"q0f32": 1e-3, "q4f16_1": 2e-2}
