@@ -110,6 +110,28 @@ def test_o2_pipeline_with_shards_equals_the_unsharded_model(arch_name):
     assert_same_logits(sharded_logits(sharded, arrays, 2, config.prefill_chunk_size), expected)
 
 
+def test_moe_experts_split_like_mlps_and_share_one_all_reduce():
+    # Each expert's gate/up is column- and its w2 row-parallel; the weighted sum of the experts'
+    # partial outputs is summed over the ranks once, also after the sparse MoE rewrite.
+    arch, config = tiny_config("mixtral")
+    arrays = stored_weights(arch, config, "q0f32")
+    module = legalized(arch, config, "q0f32")
+    expected = unsharded_logits(module, {p.name: arrays[p.name] for p in module.params},
+                                config.prefill_chunk_size)
+    passes = build_pipeline(parse_opt("O2"), "float32", "q0f32", config.prefill_chunk_size,
+                            tensor_parallel_shards=2)
+    for sharded in (ShardModule(2).run(module), run_passes(arch.build_module(config),
+                                                            passes).module):
+        ops = [n.op for n in sharded.function("decode").nodes]
+        assert ops.count("all_reduce") == 2 * config.num_hidden_layers
+        expert = "model.layers.0.block_sparse_moe.experts.3."
+        assert sharded.param(expert + "w2.weight").annotations["shard"].axis == 1
+        assert sharded.param("model.layers.0.block_sparse_moe.gate.weight").annotations[
+            "shard"].replicated
+        assert_same_logits(sharded_logits(sharded, arrays, 2, config.prefill_chunk_size),
+                           expected)
+
+
 def test_shard_specs_follow_the_graph():
     arch, config = tiny_config("gpt_neox")
     sharded = ShardModule(2).run(legalized(arch, config, "q0f32"))

@@ -30,6 +30,8 @@ HF_CONFIGS = {
     "mistral": {**BASE, "model_type": "mistral", "num_key_value_heads": 2, "sliding_window": 6},
     "gpt_neox": {**BASE, "model_type": "gpt_neox", "rotary_pct": 0.5, "layer_norm_eps": 1e-5,
                  "use_parallel_residual": True, "hidden_act": "gelu"},
+    "mixtral": {**BASE, "model_type": "mixtral", "num_key_value_heads": 2,
+                "num_local_experts": 4, "num_experts_per_tok": 2},
 }
 
 
