@@ -46,7 +46,7 @@ def gen_norm(spec: KernelSpec, name: str, limit: int, bind: bool = True) -> str:
     value = f32("x[row, k]", dt)
     if fused_add:
         value = f32(to(dt, f"{value} + {f32('r[row, k]', dt)}"), dt)
-    value = value.replace("k]", f"{k}]")
+    value = "(" + value.replace("k]", f"{k}]") + ")"  # an operand of * and - below
     em(f'for row in T.thread_binding({rows}, thread="blockIdx.x"):')
     em.depth = 2
     em(f'for tx in T.thread_binding({threads}, thread="threadIdx.x"):')
