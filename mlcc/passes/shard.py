@@ -171,8 +171,9 @@ class _Sharder:
         if value.kind != "param":
             return
         known = self.a.specs.setdefault(value.name, spec)
-        if known != spec:
-            raise _fail(f"parameter {value.name} would be split two ways ({known} and {spec})")
+        if known != spec:  # an error only if this analysis is the final one
+            self.a.errors.append(f"parameter {value.name} would be split two ways ({known} "
+                                 f"and {spec}); it cannot be shared by these two products")
 
     # --- how a column-parallel output is sliced -------------------------------------------
 
