@@ -76,7 +76,10 @@ def resolve_device(device: str) -> str:
         return name
     if preset_for(device) is not None:  # raises for vulkan and for a bad target JSON
         return device.strip() if device.strip().startswith("{") else name
-    raise MlccError(STAGE, f"--device {device!r} is unknown; use cpu/llvm, cuda, or one of "
+    if name.startswith("cuda"):
+        raise MlccError(STAGE, f"--device {device}: CUDA devices are written cuda, cuda:N "
+                        "(N a number) or cuda-sm_90,sm_80 (a fatbin per architecture)")
+    raise MlccError(STAGE, f"--device {device} is unknown; use cpu/llvm, cuda, or one of "
                     f"{', '.join(d for d in KNOWN_DEVICES if d != 'cuda')}, a TVM target JSON, "
                     "or auto")
 
@@ -93,8 +96,8 @@ def check_output(kind: str, device: str, host: str | None, output: Path, model_t
         return None
     if kind.startswith("cuda"):
         if output.suffix != ".so":
-            raise MlccError(STAGE, f"--device {device} -o {output.name}: the CUDA backend "
-                            "writes a shared library for this machine; use -o lib.so")
+            raise MlccError(STAGE, f"-o {output}: the CUDA backend writes a shared library "
+                            f"for this machine (--device {device}); use -o lib.so")
         if host is not None:
             raise MlccError(STAGE, f"--device {device} --host {host}: CUDA libraries are built "
                             "for this machine's host only; drop --host")
