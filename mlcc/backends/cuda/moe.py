@@ -23,6 +23,11 @@ capturable as a CUDA graph).
 
 Experts are separate parameters, so a kernel receives one pointer per expert weight and picks
 the one of its expert with a chain of selects.
+
+Measured on an H200 (2026-11-28), one Mixtral-8x7B layer in q4f16_1 with random weights: at
+decode the two grouped GEMVs take 78 and 40 us (about 1.5 TB/s of the chosen experts' weights;
+the per-element dequantizing GEMV took 323 and 199 us); for a 512-token chunk the WMMA grouped
+GEMMs take 2.1 and 1.25 ms (39.5 and 19.9 ms in the float32 tiles).
 """
 
 from __future__ import annotations
