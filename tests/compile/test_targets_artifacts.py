@@ -178,3 +178,36 @@ def test_webgpu_wasm_is_built_or_refused_in_one_line(built, tmp_path):
         assert not out.exists()
         return
     assert out.read_bytes()[:4] == b"\0asm"
+
+
+WGSL_BYTES = {"f32": 4, "i32": 4, "u32": 4, "f16": 2}
+
+
+def wgsl_kernel_limits(blob: bytes) -> list[tuple[str, int, int]]:
+    """(kernel, threads per workgroup, workgroup memory bytes) of every WGSL kernel."""
+    out = []
+    for chunk in blob.split(b"// Function: ")[1:]:
+        name = chunk.split(b"\n", 1)[0].decode()
+        size = re.search(rb"@workgroup_size\((\d+), (\d+), (\d+)\)", chunk)
+        if size is None:  # a header without a body
+            continue
+        threads = int(size.group(1)) * int(size.group(2)) * int(size.group(3))
+        shared = sum(int(n) * WGSL_BYTES[t.decode()] for t, n in re.findall(
+            rb"var<workgroup> \w+ *: *array<(\w+), *(\d+)>", chunk))
+        out.append((name, threads, shared))
+    return out
+
+
+def test_webgpu_kernels_stay_within_the_workgroup_limits(built, tmp_path):
+    """The preset's 256 threads / 16 KB, and a target JSON's tighter 64 threads / 4 KB."""
+    blob, kernels = device_text("webgpu", built["webgpu"], tmp_path / "preset")
+    limits = wgsl_kernel_limits(blob)
+    assert len(limits) >= len(kernels)
+    assert all(t <= 256 and s <= 16384 for _, t, s in limits), limits
+    tight = tmp_path / "tight.tar"
+    compile_model(STORIES, tight, quantization="q4f32_1",
+                  device='{"kind": "webgpu", "max_num_threads": 64, '
+                         '"max_shared_memory_per_block": 4096}')
+    blob, _ = device_text("webgpu", tight, tmp_path / "tight")
+    limits = wgsl_kernel_limits(blob)
+    assert max(t for _, t, _ in limits) == 64 and all(s <= 4096 for _, _, s in limits), limits
