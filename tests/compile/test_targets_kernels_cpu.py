@@ -3,13 +3,16 @@
 No Metal, OpenCL or WebGPU device is here, so the numbers of those libraries are checked on
 what can run: the same kernels (tensor expressions of linear/q_linear before dlight schedules
 them, the portable kernels with their nests unbound, WebGPU's int32 indexing) compiled for the
-host CPU, run as a whole model (prefill, greedy generation, decode steps) through the
-compiled-engine contract against the NumPy interpreter on stories260K's reference prompts.
+host CPU, run as a whole model (prefill in chunks, greedy generation, decode steps) through the
+compiled-engine contract against the NumPy interpreter: stories260K on its reference prompts,
+and tiny random GPT-NeoX (layer norm, partial rotary, parallel residual, GELU) and Mistral
+(sliding window of 8, exceeded) models.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,38 +29,82 @@ from mlcc.runtime_check.reference import ReferenceModel
 pytestmark = pytest.mark.slow
 STORIES = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "stories260K"
 CASES = json.loads((STORIES / "reference.json").read_text())["cases"]
+TINY = {"vocab_size": 120, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8,
+        "intermediate_size": 96, "max_position_embeddings": 64, "initializer_range": 0.2}
+TOLERANCE = {"q4f16_1": 5e-2, "q0f16": 5e-2, "q4f32_1": 2e-3, "q0f32": 2e-3}
 
 
-def serial_library(device: str, quantization: str, out: Path) -> Path:
+def serial_library(model: Path, device: str, quantization: str, out: Path,
+                   chunk: int | None = None) -> Path:
     import tvm
 
-    arch, config, quantization, _ = load_model_config(STORIES, quantization, None)
+    arch, config, quantization, _ = load_model_config(model, quantization, None)
+    if chunk:
+        config = config.with_overrides(prefill_chunk_size=chunk)
     scheme = get_scheme(quantization)
     opt = parse_opt("O2")
     passes = build_pipeline(opt, scheme.model_dtype, quantization, config.prefill_chunk_size)
     module = run_passes(arch.build_module(config), passes).module
     target = resolve_build_target(device, "x86_64-linux-gnu", out.with_suffix(".tar"),
                                   arch.name, quantization, scheme.model_dtype, None)
+    target = replace(target, system_lib_prefix=None)  # loaded by name, not as a system library
     metadata = build_metadata(module, config, quantization, opt, device)
     mod, _ = library_module(module, metadata, target, bind=False)
     tvm.compile(mod, target=target.host_target()).export_library(str(out))
     return out
 
 
-@pytest.mark.parametrize("device, quantization", [("opencl", "q4f16_1"), ("webgpu", "q4f32_1")])
-def test_kernels_of_the_target_run_the_model_like_the_interpreter(tmp_path, device,
-                                                                   quantization):
-    reference = ReferenceModel(STORIES, quantization)
-    engine = CompiledEngine(serial_library(device, quantization, tmp_path / "lib.so"),
-                            reference.params)
-    for case in CASES[:2]:
-        ids = case["prompt_token_ids"]
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    import torch
+    import transformers
+
+    root = tmp_path_factory.mktemp("tiny_targets")
+    makers = {
+        "gpt_neox": lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            **{**TINY, "hidden_size": 128, "num_attention_heads": 4}, rotary_pct=0.25,
+            use_parallel_residual=True)),
+        "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
+            **TINY, num_key_value_heads=2, sliding_window=8)),
+    }
+    folders = {}
+    for name, make in makers.items():
+        torch.manual_seed(sum(map(ord, name)))
+        folders[name] = root / name
+        make().save_pretrained(folders[name])
+    return folders
+
+
+def check_engine(engine, reference, prompts: list[list[int]], tolerance: float,
+                 steps: int) -> None:
+    for ids in prompts:
         np.testing.assert_allclose(engine.prefill_logits(ids), reference.prefill_logits(ids),
-                                   atol=5e-2 if quantization == "q4f16_1" else 2e-3, rtol=0)
-        expected = reference.generate_greedy(ids, 12)
-        assert engine.generate_greedy(ids, 12) == expected
-        for step, token in enumerate(expected[:4]):  # decode entry, token by token
-            reference_logits = reference.decode_logits(token)
-            np.testing.assert_allclose(engine.decode_logits(token), reference_logits,
-                                       atol=5e-2 if quantization == "q4f16_1" else 2e-3,
-                                       rtol=0, err_msg=f"decode step {step}")
+                                   atol=tolerance, rtol=0)
+        expected = reference.generate_greedy(ids, steps)
+        assert engine.generate_greedy(ids, steps) == expected
+        for step, token in enumerate(expected[:4]):  # the decode entry, token by token
+            np.testing.assert_allclose(engine.decode_logits(token),
+                                       reference.decode_logits(token), atol=tolerance, rtol=0,
+                                       err_msg=f"decode step {step}")
+
+
+@pytest.mark.parametrize("device, quantization", [("opencl", "q4f16_1"), ("webgpu", "q4f32_1")])
+def test_stories_kernels_of_the_target_run_like_the_interpreter(tmp_path, device,
+                                                                 quantization):
+    reference = ReferenceModel(STORIES, quantization)
+    engine = CompiledEngine(serial_library(STORIES, device, quantization, tmp_path / "lib.so"),
+                            reference.params)
+    check_engine(engine, reference, [c["prompt_token_ids"] for c in CASES[:2]],
+                 TOLERANCE[quantization], 12)
+
+
+@pytest.mark.parametrize("model, device, quantization", [
+    ("gpt_neox", "android", "q4f16_1"), ("gpt_neox", "webgpu", "q0f32"),
+    ("mistral", "metal", "q0f16"), ("mistral", "webgpu", "q4f32_1")])
+def test_tiny_models_kernels_of_the_target_run_like_the_interpreter(tiny, tmp_path, model,
+                                                                    device, quantization):
+    reference = ReferenceModel(tiny[model], quantization)
+    lib = serial_library(tiny[model], device, quantization, tmp_path / "lib.so", chunk=4)
+    engine = CompiledEngine(lib, reference.params)
+    prompt = [int(t) for t in np.random.default_rng(7).integers(1, 120, 13)]
+    check_engine(engine, reference, [prompt], TOLERANCE[quantization], 10)
