@@ -62,6 +62,11 @@ def _engine(cases, name: str, **kwargs):
     return engine, reference, TOLERANCE[case["quantization"]]
 
 
+def _prompt_then_decode(engine, ids: list[int], prompt: int) -> list[np.ndarray]:
+    """Logits after the prompt (chunked by the engine), then after each further token."""
+    return [engine.prefill_logits(ids[:prompt])] + [engine.decode(t) for t in ids[prompt:]]
+
+
 def _assert_steps(expected, got, tol: float, name: str) -> None:
     for step, (want, have) in enumerate(zip(expected, got, strict=True)):
         assert np.isfinite(have).all(), f"{name} step {step}: non-finite logits"
@@ -73,9 +78,8 @@ def test_mixtral_equals_reference_in_chunks_of_4(cases, name):
     engine, reference, tol = _engine(cases, name)
     assert engine.prefill_chunk_size == 4
     ids = np.random.default_rng(3).integers(0, VOCAB, 21).tolist()
-    expected = [reference.prefill_logits(ids[:13])] + [reference.decode(t) for t in ids[13:]]
-    got = [engine.prefill_logits(ids[:13])] + [engine.decode(t) for t in ids[13:]]
-    _assert_steps(expected, got, tol, name)
+    _assert_steps(_prompt_then_decode(reference, ids, 13), _prompt_then_decode(engine, ids, 13),
+                  tol, name)
 
 
 def test_mixtral_long_chunk_equals_reference(cases):
@@ -83,9 +87,8 @@ def test_mixtral_long_chunk_equals_reference(cases):
     engine, reference, tol = _engine(cases, name)
     assert engine.prefill_chunk_size == 64
     ids = np.random.default_rng(4).integers(0, VOCAB, 54).tolist()
-    expected = [reference.prefill_logits(ids[:50])] + [reference.decode(t) for t in ids[50:]]
-    got = [engine.prefill_logits(ids[:50])] + [engine.decode(t) for t in ids[50:]]
-    _assert_steps(expected, got, tol, name)
+    _assert_steps(_prompt_then_decode(reference, ids, 50), _prompt_then_decode(engine, ids, 50),
+                  tol, name)
 
 
 def test_mixtral_cuda_graph_decode_equals_plain_decode(cases):
