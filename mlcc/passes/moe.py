@@ -29,7 +29,8 @@ from mlcc.passes.base import FunctionView, Pass, Rewrite, map_functions, rewrite
 from mlcc.passes.cleanup import eliminate_dead_code
 
 ACTIVATIONS = ("silu_mul", "gelu_mul")
-LINEARS = {"linear": ("moe_linear", 2), "q_linear": ("q_moe_linear", 3)}
+# dense projection -> (its grouped op, weight inputs after x)
+LINEARS = {"linear": ("moe_linear", 1), "q_linear": ("q_moe_linear", 2)}
 QUANT_ATTRS = ("bits", "group_size", "in_features")
 
 
@@ -54,7 +55,7 @@ def _match_expert(out: Value, view: FunctionView) -> _Expert | None:
     for proj in (first, second):
         weights = proj.inputs[1:]
         # No bias, and weights that are parameters: the grouped kernels read them per expert.
-        if len(weights) != LINEARS[proj.op][1] - 1 or any(w.kind != "param" for w in weights):
+        if len(weights) != LINEARS[proj.op][1] or any(w.kind != "param" for w in weights):
             return None
         if proj.attrs.get("out_dtype") is not None:  # results stay in the activation dtype
             return None
