@@ -169,7 +169,7 @@ class _Grouped:
         self.buffers = ([("x", self.xshape, self.xdt), ("slot_rows", self.rshape, "int32"),
                          ("offsets", self.oshape, "int32")] + self.weight_buffers
                         + [("y", self.yshape, self.ydt)])
-        self.parts = [p for p, _ in parts]
+        self.part_dtypes = {p: ws[0][1] for p, ws in parts}  # "qw"/"qs" or "w" -> dtype
         self.slots_per_row = self.rshape[1]
         self.rows = self.rshape[0]
         self.gather = spec.attr("gather")
@@ -179,12 +179,11 @@ class _Grouped:
     def select(self, expert: str) -> str:
         """C++ declarations of the chosen expert's weight pointers (`qwe`/`qse` or `we`)."""
         lines = []
-        for part in self.parts:
+        for part, dtype in self.part_dtypes.items():
             chain = f"{part}{self.experts - 1}"
             for e in range(self.experts - 2, -1, -1):
                 chain = f"{expert} == {e} ? {part}{e} : {chain}"
-            ctype = C_TYPES[next(dt for b, _, dt in self.weight_buffers if b == f"{part}0")]
-            lines.append(f"const {ctype}* __restrict__ {part}e = {chain};")
+            lines.append(f"const {C_TYPES[dtype]}* __restrict__ {part}e = {chain};")
         return "\n  ".join(lines)
 
     def weight(self, n: str, k: str) -> str:
