@@ -222,7 +222,7 @@ def compile_model(model: str | Path, output: str | Path, quantization: str | Non
     timings["build IR"] = time.perf_counter() - start
     start = time.perf_counter()
     passes = build_pipeline(opt_config, scheme.model_dtype, quantization,
-                            config.prefill_chunk_size)
+                            config.prefill_chunk_size, config.tensor_parallel_shards)
     result = run_passes(module, passes, dump_dir=Path(debug_dump) if debug_dump else None,
                         on_pass=lambda name: log(f"  pass {name}"))
     timings["passes"] = time.perf_counter() - start

@@ -1,10 +1,9 @@
 """Compiling a library for N tensor-parallel shards, for tests and the multi-GPU benchmark.
 
-`compile_model` reads `tensor_parallel_shards` from the config but does not hand it to the pass
-pipeline yet; `compile_sharded` is its flow (IR, passes, metadata, backend) with the shard count
-given to `build_pipeline`, so that sharded libraries can be built and checked meanwhile. The
-shard count is an argument rather than a config field so that a model whose key/value heads are
-shared by several ranks (fewer heads than shards), which the config check refuses, can be built.
+`compile_model` (mlcc compile --overrides tensor_parallel_shards=N) builds sharded libraries from
+a config; `compile_sharded` is the same flow (IR, passes, metadata, backend) with the shard count
+as an argument rather than a config field, so that a model whose key/value heads are shared by
+several ranks (fewer heads than shards), which the config check refuses, can be built too.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Chat with the real stories260K split over 2 and 4 tensor-parallel shards on the CPU.
 
-convert_weight and gen_config (with --tensor-parallel-shards) run through the CLI; the library
-is compiled for the shards (tests/compile/tp_build.py) and ChatModule runs it as N ranks in
+convert_weight, gen_config (with --tensor-parallel-shards) and compile (with `--overrides
+tensor_parallel_shards=N`) run through the CLI, and ChatModule runs the library as N ranks in
 threads from the one unsharded params folder. Replies must reproduce reference.json's greedy
 continuations (transformers, cross-checked with llama2.c), as the unsharded model does.
 """
@@ -9,18 +9,14 @@ continuations (transformers, cross-checked with llama2.c), as the unsharded mode
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from mlcc.cli import app
-from mlcc.frontend import get_architecture
 from mlcc.runtime_check import ChatModule, GenerationConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "compile"))
-from tp_build import compile_sharded  # noqa: E402
+from mlcc.runtime_check.compiled import read_metadata
 
 SHARED = Path(__file__).parents[2].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
@@ -45,13 +41,20 @@ def params(tmp_path_factory) -> Path:
 
 
 def sharded_library(params: Path, shards: int) -> Path:
-    chat = json.loads((params / "mlc-chat-config.json").read_text())
-    arch = get_architecture(chat["model_type"])
-    config = arch.config_cls.from_json(chat["model_config"])
     lib = params.parent / f"lib_tp{shards}.so"
     if not lib.is_file():
-        compile_sharded(arch, config, chat["quantization"], lib, shards)
+        result = CliRunner().invoke(app, [
+            "compile", str(params / "mlc-chat-config.json"), "--device", "cpu", "--overrides",
+            f"tensor_parallel_shards={shards}", "-o", str(lib)])
+        assert result.exit_code == 0, result.output
     return lib
+
+
+def test_compile_overrides_build_a_library_for_that_many_shards(params):
+    import tvm
+
+    lib = tvm.runtime.load_module(str(sharded_library(params, 2)))
+    assert read_metadata(lib)["tensor_parallel"]["shards"] == 2
 
 
 @pytest.mark.slow
