@@ -380,10 +380,12 @@ class ModelConfig:
                 "fix config.json"
             )
         shards = self.tensor_parallel_shards
-        if heads % shards or kv_heads % shards:
+        # Fewer key/value heads than shards works when each is shared by whole groups of ranks.
+        if heads % shards or (kv_heads % shards and shards % kv_heads):
             raise _fail(
                 f"tensor_parallel_shards={shards} must divide num_attention_heads={heads} and "
-                f"num_key_value_heads={kv_heads}; pick a divisor of {math.gcd(heads, kv_heads)}"
+                f"divide or be a multiple of num_key_value_heads={kv_heads}; pick a divisor "
+                f"of {heads} that is a divisor or multiple of {kv_heads}"
             )
         eos = self.eos_token_id
         eos_ids = eos if isinstance(eos, tuple) else (eos,)

@@ -180,6 +180,15 @@ def test_overrides_are_validated_and_adjust_windows() -> None:
     assert c.with_overrides(tensor_parallel_shards=4).tensor_parallel_shards == 4
     with pytest.raises(MlccError, match=r"tensor_parallel_shards=3 must divide"):
         c.with_overrides(tensor_parallel_shards=3)
+    # a key/value head may be shared by a whole group of ranks (MQA/GQA with many shards)
+    assert resolve_model("gemma_2b").config.with_overrides(
+        tensor_parallel_shards=2).tensor_parallel_shards == 2
+    mistral = resolve_model("mistral_7b").config  # 32 query heads, 8 key/value heads
+    assert mistral.with_overrides(tensor_parallel_shards=16).tensor_parallel_shards == 16
+    with pytest.raises(MlccError, match=r"tensor_parallel_shards=12 must divide "
+                       r"num_attention_heads=32 and divide or be a multiple of "
+                       r"num_key_value_heads=8"):
+        mistral.with_overrides(tensor_parallel_shards=12)
     with pytest.raises(MlccError, match=r"unknown fields \['context_window'\]"):
         c.with_overrides(context_window=10)
     with pytest.raises(MlccError, match=r"attention_sink_size=4 needs a sliding window"):
