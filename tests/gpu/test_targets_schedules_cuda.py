@@ -59,3 +59,34 @@ def test_schedules_of_the_target_match_the_interpreter(cases, name):
                                    atol=tolerance, rtol=0)
         tokens = engine.generate_greedy(expected["ids"], len(expected["greedy"]))
         assert tokens == expected["greedy"]
+
+
+KERNEL_CASES = ["stories260K_q4f16_1_iphone", "stories260K_q4f16_1_metal",
+                "gpt_neox_q4f16_1_iphone", "gpt_neox_q4f16_1_metal", "gpt_neox_q0f32_webgpu",
+                "mistral_q4f32_1_webgpu"]
+
+
+@pytest.mark.parametrize("name", KERNEL_CASES)
+def test_every_kernel_matches_its_serial_cpu_build(cases, name):
+    """Random inputs through each scheduled kernel against the same kernel built serially."""
+    import tvm
+
+    from mlcc.runtime_check.compiled import _device
+
+    root, _ = cases
+    folder = root / "kernels"
+    case = json.loads((folder / "manifest.json").read_text())[name]
+    device = _device("cuda")
+    lib = tvm.runtime.load_module(str(folder / case["library"]))
+    arrays = np.load(folder / case["arrays"])
+    for kernel, count in case["kernels"].items():
+        tensors = [tvm.runtime.tensor(arrays[f"{kernel}.in{j}"], device) for j in range(count)]
+        lib[kernel](*tensors)
+        for j, tensor in enumerate(tensors):
+            got, want = tensor.numpy(), arrays[f"{kernel}.out{j}"]
+            if got.dtype.kind != "f":
+                np.testing.assert_array_equal(got, want, err_msg=f"{kernel} buffer {j}")
+                continue
+            tol = 2e-2 if got.dtype == np.float16 else 1e-4
+            np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32),
+                                       atol=tol, rtol=tol, err_msg=f"{kernel} buffer {j}")
