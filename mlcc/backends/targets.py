@@ -3,7 +3,7 @@
 A device preset names the GPU language TVM generates (metal, opencl, webgpu, rocm), the host
 triple the entry code is compiled for, and the limits the GPU schedules must respect:
 
-    device   kind    default host                  threads  shared   warp  fp16  default -o
+    device   kind    default host                  threads  shared   warp  fp16  usual -o
     iphone   metal   arm64-apple-ios               256      32 KB    1     yes   .tar
     android  opencl  aarch64-linux-android         256      16 KB    1     yes   .tar
     metal    metal   arm64-apple-darwin            1024     32 KB    32    yes   .dylib
@@ -69,20 +69,20 @@ class DevicePreset:
     max_shared_memory_per_block: int
     thread_warp_size: int
     supports_fp16: bool
-    default_suffix: str
     static_by_default: bool = False  # .tar with the model's symbol prefix (phone apps)
     extra: tuple[tuple[str, Any], ...] = ()
 
 
 PRESETS: dict[str, DevicePreset] = {p.name: p for p in (
-    DevicePreset("iphone", "metal", "arm64-apple-ios", 256, 32768, 1, True, ".tar", True),
-    DevicePreset("android", "opencl", "aarch64-linux-android", 256, 16384, 1, True, ".tar", True),
-    DevicePreset("metal", "metal", "arm64-apple-darwin", 1024, 32768, 32, True, ".dylib"),
-    DevicePreset("webgpu", "webgpu", "wasm32-unknown-unknown-wasm", 256, 16384, 1, False,
-                 ".wasm"),
-    DevicePreset("rocm", "rocm", "x86_64-linux-gnu", 1024, 65536, 64, True, ".so",
+    DevicePreset("iphone", "metal", "arm64-apple-ios", 256, 32768, 1, True,
+                 static_by_default=True),
+    DevicePreset("android", "opencl", "aarch64-linux-android", 256, 16384, 1, True,
+                 static_by_default=True),
+    DevicePreset("metal", "metal", "arm64-apple-darwin", 1024, 32768, 32, True),
+    DevicePreset("webgpu", "webgpu", "wasm32-unknown-unknown-wasm", 256, 16384, 1, False),
+    DevicePreset("rocm", "rocm", "x86_64-linux-gnu", 1024, 65536, 64, True,
                  extra=(("mcpu", "gfx942"),)),
-    DevicePreset("opencl", "opencl", "x86_64-linux-gnu", 256, 32768, 1, True, ".so"),
+    DevicePreset("opencl", "opencl", "x86_64-linux-gnu", 256, 32768, 1, True),
 )}
 
 
