@@ -117,13 +117,28 @@ class _CachedTurn:
     pending_ids: tuple[int, ...]
 
 
+def compiled_shards(lib: Path) -> int:
+    """The tensor-parallel shard count `lib` was compiled for; 1 when it is not sharded or
+    cannot be read here (the engine that opens it then reports why)."""
+    from mlcc.runtime_check.compiled import read_metadata
+    from mlcc.runtime_check.tensor_parallel import library_shards
+
+    try:
+        import tvm
+
+        return library_shards(read_metadata(tvm.runtime.load_module(str(lib))))
+    except Exception:  # noqa: BLE001 - any unreadable library is open_engine's error to report
+        return 1
+
+
 class ChatModule:
     """Chat with a compiled model (or any engine that follows the runtime engine protocol).
 
     `model` is a params folder (or its mlc-chat-config.json). Without `engine`, the library at
     `model_lib_path` (default: the single *.so in the params folder or the folder above it) is
-    opened with `open_engine`; with `tensor_parallel_shards` N > 1, a library compiled for N
-    shards is run by N ranks (TensorParallelEngine: threads on the CPU, one process per GPU).
+    opened with `open_engine`; a library compiled for N > 1 shards is run by N ranks
+    (TensorParallelEngine: threads on the CPU, one process per GPU). `tensor_parallel_shards`
+    defaults to the count the library was compiled for.
     """
 
     def __init__(
@@ -132,7 +147,7 @@ class ChatModule:
         model_lib_path: str | Path | None = None,
         device: str = "cpu",
         engine: Engine | None = None,
-        tensor_parallel_shards: int = 1,
+        tensor_parallel_shards: int | None = None,
     ) -> None:
         params_dir = Path(model)
         if params_dir.name == CHAT_CONFIG_FILE:
@@ -155,6 +170,8 @@ class ChatModule:
                     f"{lib}: model library not found; build it with `mlcc compile "
                     f"{params_dir / CHAT_CONFIG_FILE} --device {device} -o {lib}`",
                 )
+            if tensor_parallel_shards is None:
+                tensor_parallel_shards = compiled_shards(lib)
             if tensor_parallel_shards > 1:  # N ranks: threads on the CPU, GPUs on CUDA
                 from mlcc.runtime_check.tensor_parallel import TensorParallelEngine
 

@@ -57,6 +57,17 @@ def test_compile_overrides_build_a_library_for_that_many_shards(params):
     assert read_metadata(lib)["tensor_parallel"]["shards"] == 2
 
 
+def test_mlcc_chat_runs_a_sharded_library_as_its_ranks(params):
+    """The CLI needs no shard option: the library says how many ranks it needs."""
+    lib = sharded_library(params, 2)
+    case = CASES[0]
+    result = CliRunner().invoke(app, ["chat", str(params), "--model-lib-path", str(lib),
+                                      "--temperature", "0", "--max-gen-len", "64",
+                                      "--prompt", case["prompt"]])
+    assert result.exit_code == 0, result.output
+    assert case["continuation_text"] in result.output
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("shards", [2, 4])
 def test_chat_over_shards_reproduces_reference_greedy_text(params, shards):
