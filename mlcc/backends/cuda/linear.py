@@ -83,6 +83,43 @@ class LinearShape:
         return dim_text(self.rows)
 
 
+# The tensor-core part of a 64x64 output tile, shared by the dense and the expert-grouped GEMMs
+# (mlcc.backends.cuda.moe): four warps each own a 32x32 quarter as 2x2 WMMA fragments with
+# float32 accumulators; each K step multiplies the tiles staged in As/Bs (row stride `ld`), and
+# after the last one the fragments are stored to Cs (64 x 68 floats) for the epilogue.
+WMMA_ACC_INIT = """  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  #pragma unroll
+  for (int i = 0; i < 2; ++i)
+    #pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);"""
+
+
+def wmma_k_step(bk: int, ld: int) -> str:
+    """The end of one K step (`bk` wide) and, after the K loop closes, the store to Cs."""
+    return f"""    __syncthreads();
+    #pragma unroll
+    for (int kk = 0; kk < {bk}; kk += 16) {{
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> a[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> b[2];
+      #pragma unroll
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &As[wm + 16 * i][kk], {ld});
+      #pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &Bs[wn + 16 * j][kk], {ld});
+      #pragma unroll
+      for (int i = 0; i < 2; ++i)
+        #pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }}
+    __syncthreads();
+  }}
+  #pragma unroll
+  for (int i = 0; i < 2; ++i)
+    #pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(&Cs[wm + 16 * i][wn + 16 * j], acc[i][j], 68, wmma::mem_row_major);
+  __syncthreads();"""
+
+
 def gemv_q4_applies(s: LinearShape) -> bool:
     return (s.quant and s.bits == 4 and s.group == 32 and s.xdt == "float16"
             and s.sdt == "float16" and s.k % 32 == 0 and s.words * 8 == s.k
@@ -264,36 +301,11 @@ def gemm_wmma_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
   const int tid = threadIdx.x, warp = tid >> 5;
   const long long m0 = (long long)blockIdx.y * 64, n0 = (long long)blockIdx.x * 64;
   const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-  #pragma unroll
-  for (int i = 0; i < 2; ++i)
-    #pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+{WMMA_ACC_INIT}
   for (int k0 = 0; k0 < {s.k}; k0 += {bk}) {{
 {_gemm_a_fill(s, bk)}
 {_gemm_b_fill(s, bk, q4)}
-    __syncthreads();
-    #pragma unroll
-    for (int kk = 0; kk < {bk}; kk += 16) {{
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> a[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> b[2];
-      #pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &As[wm + 16 * i][kk], {ld});
-      #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &Bs[wn + 16 * j][kk], {ld});
-      #pragma unroll
-      for (int i = 0; i < 2; ++i)
-        #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-    }}
-    __syncthreads();
-  }}
-  #pragma unroll
-  for (int i = 0; i < 2; ++i)
-    #pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&Cs[wm + 16 * i][wn + 16 * j], acc[i][j], 68, wmma::mem_row_major);
-  __syncthreads();
+{wmma_k_step(bk, ld)}
   for (int e = tid; e < 4096; e += 128) {{
     const int r = e >> 6, c = e & 63;
     const long long mm = m0 + r, n = n0 + c;

@@ -45,6 +45,7 @@ from mlcc.backends.cuda.kernels import (
     signature,
     symbols_of,
 )
+from mlcc.backends.cuda.linear import WMMA_ACC_INIT, wmma_k_step
 from mlcc.backends.plan import KernelSpec
 from mlcc.ir.types import Sym
 
@@ -383,11 +384,7 @@ def _grouped_gemm_wmma(g: _Grouped, name: str) -> CudaKernel:
   const int tid = threadIdx.x, warp = tid >> 5;
   const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
   const long long n0 = (long long)blockIdx.x * 64;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-  #pragma unroll
-  for (int i = 0; i < 2; ++i)
-    #pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+{WMMA_ACC_INIT}
   for (int k0 = 0; k0 < {g.k}; k0 += {bk}) {{
     for (int v = tid; v < {64 * bk // 8}; v += 128) {{
       const int r = v / {bk // 8}, c = (v % {bk // 8}) * 8;
@@ -398,28 +395,7 @@ def _grouped_gemm_wmma(g: _Grouped, name: str) -> CudaKernel:
       *reinterpret_cast<uint4*>(&As[r][c]) = val;
     }}
 {_wmma_b_fill(g, bk)}
-    __syncthreads();
-    #pragma unroll
-    for (int kk = 0; kk < {bk}; kk += 16) {{
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> a[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> b[2];
-      #pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &As[wm + 16 * i][kk], {ld});
-      #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &Bs[wn + 16 * j][kk], {ld});
-      #pragma unroll
-      for (int i = 0; i < 2; ++i)
-        #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-    }}
-    __syncthreads();
-  }}
-  #pragma unroll
-  for (int i = 0; i < 2; ++i)
-    #pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&Cs[wm + 16 * i][wn + 16 * j], acc[i][j], 68, wmma::mem_row_major);
-  __syncthreads();
+{wmma_k_step(bk, ld)}
   for (int i = tid; i < 4096; i += 128) {{
     const int r = i >> 6, c = i & 63;
     const long long p = start + r, n = n0 + c;
