@@ -6,7 +6,7 @@ them, the portable kernels with their nests unbound, WebGPU's int32 indexing) co
 host CPU, run as a whole model (prefill in chunks, greedy generation, decode steps) through the
 compiled-engine contract against the NumPy interpreter: stories260K on its reference prompts,
 and tiny random GPT-NeoX (layer norm, partial rotary, parallel residual, GELU) and Mistral
-(sliding window of 8, exceeded) models.
+(sliding window of 8, exceeded) models, also through batch_decode (three sequences a call).
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ TOLERANCE = {"q4f16_1": 5e-2, "q0f16": 5e-2, "q4f32_1": 2e-3, "q0f32": 2e-3}
 
 
 def serial_library(model: Path, device: str, quantization: str, out: Path,
-                   chunk: int | None = None) -> Path:
+                   chunk: int | None = None, batch: int = 1) -> Path:
     import tvm
 
     arch, config, quantization, _ = load_model_config(model, quantization, None)
     if chunk:
-        config = config.with_overrides(prefill_chunk_size=chunk)
+        config = config.with_overrides(prefill_chunk_size=chunk, max_batch_size=batch)
     scheme = get_scheme(quantization)
     opt = parse_opt("O2")
     passes = build_pipeline(opt, scheme.model_dtype, quantization, config.prefill_chunk_size)
@@ -108,3 +108,21 @@ def test_tiny_models_kernels_of_the_target_run_like_the_interpreter(tiny, tmp_pa
     engine = CompiledEngine(lib, reference.params)
     prompt = [int(t) for t in np.random.default_rng(7).integers(1, 120, 13)]
     check_engine(engine, reference, [prompt], TOLERANCE[quantization], 10)
+
+
+def test_batch_decode_of_the_target_kernels_equals_each_sequence_alone(tiny, tmp_path):
+    prompts = [[5, 17, 3, 99, 42, 7, 1, 8, 64], [11, 2], [33, 34, 35, 36, 37, 38, 39, 40, 41]]
+    steps = [[4, 9, 60], [1, 2, 3], [7, 7, 7]]
+    refs = [ReferenceModel(tiny["mistral"], "q4f32_1") for _ in prompts]
+    lib = serial_library(tiny["mistral"], "webgpu", "q4f32_1", tmp_path / "lib.so", chunk=4,
+                         batch=4)
+    engine = CompiledEngine(lib, refs[0].params)
+    for i, (prompt, ref) in enumerate(zip(prompts, refs)):
+        engine.select_sequence(i)
+        np.testing.assert_allclose(engine.prefill_logits(prompt), ref.prefill_logits(prompt),
+                                   atol=2e-3, rtol=0)
+    for k, step in enumerate(steps):
+        logits = engine.batch_decode(step)
+        for i, ref in enumerate(refs):
+            np.testing.assert_allclose(logits[i], ref.decode(step[i]), atol=2e-3, rtol=0,
+                                       err_msg=f"sequence {i} step {k}")
