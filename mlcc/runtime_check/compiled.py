@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from mlcc.errors import MlccError
+from mlcc.runtime_check.library_info import LibraryInfo
 from mlcc.runtime_check.tensor_parallel import check_rank, shard_arrays
 
 STAGE = "runtime"
@@ -119,7 +120,7 @@ class DecodeGraph:
         self.graph = graph
 
 
-class CompiledEngine:
+class CompiledEngine(LibraryInfo):
     """The engine contract on top of a compiled library."""
 
     def __init__(self, lib_path: str | Path, params: str | Path | Mapping[str, np.ndarray],
@@ -210,26 +211,6 @@ class CompiledEngine:
         return arrays
 
     # --- engine contract ---------------------------------------------------------------
-
-    @property
-    def config(self) -> dict:
-        return self.metadata["model_config"]
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config["vocab_size"]
-
-    @property
-    def context_window_size(self) -> int:
-        return self.config["context_window_size"]
-
-    @property
-    def sliding_window_size(self) -> int:
-        return self.config["sliding_window_size"]
-
-    @property
-    def prefill_chunk_size(self) -> int:
-        return self.metadata["symbol_bounds"]["seq_len"]
 
     @property
     def total_tokens(self) -> int:

@@ -32,6 +32,7 @@ import numpy as np
 
 from mlcc.errors import MlccError
 from mlcc.ir.collective import ShardSpec, reduce_sum
+from mlcc.runtime_check.library_info import LibraryInfo
 
 STAGE = "runtime"
 CCL_ALL_REDUCE = "mlcc.ccl.all_reduce"
@@ -209,7 +210,7 @@ def _read_library_metadata(lib_path: Path) -> dict:
     return read_metadata(tvm.runtime.load_module(str(lib_path)))
 
 
-class TensorParallelEngine:
+class TensorParallelEngine(LibraryInfo):
     """The engine contract over N ranks of a sharded library.
 
     `workers`: "threads" (the CPU default: N engines in this process) or "processes" (the CUDA
@@ -259,26 +260,6 @@ class TensorParallelEngine:
         return results[0]
 
     # --- engine contract ---------------------------------------------------------------
-
-    @property
-    def config(self) -> dict:
-        return self.metadata["model_config"]
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config["vocab_size"]
-
-    @property
-    def context_window_size(self) -> int:
-        return self.config["context_window_size"]
-
-    @property
-    def sliding_window_size(self) -> int:
-        return self.config["sliding_window_size"]
-
-    @property
-    def prefill_chunk_size(self) -> int:
-        return self.metadata["symbol_bounds"]["seq_len"]
 
     @property
     def total_tokens(self) -> int:
