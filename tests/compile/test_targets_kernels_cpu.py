@@ -6,7 +6,8 @@ them, the portable kernels with their nests unbound, WebGPU's int32 indexing) co
 host CPU, run as a whole model (prefill in chunks, greedy generation, decode steps) through the
 compiled-engine contract against the NumPy interpreter: stories260K on its reference prompts,
 and tiny random GPT-NeoX (layer norm, partial rotary, parallel residual, GELU) and Mistral
-(sliding window of 8, exceeded) models, also through batch_decode (three sequences a call).
+(sliding window of 8, exceeded) and Mixtral (sparse experts: routing kernels in one thread)
+models, also through batch_decode (three sequences a call).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
             use_parallel_residual=True)),
         "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
             **TINY, num_key_value_heads=2, sliding_window=8)),
+        "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            **TINY, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
     }
     folders = {}
     for name, make in makers.items():
@@ -100,7 +103,8 @@ def test_stories_kernels_of_the_target_run_like_the_interpreter(tmp_path, device
 
 @pytest.mark.parametrize("model, device, quantization", [
     ("gpt_neox", "android", "q4f16_1"), ("gpt_neox", "webgpu", "q0f32"),
-    ("mistral", "metal", "q0f16"), ("mistral", "webgpu", "q4f32_1")])
+    ("mistral", "metal", "q0f16"), ("mistral", "webgpu", "q4f32_1"),
+    ("mixtral", "opencl", "q4f16_1"), ("mixtral", "webgpu", "q0f32")])
 def test_tiny_models_kernels_of_the_target_run_like_the_interpreter(tiny, tmp_path, model,
                                                                     device, quantization):
     reference = ReferenceModel(tiny[model], quantization)

@@ -38,6 +38,8 @@ from mlcc.backends.targets import BuildTarget
 from mlcc.errors import MlccError
 
 STAGE = "compile"
+# ops whose portable kernels loop serially over independent rows or features
+INDEPENDENT_ROWS = ("last_row", "last_logits", "positions")
 NORM_OPS = ("rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm")
 
 
@@ -65,7 +67,8 @@ def kernel_func(spec: KernelSpec, name: str, target, limit: int, bind: bool,
     if spec.op in NORM_OPS:
         text = norms.gen_norm(spec, name, limit, bind)
     else:
-        text = threads.bind_threads(portable_source(spec, name), threads.Grid(limit, bind))
+        text = threads.bind_threads(portable_source(spec, name), threads.Grid(limit, bind),
+                                    spec.op in INDEPENDENT_ROWS)
     if narrow:
         # TVM narrows WGSL indices to i32 but refuses int64 variables, so these kernels index
         # in int32 throughout (WebGPU buffers are far below 2^31 elements).

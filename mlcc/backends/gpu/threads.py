@@ -9,6 +9,9 @@ Vector loops become serial loops (vectors wider than 4 lanes do not exist in Met
 temporary arrays become thread-local, and top-level statements that precede the nests (a rope
 frequency table, the chunk's start position) are repeated inside each thread.
 
+A kernel whose steps depend on each other (the serial passes of mixture-of-experts routing)
+runs whole in one thread: correct, and slow only for those kernels.
+
 With `bind=False` the same text keeps serial loops, so it builds for the CPU and can be checked
 against the interpreter; only the loop headers differ from the GPU text.
 """
@@ -124,13 +127,39 @@ def _bind_nest(nest: list[str], prologue: list[str], grid: Grid) -> list[str]:
     return out + _shift([ln[8:] for ln in body], 4)
 
 
-def bind_threads(text: str, grid: Grid) -> str:
-    """The GPU form of one portable kernel's TVMScript (see the module docstring)."""
-    text = text.replace("T.vectorized(", "range(").replace("T.parallel(", "range(")
+def _bindable(nest: list[str], independent: bool) -> bool:
+    """A top-level loop whose iterations may run at once: a parallel or vector loop of the
+    portable kernel (or any loop of an op known to have independent iterations) over a plain
+    extent (a number or a symbol, not a range between values read from buffers)."""
+    kind, extent = _FOR.match(nest[0].strip()).group(2, 3)
+    return ((kind in ("T.parallel", "T.vectorized") or independent)
+            and re.fullmatch(r"\w+", extent) is not None)
+
+
+def _single_thread(header: list[str], body: list[str], grid: Grid) -> list[str]:
+    """The whole kernel in one thread: for kernels whose steps depend on each other."""
+    return header + [INDENT + _loop("one_b", "1", "blockIdx.x", grid.bind),
+                     INDENT * 2 + _loop("one_t", "1", "threadIdx.x", grid.bind)] + \
+        _shift(body, 2)
+
+
+def bind_threads(text: str, grid: Grid, independent: bool = False) -> str:
+    """The GPU form of one portable kernel's TVMScript (see the module docstring).
+
+    `independent`: the op's top-level serial loops have independent iterations too (last row,
+    positions). A kernel that does not split into independent nests (the serial passes of
+    mixture-of-experts routing, loops over ranges read from buffers) runs in one thread."""
     scope = ', scope="local")' if grid.bind else ")"
     text = re.sub(r'(T\.alloc_buffer\([^\n]*?"\w+")\)', rf"\1{scope}", text)
-    lines = text.split("\n")
-    header, body = _split_body(lines)
+    header, body = _split_body(text.split("\n"))
+    try:
+        prologue, nests = _nests(body)
+    except ValueError:
+        nests = []
+    body = [ln.replace("T.vectorized(", "range(").replace("T.parallel(", "range(")
+            for ln in body]
+    if not nests or not all(_bindable(nest, independent) for nest in nests):
+        return "\n".join(_single_thread(header, body, grid))
     prologue, nests = _nests(body)
     out = list(header)
     for nest in nests:
