@@ -92,6 +92,16 @@ def objects(tmp_path_factory) -> dict[str, list[Path]]:
     return found
 
 
+def test_every_strong_symbol_carries_its_model_prefix(objects):
+    for prefix, paths in objects.items():
+        for path in paths:
+            out = subprocess.run(["nm", "-g", "--defined-only", str(path)], capture_output=True,
+                                 text=True, check=True).stdout
+            strong = [line.split()[-1] for line in out.splitlines()
+                      if line.split()[-2] not in ("W", "V", "w", "v")]
+            assert strong and all(prefix in name for name in strong), (path.name, strong)
+
+
 def runtime_dirs() -> tuple[Path, Path, Path]:
     """(tvm_ffi include folder, tvm_ffi lib folder, tvm lib folder)."""
     import tvm
