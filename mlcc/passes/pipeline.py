@@ -2,8 +2,8 @@
 
 Levels: O0 legalizes only (what the backend needs to run the model); O1 adds fusions that
 remove memory traffic between neighbours; O2 adds work-saving rewrites (and the CUDA graph of
-the decode step); O3 is accepted and builds what O2 builds: no knob is on only from O3 yet. Knobs (`--opt "O2;fuse_add_norm=0"`) switch single passes or backend
-options on or off.
+the decode step); O3 is accepted and builds what O2 builds: no knob is on only from O3 yet.
+Knobs (`--opt "O2;fuse_add_norm=0"`) switch single passes or backend options on or off.
 """
 
 from __future__ import annotations
