@@ -12,12 +12,11 @@ q4f16_1 within 2e-2.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from gpu_support import load_cases, require_gpus
 from moe_cases import CASES
 
 pytestmark = pytest.mark.gpu
@@ -25,30 +24,12 @@ TOLERANCE = {"q0f32": 1e-3, "q0f16": 2e-2, "q4f16_1": 2e-2}
 VOCAB = 120
 
 
-def _cuda_ready() -> bool:
-    try:
-        from mlcc.runtime_check.compiled import _device
-
-        _device("cuda")
-        return True
-    except Exception:  # noqa: BLE001 - any failure means: no usable GPU here
-        return False
-
-
-if not _cuda_ready():
-    pytest.skip("needs a CUDA GPU visible to the TVM runtime", allow_module_level=True)
+require_gpus(1)
 
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory) -> tuple[Path, dict]:
-    folder = os.environ.get("MLCC_GPU_MOE_CASES")
-    if folder:
-        root = Path(folder)
-        return root, json.loads((root / "manifest.json").read_text())
-    from moe_cases import build_moe_cases
-
-    root = tmp_path_factory.mktemp("moe_cases")
-    return root, build_moe_cases(root)
+    return load_cases(tmp_path_factory, "MLCC_GPU_MOE_CASES", "moe_cases:build_moe_cases")
 
 
 def _engine(cases, name: str, **kwargs):

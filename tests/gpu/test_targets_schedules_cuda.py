@@ -8,40 +8,22 @@ the build machine) or are built here when nvcc and the TVM compiler are present.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from gpu_support import load_cases, require_gpus
 
 pytestmark = pytest.mark.gpu
 TOLERANCE = {"q4f32_1": 2e-3, "q4f16_1": 5e-2}
 
 
-def _cuda_ready() -> bool:
-    try:
-        from mlcc.runtime_check.compiled import _device
-
-        _device("cuda")
-        return True
-    except Exception:  # noqa: BLE001 - any failure means: no usable GPU here
-        return False
-
-
-if not _cuda_ready():
-    pytest.skip("needs a CUDA GPU visible to the TVM runtime", allow_module_level=True)
+require_gpus(1)
 
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory) -> tuple[Path, dict]:
-    folder = os.environ.get("MLCC_TARGET_CASES")
-    if folder:
-        root = Path(folder)
-        return root, json.loads((root / "manifest.json").read_text())
-    from target_cases import build_cases
-
-    root = tmp_path_factory.mktemp("target_cases")
-    return root, build_cases(root)
+    return load_cases(tmp_path_factory, "MLCC_TARGET_CASES", "target_cases:build_cases")
 
 
 @pytest.mark.parametrize("name", ["webgpu_q4f32_1", "iphone_q4f16_1", "metal_q4f16_1"])

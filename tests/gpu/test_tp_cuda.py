@@ -10,13 +10,12 @@ all_reduce and without it; two GPUs must pick the tokens one GPU picks.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from gpu_support import load_cases, require_gpus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tp_cases import CASES
@@ -27,33 +26,12 @@ PROMPT, DECODE = 11, 8
 CLEAR_MARGIN = 0.1  # top-1 minus top-2 logit above which two GPUs must agree with one
 
 
-def _gpus() -> int:
-    try:
-        import torch
-
-        from mlcc.runtime_check.compiled import _device
-
-        _device("cuda")
-        return torch.cuda.device_count()
-    except Exception:  # noqa: BLE001 - any failure means: no usable GPU here
-        return 0
-
-
-GPUS = _gpus()
-if GPUS < 2:
-    pytest.skip("needs at least 2 CUDA GPUs", allow_module_level=True)
+GPUS = require_gpus(2)
 
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory) -> tuple[Path, dict]:
-    folder = os.environ.get("MLCC_GPU_TP_CASES")
-    if folder:
-        root = Path(folder)
-        return root, json.loads((root / "manifest.json").read_text())
-    from tp_cases import build_cases
-
-    root = tmp_path_factory.mktemp("tp_cases")
-    return root, build_cases(root)
+    return load_cases(tmp_path_factory, "MLCC_GPU_TP_CASES", "tp_cases:build_cases")
 
 
 def _case(cases, name: str):

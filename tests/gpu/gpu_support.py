@@ -1,0 +1,49 @@
+"""What the GPU test modules share: how many GPUs the TVM runtime can use here, and the folder
+of prebuilt cases (libraries compiled on the build machine and carried to the GPU machine)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+
+def usable_gpus() -> int:
+    """CUDA GPUs usable through the TVM runtime: 0 when there is none (or no CUDA runtime)."""
+    try:
+        from mlcc.runtime_check.compiled import _device
+
+        _device("cuda")
+    except Exception:  # noqa: BLE001 - any failure means: no usable GPU here
+        return 0
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except Exception:  # noqa: BLE001 - torch is only needed to count them
+        return 1
+
+
+def require_gpus(count: int = 1) -> int:
+    """Skip the calling test module unless `count` GPUs are usable; how many there are."""
+    gpus = usable_gpus()
+    if gpus < count:
+        what = "a CUDA GPU" if count == 1 else f"at least {count} CUDA GPUs"
+        pytest.skip(f"needs {what} visible to the TVM runtime", allow_module_level=True)
+    return gpus
+
+
+def load_cases(tmp_path_factory, env_var: str, builder: str) -> tuple[Path, dict]:
+    """(folder, manifest) of the cases in $`env_var`, or built here by `builder`
+    ("module:function", which needs the TVM compiler) into a temporary folder."""
+    folder = os.environ.get(env_var)
+    if folder:
+        root = Path(folder)
+        return root, json.loads((root / "manifest.json").read_text())
+    module, function = builder.split(":")
+    build = getattr(importlib.import_module(module), function)
+    root = tmp_path_factory.mktemp(module)
+    return root, build(root)
