@@ -1,7 +1,8 @@
 """Readers for compiled artifacts, written from the file formats (no TVM involved).
 
     object_format(data)      ("elf", e_machine) | ("macho", cputype) | ("wasm", 1)
-    exported_symbols(path)   [(name, weak)] defined global symbols of an object (llvm-nm)
+    exported_symbols(path)   [(name, weak)] defined global symbols of an object (ELF and
+                             Mach-O read here; wasm through llvm-nm)
     embedded_strings(data, marker)   length-prefixed strings holding `marker` (device sources
                                      stored in TVM's library blob: uint64 length + bytes)
     embedded_elves(data)     every ELF image inside `data` (code objects in a library blob)
@@ -39,22 +40,63 @@ def nm_tool() -> str | None:
 
 
 def exported_symbols(path: Path) -> list[tuple[str, bool]]:
-    """Defined global symbols of an object file and whether each is weak (llvm-nm, any format).
+    """Defined global symbols of an object file and whether each is weak.
 
     Mach-O names lose their leading underscore, so names read the same in every format."""
-    nm = nm_tool()
-    assert nm, "llvm-nm is needed to read Mach-O and wasm symbol tables"
-    kind, _ = object_format(path.read_bytes()[:64])
+    data = path.read_bytes()
+    kind, _ = object_format(data[:64])
+    if kind == "elf":
+        return elf_symbols(data)
     if kind == "macho":
-        out = subprocess.run([nm, "-m", "--defined-only", "-g", str(path)], capture_output=True,
-                             text=True, check=True).stdout
-        symbols = []
-        for line in out.splitlines():
-            if "external" not in line:
+        return macho_symbols(data)
+    return nm_symbols(path)
+
+
+def elf_symbols(data: bytes) -> list[tuple[str, bool]]:
+    """Global and weak symbols defined in a 64-bit little-endian ELF file (its .symtab)."""
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
+                for i in range(shnum)]
+    symbols = []
+    for _, kind, _, _, offset, size, link, _, _, entsize in sections:
+        if kind != 2:  # SHT_SYMTAB
+            continue
+        strtab = sections[link][4]
+        for at in range(offset, offset + size, entsize):
+            name_at, info, _, shndx, _, _ = struct.unpack_from("<IBBHQQ", data, at)
+            bind = info >> 4
+            if shndx == 0 or bind not in (1, 2):  # undefined, or local
                 continue
-            name = line.split()[-1]
-            symbols.append((name.removeprefix("_"), "weak external" in line))
-        return symbols
+            end = data.index(b"\0", strtab + name_at)
+            symbols.append((data[strtab + name_at:end].decode(), bind == 2))
+    return symbols
+
+
+def macho_symbols(data: bytes) -> list[tuple[str, bool]]:
+    """External symbols defined in a 64-bit little-endian Mach-O file (LC_SYMTAB)."""
+    ncmds, = struct.unpack_from("<I", data, 16)
+    at, symbols = 32, []
+    for _ in range(ncmds):
+        cmd, size = struct.unpack_from("<II", data, at)
+        if cmd == 0x2:  # LC_SYMTAB
+            symoff, nsyms, stroff, _ = struct.unpack_from("<IIII", data, at + 8)
+            for i in range(nsyms):
+                strx, ntype, _, desc, _ = struct.unpack_from("<IBBHQ", data, symoff + 16 * i)
+                # external (N_EXT), defined in a section (N_SECT), not a debugging entry
+                if ntype & 0xE0 or not ntype & 0x01 or ntype & 0x0E != 0x0E:
+                    continue
+                end = data.index(b"\0", stroff + strx)
+                name = data[stroff + strx:end].decode().removeprefix("_")
+                symbols.append((name, bool(desc & 0x0080)))  # N_WEAK_DEF
+        at += size
+    return symbols
+
+
+def nm_symbols(path: Path) -> list[tuple[str, bool]]:
+    """Defined global symbols through llvm-nm (for formats not read here, such as wasm)."""
+    nm = nm_tool()
+    assert nm, "llvm-nm is needed to read this symbol table"
     out = subprocess.run([nm, "--defined-only", "-g", str(path)], capture_output=True, text=True,
                          check=True).stdout
     symbols = []
