@@ -4,7 +4,7 @@ Every kernel of a tiny Mixtral compiles with nvcc for sm_90 in each mode; decode
 linears are GEMVs with one grid row per slot that read one expert's weights, prefill's are
 grouped GEMMs whose blocks leave at once past their expert's slots; no dense projection reads
 an expert's weights; the routing needs no host copy (no kernel argument is a host value that
-depends on the routing). Numbers are checked on the GPU (tests/gpu/test_cuda_moe.py).
+depends on the routing). Numbers are checked on the GPU (tests/gpu/test_moe_cuda.py).
 """
 
 from __future__ import annotations

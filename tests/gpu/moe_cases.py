@@ -1,4 +1,4 @@
-"""The tiny Mixtral models and CUDA libraries that tests/gpu/test_cuda_moe.py runs.
+"""The tiny Mixtral models and CUDA libraries that tests/gpu/test_moe_cuda.py runs.
 
 Built where the TVM compiler is (`python tests/gpu/moe_cases.py OUT`) and carried to the GPU
 machine, which has the TVM runtime only: OUT/manifest.json lists each case's library, model
