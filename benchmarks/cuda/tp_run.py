@@ -32,6 +32,7 @@ import json
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -261,7 +262,7 @@ def main() -> None:
     r.add_argument("--gpus", type=int, required=True, choices=sorted(MODEL_FOR_GPUS))
     r.add_argument("--model", choices=sorted(SHAPES))
     r.add_argument("--libs", type=Path, default=DEVICE / "tp" / "libs")
-    r.add_argument("--work", type=Path, default=Path("/tmp/mlcc-tp"))
+    r.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mlcc-tp")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--stage", choices=("all", "convert"), default="all")
     args = parser.parse_args()
