@@ -8,7 +8,8 @@ architecture in a `DecoderStyle`:
 - the norm: RMSNorm (weight, optionally applied as 1 + weight) or LayerNorm (weight and bias);
 - biases on q/k/v, on the attention output, on the MLP and on lm_head;
 - how much of each head rotates, with which theta and frequency scaling;
-- the MLP: SwiGLU or GeGLU over a fused `mlp.gate_up_proj`, or a plain GELU `mlp.fc1`/`fc2`;
+- the MLP: SwiGLU or GeGLU over a fused `mlp.gate_up_proj`, or a plain GELU `mlp.fc1`/`fc2`,
+  or the architecture's own block (Mixtral's sparse experts) given as two functions;
 - the residual: sequential (two norms), or parallel (one norm feeding attention and MLP), summed
   in the order transformers writes it;
 - a constant scale on the embedding and the name of the final norm and attention output.
@@ -62,6 +63,12 @@ class DecoderStyle:
     embed_scale: float | None = None
     final_norm: str = "model.norm"
     lm_head_bias: bool = False
+    # An MLP of the architecture's own in place of the above: its parameters of layer N
+    # (`custom_mlp_params(N)`, after the norms) and its IR on the normed input
+    # (`custom_mlp(b, w, N, h) -> [n, hidden]`).
+    custom_mlp_params: Callable[[int], list[ParamSource]] | None = None
+    custom_mlp: Callable[[ir.FunctionBuilder, dict[str, ir.Value], int, ir.Value],
+                         ir.Value] | None = None
 
     def __post_init__(self) -> None:
         if self.parallel_sum and sorted(self.parallel_sum) != sorted(SUMMANDS):
@@ -129,6 +136,8 @@ def decoder_layer_params(config: ModelConfig, style: DecoderStyle,
                                vector_param(out + "bias", hidden, "bias"), style.o_bias)
     if not style.parallel:
         params += _norm_params(style, p + "post_attention_layernorm", hidden)
+    if style.custom_mlp_params is not None:
+        return params + style.custom_mlp_params(layer)
     return params + _mlp_params(style, p, hidden, config.intermediate_size)
 
 
@@ -184,6 +193,8 @@ def decoder_attention(b: ir.FunctionBuilder, config: ModelConfig, style: Decoder
 def decoder_mlp(b: ir.FunctionBuilder, style: DecoderStyle, w: dict[str, ir.Value], layer: int,
                 h: ir.Value) -> ir.Value:
     """The MLP of layer `layer` on the normed input `h`: [n, hidden]."""
+    if style.custom_mlp is not None:
+        return style.custom_mlp(b, w, layer, h)
     p = f"model.layers.{layer}.mlp."
     if style.mlp == "gelu":
         up = b.linear(h, w[p + "fc1.weight"], w.get(p + "fc1.bias"))
