@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
 from mlcc.errors import MlccError
+from mlcc.runtime_check.engine import EngineHelpers
 from mlcc.runtime_check.library_info import LibraryInfo
 from mlcc.runtime_check.tensor_parallel import check_rank, shard_arrays
 
@@ -120,7 +121,7 @@ class DecodeGraph:
         self.graph = graph
 
 
-class CompiledEngine(LibraryInfo):
+class CompiledEngine(EngineHelpers, LibraryInfo):
     """The engine contract on top of a compiled library."""
 
     def __init__(self, lib_path: str | Path, params: str | Path | Mapping[str, np.ndarray],
@@ -301,20 +302,3 @@ class CompiledEngine(LibraryInfo):
         for seq in range(ids.size):
             self.lengths[seq] += 1
         return logits.numpy()
-
-    def prefill_logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        self.reset()
-        return self.append(token_ids)
-
-    def decode_logits(self, token_id: int) -> np.ndarray:
-        return self.decode(token_id)
-
-    def generate_greedy(self, token_ids: Sequence[int], n: int) -> list[int]:
-        logits = self.prefill_logits(token_ids)
-        out = []
-        for _ in range(n):
-            token = int(np.argmax(logits))
-            out.append(token)
-            if len(out) < n:
-                logits = self.decode(token)
-        return out

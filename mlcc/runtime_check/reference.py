@@ -9,8 +9,8 @@ folder written by convert_weight + gen_config (weights read as stored).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from mlcc.passes import run_passes
 from mlcc.passes.dtype import ConvertModelDType
 from mlcc.passes.quantize import QuantizeWeights
 from mlcc.quant import get_scheme
+from mlcc.runtime_check.engine import EngineHelpers
 
 STAGE = "reference"
 
@@ -57,7 +58,7 @@ def _load_hf(source: str | Path, quantization: str, model_type: str | None):
     return model.arch, model.config, quantization, arrays
 
 
-class ReferenceModel:
+class ReferenceModel(EngineHelpers):
     """The runtime engine contract (reset/append/decode) on top of the IR interpreter."""
 
     def __init__(self, source: str | Path, quantization: str | None = None,
@@ -140,20 +141,3 @@ class ReferenceModel:
         (logits,) = ir.interpret(self.module, "decode",
                                  [np.array([token_id], np.int32), self.cache], self.params)
         return logits
-
-    def prefill_logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        self.reset()
-        return self.append(token_ids)
-
-    def decode_logits(self, token_id: int) -> np.ndarray:
-        return self.decode(token_id)
-
-    def generate_greedy(self, token_ids: Sequence[int], n: int) -> list[int]:
-        logits = self.prefill_logits(token_ids)
-        out = []
-        for _ in range(n):
-            token = int(np.argmax(logits))
-            out.append(token)
-            if len(out) < n:
-                logits = self.decode(token)
-        return out

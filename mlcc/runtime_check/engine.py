@@ -1,0 +1,31 @@
+"""What every engine offers on top of the runtime engine contract (`reset`, `append`,
+`decode`): a fresh prefill, decode by its other name, and a greedy run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class EngineHelpers:
+    """Mixin for engines that implement `reset`, `append(ids)` and `decode(id)`."""
+
+    def prefill_logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """The last position's logits after `token_ids` in a fresh sequence."""
+        self.reset()
+        return self.append(token_ids)
+
+    def decode_logits(self, token_id: int) -> np.ndarray:
+        return self.decode(token_id)
+
+    def generate_greedy(self, token_ids: Sequence[int], n: int) -> list[int]:
+        """`n` tokens, each the argmax of the logits before it, after `token_ids`."""
+        logits = self.prefill_logits(token_ids)
+        out = []
+        for _ in range(n):
+            token = int(np.argmax(logits))
+            out.append(token)
+            if len(out) < n:
+                logits = self.decode(token)
+        return out
