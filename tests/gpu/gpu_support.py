@@ -47,3 +47,16 @@ def load_cases(tmp_path_factory, env_var: str, builder: str) -> tuple[Path, dict
     build = getattr(importlib.import_module(module), function)
     root = tmp_path_factory.mktemp(module)
     return root, build(root)
+
+
+def open_case(cases: tuple[Path, dict], name: str, **kwargs):
+    """(CompiledEngine on the GPU, ReferenceModel, manifest entry) of case `name`: the case's
+    library over the weights its reference model reads."""
+    from mlcc.runtime_check.compiled import CompiledEngine
+    from mlcc.runtime_check.reference import ReferenceModel
+
+    root, manifest = cases
+    case = manifest[name]
+    reference = ReferenceModel(root / case["model"], case["quantization"])
+    engine = CompiledEngine(root / case["lib"], reference.params, device="cuda", **kwargs)
+    return engine, reference, case

@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cuda_cases import CASES
-from gpu_support import load_cases, require_gpus
+from gpu_support import load_cases, open_case, require_gpus
 
 pytestmark = pytest.mark.gpu
 TOLERANCE = {"q0f32": 1e-3, "q0f16": 2e-2, "q4f16_1": 2e-2}
-
 
 require_gpus(1)
 
@@ -31,13 +30,7 @@ def cases(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def _engine(cases, name: str, **kwargs):
-    from mlcc.runtime_check.compiled import CompiledEngine
-    from mlcc.runtime_check.reference import ReferenceModel
-
-    root, manifest = cases
-    case = manifest[name]
-    reference = ReferenceModel(root / case["model"], case["quantization"])
-    engine = CompiledEngine(root / case["lib"], reference.params, device="cuda", **kwargs)
+    engine, reference, _ = open_case(cases, name, **kwargs)
     return engine, reference
 
 

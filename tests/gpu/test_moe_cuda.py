@@ -16,13 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gpu_support import load_cases, require_gpus
+from gpu_support import load_cases, open_case, require_gpus
 from moe_cases import CASES
 
 pytestmark = pytest.mark.gpu
 TOLERANCE = {"q0f32": 1e-3, "q0f16": 2e-2, "q4f16_1": 2e-2}
 VOCAB = 120
-
 
 require_gpus(1)
 
@@ -33,13 +32,7 @@ def cases(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def _engine(cases, name: str, **kwargs):
-    from mlcc.runtime_check.compiled import CompiledEngine
-    from mlcc.runtime_check.reference import ReferenceModel
-
-    root, manifest = cases
-    case = manifest[name]
-    reference = ReferenceModel(root / case["model"], case["quantization"])
-    engine = CompiledEngine(root / case["lib"], reference.params, device="cuda", **kwargs)
+    engine, reference, case = open_case(cases, name, **kwargs)
     return engine, reference, TOLERANCE[case["quantization"]]
 
 
