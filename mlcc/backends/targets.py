@@ -301,7 +301,8 @@ def find_rocm_toolchain(device: str) -> tuple[str, list[str]]:
         raise MlccError(STAGE, f"--device {device}: AMD GPU code objects need ld.lld from LLVM "
                         "19 or newer (apt install lld-19), which this machine lacks; there is "
                         "no other output for rocm")
-    folders = [os.environ[v] + "/amdgcn/bitcode" for v in ("ROCM_PATH",) if v in os.environ]
+    rocm = os.environ.get("ROCM_PATH")
+    folders = [Path(rocm, "amdgcn", "bitcode")] if rocm else []
     for folder in folders + list(ROCM_BITCODE_DIRS):
         files = [Path(folder) / f"{name}.bc" for name in ROCM_BITCODE]
         if all(f.is_file() for f in files):

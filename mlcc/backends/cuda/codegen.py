@@ -26,6 +26,7 @@ from mlcc.backends.cuda.toolchain import (
     install_hooks,
 )
 from mlcc.backends.llvm.codegen import entry_source, metadata_source, parse_functions
+from mlcc.backends.output import write_library
 from mlcc.backends.plan import (
     CCL_FUNCTIONS,
     EntryPlan,
@@ -133,14 +134,7 @@ def compile_library(built: list[CudaKernel], host_source: str, cpu_source: str, 
                       for name, f in _items(parse_functions(cpu_source))})
     with target:
         executable = tvm.compile(tvm.IRModule(funcs), target=target)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.stem}.partial{os.getpid()}{output.suffix}")
-    try:
-        executable.export_library(str(partial))
-        os.replace(partial, output)
-    finally:
-        if partial.exists():
-            partial.unlink()
+    write_library(output, lambda path: executable.export_library(str(path)))
 
 
 def _items(mod) -> list[tuple[str, object]]:

@@ -20,7 +20,6 @@ themselves under that prefix and two models link into one program without clashe
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from mlcc.backends.llvm.codegen import (
     metadata_source,
     parse_functions,
 )
+from mlcc.backends.output import write_library
 from mlcc.backends.plan import KernelSpec, plan_entry
 from mlcc.backends.targets import BuildTarget
 from mlcc.errors import MlccError
@@ -128,14 +128,7 @@ def build(module: ir.Module, output: Path, metadata: dict, target: BuildTarget,
     device = target.tvm_target()
     with device:
         executable = tvm.compile(mod, target=device)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.stem}.partial{os.getpid()}{output.suffix}")
-    try:
-        export(executable, partial, target)
-        os.replace(partial, output)
-    finally:
-        if partial.exists():
-            partial.unlink()
+    write_library(output, lambda path: export(executable, path, target))
     return counts
 
 

@@ -10,7 +10,6 @@ carves each intermediate out of the workspace by pointer, and calls the kernels 
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from mlcc import ir
 from mlcc.backends.llvm.attention import gen_qkv_attention
 from mlcc.backends.llvm.fallback import GENERATORS, Emitter, shape_text
 from mlcc.backends.llvm.moe import MOE_GENERATORS
+from mlcc.backends.output import write_library
 from mlcc.backends.plan import (
     CCL_FUNCTIONS,
     BufferRef,
@@ -223,12 +223,5 @@ def build(module: ir.Module, output: Path, metadata: dict, host: str | None, fas
     if system_lib_prefix:
         mod = mod.with_attr("system_lib_prefix", system_lib_prefix)
     executable = tvm.compile(mod, target=llvm_target(host))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.stem}.partial{os.getpid()}{output.suffix}")
-    try:
-        executable.export_library(str(tmp))
-        os.replace(tmp, output)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_library(output, lambda path: executable.export_library(str(path)))
     return counts
