@@ -22,6 +22,7 @@ from mlcc.backends.cuda.kernels import (
     CudaKernel,
     fp,
     launcher_nests,
+    numel_text,
     signature,
     symbols_of,
     tir_numel,
@@ -31,6 +32,10 @@ from mlcc.backends.plan import KernelSpec
 
 WARPS = 16
 UNROLL = 4
+DECODE_ROWS = 4  # at most this many static rows attend on CUDA cores
+TILE = 64  # queries per block and keys per step of the tensor-core prefill kernel
+FLASH_WARPS = 4  # 16 query rows each
+PAD = 8  # float16 padding per shared-memory row of keys and values
 
 
 def _slot(kv: dict) -> str:
@@ -63,12 +68,25 @@ __device__ __forceinline__ float {name}_rope(const T* src, int c, long long pos)
 """
 
 
-def gen_qkv_attention(spec: KernelSpec, name: str) -> CudaKernel:
+def use_flash(spec: KernelSpec) -> bool:
+    """Prefill chunks (symbolic or more than four rows) with float16 activations and cache, and
+    a head dimension the tensor-core tiles cover (a multiple of 16, at most 128: the output
+    accumulators of 16 rows x d stay in registers)."""
+    kv = dict(spec.kv)
+    (qkv_shape, dt) = spec.inputs[0]
+    rows, d = qkv_shape[0], kv["head_dim"]
+    many = not isinstance(rows, int) or rows > DECODE_ROWS
+    return (many and not dict(spec.attrs).get("batched") and dt == "float16"
+            and kv["dtype"] == "float16" and d % 16 == 0 and d <= 128)
+
+
+def gen_qkv_attention(spec: KernelSpec, name: str, flash: bool | None = None) -> CudaKernel:
+    """Append + attend; prefill chunks attend with the tensor-core kernel (`use_flash`) unless
+    `flash` says otherwise (False keeps the CUDA-core kernel, as benchmarks compare both)."""
+    flash = use_flash(spec) if flash is None else flash
     kv = dict(spec.kv)
     (qkv_shape, dt), (out_shape, _) = spec.inputs[0], spec.outputs[0]
     hq, hkv, d, page = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"], kv["page_size"]
-    kv_dt = kv["dtype"]
-    scale = spec.attr("scale") if spec.attr("scale") is not None else 1.0 / np.sqrt(d)
     pool_shape = (kv["pages"], 2, hkv, page, d)
     # A chunk of one sequence starts at seq_info[0]; in a batch, row i is the next token of
     # sequence i, at position seq_info[i], with its own row of the page table.
@@ -77,16 +95,13 @@ def gen_qkv_attention(spec: KernelSpec, name: str) -> CudaKernel:
     buffers = [("qkv", qkv_shape, dt), ("y", out_shape, dt),
                ("seq_info", (rows,) if batched else (2,), "int32"),
                ("page_table", (rows, per_seq) if batched else (per_seq,), "int32"),
-               ("pool", pool_shape, kv_dt)]
-    position = "seq_info[i]" if batched else "seq_info[0] + i"
-    table = f"page_table + i * {per_seq}LL" if batched else "page_table"
+               ("pool", pool_shape, kv["dtype"])]
     syms = symbols_of(qkv_shape)
-    width = (hq + 2 * hkv) * d
-    window, sinks = kv["window"], kv["sinks"]
-    per_lane = -(-d // 32)
-    first_window = (f"(pos - {window - 1} > 0 ? pos - {window - 1} : 0)" if window > 0 else "0")
     params = signature(name, buffers, ("y", "pool"), syms).replace(f"int {name}_dev(",
                                                                  f"int {name}_PHASE(")
+    position = "seq_info[i]" if batched else "seq_info[0] + i"
+    table = f"page_table + i * {per_seq}LL" if batched else "page_table"
+    width = (hq + 2 * hkv) * d
     source = f"""{_rope(name, spec, d)}
 __device__ __forceinline__ long long {name}_slot(long long p) {{ {_slot(kv)} }}
 __device__ __forceinline__ long long {name}_row(const int* page_table, long long p, int kind,
@@ -108,7 +123,30 @@ __device__ __forceinline__ long long {name}_row(const int* page_table, long long
   }}
   return 0;
 }}
-{params.replace("PHASE", "attend")} {{
+"""
+    tokens = tir_numel(qkv_shape[:1])
+    nests = [(f"{name}_append", (f"{tokens} * T.int64({hkv})",), max(32, min(d, 128)))]
+    if flash:
+        source += flash_source(spec, name, params.replace("PHASE", "flash"),
+                               numel_text(qkv_shape[:1]))
+        tiles = f"({tokens} + T.int64({TILE - 1})) // T.int64({TILE})"
+        nests.append((f"{name}_flash", (f"{tiles} * T.int64({hq})",), FLASH_WARPS * 32))
+    else:
+        source += _attend_source(spec, name, params.replace("PHASE", "attend"), position, table)
+        nests.append((f"{name}_attend", (f"{tokens} * T.int64({hq})",), WARPS * 32))
+    return CudaKernel(name, source, launcher_nests(name, buffers, nests, syms))
+
+
+def _attend_source(spec: KernelSpec, name: str, head: str, position: str, table: str) -> str:
+    """One block per (token, query head) on CUDA cores: decode rows, float32, batches."""
+    kv = dict(spec.kv)
+    hq, hkv, d = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"]
+    scale = spec.attr("scale") if spec.attr("scale") is not None else 1.0 / np.sqrt(d)
+    width = (hq + 2 * hkv) * d
+    window, sinks = kv["window"], kv["sinks"]
+    per_lane = -(-d // 32)
+    first_window = (f"(pos - {window - 1} > 0 ? pos - {window - 1} : 0)" if window > 0 else "0")
+    return f"""{head} {{
   __shared__ float q[{d}];
   __shared__ float part_m[{WARPS}], part_l[{WARPS}], part_acc[{WARPS}][{d}];
   const long long i = blockIdx.x / {hq};
@@ -190,8 +228,244 @@ __device__ __forceinline__ long long {name}_row(const int* page_table, long long
   return 0;
 }}
 """
-    tokens = tir_numel(qkv_shape[:1])
-    launch = launcher_nests(name, buffers, [
-        (f"{name}_append", (f"{tokens} * T.int64({hkv})",), max(32, min(d, 128))),
-        (f"{name}_attend", (f"{tokens} * T.int64({hq})",), WARPS * 32)], syms)
-    return CudaKernel(name, source, launch)
+
+
+# --- prefill on tensor cores --------------------------------------------------------------
+
+
+def visibility_source(name: str, window: int, sinks: int) -> str:
+    """Plain C++ (host and device) deciding which key tiles a query tile visits, which key rows
+    are loaded and which (query, key) pairs are visible. Query tiles cover positions [p0, p1].
+
+    `{name}_tiles(p0, p1, &sink_tiles, &first)` returns the tile count: the sink tiles [0,
+    sink_tiles) then [first, first + count - sink_tiles). A key row is loaded when some query of
+    the tile sees it (others are zero-filled: their slots may be unwritten pages or, in a ring,
+    newer positions); `{name}_visible` is today's rule: causal, and with a window the last
+    `window` positions plus the first `sinks`.
+    """
+    tile = TILE
+    if window > 0:
+        lo = f"(p0 - {window - 1} > 0 ? p0 - {window - 1} : 0LL)"
+        sink_tiles = f"(({sinks}LL < lo ? {sinks}LL : lo) + {tile - 1}) / {tile}"
+        visible = f"j <= p && (j >= p - {window - 1} || j < {sinks}LL)"
+        loaded = f"j >= 0 && j <= p1 && (j >= p0 - {window - 1} || j < {sinks}LL)"
+    else:
+        lo, sink_tiles, visible, loaded = "0LL", "0LL", "j <= p", "j >= 0 && j <= p1"
+    return f"""MLCC_HD long long {name}_tiles(long long p0, long long p1, long long* sink_tiles,
+                                long long* first) {{
+  const long long lo = {lo};
+  *sink_tiles = {sink_tiles};
+  const long long from = lo / {tile};
+  *first = from > *sink_tiles ? from : *sink_tiles;
+  return *sink_tiles + p1 / {tile} + 1 - *first;
+}}
+MLCC_HD long long {name}_tile_at(long long t, long long sink_tiles, long long first) {{
+  return t < sink_tiles ? t : first + (t - sink_tiles);
+}}
+MLCC_HD bool {name}_visible(long long p, long long j) {{ return {visible}; }}
+MLCC_HD bool {name}_loaded(long long p0, long long p1, long long j) {{ return {loaded}; }}
+"""
+
+
+# PTX helpers: 16-byte asynchronous copies into shared memory and the m16n8k16 float16 MMA
+# with float32 accumulators. Fragment layouts (PTX ISA, "mma.m16n8k16"): with g = lane / 4 and
+# t = lane % 4, A registers hold rows (g, g+8, g, g+8) x columns (2t, 2t, 2t+8, 2t+8) (+0, +1);
+# B registers hold rows (2t, 2t+8) (+0, +1) of column g; C holds rows (g, g, g+8, g+8) x
+# columns (2t, 2t+1, 2t, 2t+1). C of S = Q K^T is thereby A of O += P V without shuffles.
+FLASH_PTX = r"""
+#ifndef MLCC_FLASH_PTX
+#define MLCC_FLASH_PTX
+#define MLCC_HD __host__ __device__ __forceinline__
+__device__ __forceinline__ void mlcc_cp_async16(void* dst, const void* src) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(s), "l"(src));
+}
+__device__ __forceinline__ void mlcc_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void mlcc_cp_wait1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+__device__ __forceinline__ void mlcc_mma16816(float* c, const unsigned* a, unsigned b0,
+                                              unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ unsigned mlcc_pack_half2(float lo, float hi) {
+  const half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const unsigned*>(&v);
+}
+__device__ __forceinline__ unsigned mlcc_pack_halves(half lo, half hi) {
+  const half2 v = __halves2half2(lo, hi);
+  return *reinterpret_cast<const unsigned*>(&v);
+}
+#endif
+"""
+
+
+def flash_source(spec: KernelSpec, name: str, head: str, rows: str) -> str:
+    """`{name}_flash`: a block per (64-query tile, query head), four warps of 16 query rows.
+
+    The rotated queries (float16, as the CUDA-core kernel rounds them) go through shared memory
+    into MMA fragments held in registers. Key tiles of 64 positions are gathered row by row from
+    the pages with cp.async, keys then values, so values load while scores are computed and the
+    next keys load while values are summed. Scores S = Q K^T and O += P V run on tensor cores
+    (float32 accumulators); each row keeps its online softmax (running max and sum) in float32;
+    P is rounded to float16 for the MMA. Query tiles are launched last-first: they visit the
+    most key tiles.
+    """
+    kv = dict(spec.kv)
+    hq, hkv, d = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"]
+    scale = spec.attr("scale") if spec.attr("scale") is not None else 1.0 / np.sqrt(d)
+    width, ld = (hq + 2 * hkv) * d, d + PAD
+    return FLASH_PTX + visibility_source(name, kv["window"], kv["sinks"]) + f"""
+__device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__ pool,
+                                             const int* __restrict__ table, long long j0,
+                                             int kind, int g, long long p0, long long p1) {{
+  for (int e = threadIdx.x; e < {TILE * d // 8}; e += {FLASH_WARPS * 32}) {{
+    const int r = e / {d // 8}, c = e % {d // 8} * 8;
+    const long long j = j0 + r;
+    half* s = dst + r * {ld} + c;
+    if ({name}_loaded(p0, p1, j)) mlcc_cp_async16(s, pool + {name}_row(table, j, kind, g) + c);
+    else *reinterpret_cast<uint4*>(s) = make_uint4(0u, 0u, 0u, 0u);
+  }}
+}}
+{head} {{
+  // (64 keys, d + {PAD}) float16 each; the padding spreads fragment loads over all banks
+  __shared__ __align__(16) half ks[{TILE * ld}];
+  __shared__ __align__(16) half vs[{TILE * ld}];
+  const long long n = {rows};
+  const int h = blockIdx.x % {hq}, g = h / {hq // hkv};
+  const long long q0 = ((n + {TILE - 1}) / {TILE} - 1 - blockIdx.x / {hq}) * {TILE};
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+  const long long start = seq_info[0];
+  const long long p0 = start + q0, p1 = start + (q0 + {TILE - 1} < n ? q0 + {TILE - 1} : n - 1);
+  for (int e = threadIdx.x; e < {TILE * d}; e += {FLASH_WARPS * 32}) {{
+    const int r = e / {d}, c = e % {d};
+    const long long i = q0 + r;
+    ks[r * {ld} + c] = __float2half(i < n ? {name}_rope(qkv + i * {width}LL + h * {d}, c,
+                                                         start + i) : 0.f);
+  }}
+  __syncthreads();
+  unsigned qf[{d // 16}][4];
+  #pragma unroll
+  for (int kc = 0; kc < {d // 16}; ++kc) {{
+    const half* a = ks + (warp * 16 + gid) * {ld} + kc * 16 + tig * 2;
+    qf[kc][0] = *reinterpret_cast<const unsigned*>(a);
+    qf[kc][1] = *reinterpret_cast<const unsigned*>(a + {8 * ld});
+    qf[kc][2] = *reinterpret_cast<const unsigned*>(a + 8);
+    qf[kc][3] = *reinterpret_cast<const unsigned*>(a + {8 * ld + 8});
+  }}
+  __syncthreads();
+  long long sink_tiles, first;
+  const long long count = {name}_tiles(p0, p1, &sink_tiles, &first);
+  const long long pa = p0 + warp * 16 + gid;  // this thread's rows: pa and pa + 8
+  float o[{d // 8}][4], m[2] = {{-1.0e30f, -1.0e30f}}, l[2] = {{0.f, 0.f}};
+  #pragma unroll
+  for (int nt = 0; nt < {d // 8}; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
+  const long long j00 = {name}_tile_at(0, sink_tiles, first) * {TILE};
+  {name}_stage(ks, pool, page_table, j00, 0, g, p0, p1);
+  mlcc_cp_commit();
+  {name}_stage(vs, pool, page_table, j00, 1, g, p0, p1);
+  mlcc_cp_commit();
+  for (long long t = 0; t < count; ++t) {{
+    const long long j0 = {name}_tile_at(t, sink_tiles, first) * {TILE};
+    const long long jn = {name}_tile_at(t + 1, sink_tiles, first) * {TILE};
+    mlcc_cp_wait1();  // this tile's keys; its values may still be in flight
+    __syncthreads();
+    float s[{TILE // 8}][4];
+{_scores(d, ld)}
+    __syncthreads();  // every warp is done with ks
+    if (t + 1 < count) {name}_stage(ks, pool, page_table, jn, 0, g, p0, p1);
+    mlcc_cp_commit();
+    unsigned pf[{TILE // 16}][4];
+{_softmax(name, scale, d)}
+    mlcc_cp_wait1();  // this tile's values; the next keys may still be in flight
+    __syncthreads();
+{_weighted_values(d, ld)}
+    __syncthreads();  // every warp is done with vs
+    if (t + 1 < count) {name}_stage(vs, pool, page_table, jn, 1, g, p0, p1);
+    mlcc_cp_commit();
+  }}
+{_flash_store(hq, d)}
+  return 0;
+}}
+"""
+
+
+def _scores(d: int, ld: int) -> str:
+    return f"""    #pragma unroll
+    for (int nt = 0; nt < {TILE // 8}; ++nt) {{
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      #pragma unroll
+      for (int kc = 0; kc < {d // 16}; ++kc) {{
+        const half* b = ks + (nt * 8 + gid) * {ld} + kc * 16 + tig * 2;
+        mlcc_mma16816(s[nt], qf[kc], *reinterpret_cast<const unsigned*>(b),
+                      *reinterpret_cast<const unsigned*>(b + 8));
+      }}
+    }}"""
+
+
+def _softmax(name: str, scale: float, d: int) -> str:
+    """Mask and scale the scores, update each row's running max and sum (the four lanes of a
+    row group hold its 64 columns), rescale the output rows, and pack P as A fragments."""
+    return f"""    #pragma unroll
+    for (int r = 0; r < 2; ++r) {{
+      float top = m[r];
+      #pragma unroll
+      for (int nt = 0; nt < {TILE // 8}; ++nt) {{
+        #pragma unroll
+        for (int e = 0; e < 2; ++e) {{
+          const long long j = j0 + nt * 8 + tig * 2 + e;
+          const float v = s[nt][2 * r + e] * {fp(scale)};
+          s[nt][2 * r + e] = {name}_visible(pa + 8 * r, j) ? v : -INFINITY;
+          top = fmaxf(top, s[nt][2 * r + e]);
+        }}
+      }}
+      top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, 1));
+      top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, 2));
+      const float keep = expf(m[r] - top);
+      m[r] = top;
+      l[r] *= keep;
+      #pragma unroll
+      for (int nt = 0; nt < {d // 8}; ++nt) {{ o[nt][2 * r] *= keep; o[nt][2 * r + 1] *= keep; }}
+    }}
+    #pragma unroll
+    for (int nt = 0; nt < {TILE // 8}; ++nt) {{
+      #pragma unroll
+      for (int r = 0; r < 2; ++r) {{
+        // rounded to float16 before summing, so the weights sum to what is multiplied
+        const half2 p = __floats2half2_rn(expf(s[nt][2 * r] - m[r]),
+                                          expf(s[nt][2 * r + 1] - m[r]));
+        l[r] += __low2float(p) + __high2float(p);
+        pf[nt / 2][(nt & 1) * 2 + r] = *reinterpret_cast<const unsigned*>(&p);
+      }}
+    }}"""
+
+
+def _weighted_values(d: int, ld: int) -> str:
+    return f"""    #pragma unroll
+    for (int kc = 0; kc < {TILE // 16}; ++kc) {{
+      #pragma unroll
+      for (int nt = 0; nt < {d // 8}; ++nt) {{
+        const half* b = vs + (kc * 16 + tig * 2) * {ld} + nt * 8 + gid;
+        mlcc_mma16816(o[nt], pf[kc], mlcc_pack_halves(b[0], b[{ld}]),
+                      mlcc_pack_halves(b[{8 * ld}], b[{9 * ld}]));
+      }}
+    }}"""
+
+
+def _flash_store(hq: int, d: int) -> str:
+    return f"""  #pragma unroll
+  for (int r = 0; r < 2; ++r) {{
+    float total = l[r];
+    total += __shfl_xor_sync(0xffffffffu, total, 1);
+    total += __shfl_xor_sync(0xffffffffu, total, 2);
+    const long long i = q0 + warp * 16 + gid + 8 * r;
+    if (i < n) {{
+      const float inv = 1.0f / total;
+      #pragma unroll
+      for (int nt = 0; nt < {d // 8}; ++nt)
+        *reinterpret_cast<half2*>(y + i * {hq * d}LL + h * {d} + nt * 8 + tig * 2) =
+            __floats2half2_rn(o[nt][2 * r] * inv, o[nt][2 * r + 1] * inv);
+    }}
+  }}"""
