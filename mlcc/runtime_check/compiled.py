@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mlcc.errors import MlccError
+from mlcc.runtime_check.device_logits import DeviceLogits, DeviceSampler
 from mlcc.runtime_check.engine import EngineHelpers
 from mlcc.runtime_check.library_info import LibraryInfo
 from mlcc.runtime_check.tensor_parallel import check_rank, shard_arrays
@@ -172,6 +173,10 @@ class CompiledEngine(EngineHelpers, LibraryInfo):
             # The library's opt level asks for it; capture needs torch, else decode runs plain.
             cudagraph = "cudagraph" in str(self.metadata.get("opt", "")) and _has_torch()
         self.cudagraph = bool(cudagraph) and self.device.dlpack_device_type() == 2
+        # CUDA libraries pick the next token on the GPU (mlcc.runtime_check.device_logits).
+        self.device_sampler = (DeviceSampler(self.lib, self.device)
+                               if self.device.dlpack_device_type() == 2
+                               and self.metadata.get("device_sampling") else None)
         self.load_seconds = time.perf_counter() - load_start
 
     # --- loading and checks ------------------------------------------------------------
@@ -247,7 +252,13 @@ class CompiledEngine(EngineHelpers, LibraryInfo):
               self.logits, self.workspace)
         self.lengths[self.sequence] += int(ids.shape[0])
 
-    def append(self, token_ids: Sequence[int]) -> np.ndarray:
+    def _result(self, on_device: bool):
+        """The logits row: on the host, or left on the GPU when asked and possible."""
+        if on_device and self.device_sampler is not None:
+            return DeviceLogits(self.logits, self.device_sampler)
+        return self.logits.numpy()
+
+    def append(self, token_ids: Sequence[int], on_device: bool = False) -> np.ndarray:
         ids = np.asarray(token_ids, dtype=np.int32).reshape(-1)
         if ids.size == 0:
             raise MlccError(STAGE, "append needs at least one token")
@@ -258,9 +269,9 @@ class CompiledEngine(EngineHelpers, LibraryInfo):
         chunk = self.prefill_chunk_size
         for start in range(0, ids.size, chunk):
             self._run(self._prefill, ids[start:start + chunk])
-        return self.logits.numpy()
+        return self._result(on_device)
 
-    def decode(self, token_id: int) -> np.ndarray:
+    def decode(self, token_id: int, on_device: bool = False) -> np.ndarray:
         if not 0 <= int(token_id) < self.vocab_size:
             raise MlccError(STAGE, f"token id {token_id} is outside [0, {self.vocab_size})")
         self._check_room(self.sequence, 1)
@@ -268,7 +279,7 @@ class CompiledEngine(EngineHelpers, LibraryInfo):
             self._decode_graph(int(token_id))
         else:
             self._run(self._decode, np.array([token_id], np.int32))
-        return self.logits.numpy()
+        return self._result(on_device)
 
     def _decode_graph(self, token_id: int) -> None:
         """One decode step replayed from a CUDA graph captured on first use (needs torch)."""

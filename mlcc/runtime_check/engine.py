@@ -21,11 +21,18 @@ class EngineHelpers:
 
     def generate_greedy(self, token_ids: Sequence[int], n: int) -> list[int]:
         """`n` tokens, each the argmax of the logits before it, after `token_ids`."""
-        logits = self.prefill_logits(token_ids)
+        device = keeps_logits_on_device(self)
+        self.reset()
+        logits = self.append(token_ids, on_device=True) if device else self.append(token_ids)
         out = []
         for _ in range(n):
-            token = int(np.argmax(logits))
+            token = logits.argmax() if device else int(np.argmax(logits))
             out.append(token)
             if len(out) < n:
-                logits = self.decode(token)
+                logits = self.decode(token, on_device=True) if device else self.decode(token)
         return out
+
+
+def keeps_logits_on_device(engine) -> bool:
+    """Whether `engine.append`/`decode` can leave the logits on the GPU (on_device=True)."""
+    return getattr(engine, "device_sampler", None) is not None

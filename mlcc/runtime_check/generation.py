@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mlcc.errors import MlccError
+from mlcc.runtime_check.engine import keeps_logits_on_device
 from mlcc.runtime_check.sampling import SamplingParams, TokenSampler
 from mlcc.runtime_check.tokenizer import ChatTokenizer, IncrementalDecoder
 
@@ -278,8 +279,10 @@ def generate_reply(
 
     `lead` is dropped from the start of the reply (see `ReplyStream`).
     """
+    # the compiled CUDA engine can keep the logits on the GPU and pick the token there
+    keep = {"on_device": True} if keeps_logits_on_device(engine) else {}
     start = time.perf_counter()
-    logits = engine.append(list(new_token_ids))
+    logits = engine.append(list(new_token_ids), **keep)
     prefill_seconds = time.perf_counter() - start
     reply = ReplyStream(tokenizer, new_token_ids[-1:], rules.stop_strs, lead, on_text)
     sampled: list[int] = []
@@ -297,7 +300,7 @@ def generate_reply(
         if reply.stopped or len(sampled) == rules.max_new_tokens:
             break  # the last token is not fed: nothing would read its logits
         start = time.perf_counter()
-        logits = engine.decode(token)
+        logits = engine.decode(token, **keep)
         decode_seconds += time.perf_counter() - start
         fed += 1
     reply.finish()

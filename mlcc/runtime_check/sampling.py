@@ -134,7 +134,19 @@ class TokenSampler:
         self.seen[ids[ids < self.seen.size]] = True
 
     def sample(self, logits: np.ndarray) -> int:
-        """Pick the next token from logits (vocab,) of the last position."""
+        """Pick the next token from logits (vocab,) of the last position.
+
+        Logits left on the GPU (mlcc.runtime_check.device_logits.DeviceLogits) are picked
+        there when neither the repetition penalty nor top-p applies: greedy by the argmax
+        kernel, a temperature draw by the sampling kernel with the same uniform number this
+        method would draw, so a seeded run picks the same tokens either way.
+        """
+        if getattr(logits, "on_device", False) and self.params.repetition_penalty == 1.0:
+            if self.params.greedy:
+                return logits.argmax()
+            if self.params.top_p >= 1.0:
+                return logits.sample(self.params.temperature, self.rng.random())
+        logits = np.asarray(logits)
         if self.params.greedy:
             if self.params.repetition_penalty == 1.0:
                 return int(np.argmax(logits))

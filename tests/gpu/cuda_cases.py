@@ -75,8 +75,24 @@ def build_cases(out: Path, log=print) -> dict:
         manifest[name] = {"lib": str(lib.relative_to(out)), "model": str(
             models[model].relative_to(out)), "quantization": quant, "opt": opt}
     manifest["main_job"] = main_job(out / "main_job", stories, log)
+    manifest["sampling"] = sampling_libraries(out / "libs", log)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def sampling_libraries(folder: Path, log=print) -> dict[str, str]:
+    """The GPU sampling kernels alone for a Llama (32000) and a Qwen2 (151936) vocabulary."""
+    from mlcc.backends.cuda.codegen import compile_library
+    from mlcc.backends.cuda.sampling import sampling_kernels
+
+    libs = {}
+    for vocab in (32000, 151936):
+        lib = folder / f"sampling_{vocab}.so"
+        if not lib.is_file():
+            log(f"building the sampling kernels for {vocab} tokens")
+            compile_library(sampling_kernels(vocab), "", "", lib)
+        libs[str(vocab)] = str(lib.relative_to(folder.parent))
+    return libs
 
 
 def main_job(folder: Path, model: Path, log=print) -> dict:

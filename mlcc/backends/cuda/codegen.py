@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlcc import ir
-from mlcc.backends.cuda import attention, fusion, kernels, linear, moe
+from mlcc.backends.cuda import attention, fusion, kernels, linear, moe, sampling
 from mlcc.backends.cuda.kernels import COMMON_SOURCE, CudaKernel
 from mlcc.backends.cuda.toolchain import (
     DEFAULT_ARCHS,
@@ -81,10 +81,15 @@ def library_parts(module: ir.Module, metadata: dict, prologues: bool = False
             if call.spec.op not in CCL_FUNCTIONS:  # collectives call the runtime, not a kernel
                 names.setdefault(call.spec, f"k{len(names)}_{call.spec.op}")
     built = [kernel_for(spec, name) for spec, name in names.items()]
+    # The next token picked on the GPU (mlcc.backends.cuda.sampling) from the logits row.
+    vocab = metadata.get("model_config", {}).get("vocab_size")
+    if vocab:
+        built += sampling.sampling_kernels(int(vocab))
     entries = "\n\n".join(entry_source(plan, names) for plan in plans)
     # Shapes of every kernel, so profiles can be read per kernel (bytes moved, FLOPs).
     described = dict(metadata, kernel_specs={name: spec_json(spec)
-                                             for spec, name in names.items()})
+                                             for spec, name in names.items()},
+                     device_sampling=list(sampling.FUNCTIONS) if vocab else [])
     return built, plans, entries, metadata_source(described)
 
 
@@ -109,7 +114,7 @@ def build(module: ir.Module, output: Path, metadata: dict,
     built, _, entries, meta = library_parts(module, metadata, prologues)
     counts: dict[str, int] = {}
     for k in built:
-        op = k.name.split("_", 1)[1]
+        op = k.name if k.name.startswith("mlcc_") else k.name.split("_", 1)[1]
         counts[op] = counts.get(op, 0) + 1
     log("CUDA kernels: " + ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())))
     compile_library(built, entries, meta, output, archs)

@@ -25,8 +25,8 @@ from mlcc.backends.plan import KernelSpec
 from mlcc.ir.types import Dim, Sym
 
 BLOCK = 256
-C_TYPES = {"float16": "half", "float32": "float", "int32": "int", "uint32": "unsigned int",
-           "uint8": "unsigned char"}
+C_TYPES = {"float16": "half", "float32": "float", "float64": "double", "int32": "int",
+           "uint32": "unsigned int", "uint8": "unsigned char"}
 
 # Helpers shared by every kernel, emitted once at the top of the device source.
 COMMON_SOURCE = r"""
