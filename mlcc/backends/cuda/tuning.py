@@ -1,26 +1,64 @@
 """Tuned launch parameters of the q4 decode GEMV, read from the database shipped with mlcc.
 
 `gemv_tuning.json` (next to this file) maps "N,K" (output features, input features) to the
-block shape that `benchmarks/cuda/gemv_sweep.py` measured fastest on a GPU after validating it
-against a reference; it records the device, the date and every variant's time. Shapes not in it
-get the heuristic: eight warps per block and as many features per warp as keep a lane's weight
-loads (issued together) at 16 or fewer.
+kernel that `benchmarks/cuda/gemv_sweep.py` measured fastest on a GPU after validating it
+against a reference; it records the device, the date and every variant's time. Two kernel
+kinds exist, told apart by a record's "kind":
+
+    "block"        (or no "kind")  the one-shot GEMV of mlcc.backends.cuda.linear: `warps`,
+                   `rows_per_warp`, `dot`
+    "persistent"   the persistent GEMV of mlcc.backends.cuda.gemv: also `blocks_per_sm` and
+                   `rotate` (per-lane rotation of the activation reads)
+
+"best" holds the winner per shape (either kind); "best_by_kind" (optional) the winner of each
+kind, so the block rule keeps a measured shape when a persistent record wins. Shapes not in the
+database get heuristics: for the block kind eight warps per block and as many features per
+warp as keep a lane's weight loads (issued together) at 16 or fewer; for the persistent kind
+two blocks of eight warps per SM, one feature per warp.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 DATABASE = Path(__file__).with_name("gemv_tuning.json")
+BLOCK, PERSISTENT = "block", "persistent"
+
+
+@dataclass(frozen=True)
+class PersistentConfig:
+    """Launch shape of the persistent GEMV: `blocks_per_sm` x SMs blocks of `warps` warps, each
+    warp computing tiles of `rows_per_warp` output features."""
+
+    blocks_per_sm: int = 2
+    warps: int = 8
+    rows_per_warp: int = 1
+    rotate: bool = True
+    dot: str = "mlcc_q4_dot8"
 
 
 @lru_cache(maxsize=1)
-def _records() -> dict[str, dict]:
+def _database() -> dict:
     if not DATABASE.is_file():
         return {}
-    return json.loads(DATABASE.read_text()).get("best", {})
+    return json.loads(DATABASE.read_text())
+
+
+def kind_of(record: dict) -> str:
+    return str(record.get("kind", BLOCK))
+
+
+def _record(n: int, k: int, kind: str) -> dict | None:
+    key = f"{n},{k}"
+    db = _database()
+    record = db.get("best_by_kind", {}).get(kind, {}).get(key)
+    if record is not None:
+        return record
+    record = db.get("best", {}).get(key)
+    return record if record is not None and kind_of(record) == kind else None
 
 
 def heuristic(n: int, k: int) -> tuple[int, int, str]:
@@ -29,9 +67,25 @@ def heuristic(n: int, k: int) -> tuple[int, int, str]:
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, str]:
-    """(warps per block, output features per warp, nibble dot function) for N x K."""
-    record = _records().get(f"{n},{k}")
+    """(warps per block, output features per warp, nibble dot function) of the block GEMV."""
+    record = _record(n, k, BLOCK)
     if record is None:
         return heuristic(n, k)
     return (int(record["warps"]), int(record["rows_per_warp"]),
             str(record.get("dot", "mlcc_q4_dot8")))
+
+
+def persistent_config(n: int, k: int) -> PersistentConfig:
+    """The persistent GEMV's launch shape for N x K: the database's, else the heuristic."""
+    record = _record(n, k, PERSISTENT)
+    if record is None:
+        return PersistentConfig()
+    return PersistentConfig(int(record["blocks_per_sm"]), int(record["warps"]),
+                            int(record["rows_per_warp"]), bool(record.get("rotate", True)),
+                            str(record.get("dot", "mlcc_q4_dot8")))
+
+
+def selected_kind(n: int, k: int) -> str | None:
+    """The kind of the measured winner for N x K, or None when the shape was not measured."""
+    record = _database().get("best", {}).get(f"{n},{k}")
+    return None if record is None else kind_of(record)

@@ -1,0 +1,260 @@
+"""Persistent q4 decode GEMV: y[r, n] = sum_k x[r, k] * W[n, k] (+ b[n]) for a few static rows.
+
+The one-shot GEMV of mlcc.backends.cuda.linear launches ~1400 short blocks per call and pays,
+in every block, the staging of the whole activation row, a barrier, a reduction and the tail
+wave, with little weight traffic in flight meanwhile. This kernel launches `blocks_per_sm` x
+SMS blocks (132 SMs on an H200) and lets each block
+
+    1. issue the weight loads of its warps' first tiles,
+    2. stage the activation rows once into shared memory (the `staging` hook: C++ filling the
+       shared half2 array `xs` from row `r`, permuted into nibble-pair order; the fused norm
+       and silu_mul prologues of mlcc.backends.cuda.fusion plug in here and now run in ~264
+       blocks instead of ~1400),
+    3. loop over tiles of `rows_per_warp` output features: warp w of block b takes tiles
+       b * warps + w, then + gridDim * warps, ... The loop is software pipelined in registers:
+       the packed weights (one 128-bit load per lane and group) and scales of the next tile
+       go to a second buffer before the arithmetic on the current one, so a warp always has a
+       tile of loads in flight; the buffer is then moved into the first (two buffers used in
+       turn, the loop written out twice, took 125-255 registers against 65-126 for the move,
+       and registers decide how many warps an SM holds). No barrier is inside the loop.
+
+Arithmetic is the one-shot kernel's: a lane owns one group of 32 weights per feature
+(mlcc_q4_dot8 on each packed word, products summed in pairs in half2, then in float32, the
+group's scale applied once), lanes are summed by mlcc_warp_sum and results stored through
+mlcc_put (float16, or float32 logits), plus the optional bias. With `rotate` each lane reads the
+four words of its group starting at word (lane / 2) % 4: the four 16-byte activation reads of a
+quarter warp then fall in distinct banks (without it lanes 0, 2, 4, 6 collide), at the price of
+summing a group's four words in a rotated order (float32 rounding only).
+
+Rows that do not fit in 48 KB of static shared memory at once are processed in chunks (the
+tile loop runs once per chunk and re-reads the weights), so any static row count compiles; a
+weight word is reused for every row of a chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mlcc.backends.cuda.kernels import CudaKernel, launcher, signature
+from mlcc.backends.cuda.linear import LinearShape, gemv_q4_applies, stage_plain
+from mlcc.backends.cuda.tuning import PERSISTENT, PersistentConfig, persistent_config, selected_kind
+from mlcc.backends.plan import KernelSpec
+
+SMS = 132  # streaming multiprocessors of an H200
+SHARED_BYTES = 48 * 1024  # static shared memory of one block
+RED_BYTES = 32 * 4  # the reduction scratch `red` that fused prologues use
+
+
+def tile_count(n: int, rows_per_warp: int) -> int:
+    return -(-n // rows_per_warp)
+
+
+def persistent_grid(n: int, rows_per_warp: int, blocks_per_sm: int, warps: int,
+                    sms: int = SMS) -> int:
+    """Blocks launched: blocks_per_sm x sms, fewer when there are not enough tiles."""
+    return max(1, min(blocks_per_sm * sms, -(-tile_count(n, rows_per_warp) // warps)))
+
+
+def row_chunks(rows: int, k: int) -> list[tuple[int, int]]:
+    """(first row, row count) of each staging pass: as many rows as fit in shared memory."""
+    per_pass = max(1, min(rows, (SHARED_BYTES - RED_BYTES) // (2 * k)))
+    return [(r0, min(per_pass, rows - r0)) for r0 in range(0, rows, per_pass)]
+
+
+def tile_schedule(n: int, rows_per_warp: int, grid: int, warps: int) -> list[tuple[int, int]]:
+    """(global warp, output feature) of every feature a launch computes, in program order.
+
+    A model of the kernel's loop: the tile loaded into each register buffer is checked against
+    the tile computed from it, so a broken pipeline raises instead of returning."""
+    tiles, stride = tile_count(n, rows_per_warp), grid * warps
+    done: list[tuple[int, int]] = []
+    for gw in range(grid * warps):
+        tile = gw
+        current = tile if tile < tiles else None  # the loads before staging
+        while tile < tiles:
+            following = tile + stride if tile + stride < tiles else None
+            if current != tile:
+                raise AssertionError(f"warp {gw} computes tile {tile} from {current}")
+            done += [(gw, f) for f in range(tile * rows_per_warp, (tile + 1) * rows_per_warp)
+                     if f < n]
+            current = following
+            tile += stride
+    return done
+
+
+def _load(s: LinearShape, buf: str, tile: str, rows_per_warp: int, iters: int) -> str:
+    """Issue the weight and scale loads of `tile` into register buffer `buf` (if it exists)."""
+    groups = s.k // 32
+    guard = "" if groups % 32 == 0 else f"g < {groups} ? "
+    zero_w = "" if not guard else " : make_uint4(0u, 0u, 0u, 0u)"
+    zero_s = "" if not guard else " : __float2half(0.f)"
+    return f"""      if ({tile} < {tile_count(s.n, rows_per_warp)}) {{
+        #pragma unroll
+        for (int q = 0; q < {rows_per_warp}; ++q) {{
+          const long long nq = (long long)({tile}) * {rows_per_warp} + q;
+          const long long n = nq < {s.n} ? nq : {s.n - 1}LL;
+          const uint4* wrow = reinterpret_cast<const uint4*>(qw + n * {s.words}LL);
+          #pragma unroll
+          for (int it = 0; it < {iters}; ++it) {{
+            const int g = lane + it * 32;
+            w{buf}[q][it] = {guard}__ldg(wrow + g){zero_w};
+            s{buf}[q][it] = {guard}qs[n * {s.groups}LL + g]{zero_s};
+          }}
+        }}
+      }}"""
+
+
+def _compute(s: LinearShape, buf: str, rows_per_warp: int, iters: int, r0: int, count: int,
+             rotate: bool, dot: str) -> str:
+    """Dot products of the tile in buffer `buf` with `count` staged rows; lane 0 stores."""
+    groups, half_k = s.k // 32, s.k // 2
+    guard = "true" if groups % 32 == 0 else f"g < {groups}"
+    turn = ""
+    if rotate:
+        turn = """
+            v = (rot & 1) ? make_uint4(v.y, v.z, v.w, v.x) : v;
+            v = (rot & 2) ? make_uint4(v.z, v.w, v.x, v.y) : v;"""
+    words = " + ".join(f"{dot}(v.{c}, xg + o{j})" for j, c in enumerate("xyzw"))
+    return f"""      {{
+        float acc[{count}][{rows_per_warp}];
+        #pragma unroll
+        for (int rr = 0; rr < {count}; ++rr)
+          #pragma unroll
+          for (int q = 0; q < {rows_per_warp}; ++q) acc[rr][q] = 0.f;
+        #pragma unroll
+        for (int it = 0; it < {iters}; ++it) {{
+          const int g = lane + it * 32;
+          if ({guard}) {{
+            #pragma unroll
+            for (int q = 0; q < {rows_per_warp}; ++q) {{
+              uint4 v = w{buf}[q][it];{turn}
+              const float sc = __half2float(s{buf}[q][it]);
+              #pragma unroll
+              for (int rr = 0; rr < {count}; ++rr) {{
+                const half2* xg = xs_rows + rr * {half_k} + g * 16;
+                acc[rr][q] += ({words}) * sc;
+              }}
+            }}
+          }}
+        }}
+        #pragma unroll
+        for (int rr = 0; rr < {count}; ++rr)
+          #pragma unroll
+          for (int q = 0; q < {rows_per_warp}; ++q) {{
+            const float total = mlcc_warp_sum(acc[rr][q]);
+            const long long n = (long long)tile * {rows_per_warp} + q;
+            if (lane == 0 && n < {s.n})
+              mlcc_put(y, ({r0} + rr) * {s.n}LL + n, total{s.bias_term("n")});
+          }}
+      }}"""
+
+
+def _chunk(s: LinearShape, staging: str, cfg: tuple[int, int, int], r0: int, count: int,
+           rotate: bool, dot: str) -> str:
+    """Stage rows r0 .. r0 + count - 1 once, then run the pipelined tile loop over them."""
+    warps, rows_per_warp, stride = cfg
+    iters = -(-(s.k // 32) // 32)
+    tiles = tile_count(s.n, rows_per_warp)
+    load_a = _load(s, "a", "tile", rows_per_warp, iters)
+    load_b_next = _load(s, "b", f"tile + {stride}", rows_per_warp, iters)
+    return f"""  {{
+    int tile = blockIdx.x * {warps} + warp;
+{load_a}
+    __syncthreads();  // the previous pass has finished reading xs_rows
+    #pragma unroll 1
+    for (int slot = 0; slot < {count}; ++slot) {{
+      const int r = {r0} + slot;
+      half2* const xs = xs_rows + slot * {s.k // 2};
+{staging}
+    }}
+    __syncthreads();
+    while (tile < {tiles}) {{
+{load_b_next}
+{_compute(s, "a", rows_per_warp, iters, r0, count, rotate, dot)}
+      #pragma unroll
+      for (int q = 0; q < {rows_per_warp}; ++q)
+        #pragma unroll
+        for (int it = 0; it < {iters}; ++it) {{ wa[q][it] = wb[q][it]; sa[q][it] = sb[q][it]; }}
+      tile += {stride};
+    }}
+  }}"""
+
+
+def gemv_q4_persistent_kernel(s: LinearShape, name: str, blocks_per_sm: int, warps: int,
+                              rows_per_warp: int, staging: str | None = None,
+                              buffers: list | None = None, outputs: tuple[str, ...] = ("y",),
+                              dot: str = "mlcc_q4_dot8", rotate: bool = True,
+                              sms: int = SMS) -> CudaKernel:
+    """The persistent q4 GEMV of `s` (see the module docstring). `staging` (C++ filling xs from
+    row r with warps * 32 threads) replaces the plain copy; `buffers`/`outputs` name the fused
+    kernels' parameters."""
+    rows = s.static_rows
+    if rows is None or not gemv_q4_applies_any_rows(s):
+        raise ValueError(f"persistent GEMV needs 4-bit groups of 32, float16 activations and "
+                         f"static rows; got {s.spec}")
+    iters = -(-(s.k // 32) // 32)
+    buffers = buffers or s.buffers
+    staging = staging or stage_plain(s, warps)
+    grid = persistent_grid(s.n, rows_per_warp, blocks_per_sm, warps, sms)
+    chunks = row_chunks(rows, s.k)
+    rotation = ""
+    if rotate:
+        rotation = ("\n  const int rot = (lane >> 1) & 3;\n  const int o0 = 4 * rot, "
+                    "o1 = 4 * ((rot + 1) & 3), o2 = 4 * ((rot + 2) & 3), o3 = 4 * ((rot + 3) & 3);")
+    else:
+        rotation = "\n  const int o0 = 0, o1 = 4, o2 = 8, o3 = 12;"
+    passes = "\n".join(_chunk(s, staging, (warps, rows_per_warp, grid * warps), r0, count,
+                              rotate, dot) for r0, count in chunks)
+    body = f"""{signature(name, buffers, outputs, s.symbols)} {{
+  __shared__ __align__(16) half2 xs_rows[{chunks[0][1] * s.k // 2}];
+  __shared__ float red[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;{rotation}
+  uint4 wa[{rows_per_warp}][{iters}], wb[{rows_per_warp}][{iters}];
+  half sa[{rows_per_warp}][{iters}], sb[{rows_per_warp}][{iters}];
+{passes}
+  return 0;
+}}
+"""
+    return CudaKernel(name, body, launcher(name, buffers, (f"T.int64({grid})",), warps * 32,
+                                           s.symbols))
+
+
+def gemv_q4_applies_any_rows(s: LinearShape) -> bool:
+    """gemv_q4_applies without the row limit: the layout and dtypes the kernel reads."""
+    return (s.quant and s.bits == 4 and s.group == 32 and s.xdt == "float16"
+            and s.sdt == "float16" and s.k % 32 == 0 and s.words * 8 == s.k
+            and s.static_rows is not None)
+
+
+def gemv_q4_v2_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
+    """The persistent GEMV wherever the one-shot q4 GEMV applies, shaped by the database."""
+    s = LinearShape(spec)
+    if not gemv_q4_applies(s):
+        return None
+    c = persistent_config(s.n, s.k)
+    return gemv_q4_persistent_kernel(s, name, c.blocks_per_sm, c.warps, c.rows_per_warp,
+                                     dot=c.dot, rotate=c.rotate)
+
+
+def gemv_q4_tuned_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
+    """gemv_q4_v2_rule unless the database measured the one-shot kernel faster for this shape
+    (then None, and the next rule, gemv_q4_rule, takes it)."""
+    s = LinearShape(spec)
+    if not gemv_q4_applies(s) or selected_kind(s.n, s.k) not in (None, PERSISTENT):
+        return None
+    return gemv_q4_v2_rule(spec, name)
+
+
+def fusion_gemv(config: PersistentConfig, sms: int = SMS) -> Callable[..., CudaKernel]:
+    """A function with gemv_q4_kernel's signature building the persistent kernel, for the fused
+    prologues of mlcc.backends.cuda.fusion: their staging strides by the `warps` they pass, so
+    those are kept; the other launch parameters come from `config`."""
+
+    def kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
+               buffers: list | None = None, staging: str | None = None,
+               outputs: tuple[str, ...] = ("y",), dot: str = "mlcc_q4_dot8") -> CudaKernel:
+        return gemv_q4_persistent_kernel(s, name, config.blocks_per_sm, warps,
+                                         config.rows_per_warp, staging, buffers, outputs,
+                                         dot, config.rotate, sms)
+
+    return kernel
