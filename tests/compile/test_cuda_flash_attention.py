@@ -284,3 +284,52 @@ def test_flash_kernels_compile_for_sm90_without_spills(tmp_path):
         name = list(NVCC_CASES)[int(index)]
         assert int(spills) == 0, (name, done.stderr)
         assert int(smem) <= 48 * 1024 and int(registers) <= 255, (name, smem, registers)
+
+
+def load_bench():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "cuda" / "attention_bench.py"
+    spec = importlib.util.spec_from_file_location("attention_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_check_accepts_exact_attention_and_rejects_a_missing_window():
+    """The benchmark's validation on the CPU: a pool and output written the way the kernels
+    must write them (a ring that has wrapped) pass; an output that ignores the window fails."""
+    torch = pytest.importorskip("torch")
+    bench = load_bench()
+    config = {"shape": bench.CONFIGS["window"], "kv": bench.kv_layout("window")}
+    hq, hkv, d, window, sinks = config["shape"]
+    kv = config["kv"]
+    config["inv_freq"] = (1.0 / 10000.0 ** (np.arange(0, d, 2) / d)).astype(np.float32).tolist()
+    start, n = 1000, 40
+    inputs = bench.make_inputs(np.random.default_rng(0), config, start, n)
+    pos = np.arange(start, start + n)
+    heads = inputs["qkv"].reshape(n, hq + 2 * hkv, d)
+    pool, table = inputs["pool"].copy(), inputs["page_table"]
+    slots = np.where(pos < sinks, pos, sinks + (pos - sinks) % (kv["capacity"] - sinks))
+    inv = np.asarray(config["inv_freq"], np.float32)
+    pool[table[slots // 16], 0, :, slots % 16] = bench.rotate(heads[:, hq:hq + hkv], pos, inv)
+    pool[table[slots // 16], 1, :, slots % 16] = heads[:, hq + hkv:]
+    keys = np.arange(start + n)
+    key_slots = np.where(keys < sinks, keys, sinks + (keys - sinks) % (kv["capacity"] - sinks))
+    rows = pool[table[key_slots // 16], :, :, key_slots % 16].astype(np.float64)
+    q = bench.rotate(heads[:, :hq], pos, inv).astype(np.float64)
+    outputs = {}
+    for name, win in (("exact", window), ("no_window", -1)):
+        y = np.zeros((n, hq, d))
+        for i in range(n):
+            mask = reference_visible(int(pos[i]), keys, win, sinks if win > 0 else 0)
+            for h in range(hq):
+                s = rows[mask, 0, h // (hq // hkv)] @ q[i, h] / np.sqrt(d)
+                w = np.exp(s - s.max())
+                y[i, h] = (w / w.sum()) @ rows[mask, 1, h // (hq // hkv)]
+        outputs[name] = bench.check(torch, config, inputs, y.reshape(n, -1).astype(np.float16),
+                                    pool, start, device="cpu")
+    assert outputs["exact"]["k_err"] < 1e-2 and outputs["exact"]["v_err"] == 0
+    assert outputs["exact"]["y_err"] < 2e-3, outputs["exact"]
+    assert outputs["no_window"]["y_err"] > 0.1, outputs["no_window"]
+    assert outputs["exact"]["gflop"] == pytest.approx(4 * n * (window + sinks) * d * hq / 1e9)
