@@ -48,7 +48,7 @@ TOLERANCE = 1e-2  # absolute, outputs are weighted means of N(0, 1) values
 
 
 def kv_layout(config: str) -> dict:
-    hq, hkv, d, window, sinks = CONFIGS[config]
+    _, hkv, d, window, sinks = CONFIGS[config]
     ring = window > 0
     capacity = -(-(sinks + window + CHUNK) // PAGE) * PAGE if ring else 4096
     return {"capacity": capacity, "dtype": "float16", "head_dim": d, "kv_heads": hkv,

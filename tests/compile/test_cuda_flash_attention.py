@@ -165,7 +165,7 @@ def test_visible_pairs_equal_the_cpu_kernel(tile_plans):
 
 def test_visited_tiles_are_ascending_and_none_is_empty(tile_plans):
     for plan in tile_plans:
-        c, start, n = plan["case"]
+        n = plan["case"][2]
         for q0, tiles in plan["tiles"].items():
             assert tiles == sorted(set(tiles)) and tiles, (plan["case"], q0)
             rows = range(q0, min(q0 + TILE, n))
