@@ -19,6 +19,29 @@ from pathlib import Path
 import numpy as np
 
 
+class TorchLogits:
+    """A logits row left on the GPU, as mlcc's DeviceLogits: the greedy pick runs there
+    (benchmarks.measure.pick_greedy) and only reading it as an array downloads it."""
+
+    on_device = True
+
+    def __init__(self, row) -> None:
+        self.row = row
+
+    def argmax(self) -> int:
+        return int(self.row.argmax().item())
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        host = self.row.float().cpu().numpy()
+        return host if dtype is None else host.astype(dtype)
+
+
+def _row(logits, device: str):
+    """The last position's logits: kept on a GPU, else a float32 NumPy row."""
+    row = logits[0, -1]
+    return TorchLogits(row) if device.startswith("cuda") else row.float().cpu().numpy()
+
+
 def _load(hf_dir: str | Path, dtype: str, device: str):
     import torch
     import transformers
@@ -49,7 +72,7 @@ class TorchRunner:
             out = self.model(self.torch.tensor(ids, device=self.device), use_cache=True,
                              logits_to_keep=1, **{self.cache_name: past})
         self.past = out[self.cache_name]
-        return out.logits[0, -1].float().cpu().numpy()
+        return _row(out.logits, self.device)
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         return self._step([list(ids)], None)
@@ -90,7 +113,7 @@ class CompiledRunner:
             out = forward(torch.tensor([ids], device=self.device), cache_position=positions,
                           use_cache=True, logits_to_keep=1, **{self.cache_name: self.cache})
         self.position += len(ids)
-        return out.logits[0, -1].float().cpu().numpy()
+        return _row(out.logits, self.device)
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         with self.torch.no_grad():

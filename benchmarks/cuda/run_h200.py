@@ -90,10 +90,12 @@ def engine_numbers(engine, cudagraph: bool) -> dict:
     engine._graphs.clear()
 
     def decode_run() -> float:
-        logits = engine.prefill_logits(prompt)
+        # greedy, the next token picked on the GPU (one int32 back per step)
+        engine.reset()
+        logits = engine.append(prompt, on_device=True)
         start = time.perf_counter()
         for _ in range(DECODE):
-            logits = engine.decode(int(np.argmax(logits)))
+            logits = engine.decode(logits.argmax(), on_device=True)
         return time.perf_counter() - start
 
     decode_run()
