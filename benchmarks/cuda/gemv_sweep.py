@@ -1,17 +1,20 @@
-"""Validate-then-benchmark sweep of the q4 decode GEMV's block shapes (the tuning database).
+"""Validate-then-benchmark sweep of the q4 decode GEMVs (the tuning database).
 
 Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
 
     python benchmarks/cuda/gemv_sweep.py build .device/sweep
     python benchmarks/cuda/gemv_sweep.py run .device/sweep $OUT/gemv_sweep.json
 
-`build` writes one library with a kernel per (shape, warps, features per warp) for the decode
-GEMVs of the Llama-2-7B shape. `run` checks every variant against a float32 reference of the
-same packed weights (random codes and scales) and, if it agrees, times 48 back-to-back calls
-replayed as one CUDA graph, cycling through copies of the weights that
-together hold 120 MB or more (beyond the 50 MB L2), median of 7 replays. The JSON
-holds every variant and the fastest per shape; copy it to mlcc/backends/cuda/gemv_tuning.json to
-make those the defaults.
+`build` writes one library with a kernel per variant for the decode GEMVs of the Llama-2-7B
+shape: the persistent GEMV (mlcc.backends.cuda.gemv) at a few (blocks per SM, warps, features
+per warp, rotated activation reads), the one-shot GEMV (mlcc.backends.cuda.linear) at the
+database's current pick for comparison, the persistent GEMV with fusion.py's rms_norm and
+silu_mul staging, and a few batch-decode row counts. `run` checks every variant against a
+float32 reference of the same packed weights (random codes and scales) and, if it agrees, times
+48 back-to-back calls replayed as one CUDA graph, cycling through copies of the weights that
+together hold 120 MB or more (beyond the 50 MB L2), median of 7 replays. The JSON holds every
+variant, the fastest plain single-row variant per shape ("best") and per kernel kind
+("best_by_kind"); copy it to mlcc/backends/cuda/gemv_tuning.json to make those the defaults.
 """
 
 from __future__ import annotations
@@ -24,49 +27,174 @@ from pathlib import Path
 import numpy as np
 
 SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)]
-WARPS = (4, 8)
-ROWS = (1, 2, 4, 8)
-DOTS = {"shift": "mlcc_q4_dot8", "masked": "mlcc_q4_dot8_masked"}
+LOGITS = (32000, 4096)  # the output projection stores float32 logits
+# (blocks per SM, warps, features per warp, rotate). nvcc 13 for sm_90 gives the kernel 64
+# registers a thread at K = 4096 and one feature per warp (3 blocks of 8 warps fit an SM), 108
+# at two features (4 blocks of 4 warps), 145 at K = 11008 (3 blocks of 4 warps, 1 of 8): grids
+# beyond what fits run in more than one wave.
+PERSISTENT_4096 = [(2, 8, 1, True), (3, 8, 1, True), (4, 4, 1, True), (6, 4, 1, True),
+                   (2, 4, 2, True), (3, 8, 1, False)]
+PERSISTENT_11008 = [(1, 8, 1, True), (2, 4, 1, True), (3, 4, 1, True), (4, 4, 1, True),
+                    (3, 4, 1, False)]
+FUSED = [("rms_norm", 12288, 4096), ("rms_norm", 22016, 4096), ("silu_mul", 4096, 11008)]
+BATCH = [(4, 22016, 4096, "block"), (4, 22016, 4096, "persistent"),
+         (16, 4096, 4096, "persistent"), (16, 22016, 4096, "persistent")]
+
+
+def _persistent(n: int, k: int, cfg: tuple, rows: int = 1, prologue: str = "none") -> dict:
+    bps, warps, rpw, rotate = cfg
+    tag = f"p{bps}_w{warps}_r{rpw}" + ("" if rotate else "_norot")
+    extra = ("" if rows == 1 else f"_m{rows}") + ("" if prologue == "none" else f"_{prologue}")
+    return {"n": n, "k": k, "rows": rows, "prologue": prologue, "kind": "persistent",
+            "blocks_per_sm": bps, "warps": warps, "rows_per_warp": rpw, "rotate": rotate,
+            "dot": "mlcc_q4_dot8", "name": f"gemv_{n}_{k}_{tag}{extra}"}
+
+
+def _block(n: int, k: int, rows: int = 1) -> dict:
+    from mlcc.backends.cuda.tuning import gemv_config
+
+    warps, rpw, dot = gemv_config(n, k)
+    extra = "" if rows == 1 else f"_m{rows}"
+    return {"n": n, "k": k, "rows": rows, "prologue": "none", "kind": "block", "warps": warps,
+            "rows_per_warp": rpw, "dot": dot, "name": f"gemv_{n}_{k}_block_w{warps}_r{rpw}{extra}"}
 
 
 def variants() -> list[dict]:
+    from mlcc.backends.cuda.tuning import gemv_config
+
     out = []
     for n, k in SHAPES:
-        iters = -(-(k // 32) // 32)
-        for warps in WARPS:
-            for rows in ROWS:
-                for tag, dot in DOTS.items():
-                    if rows * iters <= 32 and (tag == "shift" or rows in (2, 4)):
-                        out.append({"n": n, "k": k, "warps": warps, "rows_per_warp": rows,
-                                    "dot": dot, "name": f"gemv_{n}_{k}_w{warps}_r{rows}_{tag}"})
+        out.append(_block(n, k))
+        out += [_persistent(n, k, c) for c in (PERSISTENT_4096 if k == 4096 else PERSISTENT_11008)]
+    # fusion.py's staging strides by the block kernel's warps, so the fused kernels keep them
+    out += [_persistent(n, k, (3, gemv_config(n, k)[0], 1, True), prologue=p)
+            for p, n, k in FUSED]
+    for rows, n, k, kind in BATCH:
+        out.append(_block(n, k, rows) if kind == "block"
+                   else _persistent(n, k, (3, 8, 1, True), rows))
     return out
+
+
+def linear_spec(n: int, k: int, rows: int):
+    from mlcc.backends.plan import KernelSpec
+
+    ydt = "float32" if (n, k) == LOGITS else "float16"
+    return KernelSpec("q_linear", (((rows, k), "float16"), ((n, k // 8), "uint32"),
+                                   ((n, k // 32), "float16")), (((rows, n), ydt),),
+                      (("bits", 4), ("group_size", 32), ("in_features", k)))
+
+
+def fused_spec(v: dict):
+    """The spec fusion.fuse_prologues makes for (rms_norm | silu_mul) -> q_linear."""
+    from mlcc.backends.plan import KernelSpec
+
+    lin = linear_spec(v["n"], v["k"], v["rows"])
+    rows, k = v["rows"], v["k"]
+    if v["prologue"] == "silu_mul":
+        return KernelSpec("silu_mul_q_linear", (((rows, 2 * k), "float16"),) + lin.inputs[1:],
+                          lin.outputs, lin.attrs)
+    attrs = lin.attrs + (("norm_eps", 1e-5), ("norm_op", "rms_norm"),
+                         ("norm_weight_offset", 0.0))
+    return KernelSpec("norm_q_linear", (((rows, k), "float16"), ((k,), "float16"))
+                      + lin.inputs[1:], lin.outputs, tuple(sorted(attrs)))
+
+
+def kernel_of(v: dict):
+    """The CudaKernel of one variant."""
+    from unittest import mock
+
+    from mlcc.backends.cuda import fusion
+    from mlcc.backends.cuda.gemv import fusion_gemv, gemv_q4_persistent_kernel
+    from mlcc.backends.cuda.linear import LinearShape, gemv_q4_kernel
+    from mlcc.backends.cuda.tuning import PersistentConfig
+
+    if v["prologue"] != "none":
+        # fusion.py builds its kernels with linear.gemv_q4_kernel; the persistent kernel takes
+        # the same arguments (fusion_gemv), so its staging strings are used unchanged.
+        config = PersistentConfig(v["blocks_per_sm"], v["warps"], v["rows_per_warp"],
+                                  v["rotate"])
+        generate = (fusion.gen_silu_mul_q_linear if v["prologue"] == "silu_mul"
+                    else fusion.gen_norm_q_linear)
+        with mock.patch.object(fusion, "gemv_q4_kernel", fusion_gemv(config)):
+            return generate(fused_spec(v), v["name"])
+    s = LinearShape(linear_spec(v["n"], v["k"], v["rows"]))
+    if v["kind"] == "block":
+        return gemv_q4_kernel(s, v["name"], v["warps"], v["rows_per_warp"], dot=v["dot"])
+    return gemv_q4_persistent_kernel(s, v["name"], v["blocks_per_sm"], v["warps"],
+                                     v["rows_per_warp"], dot=v["dot"], rotate=v["rotate"])
 
 
 def build(folder: Path) -> None:
     from mlcc.backends.cuda.codegen import compile_library
-    from mlcc.backends.cuda.linear import LinearShape, gemv_q4_kernel
-    from mlcc.backends.plan import KernelSpec
 
-    kernels = []
-    for v in variants():
-        n, k = v["n"], v["k"]
-        spec = KernelSpec("q_linear", (((1, k), "float16"), ((n, k // 8), "uint32"),
-                                       ((n, k // 32), "float16")), (((1, n), "float16"),),
-                          (("bits", 4), ("group_size", 32), ("in_features", k)))
-        kernels.append(gemv_q4_kernel(LinearShape(spec), v["name"], v["warps"],
-                                      v["rows_per_warp"], dot=v["dot"]))
+    chosen = variants()
+    kernels = [kernel_of(v) for v in chosen]
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     compile_library(kernels, "", "", folder / "gemv_sweep.so")
-    (folder / "variants.json").write_text(json.dumps(variants(), indent=1))
+    (folder / "variants.json").write_text(json.dumps(chosen, indent=1))
     print(f"built {len(kernels)} variants in {time.perf_counter() - start:.1f} s")
 
 
 def reference(qw: np.ndarray, qs: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """float32 x (rows, K) times the dequantized weights: (rows, N)."""
     shifts = np.arange(8, dtype=np.uint32) * 4
     codes = ((qw[:, :, None] >> shifts) & 15).reshape(qw.shape[0], -1).astype(np.float32)
     w = (codes - 7.0) * np.repeat(qs.astype(np.float32), 32, axis=1)
-    return w @ x.astype(np.float32)
+    return np.atleast_2d(x.astype(np.float32)) @ w.T
+
+
+def prologue_inputs(v: dict, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+    """The fused kernel's leading inputs and the float16 activations its staging computes."""
+    rows, k = v["rows"], v["k"]
+    if v["prologue"] == "rms_norm":
+        x = rng.standard_normal((rows, k)).astype(np.float16)
+        w = (1 + 0.1 * rng.standard_normal(k)).astype(np.float16)
+        xf = x.astype(np.float32)
+        inv = 1 / np.sqrt((xf * xf).mean(axis=1, keepdims=True) + 1e-5)
+        return [x, w], (xf * inv * w.astype(np.float32)).astype(np.float16)
+    if v["prologue"] == "silu_mul":
+        gu = rng.standard_normal((rows, 2 * k)).astype(np.float16)
+        g, u = gu[:, :k].astype(np.float32), gu[:, k:].astype(np.float32)
+        return [gu], (g / (1 + np.exp(-g)) * u).astype(np.float16)
+    x = rng.standard_normal((rows, k)).astype(np.float16)
+    return [x], x
+
+
+def weight_copies(n: int, k: int, rng: np.random.Generator, dev) -> list[tuple]:
+    import tvm
+
+    copies = []
+    nbytes = n * k // 2 + n * k // 16
+    for _ in range(max(4, -(-120_000_000 // nbytes))):  # together well beyond the L2
+        qw = rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32)
+        qs = (rng.random((n, k // 32)) * 0.02).astype(np.float16)
+        copies.append((qw, qs, tvm.runtime.tensor(qw, dev), tvm.runtime.tensor(qs, dev)))
+    return copies
+
+
+def measure(torch, lib, v: dict, copies: list[tuple], dev, rng) -> dict:
+    """Validate one variant against the float32 reference; time it if it agrees."""
+    import tvm
+
+    n, k = v["n"], v["k"]
+    leading, activations = prologue_inputs(v, rng)
+    lead_dev = [tvm.runtime.tensor(a, dev) for a in leading]
+    ydt = "float32" if (n, k) == LOGITS else "float16"
+    y_dev = tvm.runtime.empty((v["rows"], n), ydt, dev)
+    f = lib[v["name"]]
+    f(*lead_dev, copies[0][2], copies[0][3], y_dev)
+    expected = reference(copies[0][0], copies[0][1], activations)
+    err = float(np.abs(y_dev.numpy().astype(np.float32) - expected).max() /
+                np.abs(expected).max())
+    row = dict(v, rel_err=err)
+    if err < 1e-2:
+        row["us"] = time_variant(torch, f, lead_dev, copies, y_dev)
+        row["gb_s"] = (n * k // 2 + n * k // 16) / (row["us"] * 1e-6) / 1e9
+    return row
+
+
+RECORD_KEYS = ("kind", "blocks_per_sm", "warps", "rows_per_warp", "rotate", "dot", "us", "gb_s")
 
 
 def run(folder: Path, out: Path) -> None:
@@ -77,52 +205,44 @@ def run(folder: Path, out: Path) -> None:
 
     dev = _device("cuda")
     lib = tvm.runtime.load_module(str(folder / "gemv_sweep.so"))
+    chosen = json.loads((folder / "variants.json").read_text())
     rng = np.random.default_rng(0)
-    results, best = [], {}
-    for n, k in SHAPES:
-        copies = []
-        nbytes = n * k // 2 + n * k // 16
-        for _ in range(max(4, -(-120_000_000 // nbytes))):  # together well beyond the L2
-            qw = rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32)
-            qs = (rng.random((n, k // 32)) * 0.02).astype(np.float16)
-            copies.append((qw, qs, tvm.runtime.tensor(qw, dev), tvm.runtime.tensor(qs, dev)))
-        x = rng.standard_normal((1, k)).astype(np.float16)
-        x_dev, y_dev = tvm.runtime.tensor(x, dev), tvm.runtime.empty((1, n), "float16", dev)
-        expected = reference(copies[0][0], copies[0][1], x[0])
-        for v in [v for v in variants() if (v["n"], v["k"]) == (n, k)]:
-            f = lib[v["name"]]
-            f(x_dev, copies[0][2], copies[0][3], y_dev)
-            err = float(np.abs(y_dev.numpy()[0].astype(np.float32) - expected).max() /
-                        np.abs(expected).max())
-            row = dict(v, rel_err=err)
-            if err < 1e-2:
-                row["us"] = time_variant(torch, f, x_dev, copies, y_dev)
-                row["gb_s"] = (n * k // 2 + n * k // 16) / (row["us"] * 1e-6) / 1e9
-                key = f"{n},{k}"
-                if key not in best or row["us"] < best[key]["us"]:
-                    best[key] = {kk: row[kk] for kk in ("warps", "rows_per_warp", "dot", "us",
-                                                          "gb_s")}
+    results, best, by_kind = [], {}, {"block": {}, "persistent": {}}
+    for n, k in sorted({(v["n"], v["k"]) for v in chosen}):
+        copies = weight_copies(n, k, rng, dev)
+        for v in [v for v in chosen if (v["n"], v["k"]) == (n, k)]:
+            row = measure(torch, lib, v, copies, dev, rng)
             results.append(row)
-            print(f"{v['name']:34s} err {err:.1e} " +
+            print(f"{v['name']:44s} err {row['rel_err']:.1e} " +
                   (f"{row['us']:7.2f} us {row['gb_s']:6.0f} GB/s" if "us" in row else "FAILED"))
+            if "us" not in row or v["rows"] != 1 or v["prologue"] != "none":
+                continue
+            record = {key: row[key] for key in RECORD_KEYS if key in row}
+            key = f"{n},{k}"
+            for table in (best, by_kind[v["kind"]]):
+                if key not in table or row["us"] < table[key]["us"]:
+                    table[key] = record
+        del copies
     doc = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                           time.gmtime()),
-           "command": "python " + " ".join(sys.argv), "best": best, "variants": results}
+           "command": "python " + " ".join(sys.argv), "best": best, "best_by_kind": by_kind,
+           "variants": results}
     out.write_text(json.dumps(doc, indent=1))
 
 
-def time_variant(torch, f, x_dev, copies, y_dev, calls: int = 48, repeats: int = 7) -> float:
+def time_variant(torch, f, leading: list, copies: list[tuple], y_dev, calls: int = 48,
+                 repeats: int = 7) -> float:
     """Median time per call of `calls` back-to-back calls replayed as one CUDA graph (no
-    launch gaps from Python), cycling through the four weight copies."""
+    launch gaps from Python), cycling through the weight copies."""
     import tvm_ffi
 
     for i in range(len(copies)):
-        f(x_dev, copies[i][2], copies[i][3], y_dev)
+        f(*leading, copies[i][2], copies[i][3], y_dev)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with tvm_ffi.use_torch_stream(torch.cuda.graph(graph)):
         for i in range(calls):
-            f(x_dev, copies[i % len(copies)][2], copies[i % len(copies)][3], y_dev)
+            f(*leading, copies[i % len(copies)][2], copies[i % len(copies)][3], y_dev)
     times = []
     for _ in range(repeats):
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

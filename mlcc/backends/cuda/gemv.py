@@ -23,8 +23,10 @@ Arithmetic is the one-shot kernel's: a lane owns one group of 32 weights per fea
 group's scale applied once), lanes are summed by mlcc_warp_sum and results stored through
 mlcc_put (float16, or float32 logits), plus the optional bias. With `rotate` each lane reads the
 four words of its group starting at word (lane / 2) % 4: the four 16-byte activation reads of a
-quarter warp then fall in distinct banks (without it lanes 0, 2, 4, 6 collide), at the price of
-summing a group's four words in a rotated order (float32 rounding only).
+quarter warp then fall in distinct banks (without it lanes 0, 2, 4, 6 collide); a group's four
+word sums are then added in a rotated order, which changes nothing in practice: each is a sum of
+float16 values that four of add up exactly in float32 (tests/compile/test_cuda_gemv_persistent.py
+emulates both orders). Activations are read from shared memory 16 bytes at a time.
 
 Rows that do not fit in 48 KB of static shared memory at once are processed in chunks (the
 tile loop runs once per chunk and re-reads the weights), so any static row count compiles; a
@@ -112,9 +114,10 @@ def _compute(s: LinearShape, buf: str, rows_per_warp: int, iters: int, r0: int, 
     turn = ""
     if rotate:
         turn = """
-            v = (rot & 1) ? make_uint4(v.y, v.z, v.w, v.x) : v;
-            v = (rot & 2) ? make_uint4(v.z, v.w, v.x, v.y) : v;"""
-    words = " + ".join(f"{dot}(v.{c}, xg + o{j})" for j, c in enumerate("xyzw"))
+              v = (rot & 1) ? make_uint4(v.y, v.z, v.w, v.x) : v;
+              v = (rot & 2) ? make_uint4(v.z, v.w, v.x, v.y) : v;"""
+    words = " + ".join(f"{dot}(v.{c}, reinterpret_cast<const half2*>(&x{j}))"
+                       for j, c in enumerate("xyzw"))
     return f"""      {{
         float acc[{count}][{rows_per_warp}];
         #pragma unroll
@@ -131,7 +134,8 @@ def _compute(s: LinearShape, buf: str, rows_per_warp: int, iters: int, r0: int, 
               const float sc = __half2float(s{buf}[q][it]);
               #pragma unroll
               for (int rr = 0; rr < {count}; ++rr) {{
-                const half2* xg = xs_rows + rr * {half_k} + g * 16;
+                const uint4* xq = reinterpret_cast<const uint4*>(xs_rows + rr * {half_k} + g * 16);
+                const uint4 x0 = xq[p0], x1 = xq[p1], x2 = xq[p2], x3 = xq[p3];
                 acc[rr][q] += ({words}) * sc;
               }}
             }}
@@ -199,10 +203,10 @@ def gemv_q4_persistent_kernel(s: LinearShape, name: str, blocks_per_sm: int, war
     chunks = row_chunks(rows, s.k)
     rotation = ""
     if rotate:
-        rotation = ("\n  const int rot = (lane >> 1) & 3;\n  const int o0 = 4 * rot, "
-                    "o1 = 4 * ((rot + 1) & 3), o2 = 4 * ((rot + 2) & 3), o3 = 4 * ((rot + 3) & 3);")
+        rotation = ("\n  const int rot = (lane >> 1) & 3;\n  const int p0 = rot, "
+                    "p1 = (rot + 1) & 3, p2 = (rot + 2) & 3, p3 = (rot + 3) & 3;")
     else:
-        rotation = "\n  const int o0 = 0, o1 = 4, o2 = 8, o3 = 12;"
+        rotation = "\n  const int p0 = 0, p1 = 1, p2 = 2, p3 = 3;"
     passes = "\n".join(_chunk(s, staging, (warps, rows_per_warp, grid * warps), r0, count,
                               rotate, dot) for r0, count in chunks)
     body = f"""{signature(name, buffers, outputs, s.symbols)} {{
