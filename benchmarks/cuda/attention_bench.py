@@ -5,8 +5,10 @@ Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
     python benchmarks/cuda/attention_bench.py build .device/attention
     python benchmarks/cuda/attention_bench.py run .device/attention $OUT/attention_bench.json
 
-`build` writes one library with two launchers per KV configuration (append + tensor-core
-attention, `*_flash`; append + the CUDA-core attention, `*_cuda_cores`) and cases.json. The
+`build` writes one library with three launchers per KV configuration (append + tensor-core
+attention with fragments from plain shared-memory loads, `*_flash`, the shipped default, or
+from ldmatrix, `*_flash_ldmatrix`; append + the CUDA-core attention, `*_cuda_cores`) and
+cases.json. The
 configurations: the Llama-2-7B layer (32 heads of 128, page size 16 as the llama2_7b preset),
 GQA 32/8, and a sliding window of 256 with 4 sinks in a ring. Cases: a 512-token chunk at
 position 0 and a 256-token chunk at 512 (7B), a 512-token chunk at 0 (GQA), a 512-token chunk
@@ -44,6 +46,7 @@ CASES = [  # (name, config, chunk start, chunk length)
     ("window_256_sinks_4_chunk_512_at_1024", "window", 1024, 512),
 ]
 CHUNK = 512  # the ring of a window holds sinks + window + one chunk, as layout.py sizes it
+VARIANTS = ("flash", "flash_ldmatrix", "cuda_cores")
 TOLERANCE = 1e-2  # absolute, outputs are weighted means of N(0, 1) values
 
 
@@ -78,7 +81,9 @@ def build(folder: Path) -> None:
     kernels, tables = [], {}
     for config in CONFIGS:
         spec = attention_spec(config)
-        kernels.append(gen_qkv_attention(spec, f"{config}_flash", flash=True))
+        kernels.append(gen_qkv_attention(spec, f"{config}_flash", flash=True, ldmatrix=False))
+        kernels.append(gen_qkv_attention(spec, f"{config}_flash_ldmatrix", flash=True,
+                                         ldmatrix=True))
         kernels.append(gen_qkv_attention(spec, f"{config}_cuda_cores", flash=False))
         tables[config] = inv_freq_table(spec).astype(np.float32).tolist()
     folder.mkdir(parents=True, exist_ok=True)
@@ -176,7 +181,7 @@ def run(folder: Path, out: Path) -> None:
     for name, config_name, start, n in doc["cases"]:
         config = doc["configs"][config_name]
         inputs = make_inputs(np.random.default_rng(len(results)), config, start, n)
-        for variant in ("flash", "cuda_cores"):
+        for variant in VARIANTS:
             f = lib[f"{config_name}_{variant}"]
             args = [tvm.runtime.tensor(inputs[key], dev)
                     for key in ("qkv", "seq_info", "page_table", "pool")]
@@ -191,7 +196,7 @@ def run(folder: Path, out: Path) -> None:
                 row["us"] = time_calls(torch, f, call)
                 row["tflop_s"] = row["gflop"] / (row["us"] * 1e-6) / 1e3
             results.append(row)
-            print(f"{name:38s} {variant:10s} y_err {row['y_err']:.1e} k_err {row['k_err']:.1e} "
+            print(f"{name:38s} {variant:14s} y_err {row['y_err']:.1e} k_err {row['k_err']:.1e} "
                   + (f"{row['us']:9.1f} us {row['tflop_s']:6.1f} TFLOP/s" if row["ok"]
                      else "FAILED"))
     doc = {"device": torch.cuda.get_device_name(),

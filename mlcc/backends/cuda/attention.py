@@ -36,6 +36,9 @@ DECODE_ROWS = 4  # at most this many static rows attend on CUDA cores
 TILE = 64  # queries per block and keys per step of the tensor-core prefill kernel
 FLASH_WARPS = 4  # 16 query rows each
 PAD = 8  # float16 padding per shared-memory row of keys and values
+# Key/value fragments through ldmatrix (fewer shared-memory instructions) or plain loads (whose
+# layouts need only the MMA's); plain until the H200 benchmark has validated both.
+LDMATRIX = False
 
 
 def _slot(kv: dict) -> str:
@@ -80,7 +83,8 @@ def use_flash(spec: KernelSpec) -> bool:
             and kv["dtype"] == "float16" and d % 16 == 0 and d <= 128)
 
 
-def gen_qkv_attention(spec: KernelSpec, name: str, flash: bool | None = None) -> CudaKernel:
+def gen_qkv_attention(spec: KernelSpec, name: str, flash: bool | None = None,
+                      ldmatrix: bool = LDMATRIX) -> CudaKernel:
     """Append + attend; prefill chunks attend with the tensor-core kernel (`use_flash`) unless
     `flash` says otherwise (False keeps the CUDA-core kernel, as benchmarks compare both)."""
     flash = use_flash(spec) if flash is None else flash
@@ -128,7 +132,7 @@ __device__ __forceinline__ long long {name}_row(const int* page_table, long long
     nests = [(f"{name}_append", (f"{tokens} * T.int64({hkv})",), max(32, min(d, 128)))]
     if flash:
         source += flash_source(spec, name, params.replace("PHASE", "flash"),
-                               numel_text(qkv_shape[:1]))
+                               numel_text(qkv_shape[:1]), ldmatrix)
         tiles = f"({tokens} + T.int64({TILE - 1})) // T.int64({TILE})"
         nests.append((f"{name}_flash", (f"{tiles} * T.int64({hq})",), FLASH_WARPS * 32))
     else:
@@ -241,7 +245,8 @@ def visibility_source(name: str, window: int, sinks: int) -> str:
     sink_tiles) then [first, first + count - sink_tiles). A key row is loaded when some query of
     the tile sees it (others are zero-filled: their slots may be unwritten pages or, in a ring,
     newer positions); `{name}_visible` is today's rule: causal, and with a window the last
-    `window` positions plus the first `sinks`.
+    `window` positions plus the first `sinks`; `{name}_full(p0, p1, j0)`: every query in [p0,
+    p1] sees every key of the tile at j0, so the mask can be skipped.
     """
     tile = TILE
     if window > 0:
@@ -249,8 +254,10 @@ def visibility_source(name: str, window: int, sinks: int) -> str:
         sink_tiles = f"(({sinks}LL < lo ? {sinks}LL : lo) + {tile - 1}) / {tile}"
         visible = f"j <= p && (j >= p - {window - 1} || j < {sinks}LL)"
         loaded = f"j >= 0 && j <= p1 && (j >= p0 - {window - 1} || j < {sinks}LL)"
+        full = f"j0 + {tile - 1} <= p0 && j0 >= p1 - {window - 1}"
     else:
         lo, sink_tiles, visible, loaded = "0LL", "0LL", "j <= p", "j >= 0 && j <= p1"
+        full = f"j0 + {tile - 1} <= p0"
     return f"""MLCC_HD long long {name}_tiles(long long p0, long long p1, long long* sink_tiles,
                                 long long* first) {{
   const long long lo = {lo};
@@ -264,6 +271,7 @@ MLCC_HD long long {name}_tile_at(long long t, long long sink_tiles, long long fi
 }}
 MLCC_HD bool {name}_visible(long long p, long long j) {{ return {visible}; }}
 MLCC_HD bool {name}_loaded(long long p0, long long p1, long long j) {{ return {loaded}; }}
+MLCC_HD bool {name}_full(long long p0, long long p1, long long j0) {{ return {full}; }}
 """
 
 
@@ -290,9 +298,17 @@ __device__ __forceinline__ void mlcc_mma16816(float* c, const unsigned* a, unsig
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-__device__ __forceinline__ unsigned mlcc_pack_half2(float lo, float hi) {
-  const half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const unsigned*>(&v);
+// ldmatrix: lane l gives the address of row l % 8 of 8x8 matrix l / 8; register i receives
+// (row g, columns 2t, 2t+1) of matrix i, or with .trans (rows 2t, 2t+1, column g).
+__device__ __forceinline__ void mlcc_ldmatrix_x4(unsigned* r, const half* row) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(row);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+__device__ __forceinline__ void mlcc_ldmatrix_x4_trans(unsigned* r, const half* row) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(row);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
 }
 __device__ __forceinline__ unsigned mlcc_pack_halves(half lo, half hi) {
   const half2 v = __halves2half2(lo, hi);
@@ -302,7 +318,8 @@ __device__ __forceinline__ unsigned mlcc_pack_halves(half lo, half hi) {
 """
 
 
-def flash_source(spec: KernelSpec, name: str, head: str, rows: str) -> str:
+def flash_source(spec: KernelSpec, name: str, head: str, rows: str,
+                 ldmatrix: bool = False) -> str:
     """`{name}_flash`: a block per (64-query tile, query head), four warps of 16 query rows.
 
     The rotated queries (float16, as the CUDA-core kernel rounds them) go through shared memory
@@ -311,7 +328,8 @@ def flash_source(spec: KernelSpec, name: str, head: str, rows: str) -> str:
     next keys load while values are summed. Scores S = Q K^T and O += P V run on tensor cores
     (float32 accumulators); each row keeps its online softmax (running max and sum) in float32;
     P is rounded to float16 for the MMA. Query tiles are launched last-first: they visit the
-    most key tiles.
+    most key tiles. `ldmatrix` loads the key and value fragments with ldmatrix (four 8x8
+    matrices per instruction, values transposed on the way) instead of 32- and 16-bit loads.
     """
     kv = dict(spec.kv)
     hq, hkv, d = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"]
@@ -373,7 +391,7 @@ __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__
     mlcc_cp_wait1();  // this tile's keys; its values may still be in flight
     __syncthreads();
     float s[{TILE // 8}][4];
-{_scores(d, ld)}
+{_scores(d, ld, ldmatrix)}
     __syncthreads();  // every warp is done with ks
     if (t + 1 < count) {name}_stage(ks, pool, page_table, jn, 0, g, p0, p1);
     mlcc_cp_commit();
@@ -381,7 +399,7 @@ __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__
 {_softmax(name, scale, d)}
     mlcc_cp_wait1();  // this tile's values; the next keys may still be in flight
     __syncthreads();
-{_weighted_values(d, ld)}
+{_weighted_values(d, ld, ldmatrix)}
     __syncthreads();  // every warp is done with vs
     if (t + 1 < count) {name}_stage(vs, pool, page_table, jn, 1, g, p0, p1);
     mlcc_cp_commit();
@@ -392,7 +410,19 @@ __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__
 """
 
 
-def _scores(d: int, ld: int) -> str:
+def _scores(d: int, ld: int, ldmatrix: bool) -> str:
+    if ldmatrix and d % 32 == 0:  # matrices: keys x features (kc, kc + 8, kc + 16, kc + 24)
+        return f"""    #pragma unroll
+    for (int nt = 0; nt < {TILE // 8}; ++nt) {{
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      #pragma unroll
+      for (int kc = 0; kc < {d // 32}; ++kc) {{
+        unsigned b[4];
+        mlcc_ldmatrix_x4(b, ks + (nt * 8 + (lane & 7)) * {ld} + kc * 32 + (lane >> 3) * 8);
+        mlcc_mma16816(s[nt], qf[2 * kc], b[0], b[1]);
+        mlcc_mma16816(s[nt], qf[2 * kc + 1], b[2], b[3]);
+      }}
+    }}"""
     return f"""    #pragma unroll
     for (int nt = 0; nt < {TILE // 8}; ++nt) {{
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
@@ -408,7 +438,9 @@ def _scores(d: int, ld: int) -> str:
 def _softmax(name: str, scale: float, d: int) -> str:
     """Mask and scale the scores, update each row's running max and sum (the four lanes of a
     row group hold its 64 columns), rescale the output rows, and pack P as A fragments."""
-    return f"""    #pragma unroll
+    return f"""    // tiles inside every row's range (most of a long prefill) skip the per-element mask
+    const bool full = {name}_full(pa - gid, pa - gid + 15, j0);
+    #pragma unroll
     for (int r = 0; r < 2; ++r) {{
       float top = m[r];
       #pragma unroll
@@ -417,7 +449,7 @@ def _softmax(name: str, scale: float, d: int) -> str:
         for (int e = 0; e < 2; ++e) {{
           const long long j = j0 + nt * 8 + tig * 2 + e;
           const float v = s[nt][2 * r + e] * {fp(scale)};
-          s[nt][2 * r + e] = {name}_visible(pa + 8 * r, j) ? v : -INFINITY;
+          s[nt][2 * r + e] = full || {name}_visible(pa + 8 * r, j) ? v : -INFINITY;
           top = fmaxf(top, s[nt][2 * r + e]);
         }}
       }}
@@ -442,7 +474,19 @@ def _softmax(name: str, scale: float, d: int) -> str:
     }}"""
 
 
-def _weighted_values(d: int, ld: int) -> str:
+def _weighted_values(d: int, ld: int, ldmatrix: bool) -> str:
+    if ldmatrix:  # matrices: (keys 0-7, 8-15) x (features nt, nt + 8), transposed
+        return f"""    #pragma unroll
+    for (int kc = 0; kc < {TILE // 16}; ++kc) {{
+      #pragma unroll
+      for (int nt = 0; nt < {d // 16}; ++nt) {{
+        unsigned b[4];
+        mlcc_ldmatrix_x4_trans(b, vs + (kc * 16 + (lane & 15)) * {ld} + nt * 16
+                                      + (lane >> 4) * 8);
+        mlcc_mma16816(o[2 * nt], pf[kc], b[0], b[1]);
+        mlcc_mma16816(o[2 * nt + 1], pf[kc], b[2], b[3]);
+      }}
+    }}"""
     return f"""    #pragma unroll
     for (int kc = 0; kc < {TILE // 16}; ++kc) {{
       #pragma unroll
