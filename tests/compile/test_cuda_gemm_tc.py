@@ -99,7 +99,8 @@ def wrapped(kernel, spec: KernelSpec) -> str:
 
 def test_machine_code_uses_tensor_cores_async_copies_and_fits_two_blocks_per_sm(tmp_path):
     configs = [TileConfig(128, 128, 2, 4, 2), TileConfig(128, 128, 4, 4, 2),
-               TileConfig(128, 64, 4, 4, 2), TileConfig(64, 128, 2, 4, 2)]
+               TileConfig(128, 64, 4, 4, 2), TileConfig(64, 128, 2, 4, 2),
+               TileConfig(128, 128, 2, 3, 3)]
     source = COMMON_SOURCE
     for i, config in enumerate(configs):
         spec = q4_spec(SEQ, 12288, 4096, bias=i == 1)
@@ -114,7 +115,7 @@ def test_machine_code_uses_tensor_cores_async_copies_and_fits_two_blocks_per_sm(
     assert done.returncode == 0, done.stderr[-2000:]
     usage = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores.*?"
                        r"Used (\d+) registers", done.stderr, re.DOTALL)
-    assert len(usage) == 5, done.stderr
+    assert len(usage) == 6, done.stderr
     for name, spills, registers in usage:
         assert spills == "0", name
         assert int(registers) <= 128, f"{name}: {registers} registers, two blocks need <= 128"
@@ -133,3 +134,31 @@ def test_every_benchmark_variant_builds_into_one_library(tmp_path):
     assert (tmp_path / "gemm_bench.so").stat().st_size > 100_000
     names = [v["name"] for v in bench.variants()]
     assert len(names) == len(set(names)) and sum(n.endswith("_wmma") for n in names) == 8
+
+
+def test_wired_ahead_of_wmma_it_takes_every_7b_prefill_linear_and_its_source_compiles(tmp_path, monkeypatch):
+    from mlcc.backends.cuda import linear
+    from mlcc.backends.cuda.codegen import device_source, library_parts
+    from mlcc.interface.compile import load_model_config
+    from mlcc.passes import build_pipeline, parse_opt, run_passes
+    from mlcc.quant import get_scheme
+
+    rules = list(linear.LINEAR_RULES)
+    rules.insert(rules.index(linear.gemm_wmma_rule), gemm_tc_rule)
+    monkeypatch.setattr(linear, "LINEAR_RULES", tuple(rules))
+    arch, config, quant, _ = load_model_config("llama2_7b", "q4f16_1", None)
+    passes = build_pipeline(parse_opt("O2"), get_scheme(quant).model_dtype, quant,
+                            config.prefill_chunk_size)
+    module = run_passes(arch.build_module(config), passes).module
+    built, plans, _, _ = library_parts(module, {"params": []})
+    prefill = {c.spec for p in plans if p.name == "prefill" for c in p.calls
+               if c.spec.op == "q_linear" and isinstance(c.spec.inputs[0][0][0], Sym)}
+    by_spec = {k.name: k for k in built}
+    assert len(prefill) == 4  # qkv, o_proj, gate_up, down (lm_head sees the last row only)
+    tc = [k for k in built if "mlcc_tc_mma16816(acc" in k.device_source]
+    assert len(tc) == len(prefill) and "wmma::" not in device_source(list(by_spec.values()))
+    (tmp_path / "k.cu").write_text(device_source(built))
+    done = subprocess.run(["nvcc", "--cubin", "-O3", "-std=c++17", "-arch=sm_90", "-o",
+                           str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -22,12 +22,12 @@ LANES = np.arange(32)
 
 
 def swz(r, c):
-    """mlcc_swz: offset in halves of (row r, column c) in a tile of 32-half rows."""
+    """mlcc_tc_swz: offset in halves of (row r, column c) in a tile of 32-half rows."""
     return r * 32 + ((((c >> 3) ^ (r >> 1)) & 3) << 3)
 
 
 def dequant8(w: int, scale: np.float16) -> np.ndarray:
-    """mlcc_q4_dequant8: the eight halves in k order from one packed word."""
+    """mlcc_tc_q4_dequant8: the eight halves in k order from one packed word."""
     t = [(w & 0xF) | ((w << 12) & 0xF0000), ((w >> 8) & 0xF) | ((w << 4) & 0xF0000),
          ((w >> 16) & 0xF) | ((w >> 4) & 0xF0000), ((w >> 24) & 0xF) | ((w >> 12) & 0xF0000)]
     words = np.array([(v | 0x64006400) & 0xFFFFFFFF for v in t], dtype=np.uint32)
@@ -127,13 +127,14 @@ def test_fragment_maps_of_one_k_step_give_the_tile_product(config):
         wm = (warp % config.warps_m) * config.warp_m
         wn = (warp // config.warps_m) * config.warp_n
         acc = np.zeros((mt, nt, 32, 4), np.float32)
-        for kk in (0, 16):
-            af = [ldmatrix_x4(As, swz(wm + i * 16 + (LANES & 15), kk + (LANES >> 4) * 8))
-                  for i in range(mt)]
+        for h in (0, 1):
+            # a_ld / b_ld of the kernel, in halves; fragment i (pair p) is 16 rows further
+            a_ld = swz(wm + (LANES & 15), h * 16 + (LANES >> 4) * 8)
+            b_ld = swz(wn + (LANES >> 4) * 8 + (LANES & 7), h * 16 + ((LANES >> 3) & 1) * 8)
+            af = [ldmatrix_x4(As, a_ld + i * 512) for i in range(mt)]
             bfr = []
             for p in range(nt // 2):
-                r = ldmatrix_x4(Bs, swz(wn + p * 16 + (LANES >> 4) * 8 + (LANES & 7),
-                                        kk + ((LANES >> 3) & 1) * 8))
+                r = ldmatrix_x4(Bs, b_ld + p * 512)
                 bfr += [r[:, 0:2], r[:, 2:4]]
             for i in range(mt):
                 for j in range(nt):
@@ -155,7 +156,7 @@ def test_k_loop_schedule_reads_each_step_once_and_never_a_slot_in_flight(config,
     ring = [None] * S                 # step whose activations a ring slot holds (when landed)
     groups: list[list[tuple[int, int]]] = []  # commit groups: (slot, step) copies in flight
     pending: list[tuple[int, int]] = []
-    regs: list[int] = []              # q4: steps whose packed words sit in register slots
+    regs: dict[int, int] = {}        # q4: register slot -> K step whose packed words it holds
     b_buffers = [None, None]
 
     def commit():
@@ -171,29 +172,76 @@ def test_k_loop_schedule_reads_each_step_once_and_never_a_slot_in_flight(config,
     def in_flight():
         return {slot for group in groups for slot, _ in group}
 
-    regs += list(range(min(ahead, steps)))
+    for t in range(min(ahead, steps)):
+        regs[t] = t
     for st in range(S - 1):
         if st < steps:
             pending.append((st % S, st))
         commit()
-    b_buffers[0] = regs.pop(0)
+    b_buffers[0] = regs[0]
     if ahead < steps:
-        regs.append(ahead)
-    for kt in range(steps):
-        wait(S - 2)
-        # __syncthreads: everything below may overlap other warps' compute of step kt
-        written = set()
-        if kt + S - 1 < steps:
-            pending.append(((kt + S - 1) % S, kt + S - 1))
-            written.add(("a", (kt + S - 1) % S))
-        commit()
-        if kt + 1 < steps:
-            assert regs[0] == kt + 1
-            b_buffers[(kt + 1) & 1] = regs.pop(0)
-            written.add(("b", (kt + 1) & 1))
-            if kt + 1 + ahead < steps:
-                regs.append(kt + 1 + ahead)
-        assert len(regs) <= ahead
-        assert ring[kt % S] == kt and kt % S not in in_flight()
-        assert b_buffers[kt & 1] == kt
-        assert ("a", kt % S) not in written and ("b", kt & 1) not in written
+        regs[0] = ahead
+    for kt0 in range(0, steps, ahead):  # the loop body is unrolled `ahead` times
+        for u in range(ahead):
+            kt = kt0 + u
+            if kt >= steps:
+                continue
+            wait(S - 2)
+            # __syncthreads: everything below may overlap other warps' compute of step kt
+            written = set()
+            if kt + S - 1 < steps:
+                pending.append(((kt + S - 1) % S, kt + S - 1))
+                written.add(("a", (kt + S - 1) % S))
+            commit()
+            if kt + 1 < steps:
+                slot = (u + 1) % ahead
+                assert regs[slot] == kt + 1
+                b_buffers[(kt + 1) & 1] = regs[slot]
+                written.add(("b", (kt + 1) & 1))
+                if kt + 1 + ahead < steps:
+                    regs[slot] = kt + 1 + ahead
+            assert ring[kt % S] == kt and kt % S not in in_flight()
+            assert b_buffers[kt & 1] == kt
+            assert ("a", kt % S) not in written and ("b", kt & 1) not in written
+
+
+def test_generated_source_uses_the_modelled_formulas():
+    from mlcc.backends.cuda.gemm import HELPERS, gemm_tc_kernel
+    from mlcc.backends.cuda.linear import LinearShape
+    from mlcc.backends.plan import KernelSpec
+    from mlcc.ir.types import Sym
+
+    rows = Sym("seq_len")
+    spec = KernelSpec("q_linear", (((rows, 4096), "float16"), ((4096, 512), "uint32"),
+                                   ((4096, 128), "float16")), (((rows, 4096), "float16"),),
+                      (("bits", 4), ("group_size", 32), ("in_features", 4096)))
+    config = TileConfig(128, 64, 4, 3, 2)
+    text = " ".join(gemm_tc_kernel(LinearShape(spec), "k", config).device_source.split())
+    helpers = " ".join(HELPERS.split())
+    for formula in [
+        "return r * 32 + ((((c >> 3) ^ (r >> 1)) & 3) << 3);",
+        "t[0] = (w & 0xFu) | ((w << 12) & 0xF0000u) | 0x64006400u;",
+        "t[3] = ((w >> 24) & 0xFu) | ((w >> 12) & 0xF0000u) | 0x64006400u;",
+        "a_ld[h] = mlcc_tc_swz(wm + (lane & 15), h * 16 + (lane >> 4) * 8) * 2;",
+        "b_ld[h] = mlcc_tc_swz(wn + (lane >> 4) * 8 + (lane & 7), h * 16 + ((lane >> 3) & 1) * 8)",
+        "mlcc_tc_ldsm4(af[i], a_base + a_ld[h] + i * 1024);",
+        "mlcc_tc_ldsm4(r, b_base + b_ld[h] + p * 1024);",
+        "const int wm = (warp % 4) * 32;", "const int wn = (warp / 4) * 32;",
+        "const int v = tid + i * 256, r = v >> 2;", "mlcc_tc_swz(r, (v & 3) * 8)",
+        "const int b_row = tid / 4, b_word = (tid % 4) * 1;",
+        "wq[0] = __ldg(reinterpret_cast<const unsigned*>(w_src) + (0) * 4); sq[0] = s_src[0];",
+        "wq[1] = __ldg(reinterpret_cast<const unsigned*>(w_src) + (1) * 4); sq[1] = s_src[1];",
+        "wq[0] = __ldg(reinterpret_cast<const unsigned*>(w_src) + (2) * 4); sq[0] = s_src[2];",
+        ("for (int kt0 = 0; kt0 < 128; kt0 += 2) { { const int kt = kt0 + 0; "
+        "mlcc_tc_cp_wait<1>(); __syncthreads(); if (kt + 2 < 128)"),
+        "const int slot = (kt + 2) % 3;",
+        ("if (kt + 1 < 128) { { const half2 sc = __half2half2(sq[1]); "
+        "*reinterpret_cast<uint4*>(Bs + ((kt + 1) & 1) * 2048"),
+        ("if (kt + 3 < 128) { wq[1] = __ldg(reinterpret_cast<const unsigned*>(w_src) + "
+        "(kt + 3) * 4); sq[1] = s_src[kt + 3]; }"),
+        "const int kt = kt0 + 1;", "const half2 sc = __half2half2(sq[0]);",
+        "const unsigned b_base = bs0 + (kt & 1) * 4096;",
+        "const long long row = m0 + wm + i * 16 + h * 8 + g;",
+        "const long long col = n0 + wn + j * 8 + t2;",
+    ]:
+        assert formula in text or formula in helpers, formula

@@ -30,6 +30,7 @@ they only feed outputs that are never stored, so no zero filling is needed.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 
 from mlcc.backends.cuda.kernels import CudaKernel, launcher, signature
@@ -103,27 +104,27 @@ WIDE_FROM_FEATURES = 8192
 HELPERS = r"""
 #ifndef MLCC_GEMM_TC_HELPERS
 #define MLCC_GEMM_TC_HELPERS
-__device__ __forceinline__ unsigned mlcc_smem(const void* p) {
+__device__ __forceinline__ unsigned mlcc_tc_smem(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
-__device__ __forceinline__ void mlcc_cp16(unsigned dst, const void* src) {
+__device__ __forceinline__ void mlcc_tc_cp16(unsigned dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(dst), "l"(src));
 }
-__device__ __forceinline__ void mlcc_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void mlcc_cp_wait() {
+__device__ __forceinline__ void mlcc_tc_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void mlcc_tc_cp_wait() {
   asm volatile("cp.async.wait_group %0;\n" :: "n"(N));
 }
 // Offset in halves of (row r, column c) of a tile with rows of 32 halves, c a multiple of 8:
 // the 16-byte chunk index is XOR-ed with bits 1-2 of the row, so rows r..r+7 (r % 8 == 0) at
 // one column use all eight 16-byte bank groups.
-__device__ __forceinline__ int mlcc_swz(int r, int c) {
+__device__ __forceinline__ int mlcc_tc_swz(int r, int c) {
   return r * 32 + ((((c >> 3) ^ (r >> 1)) & 3) << 3);
 }
-__device__ __forceinline__ void mlcc_ldsm4(unsigned* d, unsigned addr) {
+__device__ __forceinline__ void mlcc_tc_ldsm4(unsigned* d, unsigned addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3]) : "r"(addr));
 }
-__device__ __forceinline__ void mlcc_mma16816(float* c, const unsigned* a, const unsigned* b) {
+__device__ __forceinline__ void mlcc_tc_mma16816(float* c, const unsigned* a, const unsigned* b) {
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
                "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -133,7 +134,7 @@ __device__ __forceinline__ void mlcc_mma16816(float* c, const unsigned* a, const
 // Each pair (c_2i, c_2i+1) is moved to bits 0-3 and 16-19 and OR-ed into 0x6400: the half2
 // (1024 + c_2i, 1024 + c_2i+1) exactly; subtracting 1031 leaves c - 7 exactly, and one rounded
 // multiply gives float16((c - 7) * scale), the reference's rounding.
-__device__ __forceinline__ uint4 mlcc_q4_dequant8(unsigned w, half2 scale) {
+__device__ __forceinline__ uint4 mlcc_tc_q4_dequant8(unsigned w, half2 scale) {
   const half2 magic = __half2half2(__ushort_as_half((unsigned short)0x6407));
   unsigned t[4];
   t[0] = (w & 0xFu) | ((w << 12) & 0xF0000u) | 0x64006400u;
@@ -149,10 +150,10 @@ __device__ __forceinline__ uint4 mlcc_q4_dequant8(unsigned w, half2 scale) {
   }
   return out;
 }
-__device__ __forceinline__ void mlcc_put2(half* p, long long i, float a, float b) {
+__device__ __forceinline__ void mlcc_tc_put2(half* p, long long i, float a, float b) {
   *reinterpret_cast<half2*>(p + i) = __floats2half2_rn(a, b);
 }
-__device__ __forceinline__ void mlcc_put2(float* p, long long i, float a, float b) {
+__device__ __forceinline__ void mlcc_tc_put2(float* p, long long i, float a, float b) {
   *reinterpret_cast<float2*>(p + i) = make_float2(a, b);
 }
 #endif
@@ -201,12 +202,7 @@ def gemm_tc_kernel(s: LinearShape, name: str, config: TileConfig) -> CudaKernel:
     body = f"""{HELPERS}
 {signature(name, s.buffers, ("y",), s.symbols)} {{
 {_prologue(s, config, q4)}
-  for (int kt = 0; kt < {s.k // BK}; ++kt) {{
-    mlcc_cp_wait<{config.stages - 2}>();
-    __syncthreads();
-{_main_step(s, config, q4)}
-{_compute(config, q4)}
-  }}
+{_k_loop(s, config, q4)}
 {_epilogue(s, config)}
   return 0;
 }}
@@ -228,7 +224,7 @@ def _chunk_sources(var: str, src: str, rows: int, limit: str, k: int, base: str)
     const int v = tid + i * {THREADS}, r = v >> 2;
     const long long row = {base} + r < {limit} ? {base} + r : {limit} - 1;
     {var}_src[i] = {src} + row * {k}LL + (v & 3) * 8;
-    {var}_dst[i] = mlcc_swz(r, (v & 3) * 8) * 2;
+    {var}_dst[i] = mlcc_tc_swz(r, (v & 3) * 8) * 2;
   }}"""
 
 
@@ -239,7 +235,7 @@ def _issue(s: LinearShape, config: TileConfig, q4: bool, step: str, indent: str)
     for var, rows in tiles:
         lines += ["#pragma unroll",
                   f"for (int i = 0; i < {rows * 4 // THREADS}; ++i)",
-                  (f"  mlcc_cp16({var}s0 + slot * {rows * BK * 2} + {var}_dst[i], "
+                  (f"  mlcc_tc_cp16({var}s0 + slot * {rows * BK * 2} + {var}_dst[i], "
                    f"{var}_src[i] + ({step}) * {BK});")]
     return "\n".join(indent + ln for ln in lines)
 
@@ -251,22 +247,21 @@ def _q4_layout(config: TileConfig) -> tuple[int, str, tuple[str, ...]]:
     return per_thread, vec, fields
 
 
-def _q4_load(config: TileConfig, slot: int, step: str) -> str:
+def _q4_load(config: TileConfig, step: str, slot: int) -> str:
     per_thread, vec, _ = _q4_layout(config)
     return (f"wq[{slot}] = __ldg(reinterpret_cast<const {vec}*>(w_src) + ({step}) * "
             f"{4 // per_thread}); sq[{slot}] = s_src[{step}];")
 
 
-def _q4_dequant_shift(config: TileConfig, buffer: str) -> list[str]:
-    """Dequantize the oldest register slot into B buffer `buffer`, then age the slots."""
+def _q4_dequant(config: TileConfig, slot: int, buffer: str) -> list[str]:
+    """Dequantize register slot `slot` into B buffer `buffer` (one 16-byte store per word)."""
     _, _, fields = _q4_layout(config)
-    lines = ["{ const half2 sc = __half2half2(sq[0]);"]
+    lines = [f"{{ const half2 sc = __half2half2(sq[{slot}]);"]
     for j, f in enumerate(fields):
         lines.append(f"  *reinterpret_cast<uint4*>(Bs + ({buffer}) * {config.bn * BK} + "
-                     f"mlcc_swz(b_row, (b_word + {j}) * 8)) = mlcc_q4_dequant8(wq[0]{f}, sc);")
+                     f"mlcc_tc_swz(b_row, (b_word + {j}) * 8)) = "
+                     f"mlcc_tc_q4_dequant8(wq[{slot}]{f}, sc);")
     lines.append("}")
-    for j in range(config.ahead - 1):
-        lines.append(f"wq[{j}] = wq[{j + 1}]; sq[{j}] = sq[{j + 1}];")
     return lines
 
 
@@ -281,7 +276,15 @@ def _prologue(s: LinearShape, config: TileConfig, q4: bool) -> str:
   const long long m_rows = {s.rows_text};
   const int wm = (warp % {config.warps_m}) * {config.warp_m};
   const int wn = (warp / {config.warps_m}) * {config.warp_n};
-  const unsigned as0 = mlcc_smem(As), bs0 = mlcc_smem(Bs);
+  const unsigned as0 = mlcc_tc_smem(As), bs0 = mlcc_tc_smem(Bs);
+  // ldmatrix row addresses (bytes) of this lane for the two k16 halves of a step: A rows
+  // wm + lane % 16 at k 8 (lane / 16); B features wn + 8 (lane / 16) + lane % 8 at k 8 (lane / 8 % 2)
+  int a_ld[2], b_ld[2];
+  #pragma unroll
+  for (int h = 0; h < 2; ++h) {{
+    a_ld[h] = mlcc_tc_swz(wm + (lane & 15), h * 16 + (lane >> 4) * 8) * 2;
+    b_ld[h] = mlcc_tc_swz(wn + (lane >> 4) * 8 + (lane & 7), h * 16 + ((lane >> 3) & 1) * 8) * 2;
+  }}
 {_chunk_sources("a", "x", config.bm, "m_rows", s.k, "m0")}
   float acc[{mt}][{nt}][4];
   #pragma unroll
@@ -300,61 +303,82 @@ def _prologue(s: LinearShape, config: TileConfig, q4: bool) -> str:
   {vec} wq[{config.ahead}];
   half sq[{config.ahead}];
 """
-        text += "".join(f"  {_q4_load(config, j, str(j))}\n"
-                        for j in range(min(config.ahead, steps)))
+        # register slot of K step t: t % ahead, so no value ever moves between slots
+        text += "".join(f"  {_q4_load(config, str(t), t)}\n"
+                        for t in range(min(config.ahead, steps)))
     for st in range(config.stages - 1):
         if st < steps:
             text += "  {\n" + _issue(s, config, q4, str(st), "    ") + "\n  }\n"
-        text += "  mlcc_cp_commit();\n"
+        text += "  mlcc_tc_cp_commit();\n"
     if q4:
-        text += "\n".join("  " + ln for ln in _q4_dequant_shift(config, "0")) + "\n"
+        text += "\n".join("  " + ln for ln in _q4_dequant(config, 0, "0")) + "\n"
         if config.ahead < steps:
-            text += f"  {_q4_load(config, config.ahead - 1, str(config.ahead))}\n"
+            text += f"  {_q4_load(config, str(config.ahead), 0)}\n"
     return text.rstrip("\n")
 
 
-def _main_step(s: LinearShape, config: TileConfig, q4: bool) -> str:
-    """After the barrier: refill the ring slot freed by the previous step, prepare B of kt+1."""
-    steps = s.k // BK
-    text = f"""    if (kt + {config.stages - 1} < {steps}) {{
-{_issue(s, config, q4, f"kt + {config.stages - 1}", "      ")}
-    }}
-    mlcc_cp_commit();"""
-    if q4:
-        body = "\n".join("      " + ln for ln in _q4_dequant_shift(config, "(kt + 1) & 1"))
-        text += f"""
-    if (kt + 1 < {steps}) {{
+def _k_loop(s: LinearShape, config: TileConfig, q4: bool) -> str:
+    """The K loop, unrolled `ahead` times for q4 so each copy names its register slot."""
+    steps, unroll = s.k // BK, config.ahead if q4 else 1
+    copies = []
+    for u in range(unroll):
+        guard = f"if (kt0 + {u} < {steps}) " if steps % unroll else ""
+        copies.append(f"""    {guard}{{
+      const int kt = kt0 + {u};
+      mlcc_tc_cp_wait<{config.stages - 2}>();
+      __syncthreads();
+{_main_step(s, config, q4, (u + 1) % unroll)}
+{textwrap.indent(_compute(config, q4), "  ")}
+    }}""")
+    body = "\n".join(copies)
+    return f"""  for (int kt0 = 0; kt0 < {steps}; kt0 += {unroll}) {{
 {body}
-      if (kt + {1 + config.ahead} < {steps}) {{ {_q4_load(config, config.ahead - 1,
-                                                        f"kt + {1 + config.ahead}")} }}
-    }}"""
+  }}"""
+
+
+def _main_step(s: LinearShape, config: TileConfig, q4: bool, slot: int) -> str:
+    """After the barrier: refill the ring slot freed by the previous step, prepare B of kt+1
+    from register slot `slot` and reload that slot with step kt + 1 + ahead."""
+    steps = s.k // BK
+    text = f"""      if (kt + {config.stages - 1} < {steps}) {{
+{_issue(s, config, q4, f"kt + {config.stages - 1}", "        ")}
+      }}
+      mlcc_tc_cp_commit();"""
+    if q4:
+        body = "\n".join("        " + ln for ln in _q4_dequant(config, slot, "(kt + 1) & 1"))
+        load = _q4_load(config, f"kt + {1 + config.ahead}", slot)
+        text += f"""
+      if (kt + 1 < {steps}) {{
+{body}
+        if (kt + {1 + config.ahead} < {steps}) {{ {load} }}
+      }}"""
     return text
 
 
 def _compute(config: TileConfig, q4: bool) -> str:
+    """Two k16 halves of the step: ldmatrix fragments, then every mma of the warp tile. Rows
+    16 apart share their swizzle phase, so fragment i sits a constant i * 1024 bytes further."""
     mt, nt = config.warp_m // 16, config.warp_n // 8
     b_slot = "(kt & 1)" if q4 else f"(kt % {config.stages})"
     return f"""    {{
       const unsigned a_base = as0 + (kt % {config.stages}) * {config.bm * BK * 2};
       const unsigned b_base = bs0 + {b_slot} * {config.bn * BK * 2};
       #pragma unroll
-      for (int kk = 0; kk < {BK}; kk += 16) {{
+      for (int h = 0; h < 2; ++h) {{
         unsigned af[{mt}][4], bfr[{nt}][2];
         #pragma unroll
-        for (int i = 0; i < {mt}; ++i)
-          mlcc_ldsm4(af[i], a_base + mlcc_swz(wm + i * 16 + (lane & 15), kk + (lane >> 4) * 8) * 2);
+        for (int i = 0; i < {mt}; ++i) mlcc_tc_ldsm4(af[i], a_base + a_ld[h] + i * 1024);
         #pragma unroll
         for (int p = 0; p < {nt // 2}; ++p) {{
           unsigned r[4];
-          mlcc_ldsm4(r, b_base + mlcc_swz(wn + p * 16 + (lane >> 4) * 8 + (lane & 7),
-                                          kk + ((lane >> 3) & 1) * 8) * 2);
+          mlcc_tc_ldsm4(r, b_base + b_ld[h] + p * 1024);
           bfr[2 * p][0] = r[0]; bfr[2 * p][1] = r[1];
           bfr[2 * p + 1][0] = r[2]; bfr[2 * p + 1][1] = r[3];
         }}
         #pragma unroll
         for (int i = 0; i < {mt}; ++i)
           #pragma unroll
-          for (int j = 0; j < {nt}; ++j) mlcc_mma16816(acc[i][j], af[i], bfr[j]);
+          for (int j = 0; j < {nt}; ++j) mlcc_tc_mma16816(acc[i][j], af[i], bfr[j]);
       }}
     }}"""
 
@@ -365,7 +389,7 @@ def _epilogue(s: LinearShape, config: TileConfig) -> str:
     v0 = f"acc[i][j][2 * h]{s.bias_term('col')}"
     v1 = f"acc[i][j][2 * h + 1]{s.bias_term('col + 1')}"
     if s.n % 2 == 0:  # pairs never straddle the end and stay 4/8-byte aligned
-        store = f"if (col < {s.n}) mlcc_put2(y, row * {s.n}LL + col, {v0}, {v1});"
+        store = f"if (col < {s.n}) mlcc_tc_put2(y, row * {s.n}LL + col, {v0}, {v1});"
     else:
         store = (f"if (col < {s.n}) mlcc_put(y, row * {s.n}LL + col, {v0}); "
                  f"if (col + 1 < {s.n}) mlcc_put(y, row * {s.n}LL + col + 1, {v1});")
