@@ -12,7 +12,8 @@ cases.json. The
 configurations: the Llama-2-7B layer (32 heads of 128, page size 16 as the llama2_7b preset),
 GQA 32/8, and a sliding window of 256 with 4 sinks in a ring. Cases: a 512-token chunk at
 position 0 and a 256-token chunk at 512 (7B), a 512-token chunk at 0 (GQA), a 512-token chunk
-at 1024 (window: the ring has wrapped, most key tiles are skipped).
+at 1024 (window: the ring has wrapped, most key tiles are skipped), and two short chunks that
+start inside a tile and end in a partial one.
 
 `run` fills a random page pool (random page table, random keys and values at every earlier
 position) and random qkv rows, calls each launcher once, and checks (1) the chunk's keys and
@@ -44,6 +45,9 @@ CASES = [  # (name, config, chunk start, chunk length)
     ("7b_chunk_256_at_512", "mha", 512, 256),
     ("gqa_32_8_prefill_512", "gqa", 0, 512),
     ("window_256_sinks_4_chunk_512_at_1024", "window", 1024, 512),
+    # partial tiles, chunks starting inside a tile: validated like the others
+    ("gqa_32_8_chunk_200_at_37", "gqa", 37, 200),
+    ("window_256_sinks_4_chunk_77_at_300", "window", 300, 77),
 ]
 CHUNK = 512  # the ring of a window holds sinks + window + one chunk, as layout.py sizes it
 VARIANTS = ("flash", "flash_ldmatrix", "cuda_cores")
@@ -167,6 +171,27 @@ def check(torch, config: dict, inputs: dict, y: np.ndarray, pool: np.ndarray, st
             "gflop": 4.0 * pairs * d * hq / 1e9}
 
 
+def validate(torch, tvm, lib, dev, doc: dict, case: list, variants=VARIANTS) -> list[dict]:
+    """One row per variant: errors against the references and the call's arguments."""
+    name, config_name, start, n = case
+    config = doc["configs"][config_name]
+    inputs = make_inputs(np.random.default_rng(start + n), config, start, n)
+    hq, _, d, _, _ = config["shape"]
+    rows = []
+    for variant in variants:
+        f = lib[f"{config_name}_{variant}"]
+        args = [tvm.runtime.tensor(inputs[key], dev)
+                for key in ("qkv", "seq_info", "page_table", "pool")]
+        y = tvm.runtime.empty((n, hq * d), "float16", dev)
+        call = (args[0], y, args[1], args[2], args[3])
+        f(*call)
+        row = {"case": name, "variant": variant, "start": start, "tokens": n,
+               **check(torch, config, inputs, y.numpy(), args[3].numpy(), start)}
+        row["ok"] = max(row["k_err"], row["v_err"], row["y_err"]) < TOLERANCE
+        rows.append({**row, "function": f, "call": call})
+    return rows
+
+
 def run(folder: Path, out: Path) -> None:
     import torch
     import tvm
@@ -178,25 +203,15 @@ def run(folder: Path, out: Path) -> None:
     lib = tvm.runtime.load_module(str(folder / "attention_bench.so"))
     doc = json.loads((folder / "cases.json").read_text())
     results = []
-    for name, config_name, start, n in doc["cases"]:
-        config = doc["configs"][config_name]
-        inputs = make_inputs(np.random.default_rng(len(results)), config, start, n)
-        for variant in VARIANTS:
-            f = lib[f"{config_name}_{variant}"]
-            args = [tvm.runtime.tensor(inputs[key], dev)
-                    for key in ("qkv", "seq_info", "page_table", "pool")]
-            hq, _, d, _, _ = config["shape"]
-            y = tvm.runtime.empty((n, hq * d), "float16", dev)
-            call = (args[0], y, args[1], args[2], args[3])
-            f(*call)
-            row = {"case": name, "variant": variant, "start": start, "tokens": n,
-                   **check(torch, config, inputs, y.numpy(), args[3].numpy(), start)}
-            row["ok"] = max(row["k_err"], row["v_err"], row["y_err"]) < TOLERANCE
+    for case in doc["cases"]:
+        for row in validate(torch, tvm, lib, dev, doc, case):
+            f, call = row.pop("function"), row.pop("call")
             if row["ok"]:
                 row["us"] = time_calls(torch, f, call)
                 row["tflop_s"] = row["gflop"] / (row["us"] * 1e-6) / 1e3
             results.append(row)
-            print(f"{name:38s} {variant:14s} y_err {row['y_err']:.1e} k_err {row['k_err']:.1e} "
+            print(f"{row['case']:38s} {row['variant']:14s} y_err {row['y_err']:.1e} "
+                  f"k_err {row['k_err']:.1e} "
                   + (f"{row['us']:9.1f} us {row['tflop_s']:6.1f} TFLOP/s" if row["ok"]
                      else "FAILED"))
     doc = {"device": torch.cuda.get_device_name(),
