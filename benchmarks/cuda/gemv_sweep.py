@@ -9,7 +9,7 @@ Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
 shape: the persistent GEMV (mlcc.backends.cuda.gemv) at a few (blocks per SM, warps, features
 per warp, rotated activation reads), the one-shot GEMV (mlcc.backends.cuda.linear) at the
 database's current pick for comparison, the persistent GEMV with fusion.py's rms_norm and
-silu_mul staging, and a few batch-decode row counts. `run` checks every variant against a
+silu_mul staging, and a few batch-decode row counts (with the tensor-core GEMM at 16 rows). `run` checks every variant against a
 float32 reference of the same packed weights (random codes and scales) and, if it agrees, times
 48 back-to-back calls replayed as one CUDA graph, cycling through copies of the weights that
 together hold 120 MB or more (beyond the 50 MB L2), median of 7 replays. The JSON holds every
@@ -37,8 +37,11 @@ PERSISTENT_4096 = [(2, 8, 1, True), (3, 8, 1, True), (4, 4, 1, True), (6, 4, 1, 
 PERSISTENT_11008 = [(1, 8, 1, True), (2, 4, 1, True), (3, 4, 1, True), (4, 4, 1, True),
                     (3, 4, 1, False)]
 FUSED = [("rms_norm", 12288, 4096), ("rms_norm", 22016, 4096), ("silu_mul", 4096, 11008)]
+# Batch decode: the persistent kernel reuses each weight word for every staged row; at 16 rows
+# the tensor-core GEMM (gemm_wmma_rule, what batch_decode uses today) is the comparison.
 BATCH = [(4, 22016, 4096, "block"), (4, 22016, 4096, "persistent"),
-         (16, 4096, 4096, "persistent"), (16, 22016, 4096, "persistent")]
+         (16, 4096, 4096, "persistent"), (16, 22016, 4096, "persistent"),
+         (16, 4096, 4096, "wmma"), (16, 22016, 4096, "wmma")]
 
 
 def _persistent(n: int, k: int, cfg: tuple, rows: int = 1, prologue: str = "none") -> dict:
@@ -70,8 +73,12 @@ def variants() -> list[dict]:
     out += [_persistent(n, k, (3, gemv_config(n, k)[0], 1, True), prologue=p)
             for p, n, k in FUSED]
     for rows, n, k, kind in BATCH:
-        out.append(_block(n, k, rows) if kind == "block"
-                   else _persistent(n, k, (3, 8, 1, True), rows))
+        if kind == "persistent":
+            out.append(_persistent(n, k, (3, 8, 1, True), rows))
+        else:
+            out.append(_block(n, k, rows) if kind == "block" else
+                       {"n": n, "k": k, "rows": rows, "prologue": "none", "kind": "wmma",
+                        "name": f"gemm_{n}_{k}_wmma_m{rows}"})
     return out
 
 
@@ -105,7 +112,7 @@ def kernel_of(v: dict):
 
     from mlcc.backends.cuda import fusion
     from mlcc.backends.cuda.gemv import fusion_gemv, gemv_q4_persistent_kernel
-    from mlcc.backends.cuda.linear import LinearShape, gemv_q4_kernel
+    from mlcc.backends.cuda.linear import LinearShape, gemm_wmma_rule, gemv_q4_kernel
     from mlcc.backends.cuda.tuning import PersistentConfig
 
     if v["prologue"] != "none":
@@ -117,7 +124,10 @@ def kernel_of(v: dict):
                     else fusion.gen_norm_q_linear)
         with mock.patch.object(fusion, "gemv_q4_kernel", fusion_gemv(config)):
             return generate(fused_spec(v), v["name"])
-    s = LinearShape(linear_spec(v["n"], v["k"], v["rows"]))
+    spec = linear_spec(v["n"], v["k"], v["rows"])
+    s = LinearShape(spec)
+    if v["kind"] == "wmma":
+        return gemm_wmma_rule(spec, v["name"])
     if v["kind"] == "block":
         return gemv_q4_kernel(s, v["name"], v["warps"], v["rows_per_warp"], dot=v["dot"])
     return gemv_q4_persistent_kernel(s, v["name"], v["blocks_per_sm"], v["warps"],

@@ -26,6 +26,7 @@ from mlcc.backends.cuda import fusion, gemv, linear, tuning
 from mlcc.backends.cuda.codegen import compile_library, device_source
 from mlcc.backends.cuda.linear import LinearShape
 from mlcc.backends.plan import KernelSpec
+from mlcc.errors import MlccError
 from mlcc.ir.types import Sym
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
@@ -118,6 +119,12 @@ def test_rule_applies_exactly_where_the_one_shot_q4_gemv_does(spec):
     assert (kernel is not None) == applies
     if applies:
         assert "xs_rows" in kernel.device_source and "int tile" in kernel.device_source
+
+
+def test_kernel_refuses_a_layout_it_cannot_read():
+    with pytest.raises(MlccError, match=r"^\[compile\] k3: the persistent q4 GEMV needs"):
+        gemv.gemv_q4_persistent_kernel(LinearShape(q_linear_spec(1, 64, 64, bits=3)), "k3",
+                                       2, 8, 1)
 
 
 def test_bias_and_float32_logits_reach_the_store():
@@ -303,3 +310,46 @@ def test_batch_rows_reuse_each_weight_word_and_compile(tmp_path):
     done = ptxas(kernels, tmp_path, "cubin")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr.count(" 0 bytes spill stores") == len(kernels), done.stderr
+
+
+# --- the benchmark harness ----------------------------------------------------------------
+
+
+def sweep_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "cuda" / "gemv_sweep.py"
+    spec = importlib.util.spec_from_file_location("gemv_sweep_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_variants_are_few_named_once_and_generate():
+    sweep = sweep_module()
+    chosen = sweep.variants()
+    assert len(chosen) <= 45 and len({v["name"] for v in chosen}) == len(chosen)
+    assert {(v["n"], v["k"]) for v in chosen if v["kind"] == "block"} >= set(DECODE_SHAPES)
+    assert {v["prologue"] for v in chosen} == {"none", "rms_norm", "silu_mul"}
+    for v in chosen:
+        kernel = sweep.kernel_of(v)
+        assert kernel.name == v["name"] and f"def {v['name']}(" in kernel.launcher
+
+
+@pytest.mark.parametrize("prologue", ["rms_norm", "silu_mul"])
+def test_sweep_prologue_reference_matches_the_interpreter(prologue):
+    from mlcc.ir.registry import get_op
+
+    sweep = sweep_module()
+    v = {"rows": 2, "k": 64, "prologue": prologue}
+    leading, activations = sweep.prologue_inputs(v, np.random.default_rng(1))
+    attrs = {"eps": 1e-5, "weight_offset": 0.0} if prologue == "rms_norm" else {}
+    expected = get_op(prologue).reference(None, leading, attrs)[0]
+    np.testing.assert_allclose(activations.astype(np.float32), expected.astype(np.float32),
+                               rtol=2e-3, atol=2e-3)
+    qw = np.random.default_rng(2).integers(0, 2**32, (8, 8), dtype=np.uint64).astype(np.uint32)
+    qs = np.full((8, 2), 0.5, np.float16)
+    codes = ((qw[:, :, None] >> (np.arange(8, dtype=np.uint32) * 4)) & 15).reshape(8, 64)
+    np.testing.assert_allclose(sweep.reference(qw, qs, activations),
+                               activations.astype(np.float32) @ ((codes - 7.0) * 0.5).T,
+                               rtol=1e-5, atol=1e-5)

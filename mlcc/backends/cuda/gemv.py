@@ -41,6 +41,7 @@ from mlcc.backends.cuda.kernels import CudaKernel, launcher, signature
 from mlcc.backends.cuda.linear import LinearShape, gemv_q4_applies, stage_plain
 from mlcc.backends.cuda.tuning import PERSISTENT, PersistentConfig, persistent_config, selected_kind
 from mlcc.backends.plan import KernelSpec
+from mlcc.errors import MlccError
 
 SMS = 132  # streaming multiprocessors of an H200
 SHARED_BYTES = 48 * 1024  # static shared memory of one block
@@ -194,14 +195,14 @@ def gemv_q4_persistent_kernel(s: LinearShape, name: str, blocks_per_sm: int, war
     kernels' parameters."""
     rows = s.static_rows
     if rows is None or not gemv_q4_applies_any_rows(s):
-        raise ValueError(f"persistent GEMV needs 4-bit groups of 32, float16 activations and "
-                         f"static rows; got {s.spec}")
+        raise MlccError("compile", f"{name}: the persistent q4 GEMV needs 4-bit weights in "
+                        f"groups of 32, float16 activations and scales and a static row count; "
+                        f"got {s.spec.op} {s.spec.inputs}; use linear.gen_linear for this spec")
     iters = -(-(s.k // 32) // 32)
     buffers = buffers or s.buffers
     staging = staging or stage_plain(s, warps)
     grid = persistent_grid(s.n, rows_per_warp, blocks_per_sm, warps, sms)
     chunks = row_chunks(rows, s.k)
-    rotation = ""
     if rotate:
         rotation = ("\n  const int rot = (lane >> 1) & 3;\n  const int p0 = rot, "
                     "p1 = (rot + 1) & 3, p2 = (rot + 2) & 3, p3 = (rot + 3) & 3;")
