@@ -24,25 +24,30 @@ from pathlib import Path
 
 import numpy as np
 
-# (case, N, K, weights "q4"/"f16", y dtype, bias, row counts, tiles)
+# tile name -> TileConfig(bm, bn, warps_m, stages, ahead)
 TILES = {
     "128x128_w64x32_s4": (128, 128, 2, 4, 2),
     "128x128_w32x64_s4": (128, 128, 4, 4, 2),
     "128x128_w64x32_s3": (128, 128, 2, 3, 2),
     "128x64_w32x32_s4": (128, 64, 4, 4, 2),
     "64x128_w32x32_s4": (64, 128, 2, 4, 2),
+    # weight lead: words loaded 1 / 3 K steps before their dequantization instead of 2
+    "128x128_w64x32_s4_a1": (128, 128, 2, 4, 1),
+    "128x128_w64x32_s4_a3": (128, 128, 2, 4, 3),
 }
+MAIN_TILES = tuple(TILES)[:5]
 F16_TILES = ("128x128_w64x32_s3", "128x64_w32x32_s4", "64x128_w32x32_s4")
+# (case, N, K, weights "q4"/"f16", y dtype, bias, row counts, tiles)
 CASES = [
     ("qkv", 12288, 4096, "q4", "float16", False, (100, 512, 2048), tuple(TILES)),
-    ("o_proj", 4096, 4096, "q4", "float16", False, (512,), tuple(TILES)),
+    ("o_proj", 4096, 4096, "q4", "float16", False, (512,), MAIN_TILES),
     ("gate_up", 22016, 4096, "q4", "float16", False, (512,), tuple(TILES)),
-    ("down", 4096, 11008, "q4", "float16", False, (512,), tuple(TILES)),
+    ("down", 4096, 11008, "q4", "float16", False, (512,), MAIN_TILES),
     ("o_proj_f16w", 4096, 4096, "f16", "float16", False, (512,), F16_TILES),
     ("logits_f32", 32000, 4096, "q4", "float32", False, (512,), ("128x128_w64x32_s4",)),
     # tails: rows and features not multiples of any tile, odd N (unpaired stores), bias
-    ("tail_bias", 1001, 512, "q4", "float16", True, (77,), ("128x128_w64x32_s4",
-                                                           "128x64_w32x32_s4")),
+    ("tail_bias", 1001, 512, "q4", "float16", True, (77,),
+     ("128x128_w64x32_s4", "128x64_w32x32_s4", "128x128_w64x32_s4_a3")),
     ("tail_f16w_bias", 4000, 1024, "f16", "float32", True, (130,), ("128x64_w32x32_s4",)),
 ]
 CALLS, REPEATS, L2_BYTES = 20, 7, 120_000_000
@@ -111,14 +116,14 @@ def case_data(rng, v: dict, copies: int) -> list[dict]:
     return out
 
 
-def dequantized(torch, arrays: list[np.ndarray], weights: str):
-    """float32 weights on the GPU: float16((code - 7) * scale), the reference's rounding."""
+def dequantized(torch, arrays: list[np.ndarray], weights: str, device: str = "cuda"):
+    """float32 weights on `device`: float16((code - 7) * scale), the reference's rounding."""
     if weights != "q4":
-        return torch.from_numpy(arrays[0]).cuda().float()
-    qw = torch.from_numpy(arrays[0].view(np.int32)).cuda()
-    shifts = torch.arange(0, 32, 4, device="cuda", dtype=torch.int32)
+        return torch.from_numpy(arrays[0]).to(device).float()
+    qw = torch.from_numpy(arrays[0].view(np.int32)).to(device)
+    shifts = torch.arange(0, 32, 4, device=device, dtype=torch.int32)
     codes = ((qw[:, :, None] >> shifts) & 15).reshape(qw.shape[0], -1).float()
-    scales = torch.from_numpy(arrays[1]).cuda().float().repeat_interleave(32, dim=1)
+    scales = torch.from_numpy(arrays[1]).to(device).float().repeat_interleave(32, dim=1)
     return ((codes - 7.0) * scales).half().float()
 
 

@@ -162,3 +162,19 @@ def test_wired_ahead_of_wmma_it_takes_every_7b_prefill_linear_and_its_source_com
                            str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_bench_reference_dequantizes_like_the_interpreter():
+    import numpy as np
+    import torch
+
+    from mlcc.ir.quant_ops import dequantize_group
+
+    bench = bench_module()
+    rng = np.random.default_rng(3)
+    v = {"n": 48, "k": 256, "weights": "q4", "bias": False}
+    qw, qs = bench.case_data(rng, v, 1)[0]["arrays"]
+    got = bench.dequantized(torch, [qw, qs], "q4", device="cpu").numpy()
+    # q_linear's reference dequantizes in float32, then rounds to the scale dtype
+    expected = dequantize_group(qw, qs, 4, 32, 256).astype(np.float16).astype(np.float32)
+    assert np.array_equal(got, expected)
