@@ -171,7 +171,8 @@ def check(torch, config: dict, inputs: dict, y: np.ndarray, pool: np.ndarray, st
             "gflop": 4.0 * pairs * d * hq / 1e9}
 
 
-def validate(torch, tvm, lib, dev, doc: dict, case: list, variants=VARIANTS) -> list[dict]:
+def validate(torch, tvm, lib, dev, doc: dict, case: list, variants=VARIANTS,
+             reference_device: str = "cuda") -> list[dict]:
     """One row per variant: errors against the references and the call's arguments."""
     name, config_name, start, n = case
     config = doc["configs"][config_name]
@@ -186,7 +187,8 @@ def validate(torch, tvm, lib, dev, doc: dict, case: list, variants=VARIANTS) -> 
         call = (args[0], y, args[1], args[2], args[3])
         f(*call)
         row = {"case": name, "variant": variant, "start": start, "tokens": n,
-               **check(torch, config, inputs, y.numpy(), args[3].numpy(), start)}
+               **check(torch, config, inputs, y.numpy(), args[3].numpy(), start,
+                       reference_device)}
         row["ok"] = max(row["k_err"], row["v_err"], row["y_err"]) < TOLERANCE
         rows.append({**row, "function": f, "call": call})
     return rows

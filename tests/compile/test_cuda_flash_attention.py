@@ -352,3 +352,48 @@ def test_benchmark_check_accepts_exact_attention_and_rejects_a_missing_window():
     assert outputs["exact"]["y_err"] < 2e-3, outputs["exact"]
     assert outputs["no_window"]["y_err"] > 0.1, outputs["no_window"]
     assert outputs["exact"]["gflop"] == pytest.approx(4 * n * (window + sinks) * d * hq / 1e9)
+
+
+def test_benchmark_validate_calls_launchers_as_the_runtime_does():
+    """`validate` on the CPU with a launcher emulated in NumPy (append into the ring, dense
+    attention): arguments in the library's order, errors near zero; a launcher that drops the
+    sinks is reported."""
+    torch = pytest.importorskip("torch")
+    import tvm
+
+    bench = load_bench()
+    config = {"shape": bench.CONFIGS["window"], "kv": bench.kv_layout("window")}
+    hq, hkv, d, window, sinks = config["shape"]
+    config["inv_freq"] = (1.0 / 10000.0 ** (np.arange(0, d, 2) / d)).astype(np.float32).tolist()
+    doc = {"configs": {"window": config}, "cases": []}
+
+    def launcher(drop_sinks: bool):
+        def run(qkv, y, seq_info, table, pool):
+            x, start, pages = qkv.numpy(), int(seq_info.numpy()[0]), pool.numpy()
+            n, t = x.shape[0], table.numpy()
+            pos = np.arange(start, start + n)
+            heads = x.reshape(n, hq + 2 * hkv, d)
+            slots = bench.slot_of(pos, config["kv"])
+            pages[t[slots // 16], 0, :, slots % 16] = bench.rotate(
+                heads[:, hq:hq + hkv], pos, np.asarray(config["inv_freq"], np.float32))
+            pages[t[slots // 16], 1, :, slots % 16] = heads[:, hq + hkv:]
+            pool.copyfrom(pages)
+            keys = np.arange(start + n)
+            cache = bench.gather(pages, t, keys, config["kv"]).astype(np.float64)
+            q = bench.rotate(heads[:, :hq], pos, np.asarray(config["inv_freq"], np.float32))
+            out = np.zeros((n, hq, d))
+            for i in range(n):
+                mask = reference_visible(int(pos[i]), keys, window, 0 if drop_sinks else sinks)
+                for h in range(hq):
+                    g = h // (hq // hkv)
+                    s = cache[0, g, mask] @ q[i, h].astype(np.float64) / np.sqrt(d)
+                    w = np.exp(s - s.max())
+                    out[i, h] = (w / w.sum()) @ cache[1, g, mask]
+            y.copyfrom(out.reshape(n, -1).astype(np.float16))
+        return run
+
+    lib = {"window_good": launcher(False), "window_no_sinks": launcher(True)}
+    rows = bench.validate(torch, tvm, lib, tvm.cpu(), doc, ["w", "window", 300, 20],
+                          ("good", "no_sinks"), reference_device="cpu")
+    assert rows[0]["ok"] and rows[0]["y_err"] < 2e-3, rows[0]
+    assert not rows[1]["ok"], rows[1]

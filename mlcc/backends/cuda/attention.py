@@ -3,15 +3,22 @@
 One launcher, two kernels in order:
 1. append: a block per (token, KV head), a thread per feature: rotate k, write k and v into
    the token's slot of the page pool (this layer's part: [pages, 2, kv_heads, page, d]);
-2. attend: a block per (token, query head), sixteen warps. The rotated query sits in shared
-   memory; the warps take turns over the visible positions, four positions a round each (keys
-   and values of all four loaded before any is used), lanes split the head dimension
-   (coalesced key and value rows), and each warp keeps an online softmax (running max, sum,
-   weighted values). The partial states are merged at the end.
+2. attend, one of:
+   * prefill chunks in float16 (`use_flash`): `flash_source`, a block per (64-query tile,
+     query head), four warps of 16 rows; key and value tiles of 64 positions gathered from the
+     pages into shared memory with cp.async; S = Q K^T and O += P V on tensor cores (mma.sync
+     m16n8k16, float32 accumulators); online softmax per row in float32; key tiles no query of
+     the tile sees are skipped;
+   * otherwise (decode rows, batches, float32): a block per (token, query head), sixteen warps.
+     The rotated query sits in shared memory; the warps take turns over the visible positions,
+     four positions a round each (keys and values of all four loaded before any is used), lanes
+     split the head dimension, and each warp keeps an online softmax (running max, sum,
+     weighted values). The partial states are merged at the end.
 
 Visibility and slots follow the CPU kernel (mlcc.backends.llvm.attention): causal; with a
 window, the last `window` positions plus the first `sinks`; a ring layout maps position p >=
-sinks to slot sinks + (p - sinks) mod (capacity - sinks).
+sinks to slot sinks + (p - sinks) mod (capacity - sinks). Both attend kernels use the query
+rotated in float32 and rounded to float16 (for float16 activations), as the CPU kernel does.
 """
 
 from __future__ import annotations
