@@ -31,12 +31,14 @@ TILES = {
     "128x128_w64x32_s3": (128, 128, 2, 3, 2),
     "128x64_w32x32_s4": (128, 64, 4, 4, 2),
     "64x128_w32x32_s4": (64, 128, 2, 4, 2),
+    "64x64_w32x16_s4": (64, 64, 2, 4, 2),  # more blocks for the 4096-feature weights
     # weight lead: words loaded 1 / 3 K steps before their dequantization instead of 2
     "128x128_w64x32_s4_a1": (128, 128, 2, 4, 1),
     "128x128_w64x32_s4_a3": (128, 128, 2, 4, 3),
 }
-MAIN_TILES = tuple(TILES)[:5]
-F16_TILES = ("128x128_w64x32_s3", "128x64_w32x32_s4", "64x128_w32x32_s4")
+MAIN_TILES = tuple(TILES)[:6]
+F16_TILES = ("128x128_w64x32_s3", "128x64_w32x32_s4", "64x128_w32x32_s4",
+             "64x64_w32x16_s4")
 # (case, N, K, weights "q4"/"f16", y dtype, bias, row counts, tiles)
 CASES = [
     ("qkv", 12288, 4096, "q4", "float16", False, (100, 512, 2048), tuple(TILES)),

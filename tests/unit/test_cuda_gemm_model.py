@@ -17,7 +17,8 @@ from mlcc.backends.cuda.gemm import BK, THREADS, TileConfig
 
 CONFIGS = [TileConfig(128, 128, 2, 4, 2), TileConfig(128, 128, 4, 4, 2),
            TileConfig(128, 128, 2, 3, 1), TileConfig(128, 64, 4, 4, 2),
-           TileConfig(64, 128, 2, 4, 2), TileConfig(128, 64, 4, 2, 3)]
+           TileConfig(64, 128, 2, 4, 2), TileConfig(128, 64, 4, 2, 3),
+           TileConfig(64, 64, 2, 4, 2)]
 LANES = np.arange(32)
 
 
@@ -115,7 +116,8 @@ def swizzled(tile: np.ndarray) -> np.ndarray:
     return out.reshape(tile.shape)
 
 
-@pytest.mark.parametrize("config", CONFIGS[:2] + CONFIGS[3:5], ids=lambda c: c.tag)
+@pytest.mark.parametrize("config", CONFIGS[:2] + CONFIGS[3:5] + CONFIGS[6:],
+                         ids=lambda c: c.tag)
 def test_fragment_maps_of_one_k_step_give_the_tile_product(config):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((config.bm, BK)).astype(np.float16)
