@@ -4,13 +4,16 @@ y[m, n] = sum_k x[m, k] * W[n, k] (+ b[n]) for float16 activations, 4-bit weight
 with float16 scales (q4f16_1) or plain float16 weights, float16 or float32 results, any row
 count (a symbolic prefill length or a static one) and K a multiple of 32.
 
-One block of 8 warps owns a BM x BN output tile (128x128 by default) and walks K in 32-wide steps:
+One block of 8 warps owns a BM x BN output tile (the rule: 128x128 for weights of >= 8192
+features, 128x64 below) and walks K in 32-wide steps:
 
     activations   cp.async (16 bytes, L2 only) into a ring of `stages` shared buffers, one
                   commit group per K step, so `stages - 1` steps are in flight during the math
     q4 weights    the packed words and the scale of a step `ahead` steps away are loaded into
                   registers while the current step computes; one step before use they are
-                  dequantized (0x6400 exponent trick, exact) into one of two shared B buffers
+                  dequantized (0x6400 exponent trick, exact) into one of two shared B buffers.
+                  The K loop is unrolled `ahead` times so step t always lives in register
+                  slot t % ahead: no copies between slots, which would wait on the loads
     f16 weights   through the same cp.async ring as the activations
     math          mma.sync m16n8k16 (float16 in, float32 accumulators) on fragments loaded with
                   ldmatrix; each warp owns a (BM / warps_m) x (BN / warps_n) sub-tile
