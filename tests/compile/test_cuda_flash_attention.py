@@ -60,7 +60,7 @@ def reference_visible(pos: int, j: np.ndarray, window: int, sinks: int) -> np.nd
 
 HARNESS = r"""
 #include <cstdio>
-#define MLCC_HD inline
+#define MLCC_ATTN_HD inline
 %s
 // one case: for every query tile, the visited key tiles; per query row and key, whether it is
 // visible; per key of a visited tile, whether it is loaded (1) or zero-filled (2)

@@ -265,7 +265,7 @@ def visibility_source(name: str, window: int, sinks: int) -> str:
     else:
         lo, sink_tiles, visible, loaded = "0LL", "0LL", "j <= p", "j >= 0 && j <= p1"
         full = f"j0 + {tile - 1} <= p0"
-    return f"""MLCC_HD long long {name}_tiles(long long p0, long long p1, long long* sink_tiles,
+    return f"""MLCC_ATTN_HD long long {name}_tiles(long long p0, long long p1, long long* sink_tiles,
                                 long long* first) {{
   const long long lo = {lo};
   *sink_tiles = {sink_tiles};
@@ -273,12 +273,12 @@ def visibility_source(name: str, window: int, sinks: int) -> str:
   *first = from > *sink_tiles ? from : *sink_tiles;
   return *sink_tiles + p1 / {tile} + 1 - *first;
 }}
-MLCC_HD long long {name}_tile_at(long long t, long long sink_tiles, long long first) {{
+MLCC_ATTN_HD long long {name}_tile_at(long long t, long long sink_tiles, long long first) {{
   return t < sink_tiles ? t : first + (t - sink_tiles);
 }}
-MLCC_HD bool {name}_visible(long long p, long long j) {{ return {visible}; }}
-MLCC_HD bool {name}_loaded(long long p0, long long p1, long long j) {{ return {loaded}; }}
-MLCC_HD bool {name}_full(long long p0, long long p1, long long j0) {{ return {full}; }}
+MLCC_ATTN_HD bool {name}_visible(long long p, long long j) {{ return {visible}; }}
+MLCC_ATTN_HD bool {name}_loaded(long long p0, long long p1, long long j) {{ return {loaded}; }}
+MLCC_ATTN_HD bool {name}_full(long long p0, long long p1, long long j0) {{ return {full}; }}
 """
 
 
@@ -288,16 +288,16 @@ MLCC_HD bool {name}_full(long long p0, long long p1, long long j0) {{ return {fu
 # B registers hold rows (2t, 2t+8) (+0, +1) of column g; C holds rows (g, g, g+8, g+8) x
 # columns (2t, 2t+1, 2t, 2t+1). C of S = Q K^T is thereby A of O += P V without shuffles.
 FLASH_PTX = r"""
-#ifndef MLCC_FLASH_PTX
-#define MLCC_FLASH_PTX
-#define MLCC_HD __host__ __device__ __forceinline__
-__device__ __forceinline__ void mlcc_cp_async16(void* dst, const void* src) {
+#ifndef MLCC_ATTN_FLASH_PTX
+#define MLCC_ATTN_FLASH_PTX
+#define MLCC_ATTN_HD __host__ __device__ __forceinline__
+__device__ __forceinline__ void mlcc_attn_cp_async16(void* dst, const void* src) {
   const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(s), "l"(src));
 }
-__device__ __forceinline__ void mlcc_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void mlcc_cp_wait1() { asm volatile("cp.async.wait_group 1;\n" ::); }
-__device__ __forceinline__ void mlcc_mma16816(float* c, const unsigned* a, unsigned b0,
+__device__ __forceinline__ void mlcc_attn_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void mlcc_attn_cp_wait1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+__device__ __forceinline__ void mlcc_attn_mma16816(float* c, const unsigned* a, unsigned b0,
                                               unsigned b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
@@ -307,17 +307,17 @@ __device__ __forceinline__ void mlcc_mma16816(float* c, const unsigned* a, unsig
 }
 // ldmatrix: lane l gives the address of row l % 8 of 8x8 matrix l / 8; register i receives
 // (row g, columns 2t, 2t+1) of matrix i, or with .trans (rows 2t, 2t+1, column g).
-__device__ __forceinline__ void mlcc_ldmatrix_x4(unsigned* r, const half* row) {
+__device__ __forceinline__ void mlcc_attn_ldmatrix_x4(unsigned* r, const half* row) {
   const unsigned s = (unsigned)__cvta_generic_to_shared(row);
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
 }
-__device__ __forceinline__ void mlcc_ldmatrix_x4_trans(unsigned* r, const half* row) {
+__device__ __forceinline__ void mlcc_attn_ldmatrix_x4_trans(unsigned* r, const half* row) {
   const unsigned s = (unsigned)__cvta_generic_to_shared(row);
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
 }
-__device__ __forceinline__ unsigned mlcc_pack_halves(half lo, half hi) {
+__device__ __forceinline__ unsigned mlcc_attn_pack_halves(half lo, half hi) {
   const half2 v = __halves2half2(lo, hi);
   return *reinterpret_cast<const unsigned*>(&v);
 }
@@ -350,7 +350,7 @@ __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__
     const int r = e / {d // 8}, c = e % {d // 8} * 8;
     const long long j = j0 + r;
     half* s = dst + r * {ld} + c;
-    if ({name}_loaded(p0, p1, j)) mlcc_cp_async16(s, pool + {name}_row(table, j, kind, g) + c);
+    if ({name}_loaded(p0, p1, j)) mlcc_attn_cp_async16(s, pool + {name}_row(table, j, kind, g) + c);
     else *reinterpret_cast<uint4*>(s) = make_uint4(0u, 0u, 0u, 0u);
   }}
 }}
@@ -389,27 +389,27 @@ __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__
   for (int nt = 0; nt < {d // 8}; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
   const long long j00 = {name}_tile_at(0, sink_tiles, first) * {TILE};
   {name}_stage(ks, pool, page_table, j00, 0, g, p0, p1);
-  mlcc_cp_commit();
+  mlcc_attn_cp_commit();
   {name}_stage(vs, pool, page_table, j00, 1, g, p0, p1);
-  mlcc_cp_commit();
+  mlcc_attn_cp_commit();
   for (long long t = 0; t < count; ++t) {{
     const long long j0 = {name}_tile_at(t, sink_tiles, first) * {TILE};
     const long long jn = {name}_tile_at(t + 1, sink_tiles, first) * {TILE};
-    mlcc_cp_wait1();  // this tile's keys; its values may still be in flight
+    mlcc_attn_cp_wait1();  // this tile's keys; its values may still be in flight
     __syncthreads();
     float s[{TILE // 8}][4];
 {_scores(d, ld, ldmatrix)}
     __syncthreads();  // every warp is done with ks
     if (t + 1 < count) {name}_stage(ks, pool, page_table, jn, 0, g, p0, p1);
-    mlcc_cp_commit();
+    mlcc_attn_cp_commit();
     unsigned pf[{TILE // 16}][4];
 {_softmax(name, scale, d)}
-    mlcc_cp_wait1();  // this tile's values; the next keys may still be in flight
+    mlcc_attn_cp_wait1();  // this tile's values; the next keys may still be in flight
     __syncthreads();
 {_weighted_values(d, ld, ldmatrix)}
     __syncthreads();  // every warp is done with vs
     if (t + 1 < count) {name}_stage(vs, pool, page_table, jn, 1, g, p0, p1);
-    mlcc_cp_commit();
+    mlcc_attn_cp_commit();
   }}
 {_flash_store(hq, d)}
   return 0;
@@ -425,9 +425,9 @@ def _scores(d: int, ld: int, ldmatrix: bool) -> str:
       #pragma unroll
       for (int kc = 0; kc < {d // 32}; ++kc) {{
         unsigned b[4];
-        mlcc_ldmatrix_x4(b, ks + (nt * 8 + (lane & 7)) * {ld} + kc * 32 + (lane >> 3) * 8);
-        mlcc_mma16816(s[nt], qf[2 * kc], b[0], b[1]);
-        mlcc_mma16816(s[nt], qf[2 * kc + 1], b[2], b[3]);
+        mlcc_attn_ldmatrix_x4(b, ks + (nt * 8 + (lane & 7)) * {ld} + kc * 32 + (lane >> 3) * 8);
+        mlcc_attn_mma16816(s[nt], qf[2 * kc], b[0], b[1]);
+        mlcc_attn_mma16816(s[nt], qf[2 * kc + 1], b[2], b[3]);
       }}
     }}"""
     return f"""    #pragma unroll
@@ -436,7 +436,7 @@ def _scores(d: int, ld: int, ldmatrix: bool) -> str:
       #pragma unroll
       for (int kc = 0; kc < {d // 16}; ++kc) {{
         const half* b = ks + (nt * 8 + gid) * {ld} + kc * 16 + tig * 2;
-        mlcc_mma16816(s[nt], qf[kc], *reinterpret_cast<const unsigned*>(b),
+        mlcc_attn_mma16816(s[nt], qf[kc], *reinterpret_cast<const unsigned*>(b),
                       *reinterpret_cast<const unsigned*>(b + 8));
       }}
     }}"""
@@ -488,10 +488,10 @@ def _weighted_values(d: int, ld: int, ldmatrix: bool) -> str:
       #pragma unroll
       for (int nt = 0; nt < {d // 16}; ++nt) {{
         unsigned b[4];
-        mlcc_ldmatrix_x4_trans(b, vs + (kc * 16 + (lane & 15)) * {ld} + nt * 16
+        mlcc_attn_ldmatrix_x4_trans(b, vs + (kc * 16 + (lane & 15)) * {ld} + nt * 16
                                       + (lane >> 4) * 8);
-        mlcc_mma16816(o[2 * nt], pf[kc], b[0], b[1]);
-        mlcc_mma16816(o[2 * nt + 1], pf[kc], b[2], b[3]);
+        mlcc_attn_mma16816(o[2 * nt], pf[kc], b[0], b[1]);
+        mlcc_attn_mma16816(o[2 * nt + 1], pf[kc], b[2], b[3]);
       }}
     }}"""
     return f"""    #pragma unroll
@@ -499,8 +499,8 @@ def _weighted_values(d: int, ld: int, ldmatrix: bool) -> str:
       #pragma unroll
       for (int nt = 0; nt < {d // 8}; ++nt) {{
         const half* b = vs + (kc * 16 + tig * 2) * {ld} + nt * 8 + gid;
-        mlcc_mma16816(o[nt], pf[kc], mlcc_pack_halves(b[0], b[{ld}]),
-                      mlcc_pack_halves(b[{8 * ld}], b[{9 * ld}]));
+        mlcc_attn_mma16816(o[nt], pf[kc], mlcc_attn_pack_halves(b[0], b[{ld}]),
+                      mlcc_attn_pack_halves(b[{8 * ld}], b[{9 * ld}]));
       }}
     }}"""
 
