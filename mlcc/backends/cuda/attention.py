@@ -265,8 +265,8 @@ def visibility_source(name: str, window: int, sinks: int) -> str:
     else:
         lo, sink_tiles, visible, loaded = "0LL", "0LL", "j <= p", "j >= 0 && j <= p1"
         full = f"j0 + {tile - 1} <= p0"
-    return f"""MLCC_ATTN_HD long long {name}_tiles(long long p0, long long p1, long long* sink_tiles,
-                                long long* first) {{
+    return f"""MLCC_ATTN_HD long long {name}_tiles(long long p0, long long p1,
+                                     long long* sink_tiles, long long* first) {{
   const long long lo = {lo};
   *sink_tiles = {sink_tiles};
   const long long from = lo / {tile};
@@ -295,8 +295,12 @@ __device__ __forceinline__ void mlcc_attn_cp_async16(void* dst, const void* src)
   const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(s), "l"(src));
 }
-__device__ __forceinline__ void mlcc_attn_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void mlcc_attn_cp_wait1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+__device__ __forceinline__ void mlcc_attn_cp_commit() {
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+__device__ __forceinline__ void mlcc_attn_cp_wait1() {
+  asm volatile("cp.async.wait_group 1;\n" ::);
+}
 __device__ __forceinline__ void mlcc_attn_mma16816(float* c, const unsigned* a, unsigned b0,
                                               unsigned b1) {
   asm volatile(
@@ -445,7 +449,7 @@ def _scores(d: int, ld: int, ldmatrix: bool) -> str:
 def _softmax(name: str, scale: float, d: int) -> str:
     """Mask and scale the scores, update each row's running max and sum (the four lanes of a
     row group hold its 64 columns), rescale the output rows, and pack P as A fragments."""
-    return f"""    // tiles inside every row's range (most of a long prefill) skip the per-element mask
+    return f"""    // tiles inside every row's range (most of a long prefill) skip the mask
     const bool full = {name}_full(pa - gid, pa - gid + 15, j0);
     #pragma unroll
     for (int r = 0; r < 2; ++r) {{
