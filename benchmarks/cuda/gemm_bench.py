@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-# tile name -> TileConfig(bm, bn, warps_m, stages, ahead)
+# tile name -> TileConfig(bm, bn, warps_m, stages, ahead[, split_dequant])
 TILES = {
     "128x128_w64x32_s4": (128, 128, 2, 4, 2),
     "128x128_w32x64_s4": (128, 128, 4, 4, 2),
@@ -35,6 +35,9 @@ TILES = {
     # weight lead: words loaded 1 / 3 K steps before their dequantization instead of 2
     "128x128_w64x32_s4_a1": (128, 128, 2, 4, 1),
     "128x128_w64x32_s4_a3": (128, 128, 2, 4, 3),
+    # dequantization between the two k16 halves, the first half's mma already issued
+    "128x128_w64x32_s4_split": (128, 128, 2, 4, 2, True),
+    "128x64_w32x32_s4_split": (128, 64, 4, 4, 2, True),
 }
 MAIN_TILES = tuple(TILES)[:6]
 F16_TILES = ("128x128_w64x32_s3", "128x64_w32x32_s4", "64x128_w32x32_s4",
@@ -49,7 +52,8 @@ CASES = [
     ("logits_f32", 32000, 4096, "q4", "float32", False, (512,), ("128x128_w64x32_s4",)),
     # tails: rows and features not multiples of any tile, odd N (unpaired stores), bias
     ("tail_bias", 1001, 512, "q4", "float16", True, (77,),
-     ("128x128_w64x32_s4", "128x64_w32x32_s4", "128x128_w64x32_s4_a3")),
+     ("128x128_w64x32_s4", "128x64_w32x32_s4", "128x128_w64x32_s4_a3",
+      "128x128_w64x32_s4_split")),
     ("tail_f16w_bias", 4000, 1024, "f16", "float32", True, (130,), ("128x64_w32x32_s4",)),
 ]
 CALLS, REPEATS, L2_BYTES = 20, 7, 120_000_000

@@ -207,7 +207,8 @@ def test_k_loop_schedule_reads_each_step_once_and_never_a_slot_in_flight(config,
             assert ("a", kt % S) not in written and ("b", kt & 1) not in written
 
 
-def test_generated_source_uses_the_modelled_formulas():
+@pytest.mark.parametrize("split", [False, True])
+def test_generated_source_uses_the_modelled_formulas(split):
     from mlcc.backends.cuda.gemm import HELPERS, gemm_tc_kernel
     from mlcc.backends.cuda.linear import LinearShape
     from mlcc.backends.plan import KernelSpec
@@ -217,7 +218,7 @@ def test_generated_source_uses_the_modelled_formulas():
     spec = KernelSpec("q_linear", (((rows, 4096), "float16"), ((4096, 512), "uint32"),
                                    ((4096, 128), "float16")), (((rows, 4096), "float16"),),
                       (("bits", 4), ("group_size", 32), ("in_features", 4096)))
-    config = TileConfig(128, 64, 4, 3, 2)
+    config = TileConfig(128, 64, 4, 3, 2, split)
     text = " ".join(gemm_tc_kernel(LinearShape(spec), "k", config).device_source.split())
     helpers = " ".join(HELPERS.split())
     for formula in [

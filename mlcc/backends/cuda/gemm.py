@@ -33,7 +33,6 @@ they only feed outputs that are never stored, so no zero filling is needed.
 
 from __future__ import annotations
 
-import textwrap
 from dataclasses import dataclass
 
 from mlcc.backends.cuda.kernels import CudaKernel, launcher, signature
@@ -58,6 +57,7 @@ class TileConfig:
     warps_m: int = 2
     stages: int = 4
     ahead: int = 2  # K steps between a q4 weight load and its dequantization
+    split_dequant: bool = False  # dequantize between the two k16 halves instead of before
 
     @property
     def warps_n(self) -> int:
@@ -73,7 +73,9 @@ class TileConfig:
 
     @property
     def tag(self) -> str:
-        return f"{self.bm}x{self.bn}_w{self.warp_m}x{self.warp_n}_s{self.stages}_a{self.ahead}"
+        split = "_split" if self.split_dequant else ""
+        return (f"{self.bm}x{self.bn}_w{self.warp_m}x{self.warp_n}_s{self.stages}_a{self.ahead}"
+                f"{split}")
 
     def shared_bytes(self, q4: bool) -> int:
         b_rows = 2 * self.bn if q4 else self.stages * self.bn
@@ -326,12 +328,20 @@ def _k_loop(s: LinearShape, config: TileConfig, q4: bool) -> str:
     copies = []
     for u in range(unroll):
         guard = f"if (kt0 + {u} < {steps}) " if steps % unroll else ""
+        dequant = _q4_step(s, config, (u + 1) % unroll) if q4 else ""
+        if config.split_dequant and q4:  # first half's mma in the tensor pipe meanwhile
+            math = "\n".join([_compute(config, q4, (0,)), dequant, _compute(config, q4, (1,))])
+        else:
+            math = "\n".join(filter(None, [dequant, _compute(config, q4, (0, 1))]))
         copies.append(f"""    {guard}{{
       const int kt = kt0 + {u};
       mlcc_tc_cp_wait<{config.stages - 2}>();
       __syncthreads();
-{_main_step(s, config, q4, (u + 1) % unroll)}
-{textwrap.indent(_compute(config, q4), "  ")}
+      if (kt + {config.stages - 1} < {steps}) {{
+{_issue(s, config, q4, f"kt + {config.stages - 1}", "        ")}
+      }}
+      mlcc_tc_cp_commit();
+{math}
     }}""")
     body = "\n".join(copies)
     return f"""  for (int kt0 = 0; kt0 < {steps}; kt0 += {unroll}) {{
@@ -339,51 +349,44 @@ def _k_loop(s: LinearShape, config: TileConfig, q4: bool) -> str:
   }}"""
 
 
-def _main_step(s: LinearShape, config: TileConfig, q4: bool, slot: int) -> str:
-    """After the barrier: refill the ring slot freed by the previous step, prepare B of kt+1
-    from register slot `slot` and reload that slot with step kt + 1 + ahead."""
+def _q4_step(s: LinearShape, config: TileConfig, slot: int) -> str:
+    """Prepare B of step kt + 1 from register slot `slot`, then reload that slot with step
+    kt + 1 + ahead."""
     steps = s.k // BK
-    text = f"""      if (kt + {config.stages - 1} < {steps}) {{
-{_issue(s, config, q4, f"kt + {config.stages - 1}", "        ")}
-      }}
-      mlcc_tc_cp_commit();"""
-    if q4:
-        body = "\n".join("        " + ln for ln in _q4_dequant(config, slot, "(kt + 1) & 1"))
-        load = _q4_load(config, f"kt + {1 + config.ahead}", slot)
-        text += f"""
-      if (kt + 1 < {steps}) {{
+    body = "\n".join("        " + ln for ln in _q4_dequant(config, slot, "(kt + 1) & 1"))
+    load = _q4_load(config, f"kt + {1 + config.ahead}", slot)
+    return f"""      if (kt + 1 < {steps}) {{
 {body}
         if (kt + {1 + config.ahead} < {steps}) {{ {load} }}
       }}"""
-    return text
 
 
-def _compute(config: TileConfig, q4: bool) -> str:
-    """Two k16 halves of the step: ldmatrix fragments, then every mma of the warp tile. Rows
-    16 apart share their swizzle phase, so fragment i sits a constant i * 1024 bytes further."""
+def _compute(config: TileConfig, q4: bool, halves: tuple[int, ...]) -> str:
+    """k16 halves of the step: ldmatrix fragments, then every mma of the warp tile. Rows 16
+    apart share their swizzle phase, so fragment i sits a constant i * 1024 bytes further."""
     mt, nt = config.warp_m // 16, config.warp_n // 8
     b_slot = "(kt & 1)" if q4 else f"(kt % {config.stages})"
-    return f"""    {{
-      const unsigned a_base = as0 + (kt % {config.stages}) * {config.bm * BK * 2};
-      const unsigned b_base = bs0 + {b_slot} * {config.bn * BK * 2};
-      #pragma unroll
-      for (int h = 0; h < 2; ++h) {{
-        unsigned af[{mt}][4], bfr[{nt}][2];
+    return f"""      {{
+        const unsigned a_base = as0 + (kt % {config.stages}) * {config.bm * BK * 2};
+        const unsigned b_base = bs0 + {b_slot} * {config.bn * BK * 2};
         #pragma unroll
-        for (int i = 0; i < {mt}; ++i) mlcc_tc_ldsm4(af[i], a_base + a_ld[h] + i * 1024);
-        #pragma unroll
-        for (int p = 0; p < {nt // 2}; ++p) {{
-          unsigned r[4];
-          mlcc_tc_ldsm4(r, b_base + b_ld[h] + p * 1024);
-          bfr[2 * p][0] = r[0]; bfr[2 * p][1] = r[1];
-          bfr[2 * p + 1][0] = r[2]; bfr[2 * p + 1][1] = r[3];
-        }}
-        #pragma unroll
-        for (int i = 0; i < {mt}; ++i)
+        for (int h = {halves[0]}; h <= {halves[-1]}; ++h) {{
+          unsigned af[{mt}][4], bfr[{nt}][2];
           #pragma unroll
-          for (int j = 0; j < {nt}; ++j) mlcc_tc_mma16816(acc[i][j], af[i], bfr[j]);
-      }}
-    }}"""
+          for (int i = 0; i < {mt}; ++i) mlcc_tc_ldsm4(af[i], a_base + a_ld[h] + i * 1024);
+          #pragma unroll
+          for (int p = 0; p < {nt // 2}; ++p) {{
+            unsigned r[4];
+            mlcc_tc_ldsm4(r, b_base + b_ld[h] + p * 1024);
+            bfr[2 * p][0] = r[0]; bfr[2 * p][1] = r[1];
+            bfr[2 * p + 1][0] = r[2]; bfr[2 * p + 1][1] = r[3];
+          }}
+          #pragma unroll
+          for (int i = 0; i < {mt}; ++i)
+            #pragma unroll
+            for (int j = 0; j < {nt}; ++j) mlcc_tc_mma16816(acc[i][j], af[i], bfr[j]);
+        }}
+      }}"""
 
 
 def _epilogue(s: LinearShape, config: TileConfig) -> str:
