@@ -7,7 +7,7 @@ Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
 
 `build` writes one library with a kernel per variant for the decode GEMVs of the Llama-2-7B
 shape: the persistent GEMV (mlcc.backends.cuda.gemv) at a few (blocks per SM, warps, features
-per warp, rotated activation reads), the one-shot GEMV (mlcc.backends.cuda.linear) at the
+per warp, rotated activation reads, register buffers moved or used in turn), the one-shot GEMV (mlcc.backends.cuda.linear) at the
 database's current pick for comparison, the persistent GEMV with fusion.py's rms_norm and
 silu_mul staging, and a few batch-decode row counts (with the tensor-core GEMM at 16 rows). `run` checks every variant against a
 float32 reference of the same packed weights (random codes and scales) and, if it agrees, times
@@ -34,6 +34,8 @@ LOGITS = (32000, 4096)  # the output projection stores float32 logits
 # beyond what fits run in more than one wave.
 PERSISTENT_4096 = [(2, 8, 1, True), (3, 8, 1, True), (4, 4, 1, True), (6, 4, 1, True),
                    (2, 4, 2, True), (3, 8, 1, False)]
+# register buffers used in turn (gemv.py's `pingpong`): 125 registers, two blocks of 8 warps
+PINGPONG_4096 = [(2, 8, 1, True)]
 PERSISTENT_11008 = [(1, 8, 1, True), (2, 4, 1, True), (3, 4, 1, True), (4, 4, 1, True),
                     (3, 4, 1, False)]
 FUSED = [("rms_norm", 12288, 4096), ("rms_norm", 22016, 4096), ("silu_mul", 4096, 11008)]
@@ -44,13 +46,14 @@ BATCH = [(4, 22016, 4096, "block"), (4, 22016, 4096, "persistent"),
          (16, 4096, 4096, "wmma"), (16, 22016, 4096, "wmma")]
 
 
-def _persistent(n: int, k: int, cfg: tuple, rows: int = 1, prologue: str = "none") -> dict:
+def _persistent(n: int, k: int, cfg: tuple, rows: int = 1, prologue: str = "none",
+                pingpong: bool = False) -> dict:
     bps, warps, rpw, rotate = cfg
-    tag = f"p{bps}_w{warps}_r{rpw}" + ("" if rotate else "_norot")
+    tag = f"p{bps}_w{warps}_r{rpw}" + ("" if rotate else "_norot") + ("_pp" if pingpong else "")
     extra = ("" if rows == 1 else f"_m{rows}") + ("" if prologue == "none" else f"_{prologue}")
     return {"n": n, "k": k, "rows": rows, "prologue": prologue, "kind": "persistent",
             "blocks_per_sm": bps, "warps": warps, "rows_per_warp": rpw, "rotate": rotate,
-            "dot": "mlcc_q4_dot8", "name": f"gemv_{n}_{k}_{tag}{extra}"}
+            "pingpong": pingpong, "dot": "mlcc_q4_dot8", "name": f"gemv_{n}_{k}_{tag}{extra}"}
 
 
 def _block(n: int, k: int, rows: int = 1) -> dict:
@@ -69,6 +72,7 @@ def variants() -> list[dict]:
     for n, k in SHAPES:
         out.append(_block(n, k))
         out += [_persistent(n, k, c) for c in (PERSISTENT_4096 if k == 4096 else PERSISTENT_11008)]
+        out += [_persistent(n, k, c, pingpong=True) for c in (PINGPONG_4096 if k == 4096 else ())]
     # fusion.py's staging strides by the block kernel's warps, so the fused kernels keep them
     out += [_persistent(n, k, (3, gemv_config(n, k)[0], 1, True), prologue=p)
             for p, n, k in FUSED]
@@ -119,7 +123,7 @@ def kernel_of(v: dict):
         # fusion.py builds its kernels with linear.gemv_q4_kernel; the persistent kernel takes
         # the same arguments (fusion_gemv), so its staging strings are used unchanged.
         config = PersistentConfig(v["blocks_per_sm"], v["warps"], v["rows_per_warp"],
-                                  v["rotate"])
+                                  v["rotate"], pingpong=v["pingpong"])
         generate = (fusion.gen_silu_mul_q_linear if v["prologue"] == "silu_mul"
                     else fusion.gen_norm_q_linear)
         with mock.patch.object(fusion, "gemv_q4_kernel", fusion_gemv(config)):
@@ -131,7 +135,8 @@ def kernel_of(v: dict):
     if v["kind"] == "block":
         return gemv_q4_kernel(s, v["name"], v["warps"], v["rows_per_warp"], dot=v["dot"])
     return gemv_q4_persistent_kernel(s, v["name"], v["blocks_per_sm"], v["warps"],
-                                     v["rows_per_warp"], dot=v["dot"], rotate=v["rotate"])
+                                     v["rows_per_warp"], dot=v["dot"], rotate=v["rotate"],
+                                     pingpong=v["pingpong"])
 
 
 def build(folder: Path) -> None:
@@ -204,7 +209,8 @@ def measure(torch, lib, v: dict, copies: list[tuple], dev, rng) -> dict:
     return row
 
 
-RECORD_KEYS = ("kind", "blocks_per_sm", "warps", "rows_per_warp", "rotate", "dot", "us", "gb_s")
+RECORD_KEYS = ("kind", "blocks_per_sm", "warps", "rows_per_warp", "rotate", "pingpong", "dot",
+               "us", "gb_s")
 
 
 def run(folder: Path, out: Path) -> None:

@@ -152,7 +152,13 @@ def test_database_selects_the_measured_kind_per_shape():
         assert tuning.selected_kind(22016, 4096) == "block"
         assert tuning.selected_kind(12288, 4096) == "block"
         assert tuning.selected_kind(4, 4) is None
+        pp = dict(DATABASE["best"]["4096,4096"], pingpong=True)
+        with mock.patch.dict(DATABASE["best"], {"4096,4096": pp}):
+            assert tuning.persistent_config(4096, 4096).pingpong
+            kernel = gemv.gemv_q4_tuned_rule(q_linear_spec(1, 4096, 4096), "k")
+            assert "if (tile >= 2048) break;" in kernel.device_source
         picked = gemv.gemv_q4_tuned_rule(q_linear_spec(1, 4096, 4096), "k")
+        assert "break;" not in picked.device_source
         assert launched(picked)[1] == 4 and "wa[2][4]" in picked.device_source
         assert gemv.gemv_q4_tuned_rule(q_linear_spec(1, 22016, 4096), "k") is None
         assert gemv.gemv_q4_tuned_rule(q_linear_spec(1, 12288, 4096), "k") is None
@@ -328,7 +334,7 @@ def sweep_module():
 def test_sweep_variants_are_few_named_once_and_generate():
     sweep = sweep_module()
     chosen = sweep.variants()
-    assert len(chosen) <= 45 and len({v["name"] for v in chosen}) == len(chosen)
+    assert len(chosen) <= 48 and len({v["name"] for v in chosen}) == len(chosen)
     assert {(v["n"], v["k"]) for v in chosen if v["kind"] == "block"} >= set(DECODE_SHAPES)
     assert {v["prologue"] for v in chosen} == {"none", "rms_norm", "silu_mul"}
     for v in chosen:
@@ -353,3 +359,17 @@ def test_sweep_prologue_reference_matches_the_interpreter(prologue):
     np.testing.assert_allclose(sweep.reference(qw, qs, activations),
                                activations.astype(np.float32) @ ((codes - 7.0) * 0.5).T,
                                rtol=1e-5, atol=1e-5)
+
+
+@needs_nvcc
+def test_pingpong_buffers_compile_without_spills_at_k_4096(tmp_path):
+    kernels = [gemv.gemv_q4_persistent_kernel(LinearShape(q_linear_spec(1, n, 4096)), f"pp{n}",
+                                              2, 8, 1, pingpong=True) for n in (4096, 22016)]
+    plain = gemv.gemv_q4_persistent_kernel(LinearShape(q_linear_spec(1, 4096, 4096)), "mv",
+                                           2, 8, 1)
+    assert all(k.device_source.count("while (tile <") == 1 for k in kernels + [plain])
+    assert all(k.device_source.count("mlcc_warp_sum") == 2 for k in kernels)
+    assert plain.device_source.count("mlcc_warp_sum") == 1
+    done = ptxas(kernels, tmp_path, "cubin")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count(" 0 bytes spill stores") == len(kernels), done.stderr

@@ -14,9 +14,11 @@ SMS blocks (132 SMs on an H200) and lets each block
        b * warps + w, then + gridDim * warps, ... The loop is software pipelined in registers:
        the packed weights (one 128-bit load per lane and group) and scales of the next tile
        go to a second buffer before the arithmetic on the current one, so a warp always has a
-       tile of loads in flight; the buffer is then moved into the first (two buffers used in
-       turn, the loop written out twice, took 125-255 registers against 65-126 for the move,
-       and registers decide how many warps an SM holds). No barrier is inside the loop.
+       tile of loads in flight; the buffer is then moved into the first. The move waits for
+       those loads to land before the next tile's are issued; `pingpong` instead uses the two
+       buffers in turn (the loop written out twice), which keeps two tiles in flight but took
+       125-168 registers at K = 4096 against 64-111 (and spills at K = 11008), and registers
+       decide how many warps an SM holds. No barrier is inside the loop.
 
 Arithmetic is the one-shot kernel's: a lane owns one group of 32 weights per feature
 (mlcc_q4_dot8 on each packed word, products summed in pairs in half2, then in float32, the
@@ -154,17 +156,42 @@ def _compute(s: LinearShape, buf: str, rows_per_warp: int, iters: int, r0: int, 
       }}"""
 
 
-def _chunk(s: LinearShape, staging: str, cfg: tuple[int, int, int], r0: int, count: int,
-           rotate: bool, dot: str) -> str:
-    """Stage rows r0 .. r0 + count - 1 once, then run the pipelined tile loop over them."""
-    warps, rows_per_warp, stride = cfg
+def _tile_loop(s: LinearShape, cfg: tuple[int, int, int], r0: int, count: int,
+               arithmetic: tuple[bool, str, bool]) -> str:
+    """The pipelined loop over a warp's tiles; buffer a holds the first tile's loads."""
+    _, rows_per_warp, stride = cfg
+    rotate, dot, pingpong = arithmetic
     iters = -(-(s.k // 32) // 32)
     tiles = tile_count(s.n, rows_per_warp)
-    load_a = _load(s, "a", "tile", rows_per_warp, iters)
-    load_b_next = _load(s, "b", f"tile + {stride}", rows_per_warp, iters)
+    if pingpong:  # buffers a and b in turn, the loop written out twice
+        return f"""    while (tile < {tiles}) {{
+{_load(s, "b", f"tile + {stride}", rows_per_warp, iters)}
+{_compute(s, "a", rows_per_warp, iters, r0, count, rotate, dot)}
+      tile += {stride};
+      if (tile >= {tiles}) break;
+{_load(s, "a", f"tile + {stride}", rows_per_warp, iters)}
+{_compute(s, "b", rows_per_warp, iters, r0, count, rotate, dot)}
+      tile += {stride};
+    }}"""
+    return f"""    while (tile < {tiles}) {{
+{_load(s, "b", f"tile + {stride}", rows_per_warp, iters)}
+{_compute(s, "a", rows_per_warp, iters, r0, count, rotate, dot)}
+      #pragma unroll
+      for (int q = 0; q < {rows_per_warp}; ++q)
+        #pragma unroll
+        for (int it = 0; it < {iters}; ++it) {{ wa[q][it] = wb[q][it]; sa[q][it] = sb[q][it]; }}
+      tile += {stride};
+    }}"""
+
+
+def _chunk(s: LinearShape, staging: str, cfg: tuple[int, int, int], r0: int, count: int,
+           arithmetic: tuple[bool, str, bool]) -> str:
+    """Stage rows r0 .. r0 + count - 1 once, then run the pipelined tile loop over them."""
+    warps, rows_per_warp, _ = cfg
+    iters = -(-(s.k // 32) // 32)
     return f"""  {{
     int tile = blockIdx.x * {warps} + warp;
-{load_a}
+{_load(s, "a", "tile", rows_per_warp, iters)}
     __syncthreads();  // the previous pass has finished reading xs_rows
     #pragma unroll 1
     for (int slot = 0; slot < {count}; ++slot) {{
@@ -173,15 +200,7 @@ def _chunk(s: LinearShape, staging: str, cfg: tuple[int, int, int], r0: int, cou
 {staging}
     }}
     __syncthreads();
-    while (tile < {tiles}) {{
-{load_b_next}
-{_compute(s, "a", rows_per_warp, iters, r0, count, rotate, dot)}
-      #pragma unroll
-      for (int q = 0; q < {rows_per_warp}; ++q)
-        #pragma unroll
-        for (int it = 0; it < {iters}; ++it) {{ wa[q][it] = wb[q][it]; sa[q][it] = sb[q][it]; }}
-      tile += {stride};
-    }}
+{_tile_loop(s, cfg, r0, count, arithmetic)}
   }}"""
 
 
@@ -189,10 +208,10 @@ def gemv_q4_persistent_kernel(s: LinearShape, name: str, blocks_per_sm: int, war
                               rows_per_warp: int, staging: str | None = None,
                               buffers: list | None = None, outputs: tuple[str, ...] = ("y",),
                               dot: str = "mlcc_q4_dot8", rotate: bool = True,
-                              sms: int = SMS) -> CudaKernel:
+                              sms: int = SMS, pingpong: bool = False) -> CudaKernel:
     """The persistent q4 GEMV of `s` (see the module docstring). `staging` (C++ filling xs from
     row r with warps * 32 threads) replaces the plain copy; `buffers`/`outputs` name the fused
-    kernels' parameters."""
+    kernels' parameters; `pingpong` alternates the two register buffers instead of moving."""
     rows = s.static_rows
     if rows is None or not gemv_q4_applies_any_rows(s):
         raise MlccError("compile", f"{name}: the persistent q4 GEMV needs 4-bit weights in "
@@ -209,7 +228,7 @@ def gemv_q4_persistent_kernel(s: LinearShape, name: str, blocks_per_sm: int, war
     else:
         rotation = "\n  const int p0 = 0, p1 = 1, p2 = 2, p3 = 3;"
     passes = "\n".join(_chunk(s, staging, (warps, rows_per_warp, grid * warps), r0, count,
-                              rotate, dot) for r0, count in chunks)
+                              (rotate, dot, pingpong)) for r0, count in chunks)
     body = f"""{signature(name, buffers, outputs, s.symbols)} {{
   __shared__ __align__(16) half2 xs_rows[{chunks[0][1] * s.k // 2}];
   __shared__ float red[32];
@@ -238,7 +257,7 @@ def gemv_q4_v2_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
         return None
     c = persistent_config(s.n, s.k)
     return gemv_q4_persistent_kernel(s, name, c.blocks_per_sm, c.warps, c.rows_per_warp,
-                                     dot=c.dot, rotate=c.rotate)
+                                     dot=c.dot, rotate=c.rotate, pingpong=c.pingpong)
 
 
 def gemv_q4_tuned_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
@@ -260,6 +279,6 @@ def fusion_gemv(config: PersistentConfig, sms: int = SMS) -> Callable[..., CudaK
                outputs: tuple[str, ...] = ("y",), dot: str = "mlcc_q4_dot8") -> CudaKernel:
         return gemv_q4_persistent_kernel(s, name, config.blocks_per_sm, warps,
                                          config.rows_per_warp, staging, buffers, outputs,
-                                         dot, config.rotate, sms)
+                                         dot, config.rotate, sms, config.pingpong)
 
     return kernel

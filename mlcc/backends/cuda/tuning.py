@@ -7,8 +7,9 @@ kinds exist, told apart by a record's "kind":
 
     "block"        (or no "kind")  the one-shot GEMV of mlcc.backends.cuda.linear: `warps`,
                    `rows_per_warp`, `dot`
-    "persistent"   the persistent GEMV of mlcc.backends.cuda.gemv: also `blocks_per_sm` and
-                   `rotate` (per-lane rotation of the activation reads)
+    "persistent"   the persistent GEMV of mlcc.backends.cuda.gemv: also `blocks_per_sm`,
+                   `rotate` (per-lane rotation of the activation reads) and `pingpong`
+                   (register buffers used in turn instead of moved)
 
 "best" holds the winner per shape (either kind); "best_by_kind" (optional) the winner of each
 kind, so the block rule keeps a measured shape when a persistent record wins. Shapes not in the
@@ -38,6 +39,7 @@ class PersistentConfig:
     rows_per_warp: int = 1
     rotate: bool = True
     dot: str = "mlcc_q4_dot8"
+    pingpong: bool = False
 
 
 @lru_cache(maxsize=1)
@@ -82,7 +84,8 @@ def persistent_config(n: int, k: int) -> PersistentConfig:
         return PersistentConfig()
     return PersistentConfig(int(record["blocks_per_sm"]), int(record["warps"]),
                             int(record["rows_per_warp"]), bool(record.get("rotate", True)),
-                            str(record.get("dot", "mlcc_q4_dot8")))
+                            str(record.get("dot", "mlcc_q4_dot8")),
+                            bool(record.get("pingpong", False)))
 
 
 def selected_kind(n: int, k: int) -> str | None:
