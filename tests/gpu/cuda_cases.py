@@ -25,6 +25,13 @@ CASES = [("stories_q0f32", "stories260K", "q0f32", "O2"),
 CASES += [(f"{arch}_{q}", arch, q, "O2") for arch in ("llama", "mistral", "gpt_neox")
           for q in ("q0f32", "q0f16", "q4f16_1")]
 CASES += [("llama_q0f32_O0", "llama", "q0f32", "O0")]
+# Head dim 64 and long prompts for the tensor-core prefill attention: several 64-query and
+# 64-key tiles, a partial tile, and (mistral) a sliding window whose ring wraps during prefill.
+WIDE = {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 256, "max_position_embeddings": 512}
+WIDE_CHUNK = {"llama64": 128, "mistral64": 64}
+CASES += [("llama64_q0f16", "llama64", "q0f16", "O2"),
+          ("mistral64_q4f16_1", "mistral64", "q4f16_1", "O2")]
 # batch_decode entries: four sequences, one token each per call
 CASES += [("llama_batch_q0f32", "llama", "q0f32", "O2"),
           ("mistral_batch_q4f16_1", "mistral", "q4f16_1", "O2")]
@@ -43,6 +50,10 @@ def tiny_models(out: Path) -> dict[str, Path]:
             transformers.GPTNeoXConfig(**{**TINY, "hidden_size": 128, "num_attention_heads": 4},
                                        rotary_pct=0.25, use_parallel_residual=True)),
     }
+    makers["llama64"] = lambda: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**{**TINY, **WIDE}))
+    makers["mistral64"] = lambda: transformers.MistralForCausalLM(
+        transformers.MistralConfig(**{**TINY, **WIDE}, sliding_window=40))
     dirs = {}
     for name, make in makers.items():
         torch.manual_seed(sum(map(ord, name)))
@@ -65,7 +76,8 @@ def build_cases(out: Path, log=print) -> dict:
     manifest = {}
     for name, model, quant, opt in CASES:
         lib = out / "libs" / f"{name}.so"
-        chunk = None if model == "stories260K" else f"prefill_chunk_size={CHUNK}"
+        chunk = None if model == "stories260K" else \
+            f"prefill_chunk_size={WIDE_CHUNK.get(model, CHUNK)}"
         if "_batch_" in name:
             chunk += ";max_batch_size=4"
         if not lib.is_file():
