@@ -170,7 +170,7 @@ def run(folder: Path, out: Path) -> None:
 
 def measure(torch, f, v: dict, m: int, x_dev, y_dev, data: list[dict], expected) -> dict:
     f(x_dev, *data[0]["dev"], y_dev)
-    got = torch.from_numpy(y_dev.numpy().astype(np.float32)).cuda()
+    got = torch.from_numpy(y_dev.numpy().astype(np.float32)).to(expected.device)
     err = float((got - expected).abs().max() / expected.abs().max())
     row = {k: v[k] for k in ("case", "tile", "name", "n", "k", "weights", "y", "bias")}
     row.update(m=m, rel_err=err)

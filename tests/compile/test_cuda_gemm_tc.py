@@ -180,3 +180,41 @@ def test_bench_reference_dequantizes_like_the_interpreter():
     # q_linear's reference dequantizes in float32, then rounds to the scale dtype
     expected = dequantize_group(qw, qs, 4, 32, 256).astype(np.float16).astype(np.float32)
     assert np.array_equal(got, expected)
+
+
+def test_bench_times_only_kernels_that_match_the_reference(monkeypatch):
+    import numpy as np
+    import torch
+
+    bench = bench_module()
+    monkeypatch.setattr(bench, "time_variant", lambda *args: 10.0)
+    rng = np.random.default_rng(4)
+    v = {"case": "c", "tile": "t", "name": "c_t", "n": 64, "k": 128, "weights": "q4",
+         "y": "float16", "bias": True}
+    data = bench.case_data(rng, v, 1)
+    qw, qs, bias = data[0]["arrays"]
+    data[0]["dev"] = data[0]["arrays"]
+    x = rng.standard_normal((5, 128)).astype(np.float16)
+    w = bench.dequantized(torch, [qw, qs], "q4", device="cpu")
+    expected = torch.from_numpy(x).float() @ w.T + torch.from_numpy(bias).float()
+
+    class Out:  # stands in for the runtime tensor the kernel writes
+        value = np.zeros((5, 64), np.float16)
+
+        def numpy(self):
+            return self.value
+
+    y = Out()
+
+    def kernel(x_dev, qw_dev, qs_dev, b_dev, y_dev):
+        y_dev.value = expected.numpy().astype(np.float16)
+
+    good = bench.measure(torch, kernel, v, 5, x, y, data, expected)
+    assert good["rel_err"] < 1e-3 and good["us"] == 10.0
+    assert good["tflops"] == pytest.approx(2 * 5 * 64 * 128 / 10e-6 / 1e12)
+    wrong = bench.measure(torch, lambda *a: setattr(y, "value", y.value[:, ::-1].copy()), v, 5,
+                          x, y, data, expected)
+    assert wrong["rel_err"] > 5e-3 and "us" not in wrong
+    best = bench.best_tiles([dict(good, tile="wmma", tflops=1.0), good, wrong])
+    assert best == {"c,M=5": {"wmma_tflops": 1.0, "tile": "t", "us": 10.0,
+                              "tflops": good["tflops"]}}
