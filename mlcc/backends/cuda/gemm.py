@@ -34,12 +34,15 @@ they only feed outputs that are never stored, so no zero filling is needed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mlcc.backends.cuda.kernels import CudaKernel, launcher, signature
-from mlcc.backends.cuda.linear import GEMV_MAX_ROWS, LinearShape
 from mlcc.backends.plan import KernelSpec
 from mlcc.errors import MlccError
 from mlcc.ir.types import Sym
+
+if TYPE_CHECKING:
+    from mlcc.backends.cuda.linear import LinearShape
 
 STAGE = "compile"
 WARPS = 8
@@ -165,11 +168,19 @@ __device__ __forceinline__ void mlcc_tc_put2(float* p, long long i, float a, flo
 """
 
 
+def _linear():
+    # linear.py lists this module's rule in LINEAR_RULES, so it is imported when first used:
+    # either module can then be imported first.
+    from mlcc.backends.cuda import linear
+
+    return linear
+
+
 def gemm_tc_kind(s: LinearShape) -> str | None:
     """"q4" or "f16" when the tensor-core GEMM handles this linear, else None."""
     if s.xdt != "float16" or s.ydt not in ("float16", "float32") or s.k % BK:
         return None
-    if s.static_rows is not None and s.static_rows <= GEMV_MAX_ROWS:
+    if s.static_rows is not None and s.static_rows <= _linear().GEMV_MAX_ROWS:
         return None  # the decode GEMVs own these
     if s.bias and s.buffers[-2][2] not in ("float16", "float32"):
         return None
@@ -188,7 +199,7 @@ def choose_tile(s: LinearShape, q4: bool) -> TileConfig:
 
 def gemm_tc_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
     """Tensor-core GEMM for prefill-sized q_linear / float16 linear, or None."""
-    s = LinearShape(spec)
+    s = _linear().LinearShape(spec)
     kind = gemm_tc_kind(s)
     if kind is None:
         return None
