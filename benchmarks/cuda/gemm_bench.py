@@ -3,7 +3,10 @@
 Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
 
     python benchmarks/cuda/gemm_bench.py build .device/gemm
-    python benchmarks/cuda/gemm_bench.py run .device/gemm $OUT/gemm_bench.json
+    PYTHONPATH=$PWD/.device/site:$PWD TVM_USE_RUNTIME_LIB=1 \
+        python3 benchmarks/cuda/gemm_bench.py run .device/gemm $OUT/gemm_bench.json
+
+(.device/site: the runtime-only TVM of benchmarks/cuda/prepare_device_run.py.)
 
 `build` writes one library holding, for each case (a linear shape of the Llama-2-7B model with
 its dtypes), the current 64x64 WMMA kernel and the tensor-core GEMM at several tiles; rows are
