@@ -373,3 +373,22 @@ def test_pingpong_buffers_compile_without_spills_at_k_4096(tmp_path):
     done = ptxas(kernels, tmp_path, "cubin")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr.count(" 0 bytes spill stores") == len(kernels), done.stderr
+
+
+@needs_nvcc
+@pytest.mark.parametrize("model", ["stories260K", "llama2_7b"])
+def test_models_compile_with_the_rule_first_in_linear_rules(tmp_path, model):
+    from test_cuda_codegen import STORIES, lowered, nvcc
+
+    from mlcc.backends.cuda.codegen import library_parts
+
+    rules = (gemv.gemv_q4_v2_rule,) + linear.LINEAR_RULES
+    with mock.patch.object(linear, "LINEAR_RULES", rules):
+        built, _, _, _ = library_parts(lowered(STORIES if model == "stories260K" else model,
+                                               "q4f16_1"), {"params": []})
+    persistent = [k for k in built if "int tile = blockIdx.x" in k.device_source]
+    # every distinct decode q_linear whose K is a multiple of 32 (stories260K's down projection
+    # has K = 172 and keeps another rule), the float32 logits included
+    assert len(persistent) == (4 if model == "stories260K" else 5)
+    done = nvcc(device_source(built), tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
