@@ -170,6 +170,30 @@ def test_shipped_database_still_reads():
     assert isinstance(tuning.persistent_config(22016, 4096), tuning.PersistentConfig)
 
 
+def bank_conflicts(rotate: bool) -> int:
+    """Worst ways of a bank conflict over the 16-byte activation reads of one warp: such reads
+    are served a quarter warp (8 lanes, 128 bytes) at a time; lane L reads group g = L (+32 it)
+    at half2 word g * 16 + 4 * p_j(L) for its j-th word."""
+    worst = 1
+    for j in range(4):
+        for quarter in range(4):
+            banks: dict[int, set[int]] = {}
+            for lane in range(8 * quarter, 8 * quarter + 8):
+                p = (j + ((lane >> 1) & 3)) & 3 if rotate else j
+                first = lane * 16 + 4 * p  # 4-byte words
+                for word in range(first, first + 4):
+                    banks.setdefault(word % 32, set()).add(word)
+            worst = max(worst, max(len(words) for words in banks.values()))
+    return worst
+
+
+def test_rotated_words_read_activations_without_bank_conflicts():
+    kernel = gemv.gemv_q4_v2_rule(q_linear_spec(1, 4096, 4096), "k").device_source
+    assert "rot = (lane >> 1) & 3" in kernel and "p1 = (rot + 1) & 3" in kernel
+    assert "x0 = xq[p0], x1 = xq[p1], x2 = xq[p2], x3 = xq[p3]" in kernel
+    assert bank_conflicts(rotate=True) == 1 and bank_conflicts(rotate=False) == 4
+
+
 # --- arithmetic -----------------------------------------------------------------------------
 
 
