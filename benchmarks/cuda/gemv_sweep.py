@@ -34,7 +34,7 @@ LOGITS = (32000, 4096)  # the output projection stores float32 logits
 # beyond what fits run in more than one wave.
 PERSISTENT_4096 = [(2, 8, 1, True), (3, 8, 1, True), (4, 4, 1, True), (6, 4, 1, True),
                    (2, 4, 2, True), (3, 8, 1, False)]
-# register buffers used in turn (gemv.py's `pingpong`): 125 registers, two blocks of 8 warps
+# register buffers used in turn (gemv.py, pingpong=True): 126 registers, two blocks of 8 warps
 PINGPONG_4096 = [(2, 8, 1, True)]
 PERSISTENT_11008 = [(1, 8, 1, True), (2, 4, 1, True), (3, 4, 1, True), (4, 4, 1, True),
                     (3, 4, 1, False)]

@@ -17,7 +17,7 @@ SMS blocks (132 SMs on an H200) and lets each block
        tile of loads in flight; the buffer is then moved into the first. The move waits for
        those loads to land before the next tile's are issued; `pingpong` instead uses the two
        buffers in turn (the loop written out twice), which keeps two tiles in flight but took
-       125-168 registers at K = 4096 against 64-111 (and spills at K = 11008), and registers
+       126-166 registers at K = 4096 against 64-111 (and spills at K = 11008), and registers
        decide how many warps an SM holds. No barrier is inside the loop.
 
 Arithmetic is the one-shot kernel's: a lane owns one group of 32 weights per feature
@@ -26,9 +26,10 @@ group's scale applied once), lanes are summed by mlcc_warp_sum and results store
 mlcc_put (float16, or float32 logits), plus the optional bias. With `rotate` each lane reads the
 four words of its group starting at word (lane / 2) % 4: the four 16-byte activation reads of a
 quarter warp then fall in distinct banks (without it lanes 0, 2, 4, 6 collide); a group's four
-word sums are then added in a rotated order, which changes nothing in practice: each is a sum of
-float16 values that four of add up exactly in float32 (tests/compile/test_cuda_gemv_persistent.py
-emulates both orders). Activations are read from shared memory 16 bytes at a time.
+word sums are then added in a rotated order, which changes nothing in practice: each word sum is
+a float32 sum of float16 values, and four of them add up exactly in float32 in nearly every case
+(tests/compile/test_cuda_gemv_persistent.py emulates both orders). Activations are read from
+shared memory 16 bytes at a time.
 
 Rows that do not fit in 48 KB of static shared memory at once are processed in chunks (the
 tile loop runs once per chunk and re-reads the weights), so any static row count compiles; a
