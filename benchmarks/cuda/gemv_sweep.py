@@ -29,7 +29,7 @@ import numpy as np
 SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)]
 LOGITS = (32000, 4096)  # the output projection stores float32 logits
 # (blocks per SM, warps, features per warp, rotate). nvcc 13 for sm_90 gives the kernel 64
-# registers a thread at K = 4096 and one feature per warp (3 blocks of 8 warps fit an SM), 108
+# registers a thread at K = 4096 and one feature per warp (3 blocks of 8 warps fit an SM), 111
 # at two features (4 blocks of 4 warps), 145 at K = 11008 (3 blocks of 4 warps, 1 of 8): grids
 # beyond what fits run in more than one wave.
 PERSISTENT_4096 = [(2, 8, 1, True), (3, 8, 1, True), (4, 4, 1, True), (6, 4, 1, True),
