@@ -19,7 +19,13 @@ import subprocess
 import numpy as np
 import pytest
 
-from mlcc.backends.cuda.gemm import HELPERS, TileConfig, gemm_tc_kernel
+from mlcc.backends.cuda.gemm import (
+    F16_WIDE_TILE,
+    HELPERS,
+    NARROW_TILE,
+    TileConfig,
+    gemm_tc_kernel,
+)
 from mlcc.backends.cuda.linear import LinearShape
 from mlcc.backends.plan import KernelSpec
 from mlcc.ir.quant_ops import dequantize_group
@@ -203,10 +209,11 @@ CASES = [  # (n, k, q4, y dtype, bias, rows, tile)
     (72, 96, True, "float16", False, 20, TileConfig(128, 64, 4, 3, 3, True)),
     (201, 96, False, "float32", True, 65, TileConfig(64, 128, 2, 4, 2)),
     (64, 160, False, "float16", False, 16, TileConfig(128, 64, 4, 3, 2)),
+    (96, 192, True, "float16", True, 140, NARROW_TILE),  # the rule's tiles
+    (130, 64, False, "float16", False, 33, F16_WIDE_TILE),
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{c[0]}k{c[1]}m{c[5]}_{c[6].tag}")
 def test_generated_kernel_run_on_host_threads_matches_the_reference(tmp_path, case):
     n, k, q4, ydt, bias, rows, config = case
