@@ -1,30 +1,54 @@
 #!/bin/bash
-# One call on the GPU machine, from the repository root: parity tests, issue 4's convert check,
-# the q4 GEMV block-shape sweep, the 7B decode/prefill benchmark. Needs the carried
-# .device/site (runtime-only TVM for the machine's Python), .device/cases (tests/gpu/cuda_cases.py) and .device/bench/*.so (the 7B
-# library, `python benchmarks/cuda/prepare_device_run.py`), optionally .device/sweep
-# (`python benchmarks/cuda/gemv_sweep.py build .device/sweep`). Results go to $OUT.
+# One call on the GPU machine, from the repository root: the GPU tests, issue 4's convert check,
+# the kernel microbenchmarks (GEMV sweep, prefill GEMM, prefill attention) and the 7B
+# decode/prefill benchmark of every library in .device/bench. Built on the build machine by
+# `python benchmarks/cuda/prepare_device_run.py` (.device/site: runtime-only TVM; .device/cases,
+# .device/bench, .device/sweep, .device/gemm, .device/attention); carry what exists.
+# Everything lands in $OUT/results.tgz (the device tool returns few files) and a short
+# $OUT/summary.txt. SKIP_TESTS / SKIP_CONVERT / SKIP_MICRO / SKIP_BENCH=1 leave steps out.
 set -u
 OUT=${OUT:-/tmp/mlcc-out}
-mkdir -p "$OUT"
+R=/tmp/mlcc-results
+mkdir -p "$OUT" "$R"
 export PYTHONPATH=$PWD/.device/site:$PWD TVM_USE_RUNTIME_LIB=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv \
-  > "$OUT/env.txt" 2>&1
-python3 --version >> "$OUT/env.txt" 2>&1
+  > "$R/env.txt" 2>&1
+python3 --version >> "$R/env.txt" 2>&1
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  MLCC_GPU_CASES=$PWD/.device/cases timeout 300 python3 -m pytest tests/gpu/test_cuda_parity.py \
-    -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+  export MLCC_GPU_CASES=$PWD/.device/cases MLCC_ATTENTION_CASES=$PWD/.device/attention
+  [ -d .device/moe_cases ] && export MLCC_GPU_MOE_CASES=$PWD/.device/moe_cases
+  [ -d .device/targets ] && export MLCC_TARGET_CASES=$PWD/.device/targets
+  tests="tests/gpu/test_cuda_parity.py tests/gpu/test_cuda_sampling.py"
+  [ -d .device/attention ] && tests="$tests tests/gpu/test_cuda_flash_attention.py"
+  [ -d .device/moe_cases ] && tests="$tests tests/gpu/test_moe_cuda.py"
+  [ -d .device/targets ] && tests="$tests tests/gpu/test_targets_schedules_cuda.py"
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest $tests -q -p no:cacheprovider 2>&1 \
+    | tee "$R/gpu_tests.log" | tail -25
 fi
 if [ "${SKIP_CONVERT:-0}" != 1 ]; then
   timeout 200 python3 benchmarks/cuda/convert_check.py .device/cases/models/stories260K \
-    /tmp/mlcc-convert "$OUT/convert_weight_cuda.md" 2>&1 | tail -15
+    /tmp/mlcc-convert "$R/convert_weight_cuda.md" 2>&1 | tail -3
 fi
-if [ "${SKIP_SWEEP:-0}" != 1 ] && [ -f .device/sweep/gemv_sweep.so ]; then
-  timeout 200 python3 benchmarks/cuda/gemv_sweep.py run .device/sweep "$OUT/gemv_sweep.json" \
-    2>&1 | tee "$OUT/sweep.log" | tail -40
+if [ "${SKIP_MICRO:-0}" != 1 ]; then
+  for pair in gemv_sweep:sweep gemm_bench:gemm attention_bench:attention; do
+    script=${pair%%:*} folder=.device/${pair##*:}
+    [ -d "$folder" ] || continue
+    timeout "${MICRO_TIMEOUT:-150}" python3 "benchmarks/cuda/$script.py" run "$folder" \
+      "$R/$script.json" > "$R/$script.log" 2>&1
+    echo "== $script (exit $?)"; tail -12 "$R/$script.log"
+  done
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/cuda/run_h200.py \
-    --lib .device/bench/llama2_7b_q4f16_1.so --work /tmp/mlcc-bench --out "$OUT" 2>&1 \
-    | tee "$OUT/bench.log" | tail -60
+  peer=""
+  for lib in .device/bench/*.so; do
+    name=$(basename "$lib" .so)
+    timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/cuda/run_h200.py --lib "$lib" \
+      --work /tmp/mlcc-bench --out "$R/$name" $peer > "$R/$name.log" 2>&1
+    echo "== $name (exit $?)"; head -14 "$R/$name/decode_bench.md" 2>/dev/null \
+      || tail -20 "$R/$name.log"
+    peer="--skip-peer"
+  done
 fi
+tar czf "$OUT/results.tgz" -C "$R" .
+grep -h "passed\|failed" "$R/gpu_tests.log" > "$OUT/summary.txt" 2>/dev/null
+echo "results: $OUT/results.tgz"

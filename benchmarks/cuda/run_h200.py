@@ -152,10 +152,13 @@ def main() -> None:
              "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
              "python": platform.python_version(), "command": " ".join(sys.argv)}
     start = time.perf_counter()
-    model = make_checkpoint(hf, args.layers)
+    peer = {}
+    # a second library in the same work folder reuses the checkpoint (and its conversion)
+    if not (args.skip_peer and (hf / "config.json").is_file()):
+        model = make_checkpoint(hf, args.layers)
+        peer = {} if args.skip_peer else peer_numbers(model)
+        del model
     stamp["checkpoint_s"] = time.perf_counter() - start
-    peer = {} if args.skip_peer else peer_numbers(model)
-    del model
     torch.cuda.empty_cache()
     start = time.perf_counter()
     if not (params / "ndarray-cache.json").is_file():
