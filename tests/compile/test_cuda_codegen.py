@@ -58,7 +58,13 @@ def test_rules_pick_gemv_for_decode_and_tensor_cores_for_prefill():
     assert linear.gemv_q4_rule(decode, "k") is not None
     prefill = q_linear_spec(Sym("seq_len"), 22016, 4096)
     assert linear.gemv_q4_rule(prefill, "k") is None and linear.gemv_rule(prefill, "k") is None
-    assert "wmma::mma_sync" in linear.gen_linear(prefill, "k").device_source
+    assert "mma.sync.aligned.m16n8k16" in linear.gen_linear(prefill, "k").device_source
+    # specs the tensor-core GEMM declines (K not a multiple of 32) keep the WMMA kernel
+    odd_k = KernelSpec("linear", (((Sym("seq_len"), 48), "float16"), ((96, 48), "float16")),
+                       (((Sym("seq_len"), 96), "float16"),), ())
+    assert "wmma::mma_sync" in linear.gen_linear(odd_k, "k").device_source
+    batch = q_linear_spec(Sym("batch"), 22016, 4096)  # batch_decode: one row per sequence
+    assert "wmma::mma_sync" in linear.gen_linear(batch, "k").device_source
     q3 = q_linear_spec(1, 4096, 4096, bits=3, group=40)
     assert linear.gemv_q4_rule(q3, "k") is None
     assert "__shfl_xor_sync" in device_source([linear.gen_linear(q3, "k")])

@@ -71,7 +71,7 @@ def test_logits_projection_stores_float32_and_compiles(tmp_path, quantization, o
     kernels = [k for k in built if k.name.endswith("linear") and stores_float(k)]
     assert kernels, "no linear kernel stores float32 logits"
     if opt == "O0":  # the whole chunk's logits: the tensor-core GEMM takes float32 results
-        assert any("wmma::mma_sync" in k.device_source for k in kernels)
+        assert any("mma.sync.aligned.m16n8k16.row.col.f32" in k.device_source for k in kernels)
     nvcc_ok(device_source(built), tmp_path)
 
 

@@ -102,9 +102,14 @@ def test_long_prefill_on_tensor_cores_equals_reference(cases, name):
     ids = np.random.default_rng(5).integers(0, 120, 209).tolist()
     expected = [reference.prefill_logits(ids[:201])] + [reference.decode(t) for t in ids[201:]]
     got = [engine.prefill_logits(ids[:201])] + [engine.decode(t) for t in ids[201:]]
+    # Over 200 positions float16 activations summed in other orders drift further than over
+    # the 13-token cases: the CPU library of the same case (no tensor cores) differs from
+    # ReferenceModel by up to 0.072 (mistral64) and 0.017 (llama64) with logits of scale 9-11,
+    # so the bound is 1% of the scale; a wrong mask or tile is off by whole units.
     for step, (a, b) in enumerate(zip(expected, got)):
         assert np.isfinite(b).all(), f"{name} step {step}: non-finite logits"
-        np.testing.assert_allclose(b, a, atol=2e-2, rtol=0, err_msg=f"{name} step {step}")
+        tol = 1e-2 * float(np.abs(a).max())
+        np.testing.assert_allclose(b, a, atol=tol, rtol=0, err_msg=f"{name} step {step}")
 
 
 @pytest.mark.parametrize("name", ["llama_q0f16", "mistral_q4f16_1"])

@@ -44,8 +44,9 @@ TILE = 64  # queries per block and keys per step of the tensor-core prefill kern
 FLASH_WARPS = 4  # 16 query rows each
 PAD = 8  # float16 padding per shared-memory row of keys and values
 # Key/value fragments through ldmatrix (fewer shared-memory instructions) or plain loads (whose
-# layouts need only the MMA's); plain until the H200 benchmark has validated both.
-LDMATRIX = False
+# layouts need only the MMA's). Both validated on an H200 (benchmarks/cuda/attention_bench.py,
+# 2026-11-28): ldmatrix 4-11% faster.
+LDMATRIX = True
 
 
 def _slot(kv: dict) -> str:

@@ -102,8 +102,10 @@ class TileConfig:
 
 # Tiles the rule picks: 128x128 when the weight has enough 128-wide column tiles to fill the GPU
 # at a 512-row prefill, 128x64 (twice the blocks, dequantization still shared by 128 rows)
-# below that.
-WIDE_TILE = TileConfig(128, 128, 2, 4, 2)
+# below that. On an H200 (benchmarks/cuda/gemm_bench.py, 2026-11-28, 512 rows) these were the
+# fastest validated tiles: q4 qkv 255, gate_up 241, o_proj 207, down 233 TFLOP/s (the 64x64
+# WMMA kernel: 114, 107, 94, 86); 4-bit 128x128 tiles gain 3-8% from split_dequant.
+WIDE_TILE = TileConfig(128, 128, 2, 4, 2, split_dequant=True)
 NARROW_TILE = TileConfig(128, 64, 4, 4, 2)
 F16_WIDE_TILE = TileConfig(128, 128, 2, 3, 2)
 WIDE_FROM_FEATURES = 8192
@@ -201,7 +203,9 @@ def gemm_tc_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
     """Tensor-core GEMM for prefill-sized q_linear / float16 linear, or None."""
     s = _linear().LinearShape(spec)
     kind = gemm_tc_kind(s)
-    if kind is None:
+    # batch_decode rows (one per sequence, a handful) keep the 64-row WMMA tiles: a 128-row
+    # tile would leave most of its MMAs idle with half as many blocks streaming the weights
+    if kind is None or (isinstance(s.rows, Sym) and s.rows.name == "batch"):
         return None
     return gemm_tc_kernel(s, name, choose_tile(s, kind == "q4"))
 

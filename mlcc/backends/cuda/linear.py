@@ -14,6 +14,9 @@ and stores through mlcc_put, which rounds to y's dtype: float32 logits of a floa
                      summed in pairs in half2, then in float32, and the group's scale is applied
                      once.
     gemv_rule        few static rows, any weight: a warp per output feature, lanes over k.
+    gemm_tc_rule     (mlcc.backends.cuda.gemm) the prefill GEMM: 128-row tiles on mma.sync
+                     tensor cores, cp.async activation ring, int4 weights loaded ahead into
+                     registers; float16 activations, 4-bit or float16 weights, K % 32 == 0.
     gemm_wmma_rule   float16 activations, float16 or float32 results (the logits), any row
                      count: 64x64 tiles on tensor cores (WMMA, fp32 accumulation) over 64- (or
                      32-) wide K steps; activations staged
@@ -351,8 +354,10 @@ def gemm_rule(spec: KernelSpec, name: str) -> CudaKernel:
     return CudaKernel(name, body, _gemm_launcher(name, s, 16, 256))
 
 
+from mlcc.backends.cuda.gemm import gemm_tc_rule  # noqa: E402 - gemm.py reads this module
+
 LINEAR_RULES: tuple[Callable[[KernelSpec, str], CudaKernel | None], ...] = (
-    gemv_q4_rule, gemv_rule, gemm_wmma_rule,
+    gemv_q4_rule, gemv_rule, gemm_tc_rule, gemm_wmma_rule,
 )
 
 
