@@ -4,6 +4,7 @@ Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
 
     python benchmarks/cuda/gemv_sweep.py build .device/sweep
     python benchmarks/cuda/gemv_sweep.py run .device/sweep $OUT/gemv_sweep.json
+    python benchmarks/cuda/gemv_sweep.py profile .device/sweep VARIANT   # under ncu
 
 `build` writes one library with a kernel per variant for the decode GEMVs of the Llama-2-7B
 shape: the persistent GEMV (mlcc.backends.cuda.gemv) at a few (blocks per SM, warps, features
@@ -275,8 +276,33 @@ def time_variant(torch, f, leading: list, copies: list[tuple], y_dev, calls: int
     return float(np.median(times))
 
 
+def profile(folder: Path, name: str, calls: int = 12) -> None:
+    """Call one variant `calls` times over its weight copies, for a profiler such as
+    `ncu -k regex:NAME --launch-skip 4 --launch-count 1 python3 gemv_sweep.py profile ...`."""
+    import torch
+    import tvm
+
+    from mlcc.runtime_check.compiled import _device
+
+    dev = _device("cuda")
+    lib = tvm.runtime.load_module(str(folder / "gemv_sweep.so"))
+    v = next(v for v in json.loads((folder / "variants.json").read_text()) if v["name"] == name)
+    rng = np.random.default_rng(0)
+    copies = weight_copies(v["n"], v["k"], rng, dev)
+    leading, _ = prologue_inputs(v, rng)
+    lead_dev = [tvm.runtime.tensor(a, dev) for a in leading]
+    ydt = "float32" if (v["n"], v["k"]) == LOGITS else "float16"
+    y_dev = tvm.runtime.empty((v["rows"], v["n"]), ydt, dev)
+    for i in range(calls):
+        copy = copies[i % len(copies)]
+        lib[name](*lead_dev, copy[2], copy[3], y_dev)
+    torch.cuda.synchronize()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "build":
         build(Path(sys.argv[2]))
+    elif sys.argv[1] == "profile":
+        profile(Path(sys.argv[2]), sys.argv[3])
     else:
         run(Path(sys.argv[2]), Path(sys.argv[3]))
