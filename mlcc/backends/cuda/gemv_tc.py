@@ -1,0 +1,281 @@
+"""Tensor-core int4 GEMV for 1..16 rows (decode and batch decode): y = x @ dequant(W).T (+ b).
+
+The CUDA-core GEMV spends about 20 instructions per packed weight word on unpacking, half2
+products, pair sums and conversions. Here the products and sums run on mma.sync m16n8k16
+(float16 inputs, float32 accumulation) with the weights as the A operand (16 output features
+per mma) and the activations as B (8 rows per mma), so a lane only unpacks:
+
+    lane (g, j) = (lane / 4, lane % 4) loads, with one 128-bit load, the whole quantization
+    group 4 * step + j (four words, 32 k) of features g and g + 8 of its tile. A word's nibble
+    pairs (i, i + 4) become half2 (c - 7) * scale: the 0x6400 exponent trick, the odd pairs
+    masked in place and scaled by 1/16, then one multiply by the group's scale, which rounds
+    exactly as q_linear's dequantization does. Word i feeds two mmas: pairs 0, 1 as the slots
+    (q, q + 1), (q + 8, q + 9) of the first, pairs 2, 3 of the second.
+
+The dot product does not depend on the order of k as long as A and B use the same one; the
+activations are staged per round in shared memory already in that order (pairs (x_i, x_{i+4})
+of every word: one 128-bit shared load gives a lane the B fragments of both mmas of a word).
+
+A block owns 16 * tiles output features and all rows of its 16-row tile (grid y for the symbolic
+batch); its warps split K: in round r warp w takes step r * warps + w (128 k), and the weights of
+round r + 1 are loaded into registers before round r's activations are staged, so the loads
+stay in flight over the staging and the mmas. The warps' float32 partial sums meet in shared
+memory at the end; bias and mlcc_put (float16 or float32 results) finish, rows >= M masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlcc.backends.cuda.kernels import CudaKernel, launcher, signature
+from mlcc.backends.cuda.linear import LinearShape
+from mlcc.backends.plan import KernelSpec
+from mlcc.ir.types import Sym
+
+MAX_ROWS = 16
+BATCH_SYMBOL = "batch"
+TC = "tc"  # the kind of this kernel's records in gemv_tuning.json
+
+# PTX: compiled by nvcc; the host emulation of the tests provides its own definition.
+PTX_HELPERS = r"""
+#ifndef MLCC_GEMV_TC_PTX
+#define MLCC_GEMV_TC_PTX
+__device__ __forceinline__ void mlcc_tcv_mma(float* c, unsigned a0, unsigned a1, unsigned a2,
+                                             unsigned a3, unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+#endif
+"""
+
+# Portable: the host emulation compiles these as generated.
+PORTABLE_HELPERS = r"""
+#ifndef MLCC_GEMV_TC_PORTABLE
+#define MLCC_GEMV_TC_PORTABLE
+__device__ __forceinline__ unsigned mlcc_tcv_u32(half2 h) {
+  return *reinterpret_cast<unsigned*>(&h);
+}
+__device__ __forceinline__ half2 mlcc_tcv_h2(unsigned u) { return *reinterpret_cast<half2*>(&u); }
+// The four half2 (c_i - 7) * s, (c_{i+4} - 7) * s of word w, i = 0..3. Each value is exact
+// before the multiply, so the one rounding equals q_linear's float16 dequantization.
+__device__ __forceinline__ void mlcc_tcv_dequant(unsigned w, half2 s, unsigned* d) {
+  const half2 magic = __half2half2(__ushort_as_half((unsigned short)0x6407));      // 1031
+  const half2 sixteenth = __half2half2(__ushort_as_half((unsigned short)0x2C00));  // 1/16
+  const half2 magic_hi = __half2half2(__ushort_as_half((unsigned short)0xD470));   // -71
+  const unsigned w8 = w >> 8;
+  const unsigned t0 = (w & 0x000F000Fu) | 0x64006400u, t1 = (w & 0x00F000F0u) | 0x64006400u;
+  const unsigned t2 = (w8 & 0x000F000Fu) | 0x64006400u, t3 = (w8 & 0x00F000F0u) | 0x64006400u;
+  d[0] = mlcc_tcv_u32(__hmul2(__hsub2(mlcc_tcv_h2(t0), magic), s));
+  d[1] = mlcc_tcv_u32(__hmul2(__hfma2(mlcc_tcv_h2(t1), sixteenth, magic_hi), s));
+  d[2] = mlcc_tcv_u32(__hmul2(__hsub2(mlcc_tcv_h2(t2), magic), s));
+  d[3] = mlcc_tcv_u32(__hmul2(__hfma2(mlcc_tcv_h2(t3), sixteenth, magic_hi), s));
+}
+// Eight consecutive halves (h0..h7) -> the pairs (h0, h4), (h1, h5), (h2, h6), (h3, h7).
+__device__ __forceinline__ uint4 mlcc_tcv_pairs(uint4 v) {
+  uint4 out;
+  out.x = __byte_perm(v.x, v.z, 0x5410);
+  out.y = __byte_perm(v.x, v.z, 0x7632);
+  out.z = __byte_perm(v.y, v.w, 0x5410);
+  out.w = __byte_perm(v.y, v.w, 0x7632);
+  return out;
+}
+#endif
+"""
+
+
+@dataclass(frozen=True)
+class TcConfig:
+    """`warps` per block splitting K; `tiles` 16-feature tiles per block."""
+
+    warps: int = 8
+    tiles: int = 1
+
+    @property
+    def tag(self) -> str:
+        return f"tc_w{self.warps}_t{self.tiles}"
+
+
+def applies(s: LinearShape) -> bool:
+    rows_ok = (s.static_rows is not None and 1 <= s.static_rows <= MAX_ROWS) or (
+        isinstance(s.rows, Sym) and s.rows.name == BATCH_SYMBOL)
+    return (s.quant and s.bits == 4 and s.group == 32 and s.xdt == "float16"
+            and s.sdt == "float16" and s.ydt in ("float16", "float32") and s.k % 32 == 0
+            and s.words * 8 == s.k and s.groups * 32 == s.k and rows_ok)
+
+
+def tc_record(n: int, k: int) -> dict | None:
+    """The measured record of this kernel for N x K in the GEMV database, if any."""
+    from mlcc.backends.cuda.tuning import _database
+
+    return _database().get("best_by_kind", {}).get(TC, {}).get(f"{n},{k}")
+
+
+def tc_config(n: int, k: int) -> TcConfig:
+    record = tc_record(n, k)
+    if record is None:
+        return TcConfig(8 if k >= 2048 else 4, 1)
+    return TcConfig(int(record["warps"]), int(record["tiles"]))
+
+
+def gemv_q4_tc_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
+    """The tensor-core GEMV where it should run: 5..16 static rows and the batch symbol always
+    (the alternative is a 64-row GEMM tile), 1..4 rows only where the database measured it
+    fastest (its "best" record has kind "tc"). None elsewhere."""
+    from mlcc.backends.cuda.tuning import _database
+
+    s = LinearShape(spec)
+    if not applies(s):
+        return None
+    if s.static_rows is not None and s.static_rows <= 4:
+        best = _database().get("best", {}).get(f"{s.n},{s.k}")
+        if best is None or best.get("kind") != TC:
+            return None
+    return gemv_q4_tc_kernel(s, name, tc_config(s.n, s.k))
+
+
+def _unit(tok: str, wl: str, warps: int) -> str:
+    """Shared index (in 16-byte units) of staged word `wl` of row `tok`: groups of four words
+    padded to five and rows to 20 * warps + 4 units, so the eight lanes of a 128-bit load phase
+    (two rows, four groups) hit distinct bank quads."""
+    return f"(({tok}) * {20 * warps + 4} + (({wl}) >> 2) * 5 + (({wl}) & 3))"
+
+
+def _loads(s: LinearShape, c: TcConfig, dst: str, step: str) -> str:
+    return f"""    {{
+      const int grp = ({step}) * 4 + j;
+      const bool ok = ({step}) < {-(-s.groups // 4)} && grp < {s.groups};
+      #pragma unroll
+      for (int f = 0; f < {c.tiles}; ++f)
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {{
+          long long n = n0 + f * 16 + h * 8 + g;
+          n = n < {s.n} ? n : {s.n - 1};
+          {dst}w[f][h] = ok ? __ldg(reinterpret_cast<const uint4*>(qw + n * {s.words}LL) + grp)
+                            : make_uint4(0u, 0u, 0u, 0u);
+          {dst}s[f][h] = ok ? __half2half2(qs[n * {s.groups}LL + grp])
+                            : __half2half2(__ushort_as_half((unsigned short)0));
+        }}
+    }}"""
+
+
+def _stage(s: LinearShape, c: TcConfig, tok_tile: int) -> str:
+    words = 16 * c.warps
+    return f"""    for (int e = threadIdx.x; e < {tok_tile * words}; e += {32 * c.warps}) {{
+      const int tok = e / {words}, wl = e % {words};
+      const long long word = (long long)r * {words} + wl, m = m0 + tok;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (m < rows && word < {s.k // 8})
+        v = mlcc_tcv_pairs(*reinterpret_cast<const uint4*>(x + m * {s.k}LL + word * 8));
+      xs[{_unit("tok", "wl", c.warps)}] = v;
+    }}"""
+
+
+def _compute(c: TcConfig, nt: int) -> str:
+    second = ("" if nt == 1 else
+              f"""
+          if (rows - m0 > 8) {{
+            const uint4 b = xs[{_unit("8 + g", "wl", c.warps)}];
+            mlcc_tcv_mma(acc[f][1], lo[0], hi[0], lo[1], hi[1], b.x, b.y);
+            mlcc_tcv_mma(acc[f][1], lo[2], hi[2], lo[3], hi[3], b.z, b.w);
+          }}""")
+    return f"""    if (r * {c.warps} + warp < steps) {{
+      #pragma unroll
+      for (int f = 0; f < {c.tiles}; ++f)
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) {{
+          const unsigned wlo = i == 0 ? cw[f][0].x : i == 1 ? cw[f][0].y : i == 2 ? cw[f][0].z
+                                                                                   : cw[f][0].w;
+          const unsigned whi = i == 0 ? cw[f][1].x : i == 1 ? cw[f][1].y : i == 2 ? cw[f][1].z
+                                                                                   : cw[f][1].w;
+          unsigned lo[4], hi[4];
+          mlcc_tcv_dequant(wlo, cs[f][0], lo);
+          mlcc_tcv_dequant(whi, cs[f][1], hi);
+          const int wl = (warp * 4 + j) * 4 + i;
+          const uint4 b = xs[{_unit("g", "wl", c.warps)}];
+          mlcc_tcv_mma(acc[f][0], lo[0], hi[0], lo[1], hi[1], b.x, b.y);
+          mlcc_tcv_mma(acc[f][0], lo[2], hi[2], lo[3], hi[3], b.z, b.w);{second}
+        }}
+    }}"""
+
+
+def _epilogue(s: LinearShape, c: TcConfig, nt: int) -> str:
+    cols = nt * 8
+    per_warp = c.tiles * 16 * cols
+    return f"""  __syncthreads();
+  float* red = reinterpret_cast<float*>(xs);
+  #pragma unroll
+  for (int f = 0; f < {c.tiles}; ++f)
+    #pragma unroll
+    for (int t = 0; t < {nt}; ++t)
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) {{
+        const int feat = f * 16 + g + (i >> 1) * 8, tok = t * 8 + 2 * j + (i & 1);
+        red[warp * {per_warp} + feat * {cols} + tok] = acc[f][t][i];
+      }}
+  __syncthreads();
+  for (int e = threadIdx.x; e < {per_warp}; e += {32 * c.warps}) {{
+    float sum = 0.f;
+    #pragma unroll
+    for (int w = 0; w < {c.warps}; ++w) sum += red[w * {per_warp} + e];
+    const long long n = n0 + e / {cols}, m = m0 + e % {cols};
+    if (n < {s.n} && m < rows) mlcc_put(y, m * {s.n}LL + n, sum{s.bias_term("n")});
+  }}"""
+
+
+def gemv_q4_tc_kernel(s: LinearShape, name: str, config: TcConfig) -> CudaKernel:
+    """The tensor-core GEMV of one q4 linear with `config`'s block shape."""
+    c = config
+    symbolic = s.static_rows is None
+    nt = 2 if symbolic or s.static_rows > 8 else 1
+    tok_tile = 8 * nt
+    steps = -(-s.groups // 4)
+    rounds = -(-steps // c.warps)
+    xs_units = tok_tile * (20 * c.warps + 4)
+    red_units = -(-c.warps * c.tiles * 16 * tok_tile * 4 // 16)
+    rows = s.rows_text if symbolic else str(s.static_rows)
+    body = f"""{PTX_HELPERS}{PORTABLE_HELPERS}
+{signature(name, s.buffers, ("y",), s.symbols)} {{
+  __shared__ __align__(16) uint4 xs[{max(xs_units, red_units)}];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, j = lane & 3;
+  const long long n0 = (long long)blockIdx.x * {16 * c.tiles};
+  const long long m0 = {"(long long)blockIdx.y * 16" if symbolic else "0"};
+  const long long rows = {rows};
+  const int steps = {steps};
+  float acc[{c.tiles}][{nt}][4];
+  #pragma unroll
+  for (int f = 0; f < {c.tiles}; ++f)
+    #pragma unroll
+    for (int t = 0; t < {nt}; ++t)
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) acc[f][t][i] = 0.f;
+  uint4 cw[{c.tiles}][2];
+  half2 cs[{c.tiles}][2];
+{_loads(s, c, "c", "warp")}
+  for (int r = 0; r < {rounds}; ++r) {{
+    uint4 nw[{c.tiles}][2];
+    half2 ns[{c.tiles}][2];
+{_loads(s, c, "n", f"(r + 1) * {c.warps} + warp")}
+    __syncthreads();
+{_stage(s, c, tok_tile)}
+    __syncthreads();
+{_compute(c, nt)}
+    #pragma unroll
+    for (int f = 0; f < {c.tiles}; ++f)
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {{
+        cw[f][h] = nw[f][h];
+        cs[f][h] = ns[f][h];
+      }}
+  }}
+{_epilogue(s, c, nt)}
+  return 0;
+}}
+"""
+    grid = [f"T.int64({-(-s.n // (16 * c.tiles))})"]
+    if symbolic:
+        grid.append(f"({s.rows_text} + T.int64(15)) // T.int64(16)")
+    return CudaKernel(name, body, launcher(name, s.buffers, tuple(grid), 32 * c.warps,
+                                           s.symbols))
