@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from mlcc.backends.cuda.kernels import (
+    C_TYPES,
     CudaKernel,
     fp,
     launcher_nests,
@@ -76,7 +77,30 @@ __device__ __forceinline__ float {name}_rope(const T* src, int c, long long pos)
   const int other = {partner};
   return mlcc_round(v * cosf(angle) + ({sign}) * mlcc_f32(src[other]) * sinf(angle), src);
 }}
-"""
+{_rope_pair(name, style, rotary, d)}"""
+
+
+def _rope_pair(name: str, style: str, rotary: int, d: int) -> str:
+    """`{name}_rope2(src, q, pos, &lo, &hi)`: features q and q + d/2 (q < d/2) rotated to `pos`.
+    With rotate_half over the whole head these are one rotary pair: both share the angle and
+    the two loads, so the angle, its cosine and sine are computed once per pair; the formulas
+    and rounding are `{name}_rope`'s. Other layouts call `{name}_rope` twice."""
+    if style != "rotate_half" or rotary != d:
+        return f"""template <typename T>
+__device__ __forceinline__ void {name}_rope2(const T* src, int q, long long pos, float* lo,
+                                             float* hi) {{
+  *lo = {name}_rope(src, q, pos);
+  *hi = {name}_rope(src, q + {d // 2}, pos);
+}}"""
+    return f"""template <typename T>
+__device__ __forceinline__ void {name}_rope2(const T* src, int q, long long pos, float* lo,
+                                             float* hi) {{
+  const float a = mlcc_f32(src[q]), b = mlcc_f32(src[q + {d // 2}]);
+  const float angle = (float)pos * {name}_invf[q];
+  const float cs = cosf(angle), sn = sinf(angle);
+  *lo = mlcc_round(a * cs + (-1.0f) * b * sn, src);
+  *hi = mlcc_round(b * cs + (1.0f) * a * sn, src);
+}}"""
 
 
 def use_flash(spec: KernelSpec) -> bool:
@@ -127,17 +151,23 @@ __device__ __forceinline__ long long {name}_row(const int* page_table, long long
   const int g = blockIdx.x % {hkv};
   const long long pos = {position};
   const int* table = {table};
-  for (int c = threadIdx.x; c < {d}; c += blockDim.x) {{
-    const float k = {name}_rope(qkv + i * {width}LL + {hq * d} + g * {d}, c, pos);
-    const float v = mlcc_f32(qkv[i * {width}LL + {(hq + hkv) * d} + g * {d} + c]);
-    mlcc_put(pool, {name}_row(table, pos, 0, g) + c, k);
-    mlcc_put(pool, {name}_row(table, pos, 1, g) + c, v);
+  // the slot's page is looked up once; the value row follows the key row by one kind
+  const long long krow = {name}_row(table, pos, 0, g), vrow = krow + {hkv * page * d}LL;
+  const T_QKV* src = qkv + i * {width}LL + {hq * d} + g * {d};
+  for (int q = threadIdx.x; q < {d // 2}; q += blockDim.x) {{
+    float k0, k1;
+    {name}_rope2(src, q, pos, &k0, &k1);
+    const float v0 = mlcc_f32(src[{hkv * d} + q]), v1 = mlcc_f32(src[{hkv * d + d // 2} + q]);
+    mlcc_put(pool, krow + q, k0);
+    mlcc_put(pool, krow + q + {d // 2}, k1);
+    mlcc_put(pool, vrow + q, v0);
+    mlcc_put(pool, vrow + q + {d // 2}, v1);
   }}
   return 0;
 }}
-"""
+""".replace("T_QKV", C_TYPES[dt])
     tokens = tir_numel(qkv_shape[:1])
-    nests = [(f"{name}_append", (f"{tokens} * T.int64({hkv})",), max(32, min(d, 128)))]
+    nests = [(f"{name}_append", (f"{tokens} * T.int64({hkv})",), max(32, min(d // 2, 128)))]
     if flash:
         source += flash_source(spec, name, params.replace("PHASE", "flash"),
                                numel_text(qkv_shape[:1]), ldmatrix)
@@ -344,18 +374,27 @@ def flash_source(spec: KernelSpec, name: str, head: str, rows: str,
     matrices per instruction, values transposed on the way) instead of 32- and 16-bit loads.
     """
     kv = dict(spec.kv)
-    hq, hkv, d = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"]
+    hq, hkv, d, page = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"], kv["page_size"]
     scale = spec.attr("scale") if spec.attr("scale") is not None else 1.0 / np.sqrt(d)
     width, ld = (hq + 2 * hkv) * d, d + PAD
     return FLASH_PTX + visibility_source(name, kv["window"], kv["sinks"]) + f"""
+// One page lookup per key row of a tile: `tab` gets the row's key offset in 16-byte words
+// (-1: not loaded), read by both stages of the tile, so no copy waits on a page-table load.
+__device__ __forceinline__ void {name}_rows(int* tab, const int* __restrict__ table, long long j0,
+                                            int g, long long p0, long long p1) {{
+  if (threadIdx.x < {TILE}) {{
+    const long long j = j0 + threadIdx.x;
+    tab[threadIdx.x] = {name}_loaded(p0, p1, j) ? (int)({name}_row(table, j, 0, g) / 8) : -1;
+  }}
+}}
 __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__ pool,
-                                             const int* __restrict__ table, long long j0,
-                                             int kind, int g, long long p0, long long p1) {{
-  for (int e = threadIdx.x; e < {TILE * d // 8}; e += {FLASH_WARPS * 32}) {{
-    const int r = e / {d // 8}, c = e % {d // 8} * 8;
-    const long long j = j0 + r;
+                                             const int* tab, int kind) {{
+  #pragma unroll
+  for (int u = 0; u < {TILE * d // 8 // (FLASH_WARPS * 32)}; ++u) {{
+    const int e = threadIdx.x + u * {FLASH_WARPS * 32}, r = e / {d // 8}, c = e % {d // 8} * 8;
+    const int w = tab[r];
     half* s = dst + r * {ld} + c;
-    if ({name}_loaded(p0, p1, j)) mlcc_attn_cp_async16(s, pool + {name}_row(table, j, kind, g) + c);
+    if (w >= 0) mlcc_attn_cp_async16(s, pool + ((long long)w + kind * {hkv * page * d // 8}) * 8 + c);
     else *reinterpret_cast<uint4*>(s) = make_uint4(0u, 0u, 0u, 0u);
   }}
 }}
@@ -363,17 +402,22 @@ __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__
   // (64 keys, d + {PAD}) float16 each; the padding spreads fragment loads over all banks
   __shared__ __align__(16) half ks[{TILE * ld}];
   __shared__ __align__(16) half vs[{TILE * ld}];
+  __shared__ int tab[2][{TILE}];  // key row offsets of this tile and the next
   const long long n = {rows};
   const int h = blockIdx.x % {hq}, g = h / {hq // hkv};
   const long long q0 = ((n + {TILE - 1}) / {TILE} - 1 - blockIdx.x / {hq}) * {TILE};
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
   const long long start = seq_info[0];
   const long long p0 = start + q0, p1 = start + (q0 + {TILE - 1} < n ? q0 + {TILE - 1} : n - 1);
-  for (int e = threadIdx.x; e < {TILE * d}; e += {FLASH_WARPS * 32}) {{
-    const int r = e / {d}, c = e % {d};
+  // a thread per rotary pair; unrolled so that several pairs' loads are in flight at once
+  #pragma unroll 4
+  for (int e = threadIdx.x; e < {TILE * d // 2}; e += {FLASH_WARPS * 32}) {{
+    const int r = e / {d // 2}, c = e % {d // 2};
     const long long i = q0 + r;
-    ks[r * {ld} + c] = __float2half(i < n ? {name}_rope(qkv + i * {width}LL + h * {d}, c,
-                                                         start + i) : 0.f);
+    float lo = 0.f, hi = 0.f;
+    if (i < n) {name}_rope2(qkv + i * {width}LL + h * {d}, c, start + i, &lo, &hi);
+    ks[r * {ld} + c] = __float2half(lo);
+    ks[r * {ld} + c + {d // 2}] = __float2half(hi);
   }}
   __syncthreads();
   unsigned qf[{d // 16}][4];
@@ -393,9 +437,11 @@ __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__
   #pragma unroll
   for (int nt = 0; nt < {d // 8}; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
   const long long j00 = {name}_tile_at(0, sink_tiles, first) * {TILE};
-  {name}_stage(ks, pool, page_table, j00, 0, g, p0, p1);
+  {name}_rows(tab[0], page_table, j00, g, p0, p1);
+  __syncthreads();
+  {name}_stage(ks, pool, tab[0], 0);
   mlcc_attn_cp_commit();
-  {name}_stage(vs, pool, page_table, j00, 1, g, p0, p1);
+  {name}_stage(vs, pool, tab[0], 1);
   mlcc_attn_cp_commit();
   for (long long t = 0; t < count; ++t) {{
     const long long j0 = {name}_tile_at(t, sink_tiles, first) * {TILE};
@@ -404,8 +450,10 @@ __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__
     __syncthreads();
     float s[{TILE // 8}][4];
 {_scores(d, ld, ldmatrix)}
-    __syncthreads();  // every warp is done with ks
-    if (t + 1 < count) {name}_stage(ks, pool, page_table, jn, 0, g, p0, p1);
+    // the next tile's rows: its other buffer was last read by the values of tile t - 1
+    if (t + 1 < count) {name}_rows(tab[(t + 1) & 1], page_table, jn, g, p0, p1);
+    __syncthreads();  // every warp is done with ks; the next rows are visible
+    if (t + 1 < count) {name}_stage(ks, pool, tab[(t + 1) & 1], 0);
     mlcc_attn_cp_commit();
     unsigned pf[{TILE // 16}][4];
 {_softmax(name, scale, d)}
@@ -413,7 +461,7 @@ __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__
     __syncthreads();
 {_weighted_values(d, ld, ldmatrix)}
     __syncthreads();  // every warp is done with vs
-    if (t + 1 < count) {name}_stage(vs, pool, page_table, jn, 1, g, p0, p1);
+    if (t + 1 < count) {name}_stage(vs, pool, tab[(t + 1) & 1], 1);
     mlcc_attn_cp_commit();
   }}
 {_flash_store(hq, d)}

@@ -25,6 +25,7 @@ from mlcc.backends.plan import KernelSpec
 from mlcc.ir.types import Dim, Sym
 
 BLOCK = 256
+VEC = 8  # float16 values per 128-bit load or store
 C_TYPES = {"float16": "half", "float32": "float", "float64": "double", "int32": "int",
            "uint32": "unsigned int", "uint8": "unsigned char"}
 
@@ -217,6 +218,91 @@ def norm_block(h: int) -> int:
     return min(1024, max(128, -(-h // 4 // 32) * 32))
 
 
+def norm_vec_block(h: int) -> int:
+    """Threads per row of the vectorized norm: about two 128-bit words of the row each."""
+    return min(1024, max(32, -(-h // VEC // 2 // 32) * 32))
+
+
+def _norm_vec_source(spec: KernelSpec, name: str, buffers, syms: list[str]) -> str:
+    """The norm over float16 rows in 128-bit words: every load and store moves VEC features,
+    so a thread has its row words, residual words and weight words in flight at once. The
+    arithmetic per feature and the rounding points are the scalar kernel's."""
+    fused_add, layer = spec.op.startswith("add_"), spec.op.endswith("layer_norm")
+    h = spec.inputs[0][0][-1]
+    block = norm_vec_block(h)
+    per = -(-h // VEC // block)
+    eps = fp(spec.attr("eps"))
+    if layer:
+        stats = f"""  const float mean = mlcc_block_sum(part, red) / {h}.0f;
+  float dev = 0.f;
+  #pragma unroll
+  for (int j = 0; j < {per}; ++j)
+    #pragma unroll
+    for (int e = 0; e < {VEC}; ++e) dev += live[j] ? (v[j][e] - mean) * (v[j][e] - mean) : 0.f;
+  const float inv = 1.0f / sqrtf(mlcc_block_sum(dev, red) / {h}.0f + {eps});"""
+        value = "(v[j][e] - mean) * inv * __half2float(wh[e]) + __half2float(bh[e])"
+        accumulate = "part += a;"
+    else:
+        stats = f"  const float inv = 1.0f / sqrtf(mlcc_block_sum(part, red) / {h}.0f + {eps});"
+        value = f"v[j][e] * inv * (__half2float(wh[e]) + {fp(spec.attr('weight_offset'))})"
+        accumulate = "part += a * a;"
+    # The sum is rounded to the model dtype before normalizing, as the interpreter does.
+    add = ("a = __half2float(__float2half(a + __half2float(rh[e]))); sh[e] = __float2half(a);"
+           if fused_add else "")
+    return f"""{signature(name, buffers, ("y", "s"), syms)} {{
+  __shared__ float red[32];
+  const long long base = (long long)blockIdx.x * {h}LL;
+  float v[{per}][{VEC}], part = 0.f;
+  bool live[{per}];
+  #pragma unroll
+  for (int j = 0; j < {per}; ++j) {{
+    const int k = (threadIdx.x + j * {block}) * {VEC};
+    live[j] = k < {h};
+    uint4 xw = make_uint4(0u, 0u, 0u, 0u), rw = xw, sw;
+    if (live[j]) {{
+      xw = *reinterpret_cast<const uint4*>(x + base + k);
+      {"rw = *reinterpret_cast<const uint4*>(r + base + k);" if fused_add else ""}
+    }}
+    const half* xh = reinterpret_cast<const half*>(&xw);
+    const half* rh = reinterpret_cast<const half*>(&rw);
+    half* sh = reinterpret_cast<half*>(&sw);
+    #pragma unroll
+    for (int e = 0; e < {VEC}; ++e) {{
+      float a = __half2float(xh[e]);
+      {add}
+      v[j][e] = a;
+      {accumulate}
+    }}
+    {"if (live[j]) *reinterpret_cast<uint4*>(s + base + k) = sw;" if fused_add else ""}
+    (void)rh; (void)sh;
+  }}
+{stats}
+  #pragma unroll
+  for (int j = 0; j < {per}; ++j) {{
+    const int k = (threadIdx.x + j * {block}) * {VEC};
+    if (!live[j]) continue;
+    const uint4 ww = *reinterpret_cast<const uint4*>(w + k);
+    const uint4 bw = {"*reinterpret_cast<const uint4*>(b + k)" if layer else "ww"};
+    const half* wh = reinterpret_cast<const half*>(&ww);
+    const half* bh = reinterpret_cast<const half*>(&bw);
+    (void)bh;
+    uint4 out;
+    half* oh = reinterpret_cast<half*>(&out);
+    #pragma unroll
+    for (int e = 0; e < {VEC}; ++e) oh[e] = __float2half({value});
+    *reinterpret_cast<uint4*>(y + base + k) = out;
+  }}
+  return 0;
+}}
+"""
+
+
+def norm_vectorized(spec: KernelSpec) -> bool:
+    """Norms over float16 rows of whole 128-bit words (rows stay 16-byte aligned)."""
+    (shape, dt) = spec.inputs[0]
+    return dt == "float16" and isinstance(shape[-1], int) and shape[-1] % VEC == 0
+
+
 def gen_norm(spec: KernelSpec, name: str) -> CudaKernel:
     """rms_norm, layer_norm and their add_ fusions over rows of H features."""
     fused_add, layer = spec.op.startswith("add_"), spec.op.endswith("layer_norm")
@@ -226,6 +312,10 @@ def gen_norm(spec: KernelSpec, name: str) -> CudaKernel:
     buffers = [(n, shape if n in ("x", "r") else (h,), dt) for n in names]
     buffers += [("y", shape, dt)] + ([("s", shape, dt)] if fused_add else [])
     syms = symbols_of(shape)
+    if norm_vectorized(spec):
+        rows = tir_numel(shape[:-1]) if len(shape) > 1 else "T.int64(1)"
+        return CudaKernel(name, _norm_vec_source(spec, name, buffers, syms),
+                          launcher(name, buffers, (rows,), norm_vec_block(h), syms))
     block = norm_block(h)
     per_thread = -(-h // block)
     eps = fp(spec.attr("eps"))
@@ -309,6 +399,45 @@ def _elementwise_value(spec: KernelSpec) -> str:
     raise NotImplementedError(op)
 
 
+def _gated_vec_source(spec: KernelSpec, name: str, buffers, syms: list[str]) -> str:
+    """silu_mul / gelu_mul in float16, VEC outputs per thread: the gate and up halves of the
+    row arrive as one 128-bit load each and the results leave as one 128-bit store, so each
+    thread keeps three wide memory operations in flight instead of three 16-bit ones per
+    output. The arithmetic per element is the scalar kernel's."""
+    (shape, _) = spec.outputs[0]
+    half = shape[-1]
+    act = ("g / (1.0f + expf(-g))" if spec.op == "silu_mul"
+           else gelu_text("g", spec.attr("approximate")))
+    return f"""{signature(name, buffers, ("y",), syms)} {{
+  const long long v = (long long)blockIdx.x * {BLOCK} + threadIdx.x;
+  if (v >= {numel_text(shape)} / {VEC}) return 0;
+  const long long row = v / {half // VEC}, c = v % {half // VEC} * {VEC};
+  const uint4 gw = *reinterpret_cast<const uint4*>(a0 + row * {2 * half}LL + c);
+  const uint4 uw = *reinterpret_cast<const uint4*>(a0 + row * {2 * half}LL + {half} + c);
+  const half* gh = reinterpret_cast<const half*>(&gw);
+  const half* uh = reinterpret_cast<const half*>(&uw);
+  uint4 out;
+  half* oh = reinterpret_cast<half*>(&out);
+  #pragma unroll
+  for (int e = 0; e < {VEC}; ++e) {{
+    const float g = __half2float(gh[e]), u = __half2float(uh[e]);
+    oh[e] = __float2half(({act}) * u);
+  }}
+  *reinterpret_cast<uint4*>(y + v * {VEC}) = out;
+  return 0;
+}}
+"""
+
+
+def gated_vectorized(spec: KernelSpec) -> bool:
+    """silu_mul / gelu_mul in float16 whose rows split into whole 128-bit words (row starts
+    stay 16-byte aligned: buffers are 64-byte aligned and rows hold multiples of 8 values)."""
+    (shape, dt) = spec.outputs[0]
+    return (spec.op in ("silu_mul", "gelu_mul") and dt == "float16"
+            and spec.inputs[0][1] == "float16" and isinstance(shape[-1], int)
+            and shape[-1] % VEC == 0)
+
+
 def gen_elementwise(spec: KernelSpec, name: str) -> CudaKernel:
     (shape, dt) = spec.outputs[0]
     for s, _ in spec.inputs:
@@ -317,6 +446,10 @@ def gen_elementwise(spec: KernelSpec, name: str) -> CudaKernel:
     buffers = [(f"a{i}", s, d) for i, (s, d) in enumerate(spec.inputs)] + [("y", shape, dt)]
     syms = symbols_of(*(s for _, s, _ in buffers))
     total = numel_text(shape)
+    if gated_vectorized(spec):
+        grid = grid_for(f"{tir_numel(shape)} // T.int64({VEC})", BLOCK)
+        return CudaKernel(name, _gated_vec_source(spec, name, buffers, syms),
+                          launcher(name, buffers, (grid,), BLOCK, syms))
     if spec.op in ("silu_mul", "gelu_mul"):
         half = shape[-1]
         act = ("g / (1.0f + expf(-g))" if spec.op == "silu_mul"
