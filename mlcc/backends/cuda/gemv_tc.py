@@ -88,14 +88,23 @@ __device__ __forceinline__ uint4 mlcc_tcv_pairs(uint4 v) {
 
 @dataclass(frozen=True)
 class TcConfig:
-    """`warps` per block splitting K; `tiles` 16-feature tiles per block."""
+    """`warps` per block splitting K (even, so the staged rows keep their bank offsets),
+    `tiles` 16-feature tiles per block, `unroll` steps (128 k) per warp and round: the weight
+    loads one round ahead are 1 KB per warp per tile and step."""
 
     warps: int = 8
     tiles: int = 1
+    unroll: int = 1
+
+    def __post_init__(self) -> None:
+        if self.warps not in (2, 4, 8) or self.tiles not in (1, 2, 4) or self.unroll not in (
+                1, 2, 4):
+            raise ValueError(f"TcConfig: warps in (2, 4, 8), tiles and unroll in (1, 2, 4), "
+                             f"got {self}")
 
     @property
     def tag(self) -> str:
-        return f"tc_w{self.warps}_t{self.tiles}"
+        return f"tc_w{self.warps}_t{self.tiles}_u{self.unroll}"
 
 
 def applies(s: LinearShape) -> bool:
@@ -136,80 +145,115 @@ def gemv_q4_tc_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
     return gemv_q4_tc_kernel(s, name, tc_config(s.n, s.k))
 
 
-def _unit(tok: str, wl: str, warps: int) -> str:
-    """Shared index (in 16-byte units) of staged word `wl` of row `tok`: groups of four words
-    padded to five and rows to 20 * warps + 4 units, so the eight lanes of a 128-bit load phase
-    (two rows, four groups) hit distinct bank quads."""
-    return f"(({tok}) * {20 * warps + 4} + (({wl}) >> 2) * 5 + (({wl}) & 3))"
+SMEM_UNITS = 44 * 1024 // 16  # staged activations, in 16-byte units (static shared <= 48 KB)
 
 
-def _loads(s: LinearShape, c: TcConfig, dst: str, step: str) -> str:
-    return f"""    {{
-      const int grp = ({step}) * 4 + j;
-      const bool ok = ({step}) < {-(-s.groups // 4)} && grp < {s.groups};
+@dataclass(frozen=True)
+class Layout:
+    """Sizes derived from a shape and a config: rows staged per block (`tok_rows`), 8-row
+    mma column tiles (`nt`), rounds of warps * unroll steps, rounds staged per chunk."""
+
+    tok_rows: int
+    nt: int
+    steps: int
+    rounds: int
+    chunk: int
+    words: int  # staged words (8 k) per row and round
+
+    @property
+    def row_units(self) -> int:
+        # groups of four words padded to five units, rows to 20 * warps * unroll * chunk + 4:
+        # the eight lanes of a 128-bit load phase (two rows, four groups) hit distinct bank
+        # quads because warps is even.
+        return self.words * self.chunk * 5 // 4 + 4
+
+
+def layout(s: LinearShape, c: TcConfig) -> Layout:
+    tok_rows = MAX_ROWS if s.static_rows is None else s.static_rows
+    nt = 1 if tok_rows <= 8 else 2
+    steps = -(-s.groups // 4)
+    rounds = -(-steps // (c.warps * c.unroll))
+    words = 16 * c.warps * c.unroll
+    chunk = max(1, min(rounds, (SMEM_UNITS // tok_rows - 4) // (words * 5 // 4)))
+    return Layout(tok_rows, nt, steps, rounds, chunk, words)
+
+
+def _unit(tok: str, wl: str, lay: Layout) -> str:
+    """Shared index (in 16-byte units) of staged word `wl` (chunk-local) of row `tok`."""
+    return f"(({tok}) * {lay.row_units} + (({wl}) >> 2) * 5 + (({wl}) & 3))"
+
+
+def _loads(s: LinearShape, c: TcConfig, lay: Layout, dst: str, rnd: str) -> str:
+    """Issue the weight and scale loads of round `rnd` into `dst`w / `dst`s."""
+    return f"""    #pragma unroll
+    for (int u = 0; u < {c.unroll}; ++u) {{
+      const int step = ({rnd}) * {c.warps * c.unroll} + u * {c.warps} + warp;
+      const int grp = step * 4 + j;
+      const bool ok = step < {lay.steps} && grp < {s.groups};
       #pragma unroll
       for (int f = 0; f < {c.tiles}; ++f)
         #pragma unroll
         for (int h = 0; h < 2; ++h) {{
-          long long n = n0 + f * 16 + h * 8 + g;
-          n = n < {s.n} ? n : {s.n - 1};
-          {dst}w[f][h] = ok ? __ldg(reinterpret_cast<const uint4*>(qw + n * {s.words}LL) + grp)
-                            : make_uint4(0u, 0u, 0u, 0u);
-          {dst}s[f][h] = ok ? __half2half2(qs[n * {s.groups}LL + grp])
-                            : __half2half2(__ushort_as_half((unsigned short)0));
+          {dst}w[u][f][h] = ok ? __ldg(wrow[f][h] + grp) : make_uint4(0u, 0u, 0u, 0u);
+          {dst}s[u][f][h] = __half2half2(ok ? srow[f][h][grp]
+                                            : __ushort_as_half((unsigned short)0));
         }}
     }}"""
 
 
-def _stage(s: LinearShape, c: TcConfig, tok_tile: int) -> str:
-    words = 16 * c.warps
-    return f"""    for (int e = threadIdx.x; e < {tok_tile * words}; e += {32 * c.warps}) {{
-      const int tok = e / {words}, wl = e % {words};
-      const long long word = (long long)r * {words} + wl, m = m0 + tok;
+def _stage(s: LinearShape, c: TcConfig, lay: Layout) -> str:
+    """Stage rounds c0 .. c0 + chunk - 1 of the tile's rows, permuted into pair order."""
+    span = lay.words * lay.chunk
+    return f"""    for (int e = threadIdx.x; e < here * {span}; e += {32 * c.warps}) {{
+      const int tok = e / {span}, wl = e % {span};
+      const long long word = (long long)c0 * {lay.words} + wl;
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (m < rows && word < {s.k // 8})
-        v = mlcc_tcv_pairs(*reinterpret_cast<const uint4*>(x + m * {s.k}LL + word * 8));
-      xs[{_unit("tok", "wl", c.warps)}] = v;
+      if (word < {s.k // 8})
+        v = mlcc_tcv_pairs(*reinterpret_cast<const uint4*>(x + (m0 + tok) * {s.k}LL + word * 8));
+      xs[{_unit("tok", "wl", lay)}] = v;
     }}"""
 
 
-def _compute(c: TcConfig, nt: int) -> str:
-    second = ("" if nt == 1 else
+def _compute(c: TcConfig, lay: Layout) -> str:
+    """The mmas of round r on the registers cw / cs; rows >= here get zero B fragments."""
+    second = ("" if lay.nt == 1 else
               f"""
-          if (rows - m0 > 8) {{
-            const uint4 b = xs[{_unit("8 + g", "wl", c.warps)}];
-            mlcc_tcv_mma(acc[f][1], lo[0], hi[0], lo[1], hi[1], b.x, b.y);
-            mlcc_tcv_mma(acc[f][1], lo[2], hi[2], lo[3], hi[3], b.z, b.w);
-          }}""")
-    return f"""    if (r * {c.warps} + warp < steps) {{
-      #pragma unroll
-      for (int f = 0; f < {c.tiles}; ++f)
+            if (here > 8) {{
+              const uint4 b = 8 + g < here ? xs[{_unit("8 + g", "wl", lay)}] : zero;
+              mlcc_tcv_mma(acc[f][1], lo[0], hi[0], lo[1], hi[1], b.x, b.y);
+              mlcc_tcv_mma(acc[f][1], lo[2], hi[2], lo[3], hi[3], b.z, b.w);
+            }}""")
+    return f"""      #pragma unroll
+      for (int u = 0; u < {c.unroll}; ++u) {{
+        if (r * {c.warps * c.unroll} + u * {c.warps} + warp >= {lay.steps}) break;
         #pragma unroll
-        for (int i = 0; i < 4; ++i) {{
-          const unsigned wlo = i == 0 ? cw[f][0].x : i == 1 ? cw[f][0].y : i == 2 ? cw[f][0].z
-                                                                                   : cw[f][0].w;
-          const unsigned whi = i == 0 ? cw[f][1].x : i == 1 ? cw[f][1].y : i == 2 ? cw[f][1].z
-                                                                                   : cw[f][1].w;
-          unsigned lo[4], hi[4];
-          mlcc_tcv_dequant(wlo, cs[f][0], lo);
-          mlcc_tcv_dequant(whi, cs[f][1], hi);
-          const int wl = (warp * 4 + j) * 4 + i;
-          const uint4 b = xs[{_unit("g", "wl", c.warps)}];
-          mlcc_tcv_mma(acc[f][0], lo[0], hi[0], lo[1], hi[1], b.x, b.y);
-          mlcc_tcv_mma(acc[f][0], lo[2], hi[2], lo[3], hi[3], b.z, b.w);{second}
-        }}
-    }}"""
+        for (int f = 0; f < {c.tiles}; ++f)
+          #pragma unroll
+          for (int i = 0; i < 4; ++i) {{
+            const uint4 wv = cw[u][f][0], wv8 = cw[u][f][1];
+            unsigned lo[4], hi[4];
+            mlcc_tcv_dequant(i == 0 ? wv.x : i == 1 ? wv.y : i == 2 ? wv.z : wv.w, cs[u][f][0],
+                             lo);
+            mlcc_tcv_dequant(i == 0 ? wv8.x : i == 1 ? wv8.y : i == 2 ? wv8.z : wv8.w,
+                             cs[u][f][1], hi);
+            const int wl = (r - c0) * {lay.words} + ((u * {c.warps} + warp) * 4 + j) * 4 + i;
+            const uint4 b = g < here ? xs[{_unit("g", "wl", lay)}] : zero;
+            mlcc_tcv_mma(acc[f][0], lo[0], hi[0], lo[1], hi[1], b.x, b.y);
+            mlcc_tcv_mma(acc[f][0], lo[2], hi[2], lo[3], hi[3], b.z, b.w);{second}
+          }}
+      }}"""
 
 
-def _epilogue(s: LinearShape, c: TcConfig, nt: int) -> str:
-    cols = nt * 8
+def _epilogue(s: LinearShape, c: TcConfig, lay: Layout) -> str:
+    """Sum the warps' partial tiles in shared memory, add the bias, store rows < here."""
+    cols = lay.nt * 8
     per_warp = c.tiles * 16 * cols
     return f"""  __syncthreads();
   float* red = reinterpret_cast<float*>(xs);
   #pragma unroll
   for (int f = 0; f < {c.tiles}; ++f)
     #pragma unroll
-    for (int t = 0; t < {nt}; ++t)
+    for (int t = 0; t < {lay.nt}; ++t)
       #pragma unroll
       for (int i = 0; i < 4; ++i) {{
         const int feat = f * 16 + g + (i >> 1) * 8, tok = t * 8 + 2 * j + (i & 1);
@@ -220,62 +264,83 @@ def _epilogue(s: LinearShape, c: TcConfig, nt: int) -> str:
     float sum = 0.f;
     #pragma unroll
     for (int w = 0; w < {c.warps}; ++w) sum += red[w * {per_warp} + e];
-    const long long n = n0 + e / {cols}, m = m0 + e % {cols};
-    if (n < {s.n} && m < rows) mlcc_put(y, m * {s.n}LL + n, sum{s.bias_term("n")});
+    const long long n = n0 + e / {cols};
+    const int tok = e % {cols};
+    if (n < {s.n} && tok < here) mlcc_put(y, (m0 + tok) * {s.n}LL + n, sum{s.bias_term("n")});
   }}"""
+
+
+def _prologue(s: LinearShape, c: TcConfig, lay: Layout) -> str:
+    """Block coordinates, the lane's weight/scale rows (features past N read the last one,
+    their results are never stored) and the zeroed accumulators."""
+    symbolic = s.static_rows is None
+    here = (f"{s.rows_text} - m0 < {MAX_ROWS} ? (int)({s.rows_text} - m0) : {MAX_ROWS}"
+            if symbolic else str(s.static_rows))
+    return f"""  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, j = lane & 3;
+  const long long n0 = (long long)blockIdx.x * {16 * c.tiles};
+  const long long m0 = {"(long long)blockIdx.y * " + str(MAX_ROWS) if symbolic else "0"};
+  const int here = {here};  // rows of this block's tile
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  const uint4* wrow[{c.tiles}][2];
+  const half* srow[{c.tiles}][2];
+  #pragma unroll
+  for (int f = 0; f < {c.tiles}; ++f)
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {{
+      long long n = n0 + f * 16 + h * 8 + g;
+      n = n < {s.n} ? n : {s.n - 1};
+      wrow[f][h] = reinterpret_cast<const uint4*>(qw + n * {s.words}LL);
+      srow[f][h] = qs + n * {s.groups}LL;
+    }}
+  float acc[{c.tiles}][{lay.nt}][4];
+  #pragma unroll
+  for (int f = 0; f < {c.tiles}; ++f)
+    #pragma unroll
+    for (int t = 0; t < {lay.nt}; ++t)
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) acc[f][t][i] = 0.f;"""
 
 
 def gemv_q4_tc_kernel(s: LinearShape, name: str, config: TcConfig) -> CudaKernel:
     """The tensor-core GEMV of one q4 linear with `config`'s block shape."""
-    c = config
-    symbolic = s.static_rows is None
-    nt = 2 if symbolic or s.static_rows > 8 else 1
-    tok_tile = 8 * nt
-    steps = -(-s.groups // 4)
-    rounds = -(-steps // c.warps)
-    xs_units = tok_tile * (20 * c.warps + 4)
-    red_units = -(-c.warps * c.tiles * 16 * tok_tile * 4 // 16)
-    rows = s.rows_text if symbolic else str(s.static_rows)
+    c, lay = config, layout(s, config)
+    xs_units = lay.tok_rows * lay.row_units
+    red_units = -(-c.warps * c.tiles * 16 * lay.nt * 8 * 4 // 16)
+    buf = f"[{c.unroll}][{c.tiles}][2]"
     body = f"""{PTX_HELPERS}{PORTABLE_HELPERS}
 {signature(name, s.buffers, ("y",), s.symbols)} {{
   __shared__ __align__(16) uint4 xs[{max(xs_units, red_units)}];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, j = lane & 3;
-  const long long n0 = (long long)blockIdx.x * {16 * c.tiles};
-  const long long m0 = {"(long long)blockIdx.y * 16" if symbolic else "0"};
-  const long long rows = {rows};
-  const int steps = {steps};
-  float acc[{c.tiles}][{nt}][4];
-  #pragma unroll
-  for (int f = 0; f < {c.tiles}; ++f)
-    #pragma unroll
-    for (int t = 0; t < {nt}; ++t)
-      #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[f][t][i] = 0.f;
-  uint4 cw[{c.tiles}][2];
-  half2 cs[{c.tiles}][2];
-{_loads(s, c, "c", "warp")}
-  for (int r = 0; r < {rounds}; ++r) {{
-    uint4 nw[{c.tiles}][2];
-    half2 ns[{c.tiles}][2];
-{_loads(s, c, "n", f"(r + 1) * {c.warps} + warp")}
+{_prologue(s, c, lay)}
+  uint4 cw{buf};
+  half2 cs{buf};
+{_loads(s, c, lay, "c", "0")}
+  for (int c0 = 0; c0 < {lay.rounds}; c0 += {lay.chunk}) {{
     __syncthreads();
-{_stage(s, c, tok_tile)}
+{_stage(s, c, lay)}
     __syncthreads();
-{_compute(c, nt)}
-    #pragma unroll
-    for (int f = 0; f < {c.tiles}; ++f)
+    const int c1 = c0 + {lay.chunk} < {lay.rounds} ? c0 + {lay.chunk} : {lay.rounds};
+    for (int r = c0; r < c1; ++r) {{
+      uint4 nw{buf};
+      half2 ns{buf};
+{_loads(s, c, lay, "n", "r + 1")}
+{_compute(c, lay)}
       #pragma unroll
-      for (int h = 0; h < 2; ++h) {{
-        cw[f][h] = nw[f][h];
-        cs[f][h] = ns[f][h];
-      }}
+      for (int u = 0; u < {c.unroll}; ++u)
+        #pragma unroll
+        for (int f = 0; f < {c.tiles}; ++f)
+          #pragma unroll
+          for (int h = 0; h < 2; ++h) {{
+            cw[u][f][h] = nw[u][f][h];
+            cs[u][f][h] = ns[u][f][h];
+          }}
+    }}
   }}
-{_epilogue(s, c, nt)}
+{_epilogue(s, c, lay)}
   return 0;
 }}
 """
     grid = [f"T.int64({-(-s.n // (16 * c.tiles))})"]
-    if symbolic:
-        grid.append(f"({s.rows_text} + T.int64(15)) // T.int64(16)")
+    if s.static_rows is None:
+        grid.append(f"({s.rows_text} + T.int64({MAX_ROWS - 1})) // T.int64({MAX_ROWS})")
     return CudaKernel(name, body, launcher(name, s.buffers, tuple(grid), 32 * c.warps,
                                            s.symbols))
