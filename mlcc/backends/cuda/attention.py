@@ -394,7 +394,8 @@ __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__
     const int e = threadIdx.x + u * {FLASH_WARPS * 32}, r = e / {d // 8}, c = e % {d // 8} * 8;
     const int w = tab[r];
     half* s = dst + r * {ld} + c;
-    if (w >= 0) mlcc_attn_cp_async16(s, pool + ((long long)w + kind * {hkv * page * d // 8}) * 8 + c);
+    const long long word = (long long)w + kind * {hkv * page * d // 8};
+    if (w >= 0) mlcc_attn_cp_async16(s, pool + word * 8 + c);
     else *reinterpret_cast<uint4*>(s) = make_uint4(0u, 0u, 0u, 0u);
   }}
 }}
