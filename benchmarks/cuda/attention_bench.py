@@ -5,10 +5,12 @@ Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
     python benchmarks/cuda/attention_bench.py build .device/attention
     python benchmarks/cuda/attention_bench.py run .device/attention $OUT/attention_bench.json
 
-`build` writes one library with three launchers per KV configuration (append + tensor-core
-attention with fragments from plain shared-memory loads, `*_flash`, the shipped default, or
-from ldmatrix, `*_flash_ldmatrix`; append + the CUDA-core attention, `*_cuda_cores`) and
-cases.json. The
+`build` writes one library with four launchers per KV configuration and cases.json: the shipped
+kernels (`*_flash`: append + tensor-core attention, ldmatrix fragments; `*_flash_plain`: the
+same with fragments from plain shared-memory loads), the kernels of commit BASELINE
+(`*_flash_base`: per-feature rotary in the append and the query tile, a page lookup per 16-byte
+copy; its text is read with `git show`, so `build` runs in the repository) and append + the
+CUDA-core attention (`*_cuda_cores`). The
 configurations: the Llama-2-7B layer (32 heads of 128, page size 16 as the llama2_7b preset),
 GQA 32/8, and a sliding window of 256 with 4 sinks in a ring. Cases: a 512-token chunk at
 position 0 and a 256-token chunk at 512 (7B), a 512-token chunk at 0 (GQA), a 512-token chunk
@@ -21,7 +23,7 @@ values in the pool against rotary embedding of the qkv rows in NumPy and (2) the
 against float32 attention (torch, TF32 off) over exactly the visible keys read back from the
 pool, with q rotated and rounded to float16 as the kernels do. Only launchers that agree are
 timed: 20 back-to-back calls replayed as one CUDA graph, median of 7 replays, per call (append
-+ attention; the append is the same in both). Per layer of a 7B prefill this is the attention
++ attention). Per layer of a 7B prefill this is the attention
 op; 32 layers make the model's share.
 """
 
@@ -50,7 +52,8 @@ CASES = [  # (name, config, chunk start, chunk length)
     ("window_256_sinks_4_chunk_77_at_300", "window", 300, 77),
 ]
 CHUNK = 512  # the ring of a window holds sinks + window + one chunk, as layout.py sizes it
-VARIANTS = ("flash", "flash_ldmatrix", "cuda_cores")
+VARIANTS = ("flash", "flash_plain", "flash_base", "cuda_cores")
+BASELINE = "03c319d"  # attention.py before the rotary pairs and the per-row page lookups
 TOLERANCE = 1e-2  # absolute, outputs are weighted means of N(0, 1) values
 
 
@@ -77,17 +80,37 @@ def attention_spec(config: str):
          ("scale", None)), tuple(sorted(kv_layout(config).items())))
 
 
+def baseline_generator(folder: Path):
+    """gen_qkv_attention of commit BASELINE, loaded from `git show` as its own module."""
+    import importlib.util
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    text = subprocess.run(["git", "show", f"{BASELINE}:mlcc/backends/cuda/attention.py"],
+                          cwd=root, capture_output=True, text=True, check=True).stdout
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "attention_baseline.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("attention_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["attention_baseline"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.gen_qkv_attention
+
+
 def build(folder: Path) -> None:
     from mlcc.backends.cuda.attention import gen_qkv_attention
     from mlcc.backends.cuda.codegen import compile_library
     from mlcc.backends.llvm.fallback import inv_freq_table
 
+    baseline = baseline_generator(folder)
     kernels, tables = [], {}
     for config in CONFIGS:
         spec = attention_spec(config)
-        kernels.append(gen_qkv_attention(spec, f"{config}_flash", flash=True, ldmatrix=False))
-        kernels.append(gen_qkv_attention(spec, f"{config}_flash_ldmatrix", flash=True,
-                                         ldmatrix=True))
+        kernels.append(gen_qkv_attention(spec, f"{config}_flash", flash=True, ldmatrix=True))
+        kernels.append(gen_qkv_attention(spec, f"{config}_flash_plain", flash=True,
+                                         ldmatrix=False))
+        kernels.append(baseline(spec, f"{config}_flash_base", flash=True, ldmatrix=True))
         kernels.append(gen_qkv_attention(spec, f"{config}_cuda_cores", flash=False))
         tables[config] = inv_freq_table(spec).astype(np.float32).tolist()
     folder.mkdir(parents=True, exist_ok=True)

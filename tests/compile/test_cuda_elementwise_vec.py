@@ -233,3 +233,32 @@ def test_vectorized_kernels_compile_for_sm90_with_wide_memory_operations(tmp_pat
         text = ptx.split(f".entry _Z2{probe}")[1].split(".entry")[0]
         assert re.search(r"ld\.global(\.nc)?\.v4\.(u32|b32)", text), probe
         assert re.search(r"st\.global\.v4\.(u32|b32)", text), probe
+
+
+def test_benchmark_references_agree_with_torch():
+    """elementwise_bench.py validates the GPU kernels with these references: they must be the
+    ops (torch's silu, RMS norm over the float16-rounded residual sum) and catch a wrong row."""
+    torch = pytest.importorskip("torch")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "cuda" / "elementwise_bench.py"
+    spec = importlib.util.spec_from_file_location("elementwise_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(1)
+    a = bench.make_inputs("silu_mul", 64, rng)
+    g, u = torch.from_numpy(a[0].astype(np.float32)).chunk(2, dim=-1)
+    (silu,) = bench.reference("silu_mul", a)
+    np.testing.assert_allclose(silu, (torch.nn.functional.silu(g) * u).numpy(), rtol=1e-5,
+                               atol=1e-6)
+    x, r, w = bench.make_inputs("add_rms_norm", 256, rng)
+    y, s = bench.reference("add_rms_norm", [x, r, w])
+    total = (torch.from_numpy(x) + torch.from_numpy(r)).float()  # float16 sum, as the model
+    norm = torch.nn.functional.rms_norm(total, (256,), torch.from_numpy(w).float(), bench.EPS)
+    np.testing.assert_allclose(s, total.numpy())
+    np.testing.assert_allclose(y, norm.numpy(), rtol=1e-4, atol=1e-5)
+    wrong = y.astype(np.float16).copy()
+    wrong[3] = 0
+    assert bench.error([y.astype(np.float16), s.astype(np.float16)], [y, s]) < bench.TOLERANCE
+    assert bench.error([wrong, s.astype(np.float16)], [y, s]) > bench.TOLERANCE

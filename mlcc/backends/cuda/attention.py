@@ -411,7 +411,7 @@ __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__
   const long long start = seq_info[0];
   const long long p0 = start + q0, p1 = start + (q0 + {TILE - 1} < n ? q0 + {TILE - 1} : n - 1);
   // a thread per rotary pair; unrolled so that several pairs' loads are in flight at once
-  #pragma unroll 4
+  #pragma unroll 8
   for (int e = threadIdx.x; e < {TILE * d // 2}; e += {FLASH_WARPS * 32}) {{
     const int r = e / {d // 2}, c = e % {d // 2};
     const long long i = q0 + r;
