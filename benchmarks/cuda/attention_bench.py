@@ -5,9 +5,10 @@ Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
     python benchmarks/cuda/attention_bench.py build .device/attention
     python benchmarks/cuda/attention_bench.py run .device/attention $OUT/attention_bench.json
 
-`build` writes one library with four launchers per KV configuration and cases.json: the shipped
-kernels (`*_flash`: append + tensor-core attention, ldmatrix fragments; `*_flash_plain`: the
-same with fragments from plain shared-memory loads), the kernels of commit BASELINE
+`build` writes one library with five launchers per KV configuration and cases.json: the shipped
+kernels (`*_flash`: append + tensor-core attention, ldmatrix fragments, balanced block order;
+`*_flash_plain`: the same with fragments from plain shared-memory loads; `*_flash_desc`: with
+the blocks heaviest first instead of balanced), the kernels of commit BASELINE
 (`*_flash_base`: per-feature rotary in the append and the query tile, a page lookup per 16-byte
 copy; its text is read with `git show`, so `build` runs in the repository) and append + the
 CUDA-core attention (`*_cuda_cores`). The
@@ -52,7 +53,7 @@ CASES = [  # (name, config, chunk start, chunk length)
     ("window_256_sinks_4_chunk_77_at_300", "window", 300, 77),
 ]
 CHUNK = 512  # the ring of a window holds sinks + window + one chunk, as layout.py sizes it
-VARIANTS = ("flash", "flash_plain", "flash_base", "cuda_cores")
+VARIANTS = ("flash", "flash_plain", "flash_desc", "flash_base", "cuda_cores")
 BASELINE = "03c319d"  # attention.py before the rotary pairs and the per-row page lookups
 TOLERANCE = 1e-2  # absolute, outputs are weighted means of N(0, 1) values
 
@@ -110,6 +111,8 @@ def build(folder: Path) -> None:
         kernels.append(gen_qkv_attention(spec, f"{config}_flash", flash=True, ldmatrix=True))
         kernels.append(gen_qkv_attention(spec, f"{config}_flash_plain", flash=True,
                                          ldmatrix=False))
+        kernels.append(gen_qkv_attention(spec, f"{config}_flash_desc", flash=True,
+                                         balance=False))
         kernels.append(baseline(spec, f"{config}_flash_base", flash=True, ldmatrix=True))
         kernels.append(gen_qkv_attention(spec, f"{config}_cuda_cores", flash=False))
         tables[config] = inv_freq_table(spec).astype(np.float32).tolist()

@@ -1,8 +1,9 @@
 """CUDA kernel of `qkv_attention` over the paged KV cache, with rotary, sliding window and sinks.
 
 One launcher, two kernels in order:
-1. append: a block per (token, KV head), a thread per feature: rotate k, write k and v into
-   the token's slot of the page pool (this layer's part: [pages, 2, kv_heads, page, d]);
+1. append: a block per (token, KV head), a thread per feature pair (c, c + d/2), one page
+   lookup per block: rotate k, write k and v into the token's slot of the page pool (this
+   layer's part: [pages, 2, kv_heads, page, d]);
 2. attend, one of:
    * prefill chunks in float16 (`use_flash`): `flash_source`, a block per (64-query tile,
      query head), four warps of 16 rows; key and value tiles of 64 positions gathered from the
@@ -48,6 +49,9 @@ PAD = 8  # float16 padding per shared-memory row of keys and values
 # layouts need only the MMA's). Both validated on an H200 (benchmarks/cuda/attention_bench.py,
 # 2026-11-28): ldmatrix 4-11% faster.
 LDMATRIX = True
+# Blocks of the tensor-core kernel in the order of `order_source` (one heavy and one light query
+# tile per SM when the grid fits in one wave) instead of heaviest first. Not yet timed on a GPU.
+BALANCE = True
 
 
 def _slot(kv: dict) -> str:
@@ -116,9 +120,10 @@ def use_flash(spec: KernelSpec) -> bool:
 
 
 def gen_qkv_attention(spec: KernelSpec, name: str, flash: bool | None = None,
-                      ldmatrix: bool = LDMATRIX) -> CudaKernel:
+                      ldmatrix: bool = LDMATRIX, balance: bool = BALANCE) -> CudaKernel:
     """Append + attend; prefill chunks attend with the tensor-core kernel (`use_flash`) unless
-    `flash` says otherwise (False keeps the CUDA-core kernel, as benchmarks compare both)."""
+    `flash` says otherwise (False keeps the CUDA-core kernel, as benchmarks compare both).
+    `balance`: the tensor-core kernel's block order of `order_source`."""
     flash = use_flash(spec) if flash is None else flash
     kv = dict(spec.kv)
     (qkv_shape, dt), (out_shape, _) = spec.inputs[0], spec.outputs[0]
@@ -170,7 +175,7 @@ __device__ __forceinline__ long long {name}_row(const int* page_table, long long
     nests = [(f"{name}_append", (f"{tokens} * T.int64({hkv})",), max(32, min(d // 2, 128)))]
     if flash:
         source += flash_source(spec, name, params.replace("PHASE", "flash"),
-                               numel_text(qkv_shape[:1]), ldmatrix)
+                               numel_text(qkv_shape[:1]), ldmatrix, balance)
         tiles = f"({tokens} + T.int64({TILE - 1})) // T.int64({TILE})"
         nests.append((f"{name}_flash", (f"{tiles} * T.int64({hq})",), FLASH_WARPS * 32))
     else:
@@ -313,6 +318,28 @@ MLCC_ATTN_HD bool {name}_full(long long p0, long long p1, long long j0) {{ retur
 """
 
 
+def order_source(name: str) -> str:
+    """`{name}_rank(k, blocks, sms)`: the work rank (0 = most key tiles) of block k, a
+    permutation of [0, blocks). Ranks are heaviest first, so a grid larger than the GPU holds at
+    once starts its longest blocks first. A grid of at most two blocks per SM runs in one wave,
+    where the block scheduler hands out blocks k and k + sms to the same SM one round after the
+    other: blocks [0, sms) take the heaviest ranks in order and the rest the lightest in
+    reverse, so each SM pairs a heavy query tile with a light one (a 512-token causal prefill
+    of 32 heads: at most 9 key tiles of work per SM instead of 12)."""
+    return f"""MLCC_ATTN_HD long long {name}_rank(long long k, long long blocks, long long sms) {{
+  if (blocks > 2 * sms || k < sms) return k;
+  return sms + (blocks - 1 - k);
+}}
+#ifdef __CUDA_ARCH__
+__device__ __forceinline__ long long {name}_sms() {{
+  unsigned v;
+  asm("mov.u32 %0, %%nsmid;" : "=r"(v));
+  return v;
+}}
+#endif
+"""
+
+
 # PTX helpers: 16-byte asynchronous copies into shared memory and the m16n8k16 float16 MMA
 # with float32 accumulators. Fragment layouts (PTX ISA, "mma.m16n8k16"): with g = lane / 4 and
 # t = lane % 4, A registers hold rows (g, g+8, g, g+8) x columns (2t, 2t, 2t+8, 2t+8) (+0, +1);
@@ -361,23 +388,28 @@ __device__ __forceinline__ unsigned mlcc_attn_pack_halves(half lo, half hi) {
 
 
 def flash_source(spec: KernelSpec, name: str, head: str, rows: str,
-                 ldmatrix: bool = False) -> str:
+                 ldmatrix: bool = False, balance: bool = False) -> str:
     """`{name}_flash`: a block per (64-query tile, query head), four warps of 16 query rows.
 
     The rotated queries (float16, as the CUDA-core kernel rounds them) go through shared memory
     into MMA fragments held in registers. Key tiles of 64 positions are gathered row by row from
-    the pages with cp.async, keys then values, so values load while scores are computed and the
-    next keys load while values are summed. Scores S = Q K^T and O += P V run on tensor cores
+    the pages with cp.async (each row's page looked up once per tile, for keys and values),
+    keys then values, so values load while scores are computed and the next keys load while
+    values are summed. Scores S = Q K^T and O += P V run on tensor cores
     (float32 accumulators); each row keeps its online softmax (running max and sum) in float32;
-    P is rounded to float16 for the MMA. Query tiles are launched last-first: they visit the
-    most key tiles. `ldmatrix` loads the key and value fragments with ldmatrix (four 8x8
-    matrices per instruction, values transposed on the way) instead of 32- and 16-bit loads.
+    P is rounded to float16 for the MMA. Query tiles are ordered by `order_source` (`balance`)
+    or last-first (they visit the most key tiles). `ldmatrix` loads the key and value
+    fragments with ldmatrix (four 8x8 matrices per instruction, values transposed on the way)
+    instead of 32- and 16-bit loads.
     """
     kv = dict(spec.kv)
     hq, hkv, d, page = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"], kv["page_size"]
     scale = spec.attr("scale") if spec.attr("scale") is not None else 1.0 / np.sqrt(d)
     width, ld = (hq + 2 * hkv) * d, d + PAD
-    return FLASH_PTX + visibility_source(name, kv["window"], kv["sinks"]) + f"""
+    rank = (f"{name}_rank(blockIdx.x, gridDim.x, {name}_sms())" if balance
+            else "(long long)blockIdx.x")
+    return (FLASH_PTX + visibility_source(name, kv["window"], kv["sinks"])
+            + order_source(name)) + f"""
 // One page lookup per key row of a tile: `tab` gets the row's key offset in 16-byte words
 // (-1: not loaded), read by both stages of the tile, so no copy waits on a page-table load.
 __device__ __forceinline__ void {name}_rows(int* tab, const int* __restrict__ table, long long j0,
@@ -405,8 +437,9 @@ __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__
   __shared__ __align__(16) half vs[{TILE * ld}];
   __shared__ int tab[2][{TILE}];  // key row offsets of this tile and the next
   const long long n = {rows};
-  const int h = blockIdx.x % {hq}, g = h / {hq // hkv};
-  const long long q0 = ((n + {TILE - 1}) / {TILE} - 1 - blockIdx.x / {hq}) * {TILE};
+  const long long rank = {rank};  // 0: the first of the query tiles that visit the most keys
+  const int h = rank % {hq}, g = h / {hq // hkv};
+  const long long q0 = ((n + {TILE - 1}) / {TILE} - 1 - rank / {hq}) * {TILE};
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
   const long long start = seq_info[0];
   const long long p0 = start + q0, p1 = start + (q0 + {TILE - 1} < n ? q0 + {TILE - 1} : n - 1);
