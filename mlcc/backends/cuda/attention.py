@@ -443,13 +443,22 @@ __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
   const long long start = seq_info[0];
   const long long p0 = start + q0, p1 = start + (q0 + {TILE - 1} < n ? q0 + {TILE - 1} : n - 1);
-  // a thread per rotary pair; unrolled so that several pairs' loads are in flight at once
-  #pragma unroll 8
+  // the tile's raw query rows land in vs with every 16-byte copy in flight at once (rows past
+  // the chunk are zeros), then a thread per rotary pair rotates them from shared memory
+  #pragma unroll
+  for (int u = 0; u < {TILE * d // 8 // (FLASH_WARPS * 32)}; ++u) {{
+    const int e = threadIdx.x + u * {FLASH_WARPS * 32}, r = e / {d // 8}, c = e % {d // 8} * 8;
+    half* s = vs + r * {ld} + c;
+    if (q0 + r < n) mlcc_attn_cp_async16(s, qkv + (q0 + r) * {width}LL + h * {d} + c);
+    else *reinterpret_cast<uint4*>(s) = make_uint4(0u, 0u, 0u, 0u);
+  }}
+  asm volatile("cp.async.wait_all;\\n" ::);
+  __syncthreads();
+  #pragma unroll 4
   for (int e = threadIdx.x; e < {TILE * d // 2}; e += {FLASH_WARPS * 32}) {{
     const int r = e / {d // 2}, c = e % {d // 2};
-    const long long i = q0 + r;
     float lo = 0.f, hi = 0.f;
-    if (i < n) {name}_rope2(qkv + i * {width}LL + h * {d}, c, start + i, &lo, &hi);
+    if (q0 + r < n) {name}_rope2(vs + r * {ld}, c, start + q0 + r, &lo, &hi);
     ks[r * {ld} + c] = __float2half(lo);
     ks[r * {ld} + c + {d // 2}] = __float2half(hi);
   }}
