@@ -201,7 +201,8 @@ CASES = [  # (q heads, kv heads, d, window, sinks, start, tokens, ldmatrix, bala
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"h{c[0]}_{c[1]}_d{c[2]}_w{c[3]}_at{c[5]}" for c in CASES])
+@pytest.mark.parametrize("case", CASES,
+                         ids=[f"h{c[0]}_{c[1]}_d{c[2]}_w{c[3]}_at{c[5]}" for c in CASES])
 def test_prefill_attention_run_on_host_threads_matches_float32_attention(tmp_path, case):
     torch = pytest.importorskip("torch")
     hq, hkv, d, window, sinks, start, n, ldmatrix, balance, sms = case
