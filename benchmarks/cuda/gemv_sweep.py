@@ -10,12 +10,17 @@ Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
 shape: the persistent GEMV (mlcc.backends.cuda.gemv) at a few (blocks per SM, warps, features
 per warp, rotated activation reads, register buffers moved or used in turn), the one-shot GEMV (mlcc.backends.cuda.linear) at the
 database's current pick for comparison, the persistent GEMV with fusion.py's rms_norm and
-silu_mul staging, and a few batch-decode row counts (with the tensor-core GEMM at 16 rows). `run` checks every variant against a
+silu_mul staging, and a few batch-decode row counts (with the tensor-core GEMM at 16 rows);
+`tc_variants` adds the tensor-core GEMV (mlcc.backends.cuda.gemv_tc) at 1, 4 and 16 rows (and
+the batch symbol at 16) for every shape, next to the block GEMV at 4 rows and the WMMA GEMM at
+16. `run` checks every variant against a
 float32 reference of the same packed weights (random codes and scales) and, if it agrees, times
 48 back-to-back calls replayed as one CUDA graph, cycling through copies of the weights that
 together hold 120 MB or more (beyond the 50 MB L2), median of 7 replays. The JSON holds every
 variant, the fastest plain single-row variant per shape ("best") and per kernel kind
-("best_by_kind"); copy it to mlcc/backends/cuda/gemv_tuning.json to make those the defaults.
+("best_by_kind"), and the fastest variant per row count > 1 and shape ("best_at_rows", which
+gemv_tc.gemv_q4_tc_rule reads); copy it to mlcc/backends/cuda/gemv_tuning.json to make those the
+defaults.
 """
 
 from __future__ import annotations
@@ -48,6 +53,14 @@ ODD = [(1001, 4096, 2, 1), (33, 11008, 3, 3), (96, 64, 1, 2)]
 BATCH = [(4, 22016, 4096, "block"), (4, 22016, 4096, "persistent"),
          (16, 4096, 4096, "persistent"), (16, 22016, 4096, "persistent"),
          (16, 4096, 4096, "wmma"), (16, 22016, 4096, "wmma")]
+# Tensor-core GEMV (warps, 16-feature tiles, steps per round): nvcc 13 for sm_90 gives them 55
+# to 119 registers at the 7B shapes, no spills (tests/compile/test_cuda_gemv_tc_build.py); at 16
+# rows one round of warps * unroll <= 8 steps fits the 44 KB of staged activations. At a static
+# 16 rows ptxas spills (8, 1, 1) (64 registers), the batch symbol's (8, 1, 1) keeps 74.
+TC_FEW_ROWS = [(8, 1, 1), (8, 1, 2), (8, 2, 1), (4, 1, 2), (8, 1, 4)]
+TC_FOUR_ROWS = [(8, 1, 1), (8, 1, 2), (8, 2, 1)]
+TC_MANY_ROWS = [(4, 1, 1), (8, 2, 1)]
+TC_BATCH = [(8, 1, 1), (4, 1, 1)]  # Sym("batch"), 16 at run time
 
 
 def _persistent(n: int, k: int, cfg: tuple, rows: int = 1, prologue: str = "none",
@@ -89,6 +102,29 @@ def variants() -> list[dict]:
                        {"n": n, "k": k, "rows": rows, "prologue": "none", "kind": "wmma",
                         "name": f"gemm_{n}_{k}_wmma_m{rows}"})
     return out
+
+
+def _tc(n: int, k: int, rows: int, cfg: tuple, symbolic: bool = False) -> dict:
+    warps, tiles, unroll = cfg
+    extra = ("_batch" if symbolic else "") + ("" if rows == 1 else f"_m{rows}")
+    return {"n": n, "k": k, "rows": rows, "prologue": "none", "kind": "tc", "warps": warps,
+            "tiles": tiles, "unroll": unroll, "symbolic": symbolic,
+            "name": f"gemv_{n}_{k}_tc_w{warps}_t{tiles}_u{unroll}{extra}"}
+
+
+def tc_variants() -> list[dict]:
+    """The tensor-core GEMV at 1, 4 and 16 rows for every shape, with the block GEMV at 4 rows
+    and the WMMA GEMM at 16 rows beside it (those already in variants() are left out)."""
+    out = []
+    for n, k in SHAPES:
+        out += [_tc(n, k, 1, c) for c in TC_FEW_ROWS]
+        out += [_tc(n, k, 4, c) for c in TC_FOUR_ROWS] + [_block(n, k, 4)]
+        out += [_tc(n, k, 16, c) for c in TC_MANY_ROWS]
+        out += [_tc(n, k, 16, c, symbolic=True) for c in TC_BATCH]
+        out.append({"n": n, "k": k, "rows": 16, "prologue": "none", "kind": "wmma",
+                    "name": f"gemm_{n}_{k}_wmma_m16"})
+    known = {v["name"] for v in variants()}
+    return [v for v in out if v["name"] not in known]
 
 
 def linear_spec(n: int, k: int, rows: int):
@@ -133,6 +169,13 @@ def kernel_of(v: dict):
                     else fusion.gen_norm_q_linear)
         with mock.patch.object(fusion, "gemv_q4_kernel", fusion_gemv(config)):
             return generate(fused_spec(v), v["name"])
+    if v["kind"] == "tc":
+        from mlcc.backends.cuda.gemv_tc import TcConfig, gemv_q4_tc_kernel
+        from mlcc.ir.types import Sym
+
+        rows = Sym("batch") if v["symbolic"] else v["rows"]
+        return gemv_q4_tc_kernel(LinearShape(linear_spec(v["n"], v["k"], rows)), v["name"],
+                                 TcConfig(v["warps"], v["tiles"], v["unroll"]))
     spec = linear_spec(v["n"], v["k"], v["rows"])
     s = LinearShape(spec)
     if v["kind"] == "wmma":
@@ -147,7 +190,7 @@ def kernel_of(v: dict):
 def build(folder: Path) -> None:
     from mlcc.backends.cuda.codegen import compile_library
 
-    chosen = variants()
+    chosen = variants() + tc_variants()
     kernels = [kernel_of(v) for v in chosen]
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -203,19 +246,20 @@ def measure(torch, lib, v: dict, copies: list[tuple], dev, rng) -> dict:
     ydt = "float32" if (n, k) == LOGITS else "float16"
     y_dev = tvm.runtime.empty((v["rows"], n), ydt, dev)
     f = lib[v["name"]]
-    f(*lead_dev, copies[0][2], copies[0][3], y_dev)
+    tail = [v["rows"]] if v.get("symbolic") else []  # the batch symbol's value
+    f(*lead_dev, copies[0][2], copies[0][3], y_dev, *tail)
     expected = reference(copies[0][0], copies[0][1], activations)
     err = float(np.abs(y_dev.numpy().astype(np.float32) - expected).max() /
                 np.abs(expected).max())
     row = dict(v, rel_err=err)
     if err < 1e-2:
-        row["us"] = time_variant(torch, f, lead_dev, copies, y_dev)
+        row["us"] = time_variant(torch, f, lead_dev, copies, y_dev, tail)
         row["gb_s"] = (n * k // 2 + n * k // 16) / (row["us"] * 1e-6) / 1e9
     return row
 
 
 RECORD_KEYS = ("kind", "blocks_per_sm", "warps", "rows_per_warp", "rotate", "pingpong", "dot",
-               "us", "gb_s")
+               "tiles", "unroll", "us", "gb_s")
 
 
 def run(folder: Path, out: Path) -> None:
@@ -228,7 +272,8 @@ def run(folder: Path, out: Path) -> None:
     lib = tvm.runtime.load_module(str(folder / "gemv_sweep.so"))
     chosen = json.loads((folder / "variants.json").read_text())
     rng = np.random.default_rng(0)
-    results, best, by_kind = [], {}, {"block": {}, "persistent": {}}
+    results, best, by_kind = [], {}, {"block": {}, "persistent": {}, "tc": {}}
+    at_rows: dict[str, dict] = {}
     for n, k in sorted({(v["n"], v["k"]) for v in chosen}):
         copies = weight_copies(n, k, rng, dev)
         for v in [v for v in chosen if (v["n"], v["k"]) == (n, k)]:
@@ -236,11 +281,16 @@ def run(folder: Path, out: Path) -> None:
             results.append(row)
             print(f"{v['name']:44s} err {row['rel_err']:.1e} " +
                   (f"{row['us']:7.2f} us {row['gb_s']:6.0f} GB/s" if "us" in row else "FAILED"))
-            if ("us" not in row or v["rows"] != 1 or v["prologue"] != "none"
-                    or (n, k) not in SHAPES):
+            if "us" not in row or v["prologue"] != "none" or (n, k) not in SHAPES:
                 continue
             record = {key: row[key] for key in RECORD_KEYS if key in row}
             key = f"{n},{k}"
+            if v["rows"] != 1:
+                if not v.get("symbolic"):
+                    table = at_rows.setdefault(str(v["rows"]), {})
+                    if key not in table or row["us"] < table[key]["us"]:
+                        table[key] = record
+                continue
             for table in (best, by_kind[v["kind"]]):
                 if key not in table or row["us"] < table[key]["us"]:
                     table[key] = record
@@ -248,23 +298,24 @@ def run(folder: Path, out: Path) -> None:
     doc = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                           time.gmtime()),
            "command": "python " + " ".join(sys.argv), "best": best, "best_by_kind": by_kind,
-           "variants": results}
+           "best_at_rows": at_rows, "variants": results}
     out.write_text(json.dumps(doc, indent=1))
 
 
-def time_variant(torch, f, leading: list, copies: list[tuple], y_dev, calls: int = 48,
-                 repeats: int = 7) -> float:
+def time_variant(torch, f, leading: list, copies: list[tuple], y_dev, tail: list = (),
+                 calls: int = 48, repeats: int = 7) -> float:
     """Median time per call of `calls` back-to-back calls replayed as one CUDA graph (no
-    launch gaps from Python), cycling through the weight copies."""
+    launch gaps from Python), cycling through the weight copies; `tail` holds the values of
+    symbolic sizes, passed after the buffers."""
     import tvm_ffi
 
     for i in range(len(copies)):
-        f(*leading, copies[i][2], copies[i][3], y_dev)
+        f(*leading, copies[i][2], copies[i][3], y_dev, *tail)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with tvm_ffi.use_torch_stream(torch.cuda.graph(graph)):
         for i in range(calls):
-            f(*leading, copies[i % len(copies)][2], copies[i % len(copies)][3], y_dev)
+            f(*leading, copies[i % len(copies)][2], copies[i % len(copies)][3], y_dev, *tail)
     times = []
     for _ in range(repeats):
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -287,6 +338,7 @@ def profile(folder: Path, name: str, calls: int = 12) -> None:
     dev = _device("cuda")
     lib = tvm.runtime.load_module(str(folder / "gemv_sweep.so"))
     v = next(v for v in json.loads((folder / "variants.json").read_text()) if v["name"] == name)
+    tail = [v["rows"]] if v.get("symbolic") else []
     rng = np.random.default_rng(0)
     copies = weight_copies(v["n"], v["k"], rng, dev)
     leading, _ = prologue_inputs(v, rng)
@@ -295,7 +347,7 @@ def profile(folder: Path, name: str, calls: int = 12) -> None:
     y_dev = tvm.runtime.empty((v["rows"], v["n"]), ydt, dev)
     for i in range(calls):
         copy = copies[i % len(copies)]
-        lib[name](*lead_dev, copy[2], copy[3], y_dev)
+        lib[name](*lead_dev, copy[2], copy[3], y_dev, *tail)
     torch.cuda.synchronize()
 
 

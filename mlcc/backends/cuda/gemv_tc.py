@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from mlcc.backends.cuda.kernels import CudaKernel, launcher, signature
 from mlcc.backends.cuda.linear import LinearShape
 from mlcc.backends.plan import KernelSpec
+from mlcc.errors import MlccError
 from mlcc.ir.types import Sym
 
 MAX_ROWS = 16
@@ -112,37 +113,57 @@ def applies(s: LinearShape) -> bool:
         isinstance(s.rows, Sym) and s.rows.name == BATCH_SYMBOL)
     return (s.quant and s.bits == 4 and s.group == 32 and s.xdt == "float16"
             and s.sdt == "float16" and s.ydt in ("float16", "float32") and s.k % 32 == 0
-            and s.words * 8 == s.k and s.groups * 32 == s.k and rows_ok)
+            and s.words * 8 == s.k and s.groups * 32 == s.k and s.n * s.words < 2**31
+            and rows_ok)
 
 
-def tc_record(n: int, k: int) -> dict | None:
-    """The measured record of this kernel for N x K in the GEMV database, if any."""
-    from mlcc.backends.cuda.tuning import _database
+def _database() -> dict:
+    from mlcc.backends.cuda.tuning import _database as load
 
-    return _database().get("best_by_kind", {}).get(TC, {}).get(f"{n},{k}")
+    return load()
 
 
-def tc_config(n: int, k: int) -> TcConfig:
-    record = tc_record(n, k)
-    if record is None:
-        return TcConfig(8 if k >= 2048 else 4, 1)
-    return TcConfig(int(record["warps"]), int(record["tiles"]))
+def measured(n: int, k: int, rows: int) -> dict | None:
+    """The fastest measured record for N x K at `rows` rows (any kind): the database's "best"
+    at one row, its "best_at_rows" (benchmarks/cuda/gemv_sweep.py) otherwise."""
+    db = _database()
+    table = db.get("best", {}) if rows == 1 else db.get("best_at_rows", {}).get(str(rows), {})
+    return table.get(f"{n},{k}")
+
+
+def tc_config(s: LinearShape) -> TcConfig:
+    """The measured config of this kernel for s's shape and rows, else the heuristic: two steps
+    per warp and round (2 KB of weight loads in flight per warp) up to 8 rows, one above (a
+    round of 16 rows fills the shared memory at eight warps), and four warps at a static 9..16
+    rows (ptxas spills eight at 64 registers there)."""
+    rows = MAX_ROWS if s.static_rows is None else s.static_rows
+    record = measured(s.n, s.k, rows)
+    if record is None or record.get("kind") != TC:
+        record = _database().get("best_by_kind", {}).get(TC, {}).get(f"{s.n},{s.k}")
+    if record is not None:
+        config = TcConfig(int(record["warps"]), int(record["tiles"]), int(record["unroll"]))
+        if fits(s, config):
+            return config
+    if rows <= 8:
+        return TcConfig(8, 1, 2)
+    return TcConfig(8 if s.static_rows is None else 4, 1, 1)
 
 
 def gemv_q4_tc_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
-    """The tensor-core GEMV where it should run: 5..16 static rows and the batch symbol always
-    (the alternative is a 64-row GEMM tile), 1..4 rows only where the database measured it
-    fastest (its "best" record has kind "tc"). None elsewhere."""
-    from mlcc.backends.cuda.tuning import _database
-
+    """The tensor-core GEMV where it should run, None elsewhere: at 1..4 static rows only where
+    the database measured it fastest (the CUDA-core GEMVs keep the rest); at 5..16 rows and the
+    batch symbol (counted as 16) unless a measured record of another kind won there (the
+    alternative is a 64-row GEMM tile)."""
     s = LinearShape(spec)
     if not applies(s):
         return None
-    if s.static_rows is not None and s.static_rows <= 4:
-        best = _database().get("best", {}).get(f"{s.n},{s.k}")
-        if best is None or best.get("kind") != TC:
-            return None
-    return gemv_q4_tc_kernel(s, name, tc_config(s.n, s.k))
+    rows = MAX_ROWS if s.static_rows is None else s.static_rows
+    record = measured(s.n, s.k, rows)
+    if rows <= 4 and (record is None or record.get("kind") != TC):
+        return None
+    if rows > 4 and record is not None and record.get("kind") != TC:
+        return None
+    return gemv_q4_tc_kernel(s, name, tc_config(s))
 
 
 SMEM_UNITS = 44 * 1024 // 16  # staged activations, in 16-byte units (static shared <= 48 KB)
@@ -175,7 +196,22 @@ def layout(s: LinearShape, c: TcConfig) -> Layout:
     rounds = -(-steps // (c.warps * c.unroll))
     words = 16 * c.warps * c.unroll
     chunk = max(1, min(rounds, (SMEM_UNITS // tok_rows - 4) // (words * 5 // 4)))
-    return Layout(tok_rows, nt, steps, rounds, chunk, words)
+    lay = Layout(tok_rows, nt, steps, rounds, chunk, words)
+    if tok_rows * lay.row_units > SMEM_UNITS:
+        raise MlccError("compile", f"tensor-core GEMV {s.n}x{s.k} at {tok_rows} rows: one "
+                        f"round of {c.tag} stages {tok_rows * lay.row_units * 16} bytes, over "
+                        f"{SMEM_UNITS * 16}; use warps * unroll <= "
+                        f"{(SMEM_UNITS // tok_rows - 4) * 4 // 5 // 16}")
+    return lay
+
+
+def fits(s: LinearShape, config: TcConfig) -> bool:
+    """Whether one round of `config` fits the static shared memory at s's row count."""
+    try:
+        layout(s, config)
+    except MlccError:
+        return False
+    return True
 
 
 def _unit(tok: str, wl: str, lay: Layout) -> str:
@@ -194,8 +230,9 @@ def _loads(s: LinearShape, c: TcConfig, lay: Layout, dst: str, rnd: str) -> str:
       for (int f = 0; f < {c.tiles}; ++f)
         #pragma unroll
         for (int h = 0; h < 2; ++h) {{
-          {dst}w[u][f][h] = ok ? __ldg(wrow[f][h] + grp) : make_uint4(0u, 0u, 0u, 0u);
-          {dst}s[u][f][h] = __half2half2(ok ? srow[f][h][grp]
+          {dst}w[u][f][h] = ok ? __ldg(reinterpret_cast<const uint4*>(qw) + wrow[f][h] + grp)
+                            : make_uint4(0u, 0u, 0u, 0u);
+          {dst}s[u][f][h] = __half2half2(ok ? qs[wrow[f][h] + grp]
                                             : __ushort_as_half((unsigned short)0));
         }}
     }}"""
@@ -215,11 +252,12 @@ def _stage(s: LinearShape, c: TcConfig, lay: Layout) -> str:
 
 
 def _compute(c: TcConfig, lay: Layout) -> str:
-    """The mmas of round r on the registers cw / cs; rows >= here get zero B fragments."""
+    """The mmas of round r on the registers cw / cs. B columns of rows >= here read a staged
+    row again: an mma's output columns are independent, and those are never stored."""
     second = ("" if lay.nt == 1 else
               f"""
             if (here > 8) {{
-              const uint4 b = 8 + g < here ? xs[{_unit("8 + g", "wl", lay)}] : zero;
+              const uint4 b = xs[{_unit("gb8", "wl", lay)}];
               mlcc_tcv_mma(acc[f][1], lo[0], hi[0], lo[1], hi[1], b.x, b.y);
               mlcc_tcv_mma(acc[f][1], lo[2], hi[2], lo[3], hi[3], b.z, b.w);
             }}""")
@@ -237,7 +275,7 @@ def _compute(c: TcConfig, lay: Layout) -> str:
             mlcc_tcv_dequant(i == 0 ? wv8.x : i == 1 ? wv8.y : i == 2 ? wv8.z : wv8.w,
                              cs[u][f][1], hi);
             const int wl = (r - c0) * {lay.words} + ((u * {c.warps} + warp) * 4 + j) * 4 + i;
-            const uint4 b = g < here ? xs[{_unit("g", "wl", lay)}] : zero;
+            const uint4 b = xs[{_unit("gb", "wl", lay)}];
             mlcc_tcv_mma(acc[f][0], lo[0], hi[0], lo[1], hi[1], b.x, b.y);
             mlcc_tcv_mma(acc[f][0], lo[2], hi[2], lo[3], hi[3], b.z, b.w);{second}
           }}
@@ -280,17 +318,17 @@ def _prologue(s: LinearShape, c: TcConfig, lay: Layout) -> str:
   const long long n0 = (long long)blockIdx.x * {16 * c.tiles};
   const long long m0 = {"(long long)blockIdx.y * " + str(MAX_ROWS) if symbolic else "0"};
   const int here = {here};  // rows of this block's tile
-  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-  const uint4* wrow[{c.tiles}][2];
-  const half* srow[{c.tiles}][2];
+  const int gb = g < here ? g : here - 1, gb8 = 8 + g < here ? 8 + g : here - 1;
+  // n * groups: the row's offset in 16-byte weight units and in scales alike (K / 32 each);
+  // 32-bit offsets take fewer registers than pointers
+  int wrow[{c.tiles}][2];
   #pragma unroll
   for (int f = 0; f < {c.tiles}; ++f)
     #pragma unroll
     for (int h = 0; h < 2; ++h) {{
       long long n = n0 + f * 16 + h * 8 + g;
       n = n < {s.n} ? n : {s.n - 1};
-      wrow[f][h] = reinterpret_cast<const uint4*>(qw + n * {s.words}LL);
-      srow[f][h] = qs + n * {s.groups}LL;
+      wrow[f][h] = (int)n * {s.groups};
     }}
   float acc[{c.tiles}][{lay.nt}][4];
   #pragma unroll
