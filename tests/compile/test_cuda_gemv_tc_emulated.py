@@ -97,7 +97,7 @@ CASES = [  # (n, k, rows (int, or the batch symbol's runtime value), y dtype, bi
     (24, 11008, 16, "float16", True, TcConfig(8, 1, 1)),
     (33, 11008, 1, "float32", False, TcConfig(4, 1, 2)),
     (40, 1024, 9, "float16", False, TcConfig(2, 1, 4)),
-    (48, 4096, ("batch", 16), "float16", False, TcConfig(8, 1, 2)),
+    (48, 4096, ("batch", 16), "float16", False, TcConfig(4, 1, 2)),
     (20, 1024, ("batch", 21), "float32", True, TcConfig(2, 2, 1)),
     (17, 96, ("batch", 3), "float16", False, TcConfig(2, 1, 1)),
     (70, 11008, 4, "float16", True, TcConfig(8, 4, 1)),  # several staged chunks
