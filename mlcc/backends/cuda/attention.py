@@ -410,14 +410,14 @@ def flash_source(spec: KernelSpec, name: str, head: str, rows: str,
             else "(long long)blockIdx.x")
     return (FLASH_PTX + visibility_source(name, kv["window"], kv["sinks"])
             + order_source(name)) + f"""
-// One page lookup per key row of a tile: `tab` gets the row's key offset in 16-byte words
-// (-1: not loaded), read by both stages of the tile, so no copy waits on a page-table load.
-__device__ __forceinline__ void {name}_rows(int* tab, const int* __restrict__ table, long long j0,
-                                            int g, long long p0, long long p1) {{
-  if (threadIdx.x < {TILE}) {{
-    const long long j = j0 + threadIdx.x;
-    tab[threadIdx.x] = {name}_loaded(p0, p1, j) ? (int)({name}_row(table, j, 0, g) / 8) : -1;
-  }}
+// One page lookup per key row of a tile (thread r < {TILE} looks up row r): the row's key
+// offset in 16-byte words, -1 when not loaded. Kept in `tab`, read by both stages of the tile,
+// so no copy waits on a page-table load.
+__device__ __forceinline__ int {name}_row_word(const int* __restrict__ table, long long j0, int g,
+                                               long long p0, long long p1) {{
+  const long long j = j0 + threadIdx.x;
+  return threadIdx.x < {TILE} && {name}_loaded(p0, p1, j)
+      ? (int)({name}_row(table, j, 0, g) / 8) : -1;
 }}
 __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__ pool,
                                              const int* tab, int kind) {{
@@ -480,7 +480,7 @@ __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__
   #pragma unroll
   for (int nt = 0; nt < {d // 8}; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
   const long long j00 = {name}_tile_at(0, sink_tiles, first) * {TILE};
-  {name}_rows(tab[0], page_table, j00, g, p0, p1);
+  if (threadIdx.x < {TILE}) tab[0][threadIdx.x] = {name}_row_word(page_table, j00, g, p0, p1);
   __syncthreads();
   {name}_stage(ks, pool, tab[0], 0);
   mlcc_attn_cp_commit();
@@ -489,12 +489,14 @@ __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__
   for (long long t = 0; t < count; ++t) {{
     const long long j0 = {name}_tile_at(t, sink_tiles, first) * {TILE};
     const long long jn = {name}_tile_at(t + 1, sink_tiles, first) * {TILE};
+    // the next tile's page lookups are issued now and land while the scores are computed
+    const int next = t + 1 < count ? {name}_row_word(page_table, jn, g, p0, p1) : -1;
     mlcc_attn_cp_wait1();  // this tile's keys; its values may still be in flight
     __syncthreads();
     float s[{TILE // 8}][4];
 {_scores(d, ld, ldmatrix)}
     // the next tile's rows: its other buffer was last read by the values of tile t - 1
-    if (t + 1 < count) {name}_rows(tab[(t + 1) & 1], page_table, jn, g, p0, p1);
+    if (threadIdx.x < {TILE}) tab[(t + 1) & 1][threadIdx.x] = next;
     __syncthreads();  // every warp is done with ks; the next rows are visible
     if (t + 1 < count) {name}_stage(ks, pool, tab[(t + 1) & 1], 0);
     mlcc_attn_cp_commit();
