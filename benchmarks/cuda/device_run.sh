@@ -3,7 +3,8 @@
 # the kernel microbenchmarks (GEMV sweep, prefill GEMM, prefill attention) and the 7B
 # decode/prefill benchmark of every library in .device/bench. Built on the build machine by
 # `python benchmarks/cuda/prepare_device_run.py` (.device/site: runtime-only TVM; .device/cases,
-# .device/bench, .device/sweep, .device/gemm, .device/attention); carry what exists.
+# .device/bench, .device/sweep, .device/gemm, .device/attention, .device/elementwise); carry
+# what exists.
 # Everything lands in $OUT/results.tgz (the device tool returns few files) and a short
 # $OUT/summary.txt. SKIP_TESTS / SKIP_CONVERT / SKIP_MICRO / SKIP_BENCH=1 leave steps out.
 set -u
@@ -30,7 +31,8 @@ if [ "${SKIP_CONVERT:-0}" != 1 ]; then
     /tmp/mlcc-convert "$R/convert_weight_cuda.md" 2>&1 | tail -3
 fi
 if [ "${SKIP_MICRO:-0}" != 1 ]; then
-  for pair in gemv_sweep:sweep gemm_bench:gemm attention_bench:attention; do
+  for pair in gemv_sweep:sweep gemm_bench:gemm attention_bench:attention \
+      elementwise_bench:elementwise; do
     script=${pair%%:*} folder=.device/${pair##*:}
     [ -d "$folder" ] || continue
     timeout "${MICRO_TIMEOUT:-150}" python3 "benchmarks/cuda/$script.py" run "$folder" \

@@ -8,12 +8,12 @@
 * .device/cases: the parity-test models and CUDA libraries (tests/gpu/cuda_cases.py);
 * .device/bench/llama2_7b_q4f16_1.so: the benchmark library, compiled from the llama2_7b preset
   (the compile time is printed);
-* .device/sweep, .device/gemm, .device/attention: the kernel microbenchmarks
-  (benchmarks/cuda/gemv_sweep.py, gemm_bench.py, attention_bench.py).
+* .device/sweep, .device/gemm, .device/attention, .device/elementwise: the kernel
+  microbenchmarks (benchmarks/cuda/gemv_sweep.py, gemm_bench.py, attention_bench.py,
+  elementwise_bench.py).
 
 Then, on the GPU machine: `bash benchmarks/cuda/device_run.sh` with `.device/site`,
-`.device/cases`, `.device/bench`, `.device/sweep`, `.device/gemm` and `.device/attention`
-carried.
+`.device/cases`, `.device/bench` and the microbenchmark folders carried.
 """
 
 from __future__ import annotations
@@ -66,12 +66,14 @@ def main() -> None:
     build_cases(DEVICE / "cases")
     sys.path.insert(0, str(ROOT / "benchmarks" / "cuda"))
     from attention_bench import build as build_attention
+    from elementwise_bench import build as build_elementwise
     from gemm_bench import build as build_gemm
     from gemv_sweep import build as build_sweep
 
     build_sweep(DEVICE / "sweep")
     build_gemm(DEVICE / "gemm")
     build_attention(DEVICE / "attention")
+    build_elementwise(DEVICE / "elementwise")
     start = time.perf_counter()
     result = compile_model("llama2_7b", DEVICE / "bench" / "llama2_7b_q4f16_1.so",
                            quantization="q4f16_1", device="cuda")
