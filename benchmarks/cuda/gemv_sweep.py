@@ -18,9 +18,9 @@ float32 reference of the same packed weights (random codes and scales) and, if i
 48 back-to-back calls replayed as one CUDA graph, cycling through copies of the weights that
 together hold 120 MB or more (beyond the 50 MB L2), median of 7 replays. The JSON holds every
 variant, the fastest plain single-row variant per shape ("best") and per kernel kind
-("best_by_kind"), and the fastest variant per row count > 1 and shape ("best_at_rows", which
-gemv_tc.gemv_q4_tc_rule reads); copy it to mlcc/backends/cuda/gemv_tuning.json to make those the
-defaults.
+("best_by_kind"), and the fastest variant per row count > 1 (or "batch") and shape
+("best_at_rows", which gemv_tc.gemv_q4_tc_rule reads); copy it to
+mlcc/backends/cuda/gemv_tuning.json to make those the defaults.
 """
 
 from __future__ import annotations
@@ -246,14 +246,14 @@ def measure(torch, lib, v: dict, copies: list[tuple], dev, rng) -> dict:
     ydt = "float32" if (n, k) == LOGITS else "float16"
     y_dev = tvm.runtime.empty((v["rows"], n), ydt, dev)
     f = lib[v["name"]]
-    tail = [v["rows"]] if v.get("symbolic") else []  # the batch symbol's value
-    f(*lead_dev, copies[0][2], copies[0][3], y_dev, *tail)
+    # the batch symbol's kernels read the row count from x's and y's shapes
+    f(*lead_dev, copies[0][2], copies[0][3], y_dev)
     expected = reference(copies[0][0], copies[0][1], activations)
     err = float(np.abs(y_dev.numpy().astype(np.float32) - expected).max() /
                 np.abs(expected).max())
     row = dict(v, rel_err=err)
     if err < 1e-2:
-        row["us"] = time_variant(torch, f, lead_dev, copies, y_dev, tail)
+        row["us"] = time_variant(torch, f, lead_dev, copies, y_dev)
         row["gb_s"] = (n * k // 2 + n * k // 16) / (row["us"] * 1e-6) / 1e9
     return row
 
@@ -286,10 +286,10 @@ def run(folder: Path, out: Path) -> None:
             record = {key: row[key] for key in RECORD_KEYS if key in row}
             key = f"{n},{k}"
             if v["rows"] != 1:
-                if not v.get("symbolic"):
-                    table = at_rows.setdefault(str(v["rows"]), {})
-                    if key not in table or row["us"] < table[key]["us"]:
-                        table[key] = record
+                # the batch symbol's kernels under "batch" (their rows come at run time)
+                table = at_rows.setdefault("batch" if v.get("symbolic") else str(v["rows"]), {})
+                if key not in table or row["us"] < table[key]["us"]:
+                    table[key] = record
                 continue
             for table in (best, by_kind[v["kind"]]):
                 if key not in table or row["us"] < table[key]["us"]:
@@ -302,20 +302,19 @@ def run(folder: Path, out: Path) -> None:
     out.write_text(json.dumps(doc, indent=1))
 
 
-def time_variant(torch, f, leading: list, copies: list[tuple], y_dev, tail: list = (),
-                 calls: int = 48, repeats: int = 7) -> float:
+def time_variant(torch, f, leading: list, copies: list[tuple], y_dev, calls: int = 48,
+                 repeats: int = 7) -> float:
     """Median time per call of `calls` back-to-back calls replayed as one CUDA graph (no
-    launch gaps from Python), cycling through the weight copies; `tail` holds the values of
-    symbolic sizes, passed after the buffers."""
+    launch gaps from Python), cycling through the weight copies."""
     import tvm_ffi
 
     for i in range(len(copies)):
-        f(*leading, copies[i][2], copies[i][3], y_dev, *tail)
+        f(*leading, copies[i][2], copies[i][3], y_dev)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with tvm_ffi.use_torch_stream(torch.cuda.graph(graph)):
         for i in range(calls):
-            f(*leading, copies[i % len(copies)][2], copies[i % len(copies)][3], y_dev, *tail)
+            f(*leading, copies[i % len(copies)][2], copies[i % len(copies)][3], y_dev)
     times = []
     for _ in range(repeats):
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -338,7 +337,6 @@ def profile(folder: Path, name: str, calls: int = 12) -> None:
     dev = _device("cuda")
     lib = tvm.runtime.load_module(str(folder / "gemv_sweep.so"))
     v = next(v for v in json.loads((folder / "variants.json").read_text()) if v["name"] == name)
-    tail = [v["rows"]] if v.get("symbolic") else []
     rng = np.random.default_rng(0)
     copies = weight_copies(v["n"], v["k"], rng, dev)
     leading, _ = prologue_inputs(v, rng)
@@ -347,7 +345,7 @@ def profile(folder: Path, name: str, calls: int = 12) -> None:
     y_dev = tvm.runtime.empty((v["rows"], v["n"]), ydt, dev)
     for i in range(calls):
         copy = copies[i % len(copies)]
-        lib[name](*lead_dev, copy[2], copy[3], y_dev, *tail)
+        lib[name](*lead_dev, copy[2], copy[3], y_dev)
     torch.cuda.synchronize()
 
 

@@ -1,9 +1,10 @@
 """nvcc compiles the tensor-core GEMV for every Llama-2-7B decode shape without spilling.
 
 The configs are those benchmarks/cuda/gemv_sweep.py measures at 1, 4 and 16 rows (16 also for
-the batch symbol) plus the rule's defaults. Each kernel is wrapped in a __global__ function with the launch's thread count as its bound and
-compiled for sm_90 with ptxas' resource report: no spill stores or loads, fewer than 128
-registers a thread (so two 256-thread blocks fit an SM), static shared memory within 48 KB.
+the batch symbol) plus the rule's defaults. Each kernel is wrapped in a __global__ function
+bounded by the launch's thread count (as TVM's launchers are) and compiled for sm_90 with
+ptxas' resource report: no spill stores or loads, fewer than 128 registers a thread (so two
+256-thread blocks fit an SM), static shared memory within 48 KB.
 """
 
 from __future__ import annotations

@@ -29,12 +29,14 @@ EXTRA = r"""
 #define MLCC_GEMV_TC_PTX
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 inline half2 __hfma2(half2 a, half2 b, half2 c) {
-  return {(half)((float)a.x * (float)b.x + (float)c.x), (half)((float)a.y * (float)b.y + (float)c.y)};
+  return {(half)((float)a.x * (float)b.x + (float)c.x),
+          (half)((float)a.y * (float)b.y + (float)c.y)};
 }
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   const unsigned long long v = ((unsigned long long)y << 32) | x;
   unsigned out = 0;
-  for (int i = 0; i < 4; ++i) out |= (unsigned)((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
+  for (int i = 0; i < 4; ++i)
+    out |= (unsigned)((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
   return out;
 }
 inline void mlcc_tcv_mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3,

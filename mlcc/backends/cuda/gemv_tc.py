@@ -123,9 +123,10 @@ def _database() -> dict:
     return load()
 
 
-def measured(n: int, k: int, rows: int) -> dict | None:
-    """The fastest measured record for N x K at `rows` rows (any kind): the database's "best"
-    at one row, its "best_at_rows" (benchmarks/cuda/gemv_sweep.py) otherwise."""
+def measured(n: int, k: int, rows: int | str) -> dict | None:
+    """The fastest measured record for N x K at `rows` rows (a count or "batch", the batch
+    symbol's kernels), any kind: the database's "best" at one row, else its "best_at_rows"
+    (written by benchmarks/cuda/gemv_sweep.py)."""
     db = _database()
     table = db.get("best", {}) if rows == 1 else db.get("best_at_rows", {}).get(str(rows), {})
     return table.get(f"{n},{k}")
@@ -136,15 +137,15 @@ def tc_config(s: LinearShape) -> TcConfig:
     per warp and round (2 KB of weight loads in flight per warp) up to 8 rows, one above (a
     round of 16 rows fills the shared memory at eight warps), and four warps at a static 9..16
     rows (ptxas spills eight at 64 registers there)."""
-    rows = MAX_ROWS if s.static_rows is None else s.static_rows
+    rows = BATCH_SYMBOL if s.static_rows is None else s.static_rows
     record = measured(s.n, s.k, rows)
-    if record is None or record.get("kind") != TC:
+    if (record is None or record.get("kind") != TC) and rows == 1:
         record = _database().get("best_by_kind", {}).get(TC, {}).get(f"{s.n},{s.k}")
-    if record is not None:
+    if record is not None and record.get("kind") == TC:
         config = TcConfig(int(record["warps"]), int(record["tiles"]), int(record["unroll"]))
         if fits(s, config):
             return config
-    if rows <= 8:
+    if s.static_rows is not None and s.static_rows <= 8:
         return TcConfig(8, 1, 2)
     return TcConfig(8 if s.static_rows is None else 4, 1, 1)
 
@@ -152,7 +153,7 @@ def tc_config(s: LinearShape) -> TcConfig:
 def gemv_q4_tc_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
     """The tensor-core GEMV where it should run, None elsewhere: at 1..4 static rows only where
     the database measured it fastest (the CUDA-core GEMVs keep the rest); at 5..16 rows and the
-    batch symbol (counted as 16) unless a measured record of another kind won there (the
+    batch symbol (compared at 16) unless a measured record of another kind won there (the
     alternative is a 64-row GEMM tile)."""
     s = LinearShape(spec)
     if not applies(s):
@@ -314,7 +315,8 @@ def _prologue(s: LinearShape, c: TcConfig, lay: Layout) -> str:
     symbolic = s.static_rows is None
     here = (f"{s.rows_text} - m0 < {MAX_ROWS} ? (int)({s.rows_text} - m0) : {MAX_ROWS}"
             if symbolic else str(s.static_rows))
-    return f"""  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, j = lane & 3;
+    return f"""  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, j = lane & 3;  // the mma fragments' row and k pair
   const long long n0 = (long long)blockIdx.x * {16 * c.tiles};
   const long long m0 = {"(long long)blockIdx.y * " + str(MAX_ROWS) if symbolic else "0"};
   const int here = {here};  // rows of this block's tile
