@@ -48,16 +48,20 @@ def spec_for(n: int, k: int, rows) -> KernelSpec:
                       (("bits", 4), ("group_size", 32), ("in_features", k)))
 
 
-def wrapped(s: LinearShape, name: str, config: TcConfig) -> str:
-    """The device function under the __global__ wrapper TVM's CUDA codegen writes: parameters
-    sorted by name, `_ptr` pointers without const, symbols as int64_t, the thread bound."""
-    kernel = gemv_q4_tc_kernel(s, name, config)
+def global_wrapper(s: LinearShape, name: str, threads: int) -> str:
+    """The __global__ function TVM's CUDA codegen writes around `name`_dev: parameters sorted
+    by name, `_ptr` pointers without const, symbols as int64_t, the thread bound."""
     types = {"float16": "half", "float32": "float", "uint32": "uint"}
     params = ", ".join([f"{types[dt]}* __restrict__ {b}_ptr" for b, _, dt in
                         sorted(s.buffers)] + [f"int64_t {x}" for x in s.symbols])
     args = ", ".join([f"{b}_ptr" for b, _, _ in s.buffers] + s.symbols)
-    return (kernel.device_source + f'\nextern "C" __global__ void __launch_bounds__('
-            f"{32 * config.warps}) {name}_g({params}) {{\n  {name}_dev({args});\n}}\n")
+    return (f'\nextern "C" __global__ void __launch_bounds__({threads}) {name}_g({params}) '
+            f"{{\n  {name}_dev({args});\n}}\n")
+
+
+def wrapped(s: LinearShape, name: str, config: TcConfig) -> str:
+    kernel = gemv_q4_tc_kernel(s, name, config)
+    return kernel.device_source + global_wrapper(s, name, 32 * config.warps)
 
 
 def resources(source: str, tmp_path) -> dict[str, tuple[int, int, int, int]]:
