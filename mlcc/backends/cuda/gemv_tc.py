@@ -13,14 +13,20 @@ per mma) and the activations as B (8 rows per mma), so a lane only unpacks:
     (q, q + 1), (q + 8, q + 9) of the first, pairs 2, 3 of the second.
 
 The dot product does not depend on the order of k as long as A and B use the same one; the
-activations are staged per round in shared memory already in that order (pairs (x_i, x_{i+4})
-of every word: one 128-bit shared load gives a lane the B fragments of both mmas of a word).
+activations are staged in shared memory already in that order (pairs (x_i, x_{i+4}) of every
+word: one 128-bit shared load gives a lane the B fragments of both mmas of a word), in chunks
+of rounds (the whole K at one row). B columns of rows >= M read a staged row again: an mma's
+output columns are independent and those are never stored. Per packed word a lane issues about
+15 instructions (5 integer, 8 half2, half a shared load, one mma per feature pair and word)
+against about 22 in mlcc_q4_dot8's loop, and the float32 sums cost nothing.
 
-A block owns 16 * tiles output features and all rows of its 16-row tile (grid y for the symbolic
-batch); its warps split K: in round r warp w takes step r * warps + w (128 k), and the weights of
-round r + 1 are loaded into registers before round r's activations are staged, so the loads
-stay in flight over the staging and the mmas. The warps' float32 partial sums meet in shared
-memory at the end; bias and mlcc_put (float16 or float32 results) finish, rows >= M masked.
+A block owns 16 * tiles output features and all rows of its 16-row tile (grid y for the batch
+symbol, so any batch is covered); its warps split K: in round r warp w takes the steps (128 k)
+r * warps * unroll + u * warps + w, u < unroll, and the weights of round r + 1 are loaded into
+registers before round r's mmas, so they stay in flight over the staging and the math. The
+warps' float32 partial sums meet in shared memory at the end; bias and mlcc_put (float16 or
+float32 results) finish, rows >= M masked. Configs: TcConfig; selection: gemv_q4_tc_rule reads
+the GEMV database (benchmarks/cuda/gemv_sweep.py writes it).
 """
 
 from __future__ import annotations
@@ -191,6 +197,8 @@ class Layout:
 
 
 def layout(s: LinearShape, c: TcConfig) -> Layout:
+    """The staging plan of s with config c: as many rounds per chunk as fit 44 KB of shared
+    memory; MlccError when a single round does not."""
     tok_rows = MAX_ROWS if s.static_rows is None else s.static_rows
     nt = 1 if tok_rows <= 8 else 2
     steps = -(-s.groups // 4)
