@@ -10,6 +10,7 @@ lib.so`). Steps, all in one process:
    32-token prompt, and one 512-token prefill;
 3. `convert_weight` q4f16_1 on the GPU, then the library: the same decode and prefill, with and
    without the CUDA graph; peak GPU memory;
+   with max_batch_size=16 in the library, batch decode of all 16 sequences (128 steps);
 4. a per-kernel time breakdown of one decode step (torch profiler, CUPTI) with the achieved
    bandwidth of each weight-streaming kernel, from the kernel shapes in the library metadata.
 
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.kernels import kernel_breakdown, weight_bytes_per_token
+from benchmarks.measure import measure_batch_decode
 
 HF_CONFIG = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
@@ -127,6 +129,12 @@ def run_library(args, params: Path) -> dict:
         results.update({k + suffix: v for k, v in numbers.items()})
     free_after, _ = torch.cuda.mem_get_info()
     results["peak_gpu_mem_gb"] = (free_before - free_after) / 1e9
+    # every sequence the library holds (compiled with max_batch_size=16) decoding together
+    prompt = np.random.default_rng(1).integers(0, HF_CONFIG["vocab_size"], PROMPT).tolist()
+    batch = measure_batch_decode(engine, prompt, DECODE, repeats=2, budget=60.0)
+    if batch["available"]:
+        results["batch_decode_sequences"] = batch["batch"]
+        results[f"batch{batch['batch']}_decode_tok_s"] = batch["tokens_per_second"]["median"]
     results["kernels"] = kernel_breakdown(engine, list(range(1, PROMPT + 1)))
     results["prefill_kernels"] = kernel_breakdown(engine, list(range(1, PREFILL + 1)), "prefill",
                                                 steps=2)
@@ -187,6 +195,9 @@ def report(r: dict) -> str:
              (f"| prefill(512) tok/s | {r['prefill_tok_s']:.0f} | "
               f"{r.get('peer_prefill_tok_s', float('nan')):.0f} |"),
              f"| peak GPU memory GB | {r['peak_gpu_mem_gb']:.2f} | |",
+             *([f"| batch-{r['batch_decode_sequences']} decode tok/s (all sequences) | "
+                f"{r['batch%d_decode_tok_s' % r['batch_decode_sequences']]:.0f} | |"]
+               if "batch_decode_sequences" in r else []),
              (f"| roofline fraction (decode / {r['roofline_tok_s']:.0f} tok/s) | "
               f"{r['roofline_fraction']:.1%} | |"), "",
              "## One decode step, per kernel (no graph)", "",

@@ -18,7 +18,7 @@ import pytest
 from test_cuda_elementwise_vec import run_host
 from test_cuda_flash_attention import attention_spec
 
-from mlcc.backends.cuda.attention import gen_qkv_attention
+from mlcc.backends.cuda.attention import APPEND_THREADS, DECODE_ROWS, gen_qkv_attention
 from mlcc.backends.llvm.fallback import inv_freq_table
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
@@ -52,6 +52,7 @@ CASES = [  # (q heads, kv heads, d, window, sinks, start, tokens, style, rotary)
     (4, 4, 64, -1, 0, 37, 5, "interleaved", 64),
     (2, 2, 64, -1, 0, 3, 6, "rotate_half", 32),
     (4, 2, 64, 8, 4, 530, 7, "rotate_half", 64),
+    (4, 2, 64, -1, 0, 11, 1, "rotate_half", 64),  # a decode row: a block per KV head
 ]
 
 
@@ -72,10 +73,14 @@ def test_append_writes_rotated_keys_and_values_into_their_slots(tmp_path, case):
               "page_table": rng.permutation(pages).astype(np.int32),
               "pool": rng.standard_normal((pages, 2, hkv, page, d)).astype(np.float16)}
     before = arrays["pool"].copy()
-    threads = max(32, min(d // 2, 128))
+    # the launcher's grid: a block per token for chunks, per (token, KV head) for decode rows
+    heads = 1 if n <= DECODE_ROWS else hkv
+    threads = max(32, min(heads * (d // 2), APPEND_THREADS))
+    assert f"T.thread_binding({threads}," in kernel.launcher
     call = ("k0_qkv_attention_append(qkv.data(), y.data(), seq_info.data(), page_table.data(),"
             " pool.data())")
-    pool = run_host(tmp_path, kernel, call, threads, n * hkv, arrays, ["pool"], body)["pool"]
+    pool = run_host(tmp_path, kernel, call, threads, n * hkv // heads, arrays, ["pool"],
+                    body)["pool"]
 
     pos = np.arange(start, start + n)
     slots = pos

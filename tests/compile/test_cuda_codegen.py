@@ -63,8 +63,10 @@ def test_rules_pick_gemv_for_decode_and_tensor_cores_for_prefill():
     odd_k = KernelSpec("linear", (((Sym("seq_len"), 48), "float16"), ((96, 48), "float16")),
                        (((Sym("seq_len"), 96), "float16"),), ())
     assert "wmma::mma_sync" in linear.gen_linear(odd_k, "k").device_source
-    batch = q_linear_spec(Sym("batch"), 22016, 4096)  # batch_decode: one row per sequence
-    assert "wmma::mma_sync" in linear.gen_linear(batch, "k").device_source
+    # batch_decode (one row per sequence): the tensor-core GEMV, as the shipped database says
+    batch = q_linear_spec(Sym("batch"), 22016, 4096)
+    assert "mlcc_tcv_mma(" in linear.gen_linear(batch, "k").device_source
+    assert "mlcc_tcv_mma(" not in linear.gen_linear(decode, "k").device_source
     q3 = q_linear_spec(1, 4096, 4096, bits=3, group=40)
     assert linear.gemv_q4_rule(q3, "k") is None
     assert "__shfl_xor_sync" in device_source([linear.gen_linear(q3, "k")])

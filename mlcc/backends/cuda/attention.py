@@ -1,7 +1,8 @@
 """CUDA kernel of `qkv_attention` over the paged KV cache, with rotary, sliding window and sinks.
 
 One launcher, two kernels in order:
-1. append: a block per (token, KV head), a thread per feature pair (c, c + d/2), one page
+1. append: a block per token (prefill) or per (token, KV head) (decode rows), a thread per
+   feature pair (c, c + d/2), one page
    lookup per block: rotate k, write k and v into the token's slot of the page pool (this
    layer's part: [pages, 2, kv_heads, page, d]);
 2. attend, one of:
@@ -42,6 +43,7 @@ from mlcc.backends.plan import KernelSpec
 WARPS = 16
 UNROLL = 4
 DECODE_ROWS = 4  # at most this many static rows attend on CUDA cores
+APPEND_THREADS = 256  # threads of an append block that covers all KV heads of a token
 TILE = 64  # queries per block and keys per step of the tensor-core prefill kernel
 FLASH_WARPS = 4  # 16 query rows each
 PAD = 8  # float16 padding per shared-memory row of keys and values
@@ -141,6 +143,9 @@ def gen_qkv_attention(spec: KernelSpec, name: str, flash: bool | None = None,
     params = signature(name, buffers, ("y", "pool"), syms).replace(f"int {name}_dev(",
                                                                  f"int {name}_PHASE(")
     position = "seq_info[i]" if batched else "seq_info[0] + i"
+    # prefill chunks append a token's KV heads in one block (tens of thousands of tiny blocks
+    # would cost more to schedule than to run); decode rows keep a block per (token, head)
+    heads = 1 if isinstance(rows, int) and rows <= DECODE_ROWS else hkv
     table = f"page_table + i * {per_seq}LL" if batched else "page_table"
     width = (hq + 2 * hkv) * d
     source = f"""{_rope(name, spec, d)}
@@ -152,14 +157,17 @@ __device__ __forceinline__ long long {name}_row(const int* page_table, long long
           + s % {page}) * {d}LL;
 }}
 {params.replace("PHASE", "append")} {{
-  const long long i = blockIdx.x / {hkv};
-  const int g = blockIdx.x % {hkv};
+  const long long i = blockIdx.x / {hkv // heads};
+  const int g0 = (int)(blockIdx.x % {hkv // heads}) * {heads};
   const long long pos = {position};
   const int* table = {table};
-  // the slot's page is looked up once; the value row follows the key row by one kind
-  const long long krow = {name}_row(table, pos, 0, g), vrow = krow + {hkv * page * d}LL;
-  const T_QKV* src = qkv + i * {width}LL + {hq * d} + g * {d};
-  for (int q = threadIdx.x; q < {d // 2}; q += blockDim.x) {{
+  // the slot's page is looked up once; head g's key row is {page * d} further per head, and
+  // the value row follows the key row by one kind
+  const long long row0 = {name}_row(table, pos, 0, 0);
+  for (int e = threadIdx.x; e < {heads * (d // 2)}; e += blockDim.x) {{
+    const int g = g0 + e / {d // 2}, q = e % {d // 2};
+    const long long krow = row0 + (long long)g * {page * d}, vrow = krow + {hkv * page * d}LL;
+    const T_QKV* src = qkv + i * {width}LL + {hq * d} + g * {d};
     float k0, k1;
     {name}_rope2(src, q, pos, &k0, &k1);
     const float v0 = mlcc_f32(src[{hkv * d} + q]), v1 = mlcc_f32(src[{hkv * d + d // 2} + q]);
@@ -172,7 +180,8 @@ __device__ __forceinline__ long long {name}_row(const int* page_table, long long
 }}
 """.replace("T_QKV", C_TYPES[dt])
     tokens = tir_numel(qkv_shape[:1])
-    nests = [(f"{name}_append", (f"{tokens} * T.int64({hkv})",), max(32, min(d // 2, 128)))]
+    nests = [(f"{name}_append", (f"{tokens} * T.int64({hkv // heads})",),
+              max(32, min(heads * (d // 2), APPEND_THREADS)))]
     if flash:
         source += flash_source(spec, name, params.replace("PHASE", "flash"),
                                numel_text(qkv_shape[:1]), ldmatrix, balance)

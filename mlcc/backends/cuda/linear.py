@@ -4,6 +4,9 @@ Rules, first match wins (each returns None when it does not apply). Every rule s
 and stores through mlcc_put, which rounds to y's dtype: float32 logits of a float16 model
 (out_dtype="float32" on the output projection) are stored unrounded.
 
+    gemv_q4_tc_rule  (mlcc.backends.cuda.gemv_tc) 4-bit weights at 1..16 rows or the batch_decode
+                     rows, products on tensor cores (mma.sync with the weights as A): where the
+                     tuning database measured it fastest (batch decode, 4 and 16 rows).
     gemv_q4_rule     few static rows, 4-bit weights in groups of 32, float16 activations: the
                      decode hot path. Each warp owns up to four output features; a lane reads
                      one group (four packed words) per feature with one 128-bit load, and all of
@@ -355,9 +358,10 @@ def gemm_rule(spec: KernelSpec, name: str) -> CudaKernel:
 
 
 from mlcc.backends.cuda.gemm import gemm_tc_rule  # noqa: E402 - gemm.py reads this module
+from mlcc.backends.cuda.gemv_tc import gemv_q4_tc_rule  # noqa: E402 - and gemv_tc.py
 
 LINEAR_RULES: tuple[Callable[[KernelSpec, str], CudaKernel | None], ...] = (
-    gemv_q4_rule, gemv_rule, gemm_tc_rule, gemm_wmma_rule,
+    gemv_q4_tc_rule, gemv_q4_rule, gemv_rule, gemm_tc_rule, gemm_wmma_rule,
 )
 
 
