@@ -37,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from graph_timing import replay_us
+
 PAGE = 16
 CONFIGS = {  # name: (q heads, kv heads, head dim, window (-1: none), sinks)
     "mha": (32, 32, 128, -1, 0),
@@ -251,25 +254,7 @@ def run(folder: Path, out: Path) -> None:
 
 def time_calls(torch, f, call, calls: int = 20, repeats: int = 7) -> float:
     """Median microseconds per call of `calls` calls replayed as one CUDA graph."""
-    import tvm_ffi
-
-    f(*call)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with tvm_ffi.use_torch_stream(torch.cuda.graph(graph)):
-        for _ in range(calls):
-            f(*call)
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) * 1000 / calls)
-    return float(np.median(times))
-
+    return replay_us(torch, lambda i: f(*call), calls, warm=1, repeats=repeats)
 
 if __name__ == "__main__":
     if sys.argv[1] == "build":

@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from graph_timing import replay_us
+
 ROWS = 512
 CASES = [  # (name, op, features of the output)
     ("silu_mul_512x11008", "silu_mul", 11008),
@@ -173,26 +176,8 @@ def time_calls(torch, f, copies: list[list], outputs: list, calls: int = 40,
                repeats: int = 7) -> float:
     """Median microseconds per call of `calls` calls (cycling through the input copies)
     replayed as one CUDA graph."""
-    import tvm_ffi
-
-    for c in copies:
-        f(*c, *outputs)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with tvm_ffi.use_torch_stream(torch.cuda.graph(graph)):
-        for i in range(calls):
-            f(*copies[i % len(copies)], *outputs)
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) * 1000 / calls)
-    return float(np.median(times))
-
+    return replay_us(torch, lambda i: f(*copies[i % len(copies)], *outputs), calls,
+                     warm=len(copies), repeats=repeats)
 
 if __name__ == "__main__":
     if sys.argv[1] == "build":

@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from graph_timing import replay_us
+
 # tile name -> TileConfig(bm, bn, warps_m, stages, ahead[, split_dequant])
 TILES = {
     "128x128_w64x32_s4": (128, 128, 2, 4, 2),
@@ -188,25 +191,8 @@ def measure(torch, f, v: dict, m: int, x_dev, y_dev, data: list[dict], expected)
 
 def time_variant(torch, f, x_dev, data: list[dict], y_dev) -> float:
     """Median time per call of CALLS calls replayed as one CUDA graph, cycling weight copies."""
-    import tvm_ffi
-
-    for d in data:
-        f(x_dev, *d["dev"], y_dev)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with tvm_ffi.use_torch_stream(torch.cuda.graph(graph)):
-        for i in range(CALLS):
-            f(x_dev, *data[i % len(data)]["dev"], y_dev)
-    times = []
-    for _ in range(REPEATS):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) * 1000 / CALLS)
-    return float(np.median(times))
-
+    return replay_us(torch, lambda i: f(x_dev, *data[i % len(data)]["dev"], y_dev), CALLS,
+                     warm=len(data), repeats=REPEATS)
 
 def best_tiles(results: list[dict]) -> dict:
     """Fastest validated kernel per (case, rows), with the WMMA baseline beside it."""

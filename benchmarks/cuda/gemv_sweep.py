@@ -32,6 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from graph_timing import replay_us
+
 SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)]
 LOGITS = (32000, 4096)  # the output projection stores float32 logits
 # (blocks per SM, warps, features per warp, rotate). nvcc 13 for sm_90 gives the kernel 64
@@ -307,25 +310,9 @@ def time_variant(torch, f, leading: list, copies: list[tuple], y_dev, calls: int
                  repeats: int = 7) -> float:
     """Median time per call of `calls` back-to-back calls replayed as one CUDA graph (no
     launch gaps from Python), cycling through the weight copies."""
-    import tvm_ffi
-
-    for i in range(len(copies)):
-        f(*leading, copies[i][2], copies[i][3], y_dev)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with tvm_ffi.use_torch_stream(torch.cuda.graph(graph)):
-        for i in range(calls):
-            f(*leading, copies[i % len(copies)][2], copies[i % len(copies)][3], y_dev)
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) * 1000 / calls)
-    return float(np.median(times))
-
+    return replay_us(torch, lambda i: f(*leading, copies[i % len(copies)][2],
+                                        copies[i % len(copies)][3], y_dev),
+                     calls, warm=len(copies), repeats=repeats)
 
 def profile(folder: Path, name: str, calls: int = 12) -> None:
     """Call one variant `calls` times over its weight copies, for a profiler such as

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gemv_sweep import SHAPES, time_variant, weight_copies  # noqa: E402
+from gemv_sweep import SHAPES, time_variant, weight_copies
 
 BLOCKS_PER_SM = (4, 8)
 SMS = 132

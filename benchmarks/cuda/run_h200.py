@@ -184,6 +184,14 @@ def main() -> None:
     print(report(results))
 
 
+def batch_rows(r: dict) -> list[str]:
+    """The batch decode line of the report, when the library had a batch_decode entry."""
+    if "batch_decode_sequences" not in r:
+        return []
+    n = r["batch_decode_sequences"]
+    return [f"| batch-{n} decode tok/s (all sequences) | {r[f'batch{n}_decode_tok_s']:.0f} | |"]
+
+
 def report(r: dict) -> str:
     lines = [f"# CUDA decode/prefill, Llama-2-7B shape, q4f16_1, batch 1 ({r['date']})", "",
              f"GPU: {r['gpu']}; torch {r['torch']}; python {r['python']}",
@@ -195,9 +203,7 @@ def report(r: dict) -> str:
              (f"| prefill(512) tok/s | {r['prefill_tok_s']:.0f} | "
               f"{r.get('peer_prefill_tok_s', float('nan')):.0f} |"),
              f"| peak GPU memory GB | {r['peak_gpu_mem_gb']:.2f} | |",
-             *([f"| batch-{r['batch_decode_sequences']} decode tok/s (all sequences) | "
-                f"{r['batch%d_decode_tok_s' % r['batch_decode_sequences']]:.0f} | |"]
-               if "batch_decode_sequences" in r else []),
+             *batch_rows(r),
              (f"| roofline fraction (decode / {r['roofline_tok_s']:.0f} tok/s) | "
               f"{r['roofline_fraction']:.1%} | |"), "",
              "## One decode step, per kernel (no graph)", "",
