@@ -20,7 +20,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   [ -d .device/moe_cases ] && export MLCC_GPU_MOE_CASES=$PWD/.device/moe_cases
   [ -d .device/targets ] && export MLCC_TARGET_CASES=$PWD/.device/targets
   tests="tests/gpu/test_cuda_parity.py tests/gpu/test_cuda_sampling.py"
-  [ -d .device/attention ] && tests="$tests tests/gpu/test_cuda_flash_attention.py"
+  [ -d .device/attention ] && tests="$tests tests/gpu/test_flash_attention_cuda.py"
   [ -d .device/moe_cases ] && tests="$tests tests/gpu/test_moe_cuda.py"
   [ -d .device/targets ] && tests="$tests tests/gpu/test_targets_schedules_cuda.py"
   timeout "${TEST_TIMEOUT:-300}" python3 -m pytest $tests -q -p no:cacheprovider 2>&1 \
