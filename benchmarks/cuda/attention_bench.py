@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from graph_timing import replay_us
+from graph_timing import module_at, replay_us
 
 PAGE = 16
 CONFIGS = {  # name: (q heads, kv heads, head dim, window (-1: none), sinks)
@@ -86,20 +86,7 @@ def attention_spec(config: str):
 
 def baseline_generator(folder: Path):
     """gen_qkv_attention of commit BASELINE, loaded from `git show` as its own module."""
-    import importlib.util
-    import subprocess
-
-    root = Path(__file__).resolve().parents[2]
-    text = subprocess.run(["git", "show", f"{BASELINE}:mlcc/backends/cuda/attention.py"],
-                          cwd=root, capture_output=True, text=True, check=True).stdout
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "attention_baseline.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location("attention_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["attention_baseline"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module.gen_qkv_attention
+    return module_at(BASELINE, "mlcc/backends/cuda/attention.py", folder).gen_qkv_attention
 
 
 def build(folder: Path) -> None:

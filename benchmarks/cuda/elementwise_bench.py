@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from graph_timing import replay_us
+from graph_timing import module_at, replay_us
 
 ROWS = 512
 CASES = [  # (name, op, features of the output)
@@ -58,20 +58,7 @@ def spec_of(op: str, h: int):
 
 def baseline_kernels(folder: Path):
     """The kernels module of commit BASELINE, loaded from `git show` as its own module."""
-    import importlib.util
-    import subprocess
-
-    root = Path(__file__).resolve().parents[2]
-    text = subprocess.run(["git", "show", f"{BASELINE}:mlcc/backends/cuda/kernels.py"],
-                          cwd=root, capture_output=True, text=True, check=True).stdout
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "kernels_baseline.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location("kernels_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kernels_baseline"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return module_at(BASELINE, "mlcc/backends/cuda/kernels.py", folder)
 
 
 def build(folder: Path) -> None:
