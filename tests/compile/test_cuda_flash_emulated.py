@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_cuda_flash_attention import attention_spec
+from test_cuda_gemm_emulated import MMA16816
 
 from mlcc.backends.cuda.attention import FLASH_PTX, FLASH_WARPS, TILE, gen_qkv_attention
 from mlcc.backends.llvm.fallback import inv_freq_table
@@ -122,24 +123,12 @@ inline void mlcc_attn_mma16816(float* c, const unsigned* a, unsigned b0, unsigne
   const int l = threadIdx.x & 31;
   memcpy(w.a[l], a, 16); w.b[l][0] = b0; w.b[l][1] = b1;
   w.bar->arrive_and_wait();
-  float A[16][16], B[16][8];
-  for (int t = 0; t < 32; ++t) {
-    const int g = t / 4, q = 2 * (t % 4);
-    half h[8], hb[4];
-    memcpy(h, w.a[t], 16); memcpy(hb, w.b[t], 8);
-    A[g][q] = h[0]; A[g][q + 1] = h[1]; A[g + 8][q] = h[2]; A[g + 8][q + 1] = h[3];
-    A[g][q + 8] = h[4]; A[g][q + 9] = h[5]; A[g + 8][q + 8] = h[6]; A[g + 8][q + 9] = h[7];
-    B[q][g] = hb[0]; B[q + 1][g] = hb[1]; B[q + 8][g] = hb[2]; B[q + 9][g] = hb[3];
-  }
-  const int g = l / 4, q = 2 * (l % 4);
-  for (int k = 0; k < 16; ++k) {
-    c[0] += A[g][k] * B[k][q]; c[1] += A[g][k] * B[k][q + 1];
-    c[2] += A[g + 8][k] * B[k][q]; c[3] += A[g + 8][k] * B[k][q + 1];
-  }
+  mma16816_from_lanes(w.a, w.b, l, c);
   w.bar->arrive_and_wait();
 }
 inline long long k0_qkv_attention_sms() { return SMS; }
 """
+SHIM = SHIM.replace("struct Warp {", MMA16816 + "struct Warp {", 1)
 
 
 def driver(n: int, hq: int, hkv: int, d: int, sizes: dict) -> str:

@@ -35,6 +35,27 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 PTX_HELPERS = ("mlcc_tc_smem", "mlcc_tc_cp16", "mlcc_tc_cp_commit", "mlcc_tc_cp_wait",
                "mlcc_tc_ldsm4", "mlcc_tc_mma16816")
 
+MMA16816 = r"""
+// Lane l's part of D += A B for one mma.sync m16n8k16 (PTX ISA fragment layouts), from every
+// lane's A (four registers) and B (two registers) fragments.
+inline void mma16816_from_lanes(const unsigned (*a)[4], const unsigned (*b)[2], int l, float* c) {
+  float A[16][16], B[16][8];
+  for (int t = 0; t < 32; ++t) {
+    const int g = t / 4, q = 2 * (t % 4);
+    half h[8], hb[4];
+    memcpy(h, a[t], 16); memcpy(hb, b[t], 8);
+    A[g][q] = h[0]; A[g][q + 1] = h[1]; A[g + 8][q] = h[2]; A[g + 8][q + 1] = h[3];
+    A[g][q + 8] = h[4]; A[g][q + 9] = h[5]; A[g + 8][q + 8] = h[6]; A[g + 8][q + 9] = h[7];
+    B[q][g] = hb[0]; B[q + 1][g] = hb[1]; B[q + 8][g] = hb[2]; B[q + 9][g] = hb[3];
+  }
+  const int g = l / 4, q = 2 * (l % 4);
+  for (int k = 0; k < 16; ++k) {
+    c[0] += A[g][k] * B[k][q]; c[1] += A[g][k] * B[k][q + 1];
+    c[2] += A[g + 8][k] * B[k][q]; c[3] += A[g + 8][k] * B[k][q + 1];
+  }
+}
+"""
+
 SHIM = r"""
 #include <barrier>
 #include <cstdio>
@@ -126,23 +147,11 @@ inline void mlcc_tc_mma16816(float* c, const unsigned* a, const unsigned* b) {
   const int l = threadIdx.x & 31;
   memcpy(w.a[l], a, 16); memcpy(w.b[l], b, 8);
   w.bar->arrive_and_wait();
-  float A[16][16], B[16][8];
-  for (int t = 0; t < 32; ++t) {
-    const int g = t / 4, q = 2 * (t % 4);
-    half h[8], hb[4];
-    memcpy(h, w.a[t], 16); memcpy(hb, w.b[t], 8);
-    A[g][q] = h[0]; A[g][q + 1] = h[1]; A[g + 8][q] = h[2]; A[g + 8][q + 1] = h[3];
-    A[g][q + 8] = h[4]; A[g][q + 9] = h[5]; A[g + 8][q + 8] = h[6]; A[g + 8][q + 9] = h[7];
-    B[q][g] = hb[0]; B[q + 1][g] = hb[1]; B[q + 8][g] = hb[2]; B[q + 9][g] = hb[3];
-  }
-  const int g = l / 4, q = 2 * (l % 4);
-  for (int k = 0; k < 16; ++k) {
-    c[0] += A[g][k] * B[k][q]; c[1] += A[g][k] * B[k][q + 1];
-    c[2] += A[g + 8][k] * B[k][q]; c[3] += A[g + 8][k] * B[k][q + 1];
-  }
+  mma16816_from_lanes(w.a, w.b, l, c);
   w.bar->arrive_and_wait();
 }
 """
+SHIM = SHIM.replace("struct Warp {", MMA16816 + "struct Warp {", 1)
 
 C_HOST = {"float16": "half", "float32": "float", "uint32": "unsigned"}
 

@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cuda_cases import CASES, WIDE_CHUNK
-from gpu_support import load_cases, open_case, require_gpus
+from gpu_support import TOLERANCE, load_cases, open_case, require_gpus
 
 pytestmark = pytest.mark.gpu
-TOLERANCE = {"q0f32": 1e-3, "q0f16": 2e-2, "q4f16_1": 2e-2}
 
 require_gpus(1)
 

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gpu_support import load_cases, open_case, require_gpus
+from gpu_support import TOLERANCE, load_cases, open_case, require_gpus
 from moe_cases import CASES
 
 pytestmark = pytest.mark.gpu
-TOLERANCE = {"q0f32": 1e-3, "q0f16": 2e-2, "q4f16_1": 2e-2}
 VOCAB = 120
 
 require_gpus(1)
