@@ -27,8 +27,16 @@ own kernels, so a dynamic shared-memory size could not be requested.
 Rows past the end of x and features past the end of W are loaded clamped to the last valid one:
 they only feed outputs that are never stored, so no zero filling is needed.
 
+GLU mode (`glu=True`, the fused linear_silu_mul of mlcc.backends.cuda.glu): W is a gate_up
+weight of N = 2I features (gate rows 0..I-1, up rows I..2I-1) and y[m, f] = silu(g) * u for
+f < I, with g, u the GEMM's values at features f and I + f. Each warp's warp_n tile columns load
+warp_n / 2 gate rows, then the matching up rows, so every lane ends with g and u of one output
+feature in its own accumulators (fragments j and j + nt / 2) and a BN-wide tile yields BN / 2
+outputs. g and u are rounded to float16 before the activation, as the unfused GEMM stores them.
+
     gemm_tc_rule(spec, name)                    the LINEAR_RULES entry (None when it declines)
-    gemm_tc_kernel(shape, name, config)         any TileConfig, for benchmarks/cuda/gemm_bench.py
+    gemm_tc_kernel(shape, name, config, glu)    any TileConfig, for benchmarks/cuda/gemm_bench.py
+    glu_problems(shape, config)                 why the GLU mode cannot run a shape ([] if it can)
 """
 
 from __future__ import annotations
@@ -210,8 +218,10 @@ def gemm_tc_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
     return gemm_tc_kernel(s, name, choose_tile(s, kind == "q4"))
 
 
-def gemm_tc_kernel(s: LinearShape, name: str, config: TileConfig) -> CudaKernel:
-    """The kernel for `s` with tile `config` (raises MlccError when either does not fit)."""
+def gemm_tc_kernel(s: LinearShape, name: str, config: TileConfig,
+                   glu: bool = False) -> CudaKernel:
+    """The kernel for `s` with tile `config` (raises MlccError when either does not fit); with
+    `glu`, silu(gate) * up of the gate_up weight `s` ([rows, N / 2] results)."""
     kind = gemm_tc_kind(s)
     if kind is None:
         raise MlccError(STAGE, f"{name}: the tensor-core GEMM needs float16 activations, "
@@ -219,19 +229,45 @@ def gemm_tc_kernel(s: LinearShape, name: str, config: TileConfig) -> CudaKernel:
                         f"weights; got x {s.xdt}, y {s.ydt}, K {s.k}; use linear.gemm_wmma_rule")
     q4 = kind == "q4"
     config.check(q4)
+    problems = glu_problems(s, config) if glu else []
+    if problems:
+        raise MlccError(STAGE, f"{name}: the GLU epilogue cannot run {s.n} gate_up features with "
+                        f"tile {config.tag}: {'; '.join(problems)}; keep silu_mul apart")
+    buffers = glu_buffers(s) if glu else s.buffers
+    epilogue = _glu_epilogue(s, config) if glu else _epilogue(s, config)
     body = f"""{HELPERS}
-{signature(name, s.buffers, ("y",), s.symbols)} {{
-{_prologue(s, config, q4)}
+{signature(name, buffers, ("y",), s.symbols)} {{
+{_prologue(s, config, q4, glu)}
 {_k_loop(s, config, q4)}
-{_epilogue(s, config)}
+{epilogue}
   return 0;
 }}
 """
     rows = (f"({s.rows_text} + T.int64({config.bm - 1})) // T.int64({config.bm})"
             if isinstance(s.rows, Sym) else f"T.int64({-(-s.static_rows // config.bm)})")
-    # Row tiles vary fastest, so the blocks running together share weight tiles in L2.
+    # Row tiles vary fastest, so the blocks running together share weight tiles in L2. A GLU
+    # tile covers bn weight rows but bn / 2 outputs: as many blocks as the unfused GEMM.
     grid = (rows, f"T.int64({-(-s.n // config.bn)})")
-    return CudaKernel(name, body, launcher(name, s.buffers, grid, THREADS, s.symbols))
+    return CudaKernel(name, body, launcher(name, buffers, grid, THREADS, s.symbols))
+
+
+def glu_problems(s: LinearShape, config: TileConfig) -> list[str]:
+    """What stops the GLU mode on shape `s` with tile `config` (empty when it runs)."""
+    problems = []
+    if (config.warp_n // 2) % 8:
+        problems.append(f"warp_n / 2 = {config.warp_n // 2} is not a whole number of "
+                        "8-column mma fragments")
+    if s.n % 4:
+        problems.append(f"N / 2 = {s.n / 2:g} outputs must be even (paired float16 stores)")
+    if s.ydt != "float16":
+        problems.append(f"the gate_up values are {s.ydt}, not float16")
+    return problems
+
+
+def glu_buffers(s: LinearShape) -> list[tuple]:
+    """The GEMM's buffers with y holding the N / 2 gated outputs per row."""
+    (name, shape, dtype) = s.buffers[-1]
+    return s.buffers[:-1] + [(name, tuple(shape[:-1]) + (s.n // 2,), dtype)]
 
 
 def _chunk_sources(var: str, src: str, rows: int, limit: str, k: int, base: str) -> str:
@@ -285,14 +321,38 @@ def _q4_dequant(config: TileConfig, slot: int, buffer: str) -> list[str]:
     return lines
 
 
-def _prologue(s: LinearShape, config: TileConfig, q4: bool) -> str:
+def _glu_weight_row(s: LinearShape, config: TileConfig, r: str, out: str, indent: str) -> str:
+    """`out` = the gate_up weight row that B tile row `r` holds in GLU mode: row r of a warp's
+    warp_n columns is gate feature f (first half) or up feature I + f (second half) for output
+    f = n0 + r / warp_n * warp_n / 2 + r % (warp_n / 2), f clamped to I - 1 past the end."""
+    half_n, out_n = config.warp_n // 2, s.n // 2
+    return (f"const long long {out}_f = n0 + ({r}) / {config.warp_n} * {half_n} + ({r}) % {half_n};"
+            f"\n{indent}const long long {out} = ({out}_f < {out_n} ? {out}_f : {out_n - 1}LL)"
+            f" + ((({r}) / {half_n}) & 1) * {out_n}LL;")
+
+
+def _glu_b_sources(s: LinearShape, config: TileConfig) -> str:
+    """_chunk_sources of the float16 weight tile in GLU mode (gate and up rows interleaved)."""
+    per_thread = config.bn * 4 // THREADS
+    return f"""  const half* b_src[{per_thread}];
+  int b_dst[{per_thread}];
+  #pragma unroll
+  for (int i = 0; i < {per_thread}; ++i) {{
+    const int v = tid + i * {THREADS}, r = v >> 2;
+    {_glu_weight_row(s, config, "r", "row", "    ")}
+    b_src[i] = w + row * {s.k}LL + (v & 3) * 8;
+    b_dst[i] = mlcc_tc_swz(r, (v & 3) * 8) * 2;
+  }}"""
+
+
+def _prologue(s: LinearShape, config: TileConfig, q4: bool, glu: bool = False) -> str:
     steps = s.k // BK
     b_rows = 2 * config.bn if q4 else config.stages * config.bn
     mt, nt = config.warp_m // 16, config.warp_n // 8
     text = f"""  __shared__ __align__(128) half As[{config.stages * config.bm * BK}];
   __shared__ __align__(128) half Bs[{b_rows * BK}];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const long long m0 = (long long)blockIdx.x * {config.bm}, n0 = (long long)blockIdx.y * {config.bn};
+  const long long m0 = (long long)blockIdx.x * {config.bm}, n0 = (long long)blockIdx.y * {config.bn // 2 if glu else config.bn};
   const long long m_rows = {s.rows_text};
   const int wm = (warp % {config.warps_m}) * {config.warp_m};
   const int wn = (warp / {config.warps_m}) * {config.warp_n};
@@ -313,11 +373,15 @@ def _prologue(s: LinearShape, config: TileConfig, q4: bool) -> str:
     for (int j = 0; j < {nt}; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
 """
     if not q4:
-        text += _chunk_sources("b", "w", config.bn, f"{s.n}LL", s.k, "n0") + "\n"
+        b_sources = (_glu_b_sources(s, config) if glu
+                     else _chunk_sources("b", "w", config.bn, f"{s.n}LL", s.k, "n0"))
+        text += b_sources + "\n"
     else:
         per_thread, vec, _ = _q4_layout(config)
+        feature = (_glu_weight_row(s, config, "b_row", "b_feature", "  ") if glu else
+                   f"const long long b_feature = n0 + b_row < {s.n}LL ? n0 + b_row : {s.n - 1}LL;")
         text += f"""  const int b_row = tid / {4 // per_thread}, b_word = (tid % {4 // per_thread}) * {per_thread};
-  const long long b_feature = n0 + b_row < {s.n}LL ? n0 + b_row : {s.n - 1}LL;
+  {feature}
   const unsigned* w_src = qw + b_feature * {s.words}LL + b_word;
   const half* s_src = qs + b_feature * {s.groups}LL;
   {vec} wq[{config.ahead}];
@@ -425,6 +489,40 @@ def _epilogue(s: LinearShape, config: TileConfig) -> str:
         for (int j = 0; j < {nt}; ++j) {{
           const long long col = n0 + wn + j * 8 + t2;
           {store}
+        }}
+      }}
+    }}"""
+
+
+def _glu_epilogue(s: LinearShape, config: TileConfig) -> str:
+    """silu(g) * u to y: lane holds rows g and g + 8 at tile columns 8j + t2 and t2 + 1, gate
+    features in fragments j < nt / 2 and their up features in fragments j + nt / 2."""
+    mt, half_nt, out_n = config.warp_m // 16, config.warp_n // 16, s.n // 2
+
+    def rounded(j: str, first: str) -> str:
+        # float16 first: the unfused GEMM stores g and u as float16 and silu_mul reads them
+        v0 = f"acc[i][{j}][2 * h]{s.bias_term(first)}"
+        v1 = f"acc[i][{j}][2 * h + 1]{s.bias_term(first + ' + 1')}"
+        return f"__half22float2(__floats2half2_rn({v0}, {v1}))"
+
+    # silu_mul's arithmetic (mlcc.backends.cuda.kernels), so the results match it bit for bit
+    act = "({0} / (1.0f + expf(-{0}))) * {1}"
+    return f"""  const int g = lane >> 2, t2 = (lane & 3) * 2;
+  #pragma unroll
+  for (int i = 0; i < {mt}; ++i)
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {{
+      const long long row = m0 + wm + i * 16 + h * 8 + g;
+      if (row < m_rows) {{
+        #pragma unroll
+        for (int j = 0; j < {half_nt}; ++j) {{
+          const long long f = n0 + wn / 2 + j * 8 + t2;
+          if (f < {out_n}) {{
+            const float2 gv = {rounded("j", "f")};
+            const float2 uv = {rounded(f"j + {half_nt}", f"f + {out_n}")};
+            mlcc_tc_put2(y, row * {out_n}LL + f, {act.format("gv.x", "uv.x")},
+                         {act.format("gv.y", "uv.y")});
+          }}
         }}
       }}
     }}"""
