@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlcc import ir
-from mlcc.backends.cuda import attention, fusion, kernels, linear, moe, sampling
+from mlcc.backends.cuda import attention, fusion, glu, kernels, linear, moe, sampling
 from mlcc.backends.cuda.kernels import COMMON_SOURCE, CudaKernel
 from mlcc.backends.cuda.toolchain import (
     DEFAULT_ARCHS,
@@ -52,6 +52,7 @@ GENERATORS: dict[str, Generator] = {
     "qkv_attention": attention.gen_qkv_attention,
     "norm_q_linear": fusion.gen_norm_q_linear,
     "silu_mul_q_linear": fusion.gen_silu_mul_q_linear,
+    glu.OP: glu.gen_linear_silu_mul,
     "last_row": kernels.gen_last, "last_logits": kernels.gen_last,
     **moe.MOE_GENERATORS,
 }
@@ -64,15 +65,19 @@ def kernel_for(spec: KernelSpec, name: str) -> CudaKernel:
     return GENERATORS[spec.op](spec, name)
 
 
-def library_parts(module: ir.Module, metadata: dict, prologues: bool = False
-                  ) -> tuple[list[CudaKernel], list[EntryPlan], str, str]:
+def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
+                  fuse_glu: bool = False) -> tuple[list[CudaKernel], list[EntryPlan], str, str]:
     """Kernels (one per distinct spec), entry plans, host TVMScript, metadata TVMScript.
 
     `prologues` folds norms and silu_mul into the decode GEMVs (mlcc.backends.cuda.fusion);
     off by default: on the H200 the fused GEMVs took longer than the two kernels they replace.
+    `fuse_glu` runs silu_mul in the prefill gate_up GEMM's epilogue (mlcc.backends.cuda.glu);
+    the compile command sets it from the `fuse_glu_gemm` knob.
     """
     metadata = with_tensor_parallel(module, metadata)
     plans = [plan_entry(fn, module) for fn in module.functions]
+    if fuse_glu:
+        plans = [glu.fuse_glu(plan) for plan in plans]
     if prologues:
         plans = [fusion.fuse_prologues(plan) for plan in plans]
     names: dict[KernelSpec, str] = {}
@@ -107,11 +112,12 @@ def device_source(built: list[CudaKernel]) -> str:
 
 def build(module: ir.Module, output: Path, metadata: dict,
           archs: tuple[str, ...] = DEFAULT_ARCHS,
-          log: Callable[[str], None] = lambda s: None, prologues: bool = False) -> dict[str, int]:
+          log: Callable[[str], None] = lambda s: None, prologues: bool = False,
+          fuse_glu: bool = False) -> dict[str, int]:
     """Build `module` into the shared library `output` (written under a temporary name)."""
     if output.suffix != ".so":
         raise MlccError(STAGE, f"-o {output}: the CUDA backend writes a shared library; use .so")
-    built, _, entries, meta = library_parts(module, metadata, prologues)
+    built, _, entries, meta = library_parts(module, metadata, prologues, fuse_glu)
     counts: dict[str, int] = {}
     for k in built:
         op = k.name if k.name.startswith("mlcc_") else k.name.split("_", 1)[1]
