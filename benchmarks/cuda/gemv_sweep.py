@@ -2,7 +2,7 @@
 
 Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
 
-    python benchmarks/cuda/gemv_sweep.py build .device/sweep
+    python benchmarks/cuda/gemv_sweep.py build .device/sweep [lean]
     python benchmarks/cuda/gemv_sweep.py run .device/sweep $OUT/gemv_sweep.json
     python benchmarks/cuda/gemv_sweep.py profile .device/sweep VARIANT   # under ncu
 
@@ -77,13 +77,35 @@ def _persistent(n: int, k: int, cfg: tuple, rows: int = 1, prologue: str = "none
             "pingpong": pingpong, "dot": "mlcc_q4_dot8", "name": f"gemv_{n}_{k}_{tag}{extra}"}
 
 
-def _block(n: int, k: int, rows: int = 1) -> dict:
+def _block(n: int, k: int, rows: int = 1, cfg: tuple | None = None) -> dict:
+    """The block GEMV at the database's pick, or at cfg = (warps, rows per warp, dot)."""
     from mlcc.backends.cuda.tuning import gemv_config
 
-    warps, rpw, dot = gemv_config(n, k)
-    extra = "" if rows == 1 else f"_m{rows}"
+    warps, rpw, dot = cfg or gemv_config(n, k)
+    extra = ("" if rows == 1 else f"_m{rows}") + ("" if cfg is None else "_" + dot[13:])
     return {"n": n, "k": k, "rows": rows, "prologue": "none", "kind": "block", "warps": warps,
             "rows_per_warp": rpw, "dot": dot, "name": f"gemv_{n}_{k}_block_w{warps}_r{rpw}{extra}"}
+
+
+# The nibble dot functions of kernels.py with fewer instructions per packed word than
+# mlcc_q4_dot8 (33.6 SASS instructions a word in the 22016 x 4096 block GEMV): masked odd pairs
+# (31.7) and one lop3 per pair with the four products summed in float16 (23.7).
+LEAN_DOTS = ("mlcc_q4_dot8_masked", "mlcc_q4_dot8_lop3")
+LEAN_BLOCK = {4096: [(4, 4), (8, 4), (4, 2), (8, 2)], 11008: [(4, 2), (8, 2), (4, 1), (8, 1)]}
+LEAN_PERSISTENT = {4096: [(2, 8, 1, True), (3, 8, 1, True), (2, 4, 2, True)],
+                   11008: [(2, 4, 1, True), (3, 4, 1, True)]}
+
+
+def lean_variants() -> list[dict]:
+    """The block and persistent GEMVs with the lean dot functions, beside the shipped pick."""
+    out = []
+    for n, k in SHAPES:
+        out.append(_block(n, k))
+        out += [_block(n, k, cfg=(w, r, dot)) for dot in LEAN_DOTS for w, r in LEAN_BLOCK[k]]
+        for c in LEAN_PERSISTENT[k]:
+            v = _persistent(n, k, c)
+            out.append(dict(v, dot=LEAN_DOTS[1], name=v["name"] + "_lop3"))
+    return out
 
 
 def variants() -> list[dict]:
@@ -191,10 +213,10 @@ def kernel_of(v: dict):
                                      pingpong=v["pingpong"])
 
 
-def build(folder: Path) -> None:
+def build(folder: Path, only: str = "all") -> None:
     from mlcc.backends.cuda.codegen import compile_library
 
-    chosen = variants() + tc_variants()
+    chosen = lean_variants() if only == "lean" else variants() + tc_variants()
     kernels = [kernel_of(v) for v in chosen]
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -339,7 +361,7 @@ def profile(folder: Path, name: str, calls: int = 12) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "build":
-        build(Path(sys.argv[2]))
+        build(Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "all")
     elif sys.argv[1] == "profile":
         profile(Path(sys.argv[2]), sys.argv[3])
     else:

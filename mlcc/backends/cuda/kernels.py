@@ -83,6 +83,30 @@ __device__ __forceinline__ float mlcc_q4_dot8_masked(unsigned int w, const half2
   const float2 a = __half22float2(p), b = __half22float2(q);
   return (a.x + a.y) + (b.x + b.y);
 }
+// The fewest instructions per word (17 on sm_90 against 33 for mlcc_q4_dot8): each nibble pair
+// is masked and OR-ed into 0x6400 by one lop3 (the compiler splits `(w & m) | c` into two), the
+// odd pairs are scaled by 1/16 in their subtraction as above, and all four products of a lane
+// are summed in float16 before the one conversion to float32 (a lane's sum is at most 32 |x|,
+// so activations up to 2047 cannot overflow it).
+#define MLCC_LOP3_OR(out, in, mask) \
+  asm("lop3.b32 %0, %1, " #mask ", 0x64006400, 0xEA;" : "=r"(out) : "r"(in))
+__device__ __forceinline__ float mlcc_q4_dot8_lop3(unsigned int w, const half2* xp) {
+  const half2 magic = __half2half2(__ushort_as_half((unsigned short)0x6407));
+  const half2 sixteenth = __half2half2(__ushort_as_half((unsigned short)0x2C00));
+  const half2 magic_hi = __half2half2(__ushort_as_half((unsigned short)0xD470));  // -71
+  const unsigned int w2 = w >> 8;
+  unsigned int t0, t1, t2, t3;
+  MLCC_LOP3_OR(t0, w, 0x000F000F);
+  MLCC_LOP3_OR(t1, w, 0x00F000F0);
+  MLCC_LOP3_OR(t2, w2, 0x000F000F);
+  MLCC_LOP3_OR(t3, w2, 0x00F000F0);
+  half2 acc = __hmul2(__hsub2(*reinterpret_cast<half2*>(&t0), magic), xp[0]);
+  acc = __hfma2(__hfma2(*reinterpret_cast<half2*>(&t1), sixteenth, magic_hi), xp[1], acc);
+  acc = __hfma2(__hsub2(*reinterpret_cast<half2*>(&t2), magic), xp[2], acc);
+  acc = __hfma2(__hfma2(*reinterpret_cast<half2*>(&t3), sixteenth, magic_hi), xp[3], acc);
+  const float2 a = __half22float2(acc);
+  return a.x + a.y;
+}
 // Sum over the block; every thread gets the total. `red` holds 32 floats of shared memory.
 __device__ __forceinline__ float mlcc_block_sum(float v, float* red) {
   v = mlcc_warp_sum(v);
