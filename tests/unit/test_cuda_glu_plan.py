@@ -1,11 +1,14 @@
-"""Where the CUDA backend folds silu_mul into the prefill gate_up GEMM (mlcc.backends.cuda.glu).
+"""Where the CUDA backend folds silu_mul into the gate_up GEMM or GEMV (mlcc.backends.cuda.glu).
 
-On the Llama-2-7B plans the fusion replaces each layer's prefill (gate_up, silu_mul) pair and
-nothing in decode; the fused call reads the GEMM's inputs and writes what the down projection
-reads. It declines when another call reads the gate_up values, for float32 activations and for
-batch_decode rows (a GEMV takes those), and the `fuse_glu_gemm` knob reaches the CUDA builder.
-The tiny models the GPU parity tests build (tests/gpu/cuda_cases.py) fuse too, so the fused
-kernel runs there. Kernel text is generated (no TVM build).
+On the Llama-2-7B plans the fusion replaces each layer's (gate_up, silu_mul) pair in prefill
+(the tensor-core GEMM's GLU mode) and in decode (the persistent GEMV's GLU mode, launched from
+the tuning database's gate_up record); the fused call reads the linear's inputs and writes what
+the down projection reads. It declines when another call reads the gate_up values, for float32
+activations and values, odd gate_up widths, float16 weights at decode rows, where the
+tensor-core GEMV would run the gate_up and for batch_decode rows, and the `fuse_glu_gemm` knob
+reaches the CUDA builder. The tiny models the GPU parity tests build (tests/gpu/cuda_cases.py)
+fuse too, so the fused kernels run there. The GLU expression is the silu_mul kernels' text.
+Kernel text is generated (no TVM build).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from mlcc.backends.cuda import codegen
+from mlcc.backends.cuda import codegen, gemm, gemv, gemv_tc, glu, kernels, tuning
 from mlcc.backends.cuda.glu import OP, fuse_glu, linear_spec
+from mlcc.backends.cuda.linear import LinearShape
 from mlcc.backends.plan import BufferRef, EntryPlan, KernelCall, KernelSpec, plan_entry
 from mlcc.interface.compile import load_model_config, parse_overrides
 from mlcc.ir.types import Sym
@@ -51,32 +55,39 @@ def ops(plan: EntryPlan) -> list[str]:
     return [c.spec.op for c in plan.calls]
 
 
-def test_one_fused_gemm_per_layer_in_prefill_none_in_decode(llama7b):
-    before = plans(llama7b)
-    prefill, decode = fuse_glu(before["prefill"]), fuse_glu(before["decode"])
-    assert ops(prefill).count(OP) == 32 and "silu_mul" not in ops(prefill)
-    assert len(prefill.calls) == len(before["prefill"].calls) - 32
-    assert OP not in ops(decode) and ops(decode) == ops(before["decode"])
-    old = before["prefill"].calls
+@pytest.mark.parametrize("entry,rows", [("prefill", Sym("seq_len")), ("decode", 1)])
+def test_one_fused_call_per_layer_in_prefill_and_decode(llama7b, entry, rows):
+    before = plans(llama7b)[entry]
+    after = fuse_glu(before)
+    assert ops(after).count(OP) == 32 and "silu_mul" not in ops(after)
+    assert len(after.calls) == len(before.calls) - 32
+    old = before.calls
     for i, call in enumerate(c for c in old if c.spec.op == "silu_mul"):
         at = old.index(call)
-        gate_up, fused = old[at - 1], [c for c in prefill.calls if c.spec.op == OP][i]
+        gate_up, fused = old[at - 1], [c for c in after.calls if c.spec.op == OP][i]
         assert fused.buffers == gate_up.buffers[:3] + [call.buffers[1]]
         assert fused.spec.inputs == gate_up.spec.inputs
-        assert fused.spec.outputs == call.spec.outputs  # [seq_len, 11008] float16
+        assert fused.spec.outputs == call.spec.outputs == (((rows, 11008), "float16"),)
         assert dict(fused.spec.attrs)["glu_weights"] == "q4"
-        assert linear_spec(fused.spec) == gate_up.spec  # the GEMM it runs is the unfused one
+        assert linear_spec(fused.spec) == gate_up.spec  # the linear it runs is the unfused one
         assert "layers" in gate_up.buffers[1].name and "gate_up_proj" in gate_up.buffers[1].name
+    # everything else is the unfused plan, in order
+    kept = [c for c in old if c.spec.op != "silu_mul" and c not in
+            [old[old.index(s) - 1] for s in old if s.spec.op == "silu_mul"]]
+    assert [c for c in after.calls if c.spec.op != OP] == kept
 
 
 def test_library_parts_fuses_only_with_the_flag(llama7b):
     _, off, _, _ = codegen.library_parts(llama7b, {"params": []})
     built, on, _, _ = codegen.library_parts(llama7b, {"params": []}, fuse_glu=True)
     assert all(OP not in ops(p) for p in off)
-    assert {p.name: ops(p).count(OP) for p in on} == {"prefill": 32, "decode": 0}
-    fused = [k for k in built if k.name.endswith(OP)]
-    assert len(fused) == 1 and "mma.sync" in fused[0].device_source
-    assert "(seq_len, 11008)" in fused[0].launcher
+    assert {p.name: ops(p).count(OP) for p in on} == {"prefill": 32, "decode": 32}
+    fused = {("seq_len" in k.launcher): k for k in built if k.name.endswith(OP)}
+    assert len(fused) == 2
+    assert "mma.sync" in fused[True].device_source and "(seq_len, 11008)" in fused[True].launcher
+    decode = fused[False]
+    assert "xs_rows" in decode.device_source and "(1, 11008)" in decode.launcher
+    assert "mma.sync" not in decode.device_source
 
 
 def test_knob_reaches_the_cuda_builder(monkeypatch, llama7b):
@@ -125,10 +136,12 @@ def gate_up_pair(rows, dtype: str = "float16") -> list[KernelCall]:
     (Sym("seq_len"), "float16", True),
     (Sym("seq_len"), "float32", False),  # the tensor-core GEMM takes float16 activations only
     (Sym("batch"), "float16", False),  # batch_decode: the tensor-core GEMV's rows
-    (1, "float16", False),  # decode: the GEMV
+    (1, "float16", True),  # decode: the persistent GEMV's GLU mode
+    (4, "float16", True),
+    (1, "float32", False),
     (64, "float16", True),  # a static prefill chunk still runs on the GEMM
 ])
-def test_fuses_exactly_the_calls_the_prefill_gemm_takes(rows, dtype, fuses):
+def test_fuses_exactly_the_calls_a_glu_mode_takes(rows, dtype, fuses):
     plan = EntryPlan("prefill", [], gate_up_pair(rows, dtype))
     assert ops(fuse_glu(plan)) == ([OP] if fuses else ["q_linear", "silu_mul"])
 
@@ -162,4 +175,88 @@ def test_gpu_parity_models_run_the_fused_kernel(tmp_path, name):
     for quantization in ("q0f16", "q4f16_1"):
         module = lowered(model, quantization, "prefill_chunk_size=4")
         counts = {n: ops(fuse_glu(p)).count(OP) for n, p in plans(module).items()}
-        assert counts == {"prefill": 2, "decode": 0}, (quantization, counts)
+        # decode fuses on the q4 GEMV only (float16 weights keep the plain GEMV and silu_mul)
+        expected = {"prefill": 2, "decode": 2 if quantization == "q4f16_1" else 0}
+        assert counts == expected, (quantization, counts)
+
+
+def decode_pair(n: int = 512, k: int = 256, rows: int = 1, ydt: str = "float16",
+                weights: str = "q4") -> list[KernelCall]:
+    """(gate_up, silu_mul) at decode rows: q_linear of n x k, or a float16 linear."""
+    x = BufferRef("x", (rows, k), "float16", "workspace")
+    gu = BufferRef("gu", (rows, n), ydt, "workspace", offset=4096)
+    h = BufferRef("h", (rows, n // 2), ydt, "workspace", offset=8192)
+    if weights == "q4":
+        spec = KernelSpec("q_linear", (((rows, k), "float16"), ((n, k // 8), "uint32"),
+                                       ((n, k // 32), "float16")), (((rows, n), ydt),),
+                          (("bits", 4), ("group_size", 32), ("in_features", k)))
+        refs = [x, BufferRef("w.q_weight", (n, k // 8), "uint32", "arg", "w.q_weight"),
+                BufferRef("w.q_scale", (n, k // 32), "float16", "arg", "w.q_scale"), gu]
+    else:
+        spec = KernelSpec("linear", (((rows, k), "float16"), ((n, k), "float16")),
+                          (((rows, n), ydt),), ())
+        refs = [x, BufferRef("w", (n, k), "float16", "arg", "w"), gu]
+    silu = KernelSpec("silu_mul", (((rows, n), ydt),), (((rows, n // 2), ydt),), ())
+    return [KernelCall(spec, refs), KernelCall(silu, [gu, h])]
+
+
+@pytest.mark.parametrize("pair,fuses", [
+    (decode_pair(), True),
+    (decode_pair(n=514), True),  # I = 257: the GEMV pairs any I
+    (decode_pair(n=513), False),  # no whole (gate, up) split
+    (decode_pair(ydt="float32"), False),  # float32 gate_up values
+    (decode_pair(weights="f16"), False),  # float16 weights: the plain GEMV has no GLU mode
+    (decode_pair(k=48), False),  # K not whole groups of 32: no q4 GEMV
+])
+def test_decode_fusion_follows_the_q4_gemv(pair, fuses):
+    plan = EntryPlan("decode", [], pair)
+    assert ops(fuse_glu(plan)) == ([OP] if fuses else [c.spec.op for c in pair])
+
+
+def test_decode_fusion_leaves_the_tensor_core_gemv_its_shapes(monkeypatch):
+    plan = EntryPlan("decode", [], decode_pair(rows=4))
+    assert ops(fuse_glu(plan)) == [OP]
+    # where the database measured the tensor-core GEMV fastest it keeps the gate_up
+    monkeypatch.setattr(gemv_tc, "gemv_q4_tc_rule", lambda spec, name: object())
+    assert ops(fuse_glu(plan)) == ["q_linear", "silu_mul"]
+
+
+def test_glu_expression_is_the_silu_mul_kernels():
+    text = glu.SILU_MUL.format(g="g", u="u")
+    for width in (64, 60):  # the vectorized kernel and the scalar one
+        spec = KernelSpec("silu_mul", (((1, 2 * width), "float16"),),
+                          (((1, width), "float16"),), ())
+        assert text in kernels.gen_elementwise(spec, "s").device_source, width
+    s = LinearShape(decode_pair(n=512, rows=Sym("seq_len"))[0].spec)
+    prefill = gemm.gemm_tc_kernel(s, "g", gemm.choose_tile(s, True), glu=True).device_source
+    assert glu.SILU_MUL.format(g="gv.x", u="uv.x") in prefill
+
+
+FAKE_DB = {"best": {f"{2 * i},4096": {"kind": "persistent", "blocks_per_sm": 3, "warps": 8,
+                                      "rows_per_warp": rpw, "rotate": False, "pingpong": True,
+                                      "dot": "mlcc_q4_dot8_lop3"}
+                    for i, rpw in ((64, 1), (128, 2), (192, 3), (256, 4))}}
+
+
+@pytest.mark.parametrize("i,pairs", [(64, 1), (128, 1), (192, 1), (256, 2), (320, None)])
+def test_decode_launch_comes_from_the_gate_up_record(monkeypatch, i, pairs):
+    monkeypatch.setattr(tuning, "_database", lambda: FAKE_DB)
+    config = glu.glu_gemv_config(2 * i, 4096)
+    if pairs is None:  # not measured: the persistent heuristic, one pair per tile
+        assert config == tuning.PersistentConfig()
+        pairs = 1
+    else:
+        assert (config.blocks_per_sm, config.warps, config.rotate, config.pingpong,
+                config.dot) == (3, 8, False, True, "mlcc_q4_dot8_lop3")
+        assert config.rows_per_warp == pairs
+    call = fuse_glu(EntryPlan("decode", [], decode_pair(n=2 * i, k=4096))).calls[0]
+    kernel = glu.gen_linear_silu_mul(call.spec, "d")
+    source = kernel.device_source
+    # a tile loads `pairs` gate rows and their up rows; ceil(I / pairs) tiles
+    assert f"uint4 wa[{2 * pairs}][4], wb[{2 * pairs}][4];" in source
+    assert f"while (tile < {-(-i // pairs)})" in source
+    assert f"(fq < {i} ? fq : {i - 1}LL) + (q < {pairs} ? 0LL : {i}LL)" in source
+    assert f"{config.dot}(v.x" in source
+    assert ("if (tile >=" in source) == config.pingpong  # the buffers used in turn
+    grid = gemv.persistent_grid(2 * i, 2 * pairs, config.blocks_per_sm, config.warps)
+    assert f"T.int64({grid})" in kernel.launcher and f"(1, {i})" in kernel.launcher

@@ -34,6 +34,12 @@ shared memory 16 bytes at a time.
 Rows that do not fit in 48 KB of static shared memory at once are processed in chunks (the
 tile loop runs once per chunk and re-reads the weights), so any static row count compiles; a
 weight word is reused for every row of a chunk.
+
+GLU mode (`glu=`, the decode linear_silu_mul of mlcc.backends.cuda.glu): the weight is a gate_up
+of N = 2I rows and a tile of `rows_per_warp` output features f loads their gate rows f, then
+their up rows I + f, into one register buffer (2 * rows_per_warp weight rows, the same loop and
+arithmetic as above). After the warp sums, lane 0 rounds g and u to float16 (as the unfused
+GEMV stores them), applies the GLU expression and stores y[r, f] ([rows, I]).
 """
 
 from __future__ import annotations
@@ -88,7 +94,8 @@ def tile_schedule(n: int, rows_per_warp: int, grid: int, warps: int) -> list[tup
     return done
 
 
-def _load(s: LinearShape, buf: str, tile: str, rows_per_warp: int, iters: int) -> str:
+def _load(s: LinearShape, buf: str, tile: str, rows_per_warp: int, iters: int,
+          glu: bool = False) -> str:
     """Issue the weight and scale loads of `tile` into register buffer `buf` (if it exists)."""
     groups = s.k // 32
     guard = "" if groups % 32 == 0 else f"g < {groups} ? "
@@ -97,8 +104,7 @@ def _load(s: LinearShape, buf: str, tile: str, rows_per_warp: int, iters: int) -
     return f"""      if ({tile} < {tile_count(s.n, rows_per_warp)}) {{
         #pragma unroll
         for (int q = 0; q < {rows_per_warp}; ++q) {{
-          const long long nq = (long long)({tile}) * {rows_per_warp} + q;
-          const long long n = nq < {s.n} ? nq : {s.n - 1}LL;
+{_glu_feature(s, tile, rows_per_warp) if glu else _feature(s, tile, rows_per_warp)}
           const uint4* wrow = reinterpret_cast<const uint4*>(qw + n * {s.words}LL);
           #pragma unroll
           for (int it = 0; it < {iters}; ++it) {{
@@ -110,8 +116,21 @@ def _load(s: LinearShape, buf: str, tile: str, rows_per_warp: int, iters: int) -
       }}"""
 
 
+def _feature(s: LinearShape, tile: str, rows_per_warp: int) -> str:
+    return f"""          const long long nq = (long long)({tile}) * {rows_per_warp} + q;
+          const long long n = nq < {s.n} ? nq : {s.n - 1}LL;"""
+
+
+def _glu_feature(s: LinearShape, tile: str, rows_per_warp: int) -> str:
+    """Weight row q of a GLU tile: gate rows f for q < pairs, then the up rows I + f."""
+    pairs, out_n = rows_per_warp // 2, s.n // 2
+    up = f"(q < {pairs} ? 0LL : {out_n}LL)"
+    return f"""          const long long fq = (long long)({tile}) * {pairs} + q % {pairs};
+          const long long n = (fq < {out_n} ? fq : {out_n - 1}LL) + {up};"""
+
+
 def _compute(s: LinearShape, buf: str, rows_per_warp: int, iters: int, r0: int, count: int,
-             rotate: bool, dot: str) -> str:
+             rotate: bool, dot: str, glu: str | None = None) -> str:
     """Dot products of the tile in buffer `buf` with `count` staged rows; lane 0 stores."""
     groups, half_k = s.k // 32, s.k // 2
     guard = "true" if groups % 32 == 0 else f"g < {groups}"
@@ -122,6 +141,8 @@ def _compute(s: LinearShape, buf: str, rows_per_warp: int, iters: int, r0: int, 
               v = (rot & 2) ? make_uint4(v.z, v.w, v.x, v.y) : v;"""
     words = " + ".join(f"{dot}(v.{c}, reinterpret_cast<const half2*>(&x{j}))"
                        for j, c in enumerate("xyzw"))
+    store = (_store(s, rows_per_warp, r0, count) if glu is None
+             else _glu_store(s, rows_per_warp, r0, count, glu))
     return f"""      {{
         float acc[{count}][{rows_per_warp}];
         #pragma unroll
@@ -145,7 +166,12 @@ def _compute(s: LinearShape, buf: str, rows_per_warp: int, iters: int, r0: int, 
             }}
           }}
         }}
-        #pragma unroll
+{store}
+      }}"""
+
+
+def _store(s: LinearShape, rows_per_warp: int, r0: int, count: int) -> str:
+    return f"""        #pragma unroll
         for (int rr = 0; rr < {count}; ++rr)
           #pragma unroll
           for (int q = 0; q < {rows_per_warp}; ++q) {{
@@ -153,30 +179,49 @@ def _compute(s: LinearShape, buf: str, rows_per_warp: int, iters: int, r0: int, 
             const long long n = (long long)tile * {rows_per_warp} + q;
             if (lane == 0 && n < {s.n})
               mlcc_put(y, ({r0} + rr) * {s.n}LL + n, total{s.bias_term("n")});
-          }}
-      }}"""
+          }}"""
+
+
+def _glu_store(s: LinearShape, rows_per_warp: int, r0: int, count: int, glu: str) -> str:
+    """silu(g) * u (the `glu` text) of each pair: gate sums in acc[.][q], up in [q + pairs]."""
+    pairs, out_n = rows_per_warp // 2, s.n // 2
+    # float16 first: the unfused GEMV stores g and u as float16 and silu_mul reads them back
+    gate = f"__half2float(__float2half(sum_g{s.bias_term('f')}))"
+    up = f"__half2float(__float2half(sum_u{s.bias_term(f'f + {out_n}')}))"
+    return f"""        #pragma unroll
+        for (int rr = 0; rr < {count}; ++rr)
+          #pragma unroll
+          for (int q = 0; q < {pairs}; ++q) {{
+            const float sum_g = mlcc_warp_sum(acc[rr][q]);
+            const float sum_u = mlcc_warp_sum(acc[rr][q + {pairs}]);
+            const long long f = (long long)tile * {pairs} + q;
+            if (lane == 0 && f < {out_n}) {{
+              const float g = {gate}, u = {up};
+              mlcc_put(y, ({r0} + rr) * {out_n}LL + f, {glu.format(g="g", u="u")});
+            }}
+          }}"""
 
 
 def _tile_loop(s: LinearShape, cfg: tuple[int, int, int], r0: int, count: int,
-               arithmetic: tuple[bool, str, bool]) -> str:
+               arithmetic: tuple) -> str:
     """The pipelined loop over a warp's tiles; buffer a holds the first tile's loads."""
     _, rows_per_warp, stride = cfg
-    rotate, dot, pingpong = arithmetic
+    rotate, dot, pingpong, glu = arithmetic
     iters = -(-(s.k // 32) // 32)
     tiles = tile_count(s.n, rows_per_warp)
     if pingpong:  # buffers a and b in turn, the loop written out twice
         return f"""    while (tile < {tiles}) {{
-{_load(s, "b", f"tile + {stride}", rows_per_warp, iters)}
-{_compute(s, "a", rows_per_warp, iters, r0, count, rotate, dot)}
+{_load(s, "b", f"tile + {stride}", rows_per_warp, iters, glu is not None)}
+{_compute(s, "a", rows_per_warp, iters, r0, count, rotate, dot, glu)}
       tile += {stride};
       if (tile >= {tiles}) break;
-{_load(s, "a", f"tile + {stride}", rows_per_warp, iters)}
-{_compute(s, "b", rows_per_warp, iters, r0, count, rotate, dot)}
+{_load(s, "a", f"tile + {stride}", rows_per_warp, iters, glu is not None)}
+{_compute(s, "b", rows_per_warp, iters, r0, count, rotate, dot, glu)}
       tile += {stride};
     }}"""
     return f"""    while (tile < {tiles}) {{
-{_load(s, "b", f"tile + {stride}", rows_per_warp, iters)}
-{_compute(s, "a", rows_per_warp, iters, r0, count, rotate, dot)}
+{_load(s, "b", f"tile + {stride}", rows_per_warp, iters, glu is not None)}
+{_compute(s, "a", rows_per_warp, iters, r0, count, rotate, dot, glu)}
       #pragma unroll
       for (int q = 0; q < {rows_per_warp}; ++q)
         #pragma unroll
@@ -186,13 +231,13 @@ def _tile_loop(s: LinearShape, cfg: tuple[int, int, int], r0: int, count: int,
 
 
 def _chunk(s: LinearShape, staging: str, cfg: tuple[int, int, int], r0: int, count: int,
-           arithmetic: tuple[bool, str, bool]) -> str:
+           arithmetic: tuple) -> str:
     """Stage rows r0 .. r0 + count - 1 once, then run the pipelined tile loop over them."""
     warps, rows_per_warp, _ = cfg
     iters = -(-(s.k // 32) // 32)
     return f"""  {{
     int tile = blockIdx.x * {warps} + warp;
-{_load(s, "a", "tile", rows_per_warp, iters)}
+{_load(s, "a", "tile", rows_per_warp, iters, arithmetic[3] is not None)}
     __syncthreads();  // the previous pass has finished reading xs_rows
     #pragma unroll 1
     for (int slot = 0; slot < {count}; ++slot) {{
@@ -209,15 +254,24 @@ def gemv_q4_persistent_kernel(s: LinearShape, name: str, blocks_per_sm: int, war
                               rows_per_warp: int, staging: str | None = None,
                               buffers: list | None = None, outputs: tuple[str, ...] = ("y",),
                               dot: str = "mlcc_q4_dot8", rotate: bool = True,
-                              sms: int = SMS, pingpong: bool = False) -> CudaKernel:
+                              sms: int = SMS, pingpong: bool = False,
+                              glu: str | None = None) -> CudaKernel:
     """The persistent q4 GEMV of `s` (see the module docstring). `staging` (C++ filling xs from
     row r with warps * 32 threads) replaces the plain copy; `buffers`/`outputs` name the fused
-    kernels' parameters; `pingpong` alternates the two register buffers instead of moving."""
+    kernels' parameters; `pingpong` alternates the two register buffers instead of moving.
+
+    `glu` (a C++ expression of float16-rounded `{g}` and `{u}`, such as glu.SILU_MUL) turns on
+    the GLU mode: `s` is a gate_up linear of N = 2I features and y[r, f] = glu(g_f, u_f) for
+    f < I; a tile then holds `rows_per_warp` output features, i.e. twice as many weight rows."""
     rows = s.static_rows
     if rows is None or not gemv_q4_applies_any_rows(s):
         raise MlccError("compile", f"{name}: the persistent q4 GEMV needs 4-bit weights in "
                         f"groups of 32, float16 activations and scales and a static row count; "
                         f"got {s.spec.op} {s.spec.inputs}; use linear.gen_linear for this spec")
+    if glu is not None:
+        _check_glu(s, name)
+        buffers = buffers or glu_buffers(s)
+        rows_per_warp *= 2  # weight rows per tile: the gate rows, then their up rows
     iters = -(-(s.k // 32) // 32)
     buffers = buffers or s.buffers
     staging = staging or stage_plain(s, warps)
@@ -229,7 +283,7 @@ def gemv_q4_persistent_kernel(s: LinearShape, name: str, blocks_per_sm: int, war
     else:
         rotation = "\n  const int p0 = 0, p1 = 1, p2 = 2, p3 = 3;"
     passes = "\n".join(_chunk(s, staging, (warps, rows_per_warp, grid * warps), r0, count,
-                              (rotate, dot, pingpong)) for r0, count in chunks)
+                              (rotate, dot, pingpong, glu)) for r0, count in chunks)
     body = f"""{signature(name, buffers, outputs, s.symbols)} {{
   __shared__ __align__(16) half2 xs_rows[{chunks[0][1] * s.k // 2}];
   __shared__ float red[32];
@@ -242,6 +296,19 @@ def gemv_q4_persistent_kernel(s: LinearShape, name: str, blocks_per_sm: int, war
 """
     return CudaKernel(name, body, launcher(name, buffers, (f"T.int64({grid})",), warps * 32,
                                            s.symbols))
+
+
+def glu_buffers(s: LinearShape) -> list[tuple]:
+    """The GEMV's buffers with y holding the N / 2 gated outputs per row."""
+    (name, shape, dtype) = s.buffers[-1]
+    return s.buffers[:-1] + [(name, tuple(shape[:-1]) + (s.n // 2,), dtype)]
+
+
+def _check_glu(s: LinearShape, name: str) -> None:
+    if s.n % 2 or s.ydt != "float16":
+        raise MlccError("compile", f"{name}: the GLU mode of the persistent GEMV needs an even "
+                        f"number of gate_up features and float16 gate_up values; got N = {s.n}, "
+                        f"{s.ydt}; keep silu_mul apart for this linear")
 
 
 def gemv_q4_applies_any_rows(s: LinearShape) -> bool:

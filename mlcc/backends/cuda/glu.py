@@ -1,9 +1,10 @@
-"""Epilogue fusion for the prefill MLP: silu_mul runs inside the gate_up GEMM that feeds it.
+"""Epilogue fusion for the MLP: silu_mul runs inside the gate_up GEMM or GEMV that feeds it.
 
-A Llama prefill computes gate_up = x W^T ([rows, 2I] float16), then silu_mul reads it back and
-writes h = silu(gate) * up ([rows, I]). When the GEMM is the tensor-core prefill kernel
-(mlcc.backends.cuda.gemm), its GLU mode pairs gate feature f and up feature I + f in one
-thread's accumulators, so the pair becomes one call:
+A Llama layer computes gate_up = x W^T ([rows, 2I] float16), then silu_mul reads it back and
+writes h = silu(gate) * up ([rows, I]). In prefill the tensor-core GEMM (mlcc.backends.cuda.gemm)
+pairs gate feature f and up feature I + f in one thread's accumulators; in decode (1 to
+GEMV_MAX_ROWS static rows of a q4 gate_up) the persistent GEMV (mlcc.backends.cuda.gemv) loads
+the gate and up rows of f into one warp's tile. Either way the pair becomes one call:
 
     q_linear(x, W) -> gu;   silu_mul(gu) -> h     =>   linear_silu_mul(x, W) -> h
     linear(x, W) -> gu;     silu_mul(gu) -> h     =>   linear_silu_mul(x, W) -> h
@@ -11,30 +12,47 @@ thread's accumulators, so the pair becomes one call:
 The [rows, 2I] intermediate is never written and one kernel launch per layer disappears. The
 fused call keeps the linear's inputs and attributes and adds `glu_weights` ("q4" or "f16").
 It applies when silu_mul directly follows the linear and reads its output, nothing later reads
-that output, the linear would run on the tensor-core GEMM (rows symbolic: the prefill length)
-and the GLU mode fits its tile (float16 values, whole mma fragments per half warp tile, I
-even). Results equal the unfused pair bit for bit: g and u are rounded to float16 as the GEMM
-stores them, then go through silu_mul's arithmetic.
+that output, the values are float16, and either
+  - the linear would run on the tensor-core GEMM (rows symbolic: the prefill length) and the
+    GLU mode fits its tile (whole mma fragments per half warp tile, I even), or
+  - it is a q4 linear of static rows that a decode GEMV takes (gemv_q4_applies), the tensor-core
+    GEMV does not (it won those shapes' timings and has no GLU mode), and N is even.
+Results equal the unfused pair bit for bit: g and u are rounded to float16 as the GEMM or GEMV
+stores them, then go through silu_mul's arithmetic (SILU_MUL, the expression of its kernel).
+
+The decode GEMV's launch comes from the tuning database's persistent record for the gate_up
+shape (N = 2I, K): same blocks per SM, warps, rotation, dot and register buffering, with
+max(1, rows_per_warp // 2) output features per tile, so a tile loads max(2, rows_per_warp)
+weight rows (rounded down to even): as many loads in flight per warp as the measured kernel,
+and never fewer than one gate/up pair.
 
     fuse_glu(plan)                  the plan with every fusable pair replaced (the builder runs
                                     it when the `fuse_glu_gemm` knob is on)
     gen_linear_silu_mul(spec, name) the kernel of a linear_silu_mul spec
+    glu_gemv_config(n, k)           the persistent GEMV launch of a decode gate_up of N x K
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from mlcc.backends.cuda import gemm
 from mlcc.backends.cuda.kernels import CudaKernel
+from mlcc.backends.cuda.tuning import PersistentConfig, persistent_config
 from mlcc.backends.plan import EntryPlan, KernelCall, KernelSpec
 from mlcc.errors import MlccError
 
 STAGE = "compile"
 OP = "linear_silu_mul"
 WEIGHTS_ATTR = "glu_weights"
+# silu_mul's float32 arithmetic on float16-rounded g and u (the text of the silu_mul kernels of
+# mlcc.backends.cuda.kernels; tests/unit/test_cuda_glu_plan.py keeps the two the same)
+SILU_MUL = "({g} / (1.0f + expf(-{g}))) * {u}"
 
 
 def fuse_glu(plan: EntryPlan) -> EntryPlan:
-    """The plan with each (prefill GEMM, silu_mul) pair replaced by one linear_silu_mul call."""
+    """The plan with each (gate_up GEMM or GEMV, silu_mul) pair replaced by one linear_silu_mul
+    call."""
     calls = list(plan.calls)
     out: list[KernelCall] = []
     i = 0
@@ -60,12 +78,23 @@ def _fuse(first: KernelCall, second: KernelCall, later: list[KernelCall]) -> Ker
         return None  # another reader needs the gate_up values themselves
     if a.inputs[0][1] != "float16" or b.inputs[0][1] != "float16" or b.outputs[0][1] != "float16":
         return None
-    if not _runs_glu_gemm(a):
+    if not (_runs_glu_gemv(a) or _runs_glu_gemm(a)):
         return None
     weights = "q4" if a.op == "q_linear" else "f16"
     attrs = tuple(sorted(a.attrs + ((WEIGHTS_ATTR, weights),)))
     spec = KernelSpec(OP, a.inputs, b.outputs, attrs)
     return KernelCall(spec, first.buffers[:len(a.inputs)] + [second.buffers[-1]])
+
+
+def _runs_glu_gemv(spec: KernelSpec) -> bool:
+    """True for a decode q4 linear (static rows) that the CUDA-core GEMVs would take: the
+    persistent GEMV's GLU mode runs it."""
+    from mlcc.backends.cuda import gemv_tc, linear
+
+    s = linear.LinearShape(spec)
+    if not linear.gemv_q4_applies(s) or s.n % 2 or s.ydt != "float16":
+        return False
+    return gemv_tc.gemv_q4_tc_rule(spec, "glu_probe") is None
 
 
 def _runs_glu_gemm(spec: KernelSpec) -> bool:
@@ -98,15 +127,29 @@ def linear_spec(spec: KernelSpec) -> KernelSpec:
                       tuple(sorted(attrs.items())))
 
 
+def glu_gemv_config(n: int, k: int) -> PersistentConfig:
+    """The persistent GEMV launch of the GLU mode for a gate_up weight of N x K: the database's
+    record for N x K with rows_per_warp // 2 output features (pairs) per tile, at least one."""
+    config = persistent_config(n, k)
+    return dataclasses.replace(config, rows_per_warp=max(1, config.rows_per_warp // 2))
+
+
 def gen_linear_silu_mul(spec: KernelSpec, name: str) -> CudaKernel:
-    """The tensor-core GEMM in GLU mode, with the tile the unfused gate_up GEMM would use."""
-    from mlcc.backends.cuda.linear import LinearShape
+    """The persistent GEMV in GLU mode for decode rows of a q4 gate_up, else the tensor-core
+    GEMM in GLU mode with the tile the unfused gate_up GEMM would use."""
+    from mlcc.backends.cuda import gemv
+    from mlcc.backends.cuda.linear import LinearShape, gemv_q4_applies
 
     s = LinearShape(linear_spec(spec))
     (out_shape, _) = spec.outputs[0]
     if 2 * out_shape[-1] != s.n:
         raise MlccError(STAGE, f"{name}: {OP} outputs {out_shape[-1]} features from a gate_up "
                         f"weight of {s.n}; expected {s.n // 2} (half the weight's rows)")
+    if gemv_q4_applies(s):
+        c = glu_gemv_config(s.n, s.k)
+        return gemv.gemv_q4_persistent_kernel(s, name, c.blocks_per_sm, c.warps, c.rows_per_warp,
+                                              dot=c.dot, rotate=c.rotate, pingpong=c.pingpong,
+                                              glu=SILU_MUL)
     kind = gemm.gemm_tc_kind(s)
     if kind is None:
         raise MlccError(STAGE, f"{name}: {OP} needs a linear the tensor-core GEMM takes "
