@@ -7,8 +7,12 @@ and stores through mlcc_put, which rounds to y's dtype: float32 logits of a floa
     gemv_q4_tc_rule  (mlcc.backends.cuda.gemv_tc) 4-bit weights at 1..16 rows or the batch_decode
                      rows, products on tensor cores (mma.sync with the weights as A): where the
                      tuning database measured it fastest (batch decode, 4 and 16 rows).
+    gemv_q4_tuned_rule (mlcc.backends.cuda.gemv) the persistent GEMV for the decode shapes
+                     where the tuning database measured it fastest, and for shapes it never
+                     measured (the 7B shapes on an H200, 2026-11-29: 16-24% faster than the
+                     one-shot kernel below with the mlcc_q4_dot8_lop3 dot, all but 4096 x 4096).
     gemv_q4_rule     few static rows, 4-bit weights in groups of 32, float16 activations: the
-                     decode hot path. Each warp owns up to four output features; a lane reads
+                     one-shot decode GEMV. Each warp owns up to four output features; a lane reads
                      one group (four packed words) per feature with one 128-bit load, and all of
                      a warp's weight and scale loads are issued before the activation row is
                      staged in shared memory (already permuted into nibble-pair order), so the
@@ -358,10 +362,11 @@ def gemm_rule(spec: KernelSpec, name: str) -> CudaKernel:
 
 
 from mlcc.backends.cuda.gemm import gemm_tc_rule  # noqa: E402 - gemm.py reads this module
+from mlcc.backends.cuda.gemv import gemv_q4_tuned_rule  # noqa: E402 - and gemv.py
 from mlcc.backends.cuda.gemv_tc import gemv_q4_tc_rule  # noqa: E402 - and gemv_tc.py
 
 LINEAR_RULES: tuple[Callable[[KernelSpec, str], CudaKernel | None], ...] = (
-    gemv_q4_tc_rule, gemv_q4_rule, gemv_rule, gemm_tc_rule, gemm_wmma_rule,
+    gemv_q4_tc_rule, gemv_q4_tuned_rule, gemv_q4_rule, gemv_rule, gemm_tc_rule, gemm_wmma_rule,
 )
 
 

@@ -15,7 +15,7 @@ kinds exist, told apart by a record's "kind":
 kind, so the block rule keeps a measured shape when a persistent record wins. Shapes not in the
 database get heuristics: for the block kind eight warps per block and as many features per
 warp as keep a lane's weight loads (issued together) at 16 or fewer; for the persistent kind
-two blocks of eight warps per SM, one feature per warp.
+two blocks of eight warps per SM, one feature per warp, the mlcc_q4_dot8_lop3 dot.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ class PersistentConfig:
     warps: int = 8
     rows_per_warp: int = 1
     rotate: bool = True
-    dot: str = "mlcc_q4_dot8"
+    # the dot with the fewest instructions: on an H200 it won every shape the persistent
+    # kernel was timed at (benchmarks/cuda/gemv_sweep.py, 2026-11-29)
+    dot: str = "mlcc_q4_dot8_lop3"
     pingpong: bool = False
 
 
@@ -84,7 +86,7 @@ def persistent_config(n: int, k: int) -> PersistentConfig:
         return PersistentConfig()
     return PersistentConfig(int(record["blocks_per_sm"]), int(record["warps"]),
                             int(record["rows_per_warp"]), bool(record.get("rotate", True)),
-                            str(record.get("dot", "mlcc_q4_dot8")),
+                            str(record.get("dot", PersistentConfig.dot)),
                             bool(record.get("pingpong", False)))
 
 
