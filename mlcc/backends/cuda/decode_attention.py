@@ -1,0 +1,319 @@
+"""One-launch decode attention of `qkv_attention` on CUDA (flash-decoding over the paged cache).
+
+For a chunk of 1..DECODE_ROWS tokens of one sequence, `gen_decode_attention` replaces the
+append + attend pair of mlcc.backends.cuda.attention by one kernel, `{name}_decode`, with a
+block per (row, query head, split):
+
+1. The block rotates its query and the keys of its KV head for every chunk row up to its own,
+   and keeps those keys and values (in the cache dtype) in shared memory: the chunk's
+   positions are read from there, never from the pool, so no block waits on another's write.
+   Exactly one block per (row, KV head) (split 0, the first query head of the group) also
+   writes its row's key and value into the pool slot the append kernel writes (ring and sink
+   slots included), with the append kernel's formulas: the pool ends bit for bit the same.
+2. The visible positions (causal; with a window the last `window` plus the first `sinks`) are
+   one index range split over `active` blocks, `active` = min(splits, ceil(count / chunk)),
+   computed on the GPU from seq_info, so the step replays from a CUDA graph unchanged.
+   Blocks past `active` return at once. In a block, each warp takes UNROLL x (32 / lanes)
+   positions a round: a group of `lanes` lanes per position, each lane loading 16-byte words
+   of the key and value, every load of the round issued before any is used. Each lane group
+   keeps an online softmax (running max, sum, weighted values in float32); the groups merge in
+   shared memory.
+3. With more than one active split, each block writes (max, sum, weighted values) to a
+   `__device__` scratch array, fences, and counts itself in on a per-(row, head) counter; the
+   block that arrives last merges the partial states, writes the output and sets the counter
+   back to 0, so the next layer, step or graph replay starts clean.
+
+Scratch: the memory planner gives workspace only to IR intermediates (KernelSpec carries no
+scratch request), so the partial states live in `{name}_ws`, sized for the static maximum
+(rows x heads x splits x (head_dim + 2) floats), and the counters in `{name}_cnt`, a global
+array the loader zero-fills. Launches of one library run one after another on one stream
+(layers, steps, sequences), so one array serves them all; it is not safe for two streams
+running the same library at once.
+
+Results match the two-kernel path except in the last bits: scores are summed over 16-byte
+words and then across lanes, and splits and lane groups are merged in a different order.
+The query is rotated in float32 and rounded to the activation dtype, as elsewhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mlcc.backends.cuda.attention import DECODE_ROWS, _rope, _slot
+from mlcc.backends.cuda.kernels import C_TYPES, CudaKernel, fp, launcher_nests, signature
+from mlcc.backends.plan import KernelSpec
+
+WARPS = 4
+UNROLL = 4  # positions per lane group whose loads are in flight together
+CHUNK = 32  # fewest visible positions per split: one round of four warps at d = 128
+MAX_SPLITS = 32  # at most this many blocks per (row, query head)
+
+
+def _geometry(spec: KernelSpec) -> tuple[int, int, int]:
+    """(values per 16-byte word, lanes per position, words per lane) of the cache dtype."""
+    kv = dict(spec.kv)
+    vec = 16 // np.dtype(kv["dtype"]).itemsize
+    words = kv["head_dim"] // vec
+    lanes = min(32, words)
+    return vec, lanes, words // lanes
+
+
+def use_decode(spec: KernelSpec) -> bool:
+    """Static chunks of at most DECODE_ROWS rows of one sequence whose head splits into a
+    power-of-two count of 16-byte words (float16 d = 8, 16, ..., 256, ...)."""
+    kv = dict(spec.kv)
+    rows = spec.inputs[0][0][0]
+    if dict(spec.attrs).get("batched") or not isinstance(rows, int) or rows > DECODE_ROWS:
+        return False
+    if kv["dtype"] not in ("float16", "float32"):
+        return False
+    vec = 16 // np.dtype(kv["dtype"]).itemsize
+    words = kv["head_dim"] // vec
+    return kv["head_dim"] % vec == 0 and words > 0 and words & (words - 1) == 0
+
+
+def max_visible(kv: dict) -> int:
+    """The most positions one query sees: the window and sinks, or the sequence capacity."""
+    capacity = kv.get("capacity", kv.get("pages_per_seq", kv["pages"]) * kv["page_size"])
+    if kv["window"] > 0:
+        return min(capacity, kv["window"] + kv["sinks"])
+    return capacity
+
+
+def static_splits(spec: KernelSpec, chunk: int = CHUNK, max_splits: int = MAX_SPLITS) -> int:
+    """Blocks per (row, query head) in the grid, from the static maximum context."""
+    return max(1, min(max_splits, -(-max_visible(dict(spec.kv)) // chunk)))
+
+
+def split_ranges(count: int, splits: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
+    """The kernel's [begin, end) index ranges of the active splits for `count` visible
+    positions (host mirror of the device arithmetic; a range may be empty)."""
+    active = min(splits, -(-count // chunk))
+    per = -(-count // active)
+    return [(s * per, min(s * per + per, count)) for s in range(active)]
+
+
+def _unpack(kv_dt: str, vec: int) -> str:
+    """`{{name}}_unpack(word, f)`: the 16-byte word's values as floats."""
+    ct = C_TYPES[kv_dt]
+    return f"""__device__ __forceinline__ void NAME_unpack(const uint4& w, float* f) {{
+  const {ct}* v = reinterpret_cast<const {ct}*>(&w);
+  #pragma unroll
+  for (int k = 0; k < {vec}; ++k) f[k] = mlcc_f32(v[k]);
+}}"""
+
+
+def _prologue(spec: KernelSpec, name: str, rows: int, splits: int) -> str:
+    """Shared state, block coordinates, the split's range, the rotated query and the chunk's
+    keys and values (and the one pool write per (row, KV head))."""
+    kv = dict(spec.kv)
+    hq, hkv, d, page = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"], kv["page_size"]
+    group, width = hq // hkv, (hq + 2 * hkv) * d
+    window, sinks = kv["window"], kv["sinks"]
+    first = f"(pos - {window - 1} > 0 ? pos - {window - 1} : 0LL)" if window > 0 else "0LL"
+    return f"""  __shared__ float q_s[{d}];
+  __shared__ __align__(16) T_KV kv_s[2][{rows}][{d}];  // the chunk's keys, values
+  __shared__ int last_s;
+  const int split = blockIdx.x % SPLITS;
+  const int h = (blockIdx.x / SPLITS) % {hq}, g = h / {group};
+  const long long i = blockIdx.x / (SPLITS * {hq});
+  const long long start = seq_info[0], pos = start + i;
+  const long long lo = {first};
+  const long long sinks_end = {sinks} < lo ? {sinks} : lo;
+  // visible: [0, sinks_end) then [lo, pos], walked as one index range
+  const long long count = sinks_end + (pos - lo + 1);
+  long long active = (count + CHUNK_ - 1) / CHUNK_;
+  active = active < SPLITS ? active : SPLITS;
+  if (split >= active) return 0;
+  const long long per = (count + active - 1) / active;
+  const long long t_begin = split * per;
+  const long long t_end = t_begin + per < count ? t_begin + per : count;
+  for (int c = threadIdx.x; c < {d // 2}; c += blockDim.x)
+    {name}_rope2(qkv + i * {width}LL + h * {d}, c, pos, &q_s[c], &q_s[c + {d // 2}]);
+  const bool writer = split == 0 && h % {group} == 0;
+  const long long wrow = writer ? {name}_row(page_table, pos, 0, g) : 0;
+  for (int e = threadIdx.x; e < (int)(i + 1) * {d // 2}; e += blockDim.x) {{
+    const int r = e / {d // 2}, c = e % {d // 2};
+    const T_QKV* src = qkv + r * {width}LL + {hq * d} + g * {d};
+    float k0, k1;
+    {name}_rope2(src, c, start + r, &k0, &k1);
+    const float v0 = mlcc_f32(src[{hkv * d} + c]), v1 = mlcc_f32(src[{hkv * d + d // 2} + c]);
+    mlcc_put(kv_s[0][r], c, k0);
+    mlcc_put(kv_s[0][r], c + {d // 2}, k1);
+    mlcc_put(kv_s[1][r], c, v0);
+    mlcc_put(kv_s[1][r], c + {d // 2}, v1);
+    if (writer && r == i) {{  // the append kernel's stores, same values and slot
+      mlcc_put(pool, wrow + c, k0);
+      mlcc_put(pool, wrow + c + {d // 2}, k1);
+      mlcc_put(pool, wrow + {hkv * page * d} + c, v0);
+      mlcc_put(pool, wrow + {hkv * page * d + d // 2} + c, v1);
+    }}
+  }}
+  __syncthreads();
+""".replace("SPLITS", str(splits))
+
+
+def _walk(spec: KernelSpec, name: str, rows: int) -> str:
+    """Each lane group's online softmax over its positions of the split's range."""
+    kv = dict(spec.kv)
+    hkv, d, page = kv["kv_heads"], kv["head_dim"], kv["page_size"]
+    vec, lanes, per_lane = _geometry(spec)
+    step = 32 // lanes  # positions a warp takes side by side
+    scale = spec.attr("scale") if spec.attr("scale") is not None else 1.0 / np.sqrt(d)
+    n = per_lane * vec
+    return f"""  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sub = lane % {lanes}, grp = lane / {lanes};
+  float qr[{n}], acc[{n}], m = -1.0e30f, l = 0.f;
+  #pragma unroll
+  for (int e = 0; e < {per_lane}; ++e)
+    #pragma unroll
+    for (int k = 0; k < {vec}; ++k) {{
+      qr[e * {vec} + k] = q_s[(e * {lanes} + sub) * {vec} + k];
+      acc[e * {vec} + k] = 0.f;
+    }}
+  for (long long base = t_begin; base < t_end; base += {WARPS * UNROLL * step}) {{
+    uint4 kw[{UNROLL}][{per_lane}], vw[{UNROLL}][{per_lane}];
+    #pragma unroll
+    for (int u = 0; u < {UNROLL}; ++u) {{
+      const long long t = base + (warp * {UNROLL} + u) * {step} + grp;
+      const long long tc = t < t_end ? t : t_end - 1;
+      const long long j = tc < sinks_end ? tc : lo + (tc - sinks_end);
+      const T_KV* kp = kv_s[0][0];
+      if (j >= start) kp += (j - start) * {d};
+      else kp = pool + {name}_row(page_table, j, 0, g);
+      // a chunk row's value follows its key by one shared row, a pool row's by one kind
+      const T_KV* vp = kp + (j >= start ? {rows * d}LL : {hkv * page * d}LL);
+      #pragma unroll
+      for (int e = 0; e < {per_lane}; ++e) {{
+        kw[u][e] = *reinterpret_cast<const uint4*>(kp + (e * {lanes} + sub) * {vec});
+        vw[u][e] = *reinterpret_cast<const uint4*>(vp + (e * {lanes} + sub) * {vec});
+      }}
+    }}
+    float s[{UNROLL}], m_new = m;
+    #pragma unroll
+    for (int u = 0; u < {UNROLL}; ++u) {{
+      float dot = 0.f, f[{vec}];
+      #pragma unroll
+      for (int e = 0; e < {per_lane}; ++e) {{
+        {name}_unpack(kw[u][e], f);
+        #pragma unroll
+        for (int k = 0; k < {vec}; ++k) dot += qr[e * {vec} + k] * f[k];
+      }}
+      #pragma unroll
+      for (int o = {lanes // 2}; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+      const bool live = base + (warp * {UNROLL} + u) * {step} + grp < t_end;
+      s[u] = live ? dot * {fp(scale)} : -1.0e30f;
+      m_new = fmaxf(m_new, s[u]);
+    }}
+    const float keep = expf(m - m_new);
+    l *= keep;
+    #pragma unroll
+    for (int k = 0; k < {n}; ++k) acc[k] *= keep;
+    #pragma unroll
+    for (int u = 0; u < {UNROLL}; ++u) {{
+      const bool live = base + (warp * {UNROLL} + u) * {step} + grp < t_end;
+      const float wgt = live ? expf(s[u] - m_new) : 0.f;
+      l += wgt;
+      float f[{vec}];
+      #pragma unroll
+      for (int e = 0; e < {per_lane}; ++e) {{
+        {name}_unpack(vw[u][e], f);
+        #pragma unroll
+        for (int k = 0; k < {vec}; ++k) acc[e * {vec} + k] += wgt * f[k];
+      }}
+    }}
+    m = m_new;
+  }}
+"""
+
+
+def _merge(spec: KernelSpec, name: str, splits: int) -> str:
+    """Lane groups merge in shared memory; with one active split the block writes the output,
+    otherwise the last block to arrive merges the splits' states from the scratch array."""
+    kv = dict(spec.kv)
+    hq, d = spec.attr("num_q_heads"), kv["head_dim"]
+    vec, lanes, per_lane = _geometry(spec)
+    groups = WARPS * (32 // lanes)
+    stride = d + 2
+    return f"""  __shared__ float part_m[{groups}], part_l[{groups}], part_acc[{groups}][{d}];
+  const int gi = warp * {32 // lanes} + grp;
+  if (sub == 0) {{ part_m[gi] = m; part_l[gi] = l; }}
+  #pragma unroll
+  for (int e = 0; e < {per_lane}; ++e)
+    #pragma unroll
+    for (int k = 0; k < {vec}; ++k) part_acc[gi][(e * {lanes} + sub) * {vec} + k] = acc[e * {vec} + k];
+  __syncthreads();
+  float top = part_m[0], total = 0.f;
+  #pragma unroll
+  for (int w = 1; w < {groups}; ++w) top = fmaxf(top, part_m[w]);
+  #pragma unroll
+  for (int w = 0; w < {groups}; ++w) total += part_l[w] * expf(part_m[w] - top);
+  float* ws = {name}_ws + (i * {hq} + h) * {splits * stride}LL;
+  const long long out_at = i * {hq * d}LL + h * {d};
+  for (int c = threadIdx.x; c < {d}; c += blockDim.x) {{
+    float out = 0.f;
+    #pragma unroll
+    for (int w = 0; w < {groups}; ++w) out += part_acc[w][c] * expf(part_m[w] - top);
+    if (active == 1) mlcc_put(y, out_at + c, out / total);
+    else ws[split * {stride} + 2 + c] = out;
+  }}
+  if (active == 1) return 0;
+  if (threadIdx.x == 0) {{ ws[split * {stride}] = top; ws[split * {stride} + 1] = total; }}
+  __threadfence();  // this block's state is visible before it counts itself in
+  __syncthreads();
+  if (threadIdx.x == 0)
+    last_s = atomicAdd(&{name}_cnt[i * {hq} + h], 1u) == (unsigned)(active - 1);
+  __syncthreads();
+  if (!last_s) return 0;
+  __threadfence();
+  // the last block: every split's state, read past L1 (other SMs wrote it)
+  float all_top = -1.0e30f, all_total = 0.f;
+  for (int s = 0; s < active; ++s) all_top = fmaxf(all_top, __ldcg(ws + s * {stride}));
+  for (int s = 0; s < active; ++s)
+    all_total += __ldcg(ws + s * {stride} + 1) * expf(__ldcg(ws + s * {stride}) - all_top);
+  for (int c = threadIdx.x; c < {d}; c += blockDim.x) {{
+    float out = 0.f;
+    for (int s = 0; s < active; ++s)
+      out += __ldcg(ws + s * {stride} + 2 + c) * expf(__ldcg(ws + s * {stride}) - all_top);
+    mlcc_put(y, out_at + c, out / all_total);
+  }}
+  if (threadIdx.x == 0) {name}_cnt[i * {hq} + h] = 0u;  // clean for the next launch
+  return 0;
+"""
+
+
+def gen_decode_attention(spec: KernelSpec, name: str, chunk: int = CHUNK,
+                         max_splits: int = MAX_SPLITS) -> CudaKernel:
+    """`{name}_decode` for a `use_decode` spec: one launch of rows x query heads x splits
+    blocks. `chunk` and `max_splits` set the split count (see `split_ranges`)."""
+    kv = dict(spec.kv)
+    (qkv_shape, dt), (out_shape, _) = spec.inputs[0], spec.outputs[0]
+    hq, hkv, d, page = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"], kv["page_size"]
+    rows, per_seq = qkv_shape[0], kv.get("pages_per_seq", kv["pages"])
+    vec, _, _ = _geometry(spec)
+    splits = static_splits(spec, chunk, max_splits)
+    buffers = [("qkv", qkv_shape, dt), ("y", out_shape, dt), ("seq_info", (2,), "int32"),
+               ("page_table", (per_seq,), "int32"),
+               ("pool", (kv["pages"], 2, hkv, page, d), kv["dtype"])]
+    head = signature(name, buffers, ("y", "pool"), []).replace(f"int {name}_dev(",
+                                                               f"int {name}_decode(")
+    source = f"""{_rope(name, spec, d)}
+__device__ __forceinline__ long long {name}_slot(long long p) {{ {_slot(kv)} }}
+__device__ __forceinline__ long long {name}_row(const int* page_table, long long p, int kind,
+                                               int head) {{
+  const long long s = {name}_slot(p);
+  return ((((long long)page_table[s / {page}] * 2 + kind) * {hkv} + head) * {page}
+          + s % {page}) * {d}LL;
+}}
+{_unpack(kv["dtype"], vec).replace("NAME", name)}
+// partial states of the splits: (row, head, split) x (max, sum, weighted values)
+__device__ float {name}_ws[{rows * hq * splits * (d + 2)}];
+__device__ unsigned int {name}_cnt[{rows * hq}];  // blocks done per (row, head)
+{head} {{
+{_prologue(spec, name, rows, splits)}{_walk(spec, name, rows)}{_merge(spec, name, splits)}}}
+"""
+    source = source.replace("T_QKV", C_TYPES[dt]).replace("T_KV", C_TYPES[kv["dtype"]])
+    source = source.replace("CHUNK_", str(chunk))
+    grid = (f"T.int64({rows * hq * splits})",)
+    return CudaKernel(name, source,
+                      launcher_nests(name, buffers, [(f"{name}_decode", grid, WARPS * 32)], []))

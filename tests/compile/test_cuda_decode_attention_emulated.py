@@ -1,0 +1,281 @@
+"""The one-launch CUDA decode attention (mlcc.backends.cuda.decode_attention) run on the CPU.
+
+The generated device source is compiled with g++ against a shim: a block is 128 host threads
+(kept for the whole grid, each block's index handed to all of them), `__shared__` arrays are
+statics, `__syncthreads` a std::barrier, `__shfl_xor_sync` an exchange at a warp barrier,
+atomicAdd a sequentially consistent fetch-add, `__threadfence` a full fence and `__ldcg` a
+plain load. Blocks run one after another in a shuffled order, so any split may be the last to
+arrive and merge. The append kernel of the two-kernel path runs in the same program on a copy
+of the pool.
+
+Checks: the output against a NumPy float64 reference (rotary in float32 with the query rounded
+to the activation dtype, softmax over exactly the visible positions read through the page
+table, the new rows' keys and values included); the pool after the call equal bit for bit to
+what the append kernel writes; the per-(row, head) counters back to 0. Cases: the Llama-2-7B
+head at positions 0, 1, 100 and 1000, GQA, head_dim 64, several rows, a sliding window with
+sinks in a ring that has wrapped, float32 activations, one split, and a split with no position.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from mlcc.backends.cuda.attention import APPEND_THREADS, gen_qkv_attention
+from mlcc.backends.cuda.decode_attention import (
+    CHUNK,
+    MAX_SPLITS,
+    WARPS,
+    gen_decode_attention,
+    split_ranges,
+    static_splits,
+    use_decode,
+)
+from mlcc.backends.cuda.kernels import C_TYPES
+from mlcc.backends.llvm.fallback import inv_freq_table
+from mlcc.backends.plan import KernelSpec
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+
+SHIM = r"""
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <vector>
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __restrict__ __restrict
+typedef _Float16 half;
+struct uint4 { unsigned x, y, z, w; };
+struct Dim3 { unsigned x, y, z; };
+thread_local Dim3 threadIdx, blockIdx;
+Dim3 blockDim;
+inline float __half2float(half v) { return (float)v; }
+inline half __float2half(float v) { return (half)v; }
+inline float mlcc_f32(float v) { return v; }
+inline float mlcc_f32(half v) { return (float)v; }
+inline void mlcc_put(float* p, long long i, float v) { p[i] = v; }
+inline void mlcc_put(half* p, long long i, float v) { p[i] = (half)v; }
+inline float mlcc_round(float v, const float*) { return v; }
+inline float mlcc_round(float v, const half*) { return (float)(half)v; }
+static std::barrier<>* g_block;
+inline void __syncthreads() { g_block->arrive_and_wait(); }
+static std::barrier<>* g_warp[32];
+static float g_lanes[32][32];
+inline float __shfl_xor_sync(unsigned, float v, int m) {
+  const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+  g_lanes[w][l] = v;
+  g_warp[w]->arrive_and_wait();
+  const float r = g_lanes[w][l ^ m];
+  g_warp[w]->arrive_and_wait();
+  return r;
+}
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+}
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline float __ldcg(const float* p) { return *p; }
+"""
+
+# every thread of the block stays for the whole grid; blocks run in `order`
+RUNNER = r"""
+template <class Body>
+void run_grid(unsigned threads, std::vector<unsigned> order, Body body) {
+  blockDim = {threads, 1, 1};
+  std::barrier<> block(threads), done(threads);
+  g_block = &block;
+  for (unsigned w = 0; w < threads / 32; ++w) g_warp[w] = new std::barrier<>(32);
+  std::vector<std::thread> workers;
+  for (unsigned t = 0; t < threads; ++t)
+    workers.emplace_back([&, t] {
+      threadIdx = {t, 0, 0};
+      for (unsigned b : order) { blockIdx = {b, 0, 0}; body(); done.arrive_and_wait(); }
+    });
+  for (auto& th : workers) th.join();
+  for (unsigned w = 0; w < threads / 32; ++w) delete g_warp[w];
+}
+std::vector<unsigned> shuffled(unsigned n, unsigned seed) {
+  std::vector<unsigned> order(n);
+  for (unsigned b = 0; b < n; ++b) order[b] = b;
+  std::shuffle(order.begin(), order.end(), std::mt19937(seed));
+  return order;
+}
+template <class T>
+void load(std::vector<T>& v, const char* path) {
+  FILE* f = fopen(path, "rb"); fread(v.data(), sizeof(T), v.size(), f); fclose(f);
+}
+template <class T>
+void save(const T* v, size_t n, const char* path) {
+  FILE* f = fopen(path, "wb"); fwrite(v, sizeof(T), n, f); fclose(f);
+}
+"""
+
+
+def decode_spec(hq: int, hkv: int, d: int, rows: int, window: int = -1, sinks: int = 0,
+                capacity: int = 1040, dtype: str = "float16") -> KernelSpec:
+    """qkv_attention of `rows` static decode rows over a cache of `capacity` positions (a ring
+    of `capacity` slots with a window)."""
+    return KernelSpec(
+        "qkv_attention", (((rows, (hq + 2 * hkv) * d), dtype),), (((rows, hq * d), dtype),),
+        (("batched", False), ("num_q_heads", hq), ("rope_scaling", None),
+         ("rope_style", "rotate_half"), ("rope_theta", 10000.0), ("rotary_dim", d),
+         ("scale", None)),
+        (("capacity", capacity), ("dtype", dtype), ("head_dim", d), ("kv_heads", hkv),
+         ("page_size", 16), ("pages", capacity // 16), ("pages_per_seq", capacity // 16),
+         ("ring", window > 0), ("sinks", sinks), ("window", window)))
+
+
+def driver(spec: KernelSpec, arrays: dict, tmp_path, seed: int, splits: int) -> str:
+    kv = dict(spec.kv)
+    rows, hq, hkv, d = spec.inputs[0][0][0], spec.attr("num_q_heads"), kv["kv_heads"], kv[
+        "head_dim"]
+    ct = C_TYPES[kv["dtype"]]
+    reads = "".join(f'  load({b}, "{tmp_path}/{b}.bin");\n' for b in arrays)
+    args = "qkv.data(), y.data(), seq_info.data(), page_table.data(), {pool}.data()"
+    append_threads = max(32, min(d // 2, APPEND_THREADS))
+    return f"""
+static std::vector<{ct}> qkv({arrays["qkv"].size}), y({arrays["y"].size});
+static std::vector<{ct}> pool({arrays["pool"].size}), pool_append;
+static std::vector<int> seq_info(2), page_table({arrays["page_table"].size});
+int main() {{
+{reads}  pool_append = pool;
+  run_grid({append_threads}, shuffled({rows * hkv}, {seed}),
+           [] {{ a0_qkv_attention_append({args.format(pool="pool_append")}); }});
+  run_grid({WARPS * 32}, shuffled({rows * hq * splits}, {seed + 1}),
+           [] {{ k0_qkv_attention_decode({args.format(pool="pool")}); }});
+  save(y.data(), y.size(), "{tmp_path}/y.out");
+  save(pool.data(), pool.size(), "{tmp_path}/pool.out");
+  save(pool_append.data(), pool_append.size(), "{tmp_path}/pool_append.out");
+  save(k0_qkv_attention_cnt, {rows * hq}, "{tmp_path}/cnt.out");
+  return 0;
+}}
+"""
+
+
+def run_emulated(tmp_path, spec: KernelSpec, arrays: dict, seed: int, **options) -> dict:
+    kernel = gen_decode_attention(spec, "k0_qkv_attention", **options)
+    splits = static_splits(spec, **options)
+    assert f"T.thread_binding(T.int64({spec.inputs[0][0][0] * spec.attr('num_q_heads') * splits})," \
+        in kernel.launcher
+    append = gen_qkv_attention(spec, "a0_qkv_attention", flash=False).device_source
+    append = append[:append.index("__device__ __forceinline__ int a0_qkv_attention_attend")]
+    source = SHIM + append + kernel.device_source + RUNNER + driver(spec, arrays, tmp_path, seed, splits)
+    (tmp_path / "k.cpp").write_text(source)
+    done = subprocess.run(["g++", "-std=c++20", "-O1", "-w", "-pthread", "-o",
+                           str(tmp_path / "k"), str(tmp_path / "k.cpp")],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for b, a in arrays.items():
+        a.tofile(tmp_path / f"{b}.bin")
+    subprocess.run([str(tmp_path / "k")], check=True, timeout=600)
+    dt = arrays["pool"].dtype
+    out = {b: np.fromfile(tmp_path / f"{b}.out", dt).reshape(arrays["pool"].shape)
+           for b in ("pool", "pool_append")}
+    out["y"] = np.fromfile(tmp_path / "y.out", dt).reshape(arrays["y"].shape)
+    out["cnt"] = np.fromfile(tmp_path / "cnt.out", np.uint32)
+    return out
+
+
+def rope(x: np.ndarray, pos: np.ndarray, inv: np.ndarray, dtype) -> np.ndarray:
+    """rotate_half rotary of (n, heads, d) rows in float32, rounded to `dtype`, as float64."""
+    half = inv.size
+    angle = pos.astype(np.float32)[:, None] * inv[None, :]
+    cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
+    x = x.astype(np.float32)
+    lo, hi = x[..., :half], x[..., half:]
+    out = np.concatenate([lo * cos - hi * sin, hi * cos + lo * sin], -1)
+    return out.astype(dtype).astype(np.float64)
+
+
+def reference(spec: KernelSpec, arrays: dict, pool: np.ndarray) -> np.ndarray:
+    """(rows, hq * d) float64 attention of the rows over `pool` (the pool after the append)."""
+    kv = dict(spec.kv)
+    hq, hkv, d, page = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"], kv["page_size"]
+    rows, start = arrays["qkv"].shape[0], int(arrays["seq_info"][0])
+    window, sinks = kv["window"], kv["sinks"]
+    inv = inv_freq_table(spec).astype(np.float32)
+    pos = np.arange(start, start + rows)
+    q = rope(arrays["qkv"].reshape(rows, -1, d)[:, :hq], pos, inv, arrays["qkv"].dtype)
+    out = np.zeros((rows, hq, d))
+    for i, p in enumerate(pos):
+        j = np.arange(p + 1)
+        if window > 0:
+            j = j[(j >= p - window + 1) | (j < sinks)]
+        slots = j if not kv["ring"] else np.where(
+            j < sinks, j, sinks + (j - sinks) % (kv["capacity"] - sinks))
+        rows_kv = pool[arrays["page_table"][slots // page], :, :, slots % page, :]
+        keys, values = (rows_kv[:, 0].astype(np.float64), rows_kv[:, 1].astype(np.float64))
+        for h in range(hq):
+            g = h // (hq // hkv)
+            s = keys[:, g] @ q[i, h] / np.sqrt(d)
+            w = np.exp(s - s.max())
+            out[i, h] = w @ values[:, g] / w.sum()
+    return out.reshape(rows, hq * d)
+
+
+CASES = [  # (id, hq, hkv, d, rows, window, sinks, capacity, start, dtype, options)
+    ("7b_at_0", 32, 32, 128, 1, -1, 0, 1040, 0, "float16", {}),
+    ("7b_at_1", 32, 32, 128, 1, -1, 0, 1040, 1, "float16", {}),
+    ("7b_at_100", 32, 32, 128, 1, -1, 0, 1040, 100, "float16", {}),
+    ("7b_at_1000", 32, 32, 128, 1, -1, 0, 1040, 1000, "float16", {}),
+    ("gqa_32_8_at_300", 32, 8, 128, 1, -1, 0, 1040, 300, "float16", {}),
+    ("d64_3_rows_at_200", 4, 2, 64, 3, -1, 0, 512, 200, "float16", {}),
+    ("window_ring_wrapped", 4, 2, 64, 2, 40, 4, 64, 530, "float16", {}),
+    ("float32_2_rows", 4, 2, 64, 2, -1, 0, 512, 77, "float32", {}),
+    ("float32_d128", 2, 1, 128, 1, -1, 0, 512, 150, "float32", {}),
+    ("one_split", 4, 4, 128, 1, -1, 0, 512, 300, "float16", {"max_splits": 1}),
+    ("empty_split", 4, 2, 64, 2, -1, 0, 64, 8, "float16", {"chunk": 1, "max_splits": 4}),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_decode_attention_on_host_threads_matches_numpy_and_the_append_kernel(tmp_path, case):
+    name, hq, hkv, d, rows, window, sinks, capacity, start, dtype, options = case
+    spec = decode_spec(hq, hkv, d, rows, window, sinks, capacity, dtype)
+    assert use_decode(spec)
+    kv = dict(spec.kv)
+    rng = np.random.default_rng(start + rows + hq)
+    arrays = {"qkv": rng.standard_normal((rows, (hq + 2 * hkv) * d)).astype(dtype),
+              "y": np.zeros((rows, hq * d), dtype),
+              "seq_info": np.array([start, 0], np.int32),
+              "page_table": rng.permutation(kv["pages"]).astype(np.int32),
+              "pool": rng.standard_normal((kv["pages"], 2, hkv, 16, d)).astype(dtype)}
+    out = run_emulated(tmp_path, spec, arrays, seed=start, **options)
+    # the pool: exactly the append kernel's bytes, and only the new rows changed
+    assert np.array_equal(out["pool"].view(np.uint8), out["pool_append"].view(np.uint8))
+    changed = np.argwhere((out["pool"] != arrays["pool"]).any(-1))
+    assert len({(p, s) for p, _, _, s in changed}) <= rows
+    assert (out["cnt"] == 0).all(), out["cnt"]
+    expected = reference(spec, arrays, out["pool_append"])
+    tolerance = 2e-3 if dtype == "float16" else 1e-5
+    np.testing.assert_allclose(out["y"].astype(np.float64), expected, atol=tolerance, rtol=0)
+
+
+def test_the_empty_split_case_has_a_split_without_positions():
+    # position 8 sees 9 positions: 4 splits of 3, the last one empty
+    spec = decode_spec(4, 2, 64, 2, capacity=64)
+    splits = static_splits(spec, chunk=1, max_splits=4)
+    assert splits == 4
+    ranges = split_ranges(9, splits, chunk=1)
+    assert len(ranges) == 4 and ranges[-1][0] >= ranges[-1][1], ranges
+    assert sum(e - b for b, e in ranges if e > b) == 9
+
+
+def test_splits_follow_the_static_context_and_the_position():
+    assert static_splits(decode_spec(32, 32, 128, 1, capacity=4096)) == MAX_SPLITS
+    assert static_splits(decode_spec(32, 32, 128, 1, capacity=64)) == 64 // CHUNK
+    # a window bounds the visible positions: 40 + 4 -> two splits of 32
+    assert static_splits(decode_spec(4, 2, 64, 1, 40, 4, 4096)) == 2
+    # the benchmark's positions: 33 to 161 visible positions -> 2 to 6 active splits
+    assert len(split_ranges(33, MAX_SPLITS)) == 2 and len(split_ranges(161, MAX_SPLITS)) == 6
+    assert [len(split_ranges(n, MAX_SPLITS)) for n in (1, 32, 4096)] == [1, 1, MAX_SPLITS]
