@@ -2,7 +2,7 @@
 
 Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
 
-    python benchmarks/cuda/gemv_sweep.py build .device/sweep [lean]
+    python benchmarks/cuda/gemv_sweep.py build .device/sweep [lean|lean2]
     python benchmarks/cuda/gemv_sweep.py run .device/sweep $OUT/gemv_sweep.json
     python benchmarks/cuda/gemv_sweep.py profile .device/sweep VARIANT   # under ncu
     python benchmarks/cuda/gemv_sweep.py merge SWEEP.json mlcc/backends/cuda/gemv_tuning.json
@@ -95,6 +95,28 @@ LEAN_DOTS = ("mlcc_q4_dot8_masked", "mlcc_q4_dot8_lop3")
 LEAN_BLOCK = {4096: [(4, 4), (8, 4), (4, 2), (8, 2)], 11008: [(4, 2), (8, 2), (4, 1), (8, 1)]}
 LEAN_PERSISTENT = {4096: [(2, 8, 1, True), (3, 8, 1, True), (2, 4, 2, True)],
                    11008: [(2, 4, 1, True), (3, 4, 1, True)]}
+
+
+# Round two: the persistent GEMV with the lop3 dot over more launch shapes
+# (blocks per SM, warps, features per warp, rotate).
+LEAN2_PERSISTENT = {4096: [(2, 8, 1, True), (3, 8, 1, True), (4, 8, 1, True), (4, 4, 1, True),
+                           (6, 4, 1, True), (2, 4, 2, True), (3, 4, 2, True), (4, 4, 2, True),
+                           (2, 8, 2, True), (3, 8, 2, True)],
+                    11008: [(1, 8, 1, True), (2, 8, 1, True), (2, 4, 1, True), (3, 4, 1, True),
+                            (4, 4, 1, True), (2, 4, 2, True), (3, 4, 2, True)]}
+
+
+def lean2_variants() -> list[dict]:
+    out = []
+    for n, k in SHAPES:
+        out.append(_block(n, k))
+        for c in LEAN2_PERSISTENT[k]:
+            v = _persistent(n, k, c)
+            out.append(dict(v, dot=LEAN_DOTS[1], name=v["name"] + "_lop3"))
+        if k == 4096:
+            v = _persistent(n, k, (2, 8, 1, True), pingpong=True)
+            out.append(dict(v, dot=LEAN_DOTS[1], name=v["name"] + "_lop3"))
+    return out
 
 
 def lean_variants() -> list[dict]:
@@ -217,7 +239,8 @@ def kernel_of(v: dict):
 def build(folder: Path, only: str = "all") -> None:
     from mlcc.backends.cuda.codegen import compile_library
 
-    chosen = lean_variants() if only == "lean" else variants() + tc_variants()
+    chosen = {"lean": lean_variants, "lean2": lean2_variants}.get(
+        only, lambda: variants() + tc_variants())()
     kernels = [kernel_of(v) for v in chosen]
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
