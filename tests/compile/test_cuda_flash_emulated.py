@@ -9,7 +9,11 @@ exchanges through the warp. The pool and output are then checked by the attentio
 own validation (benchmarks/cuda/attention_bench.py `check`): keys rotated and values copied
 into the right slots, and the output against float32 attention over exactly the visible keys.
 Cases: a chunk that starts inside a tile and ends in a partial one, GQA, a sliding window
-with sinks in a ring that has wrapped, both fragment loaders and both block orders.
+with sinks in a ring that has wrapped, both fragment loaders and both block orders; then each
+setting of the flash.py knobs (128-query tiles on eight warps, the base-2 softmax, both) over
+a causal 512-token prefill from position 0, GQA with the 32/8 group size at head dim 64, the
+wrapped window with sinks, a chunk starting mid-sequence, and head dim 80 (copies that do not
+divide evenly over 256 threads).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import pytest
 from test_cuda_flash_attention import attention_spec
 from test_cuda_gemm_emulated import MMA16816
 
-from mlcc.backends.cuda.attention import FLASH_PTX, FLASH_WARPS, TILE, gen_qkv_attention
+from mlcc.backends.cuda import flash
+from mlcc.backends.cuda.attention import FLASH_PTX, gen_qkv_attention
 from mlcc.backends.llvm.fallback import inv_freq_table
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
@@ -138,7 +143,7 @@ def driver(n: int, hq: int, hkv: int, d: int, sizes: dict) -> str:
         for i, (b, (ct, size)) in enumerate(sizes.items()))
     args = "qkv.data(), y.data(), seq_info.data(), page_table.data(), pool.data()"
     append_threads = max(32, min(d // 2, 128))
-    tiles = -(-n // TILE)
+    tiles = -(-n // flash.QUERY_TILE)
     return f"""
 void run(unsigned blocks, unsigned threads, void (*body)()) {{
   gridDim = {{blocks, 1, 1}}; blockDim = {{threads, 1, 1}};
@@ -158,7 +163,7 @@ static std::vector<int> seq_info, page_table;
 int main(int argc, char** argv) {{
 {reads}
   run({n * hkv}, {append_threads}, [] {{ k0_qkv_attention_append({args}); }});
-  run({tiles * hq}, {FLASH_WARPS * 32}, [] {{ k0_qkv_attention_flash({args}); }});
+  run({tiles * hq}, {flash.QUERY_TILE // 16 * 32}, [] {{ k0_qkv_attention_flash({args}); }});
   FILE* f = fopen(argv[{len(sizes) + 1}], "wb"); fwrite(y.data(), 2, y.size(), f); fclose(f);
   f = fopen(argv[{len(sizes) + 2}], "wb"); fwrite(pool.data(), 2, pool.size(), f); fclose(f);
   return 0;
@@ -190,14 +195,37 @@ CASES = [  # (q heads, kv heads, d, window, sinks, start, tokens, ldmatrix, bala
 ]
 
 
-@pytest.mark.parametrize("case", CASES,
-                         ids=[f"h{c[0]}_{c[1]}_d{c[2]}_w{c[3]}_at{c[5]}" for c in CASES])
-def test_prefill_attention_run_on_host_threads_matches_float32_attention(tmp_path, case):
+KNOB_CASES = [  # the same fields
+    (2, 2, 128, -1, 0, 0, 512, True, True, 132),  # causal 512-token prefill from position 0
+    (4, 1, 64, -1, 0, 37, 200, True, True, 2),  # GQA group of 4 (as 32/8), head dim 64
+    (2, 1, 64, 40, 4, 530, 100, True, True, 2),  # window with sinks, wrapped ring
+    (2, 2, 128, -1, 0, 300, 90, False, False, 2),  # mid-sequence chunk, plain loads, no balance
+    (2, 2, 80, -1, 0, 5, 140, True, True, 2),  # head dim 80
+]
+KNOBS = [(128, False), (64, True), (128, True)]  # (QUERY_TILE, EXP2)
+ALL = [(case, (64, False)) for case in CASES] + [(c, k) for k in KNOBS for c in KNOB_CASES]
+
+
+def _param(case: tuple, knobs: tuple):
+    name = (f"h{case[0]}_{case[1]}_d{case[2]}_w{case[3]}_at{case[5]}_n{case[6]}_q{knobs[0]}"
+            + ("_exp2" if knobs[1] else ""))
+    marks = [pytest.mark.slow] if case[6] >= 512 else []  # 15-20 s of host threads each
+    return pytest.param(case, knobs, id=name, marks=marks)
+
+
+@pytest.mark.parametrize(("case", "knobs"), [_param(c, k) for c, k in ALL])
+def test_prefill_attention_run_on_host_threads_matches_float32_attention(tmp_path, monkeypatch,
+                                                                         case, knobs):
     torch = pytest.importorskip("torch")
+    monkeypatch.setattr(flash, "QUERY_TILE", knobs[0])
+    monkeypatch.setattr(flash, "EXP2", knobs[1])
     hq, hkv, d, window, sinks, start, n, ldmatrix, balance, sms = case
     spec = attention_spec(hq=hq, hkv=hkv, d=d, window=window, sinks=sinks, rows=n)
     kernel = gen_qkv_attention(spec, "k0_qkv_attention", flash=True, ldmatrix=ldmatrix,
                                balance=balance)
+    # the knobs reach both the source and the launch
+    assert ("exp2f(" in kernel.device_source) == knobs[1]
+    assert f"T.int64({knobs[0] - 1})) // T.int64({knobs[0]})" in kernel.launcher
     kv = dict(spec.kv)
     rng = np.random.default_rng(start + n)
     arrays = {"qkv": rng.standard_normal((n, (hq + 2 * hkv) * d)).astype(np.float16),

@@ -14,9 +14,22 @@ import numpy as np
 from mlcc.backends.cuda.kernels import fp
 from mlcc.backends.plan import KernelSpec
 
-TILE = 64  # queries per block and keys per step of the tensor-core prefill kernel
-FLASH_WARPS = 4  # 16 query rows each
+TILE = 64  # keys per step of the tensor-core prefill kernel (and queries per block by default)
+FLASH_WARPS = 4  # 16 query rows each, with QUERY_TILE = 64
 PAD = 8  # float16 padding per shared-memory row of keys and values
+# Query rows per block: 64 (four warps) or 128 (eight warps: each key and value tile staged in
+# shared memory serves twice the queries, half the cp.async and shared-memory traffic per
+# query; a warp skips the key tiles none of its 16 rows sees). Both read by `flash_source` and
+# `flash_nest` at generation time, so a script may set them before building a library.
+QUERY_TILE = 64
+# Softmax in base 2 with scale * log2(e) folded into one FMA per score (exp2f instead of expf
+# of a scaled, max-shifted score; the running max kept in base-2 units) instead of base e.
+EXP2 = False
+LOG2E = 1.4426950408889634
+# Double-buffered key and value tiles do not fit: four tiles of 64 x (128 + PAD) float16 take
+# 68 KB, past the 48 KB of static shared memory a TVM-launched device function may use. The
+# single buffers already overlap: values load while S = Q K^T runs, the next keys while O += P V
+# runs, and P stays in registers as the A operand of P V.
 
 
 def visibility_source(name: str, window: int, sinks: int) -> str:
@@ -28,7 +41,8 @@ def visibility_source(name: str, window: int, sinks: int) -> str:
     the tile sees it (others are zero-filled: their slots may be unwritten pages or, in a ring,
     newer positions); `{name}_visible` is today's rule: causal, and with a window the last
     `window` positions plus the first `sinks`; `{name}_full(p0, p1, j0)`: every query in [p0,
-    p1] sees every key of the tile at j0, so the mask can be skipped.
+    p1] sees every key of the tile at j0, so the mask can be skipped; `{name}_touch(p0, p1,
+    j0)` is false only when no query in [p0, p1] sees any key of that tile (a warp skips it).
     """
     tile = TILE
     if window > 0:
@@ -37,9 +51,10 @@ def visibility_source(name: str, window: int, sinks: int) -> str:
         visible = f"j <= p && (j >= p - {window - 1} || j < {sinks}LL)"
         loaded = f"j >= 0 && j <= p1 && (j >= p0 - {window - 1} || j < {sinks}LL)"
         full = f"j0 + {tile - 1} <= p0 && j0 >= p1 - {window - 1}"
+        touch = f"j0 <= p1 && (j0 + {tile - 1} >= p0 - {window - 1} || j0 < {sinks}LL)"
     else:
         lo, sink_tiles, visible, loaded = "0LL", "0LL", "j <= p", "j >= 0 && j <= p1"
-        full = f"j0 + {tile - 1} <= p0"
+        full, touch = f"j0 + {tile - 1} <= p0", "j0 <= p1"
     return f"""MLCC_ATTN_HD long long {name}_tiles(long long p0, long long p1,
                                      long long* sink_tiles, long long* first) {{
   const long long lo = {lo};
@@ -54,6 +69,7 @@ MLCC_ATTN_HD long long {name}_tile_at(long long t, long long sink_tiles, long lo
 MLCC_ATTN_HD bool {name}_visible(long long p, long long j) {{ return {visible}; }}
 MLCC_ATTN_HD bool {name}_loaded(long long p0, long long p1, long long j) {{ return {loaded}; }}
 MLCC_ATTN_HD bool {name}_full(long long p0, long long p1, long long j0) {{ return {full}; }}
+MLCC_ATTN_HD bool {name}_touch(long long p0, long long p1, long long j0) {{ return {touch}; }}
 """
 
 
@@ -126,9 +142,23 @@ __device__ __forceinline__ unsigned mlcc_attn_pack_halves(half lo, half hi) {
 """
 
 
+def flash_nest(name: str, tokens: str, hq: int) -> tuple[str, tuple[str], int]:
+    """The launch of `{name}_flash` for `launcher_nests`: a block per (QUERY_TILE rows, query
+    head) of `tokens` (a TIR expression) and 16 rows per warp."""
+    tiles = f"({tokens} + T.int64({QUERY_TILE - 1})) // T.int64({QUERY_TILE})"
+    return (f"{name}_flash", (f"{tiles} * T.int64({hq})",), QUERY_TILE // 16 * 32)
+
+
+def _copies(rows: int, d: int, threads: int) -> tuple[int, str]:
+    """Rounds of a loop that spreads `rows` x d/8 16-byte copies over the block's threads, and
+    the guard of its last round when they do not divide evenly."""
+    words = rows * d // 8
+    return -(-words // threads), "" if words % threads == 0 else f"if (e >= {words}) break;"
+
+
 def flash_source(spec: KernelSpec, name: str, head: str, rows: str,
                  ldmatrix: bool = False, balance: bool = False) -> str:
-    """`{name}_flash`: a block per (64-query tile, query head), four warps of 16 query rows.
+    """`{name}_flash`: a block per (QUERY_TILE-query tile, query head), a warp per 16 rows.
 
     The rotated queries (float16, as the CUDA-core kernel rounds them) go through shared memory
     into MMA fragments held in registers. Key tiles of 64 positions are gathered row by row from
@@ -139,14 +169,21 @@ def flash_source(spec: KernelSpec, name: str, head: str, rows: str,
     P is rounded to float16 for the MMA. Query tiles are ordered by `order_source` (`balance`)
     or last-first (they visit the most key tiles). `ldmatrix` loads the key and value
     fragments with ldmatrix (four 8x8 matrices per instruction, values transposed on the way)
-    instead of 32- and 16-bit loads.
+    instead of 32- and 16-bit loads. QUERY_TILE and EXP2 are read when the source is written.
     """
     kv = dict(spec.kv)
     hq, hkv, d, page = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"], kv["page_size"]
     scale = spec.attr("scale") if spec.attr("scale") is not None else 1.0 / np.sqrt(d)
-    width, ld = (hq + 2 * hkv) * d, d + PAD
+    qt, ld = QUERY_TILE, d + PAD
+    if qt not in (TILE, 2 * TILE):
+        raise ValueError(f"QUERY_TILE must be {TILE} or {2 * TILE}, got {qt}")
+    threads = qt // 16 * 32
+    rounds, guard = _copies(TILE, d, threads)
     rank = (f"{name}_rank(blockIdx.x, gridDim.x, {name}_sms())" if balance
             else "(long long)blockIdx.x")
+    # with 128 rows, a warp whose rows see no key of the tile (the diagonal's last key tile for
+    # the first four warps) skips its MMAs and softmax; the block still loads the tile
+    mine = f"if ({name}_touch(pa - gid, pa - gid + 15, j0))" if qt > TILE else ""
     return (FLASH_PTX + visibility_source(name, kv["window"], kv["sinks"])
             + order_source(name)) + f"""
 // One page lookup per key row of a tile (thread r < {TILE} looks up row r): the row's key
@@ -161,8 +198,9 @@ __device__ __forceinline__ int {name}_row_word(const int* __restrict__ table, lo
 __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__ pool,
                                              const int* tab, int kind) {{
   #pragma unroll
-  for (int u = 0; u < {TILE * d // 8 // (FLASH_WARPS * 32)}; ++u) {{
-    const int e = threadIdx.x + u * {FLASH_WARPS * 32}, r = e / {d // 8}, c = e % {d // 8} * 8;
+  for (int u = 0; u < {rounds}; ++u) {{
+    const int e = threadIdx.x + u * {threads}, r = e / {d // 8}, c = e % {d // 8} * 8;
+    {guard}
     const int w = tab[r];
     half* s = dst + r * {ld} + c;
     const long long word = (long long)w + kind * {hkv * page * d // 8};
@@ -178,40 +216,12 @@ __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__
   const long long n = {rows};
   const long long rank = {rank};  // 0: the first of the query tiles that visit the most keys
   const int h = rank % {hq}, g = h / {hq // hkv};
-  const long long q0 = ((n + {TILE - 1}) / {TILE} - 1 - rank / {hq}) * {TILE};
+  const long long q0 = ((n + {qt - 1}) / {qt} - 1 - rank / {hq}) * {qt};
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
   const long long start = seq_info[0];
-  const long long p0 = start + q0, p1 = start + (q0 + {TILE - 1} < n ? q0 + {TILE - 1} : n - 1);
-  // the tile's raw query rows land in vs with every 16-byte copy in flight at once (rows past
-  // the chunk are zeros), then a thread per rotary pair rotates them from shared memory
-  #pragma unroll
-  for (int u = 0; u < {TILE * d // 8 // (FLASH_WARPS * 32)}; ++u) {{
-    const int e = threadIdx.x + u * {FLASH_WARPS * 32}, r = e / {d // 8}, c = e % {d // 8} * 8;
-    half* s = vs + r * {ld} + c;
-    if (q0 + r < n) mlcc_attn_cp_async16(s, qkv + (q0 + r) * {width}LL + h * {d} + c);
-    else *reinterpret_cast<uint4*>(s) = make_uint4(0u, 0u, 0u, 0u);
-  }}
-  asm volatile("cp.async.wait_all;\\n" ::);
-  __syncthreads();
-  #pragma unroll 4
-  for (int e = threadIdx.x; e < {TILE * d // 2}; e += {FLASH_WARPS * 32}) {{
-    const int r = e / {d // 2}, c = e % {d // 2};
-    float lo = 0.f, hi = 0.f;
-    if (q0 + r < n) {name}_rope2(vs + r * {ld}, c, start + q0 + r, &lo, &hi);
-    ks[r * {ld} + c] = __float2half(lo);
-    ks[r * {ld} + c + {d // 2}] = __float2half(hi);
-  }}
-  __syncthreads();
+  const long long p0 = start + q0, p1 = start + (q0 + {qt - 1} < n ? q0 + {qt - 1} : n - 1);
   unsigned qf[{d // 16}][4];
-  #pragma unroll
-  for (int kc = 0; kc < {d // 16}; ++kc) {{
-    const half* a = ks + (warp * 16 + gid) * {ld} + kc * 16 + tig * 2;
-    qf[kc][0] = *reinterpret_cast<const unsigned*>(a);
-    qf[kc][1] = *reinterpret_cast<const unsigned*>(a + {8 * ld});
-    qf[kc][2] = *reinterpret_cast<const unsigned*>(a + 8);
-    qf[kc][3] = *reinterpret_cast<const unsigned*>(a + {8 * ld + 8});
-  }}
-  __syncthreads();
+{_query_fragments(name, d, ld, (hq + 2 * hkv) * d, qt, threads, rounds, guard)}
   long long sink_tiles, first;
   const long long count = {name}_tiles(p0, p1, &sink_tiles, &first);
   const long long pa = p0 + warp * 16 + gid;  // this thread's rows: pa and pa + 8
@@ -233,17 +243,23 @@ __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__
     mlcc_attn_cp_wait1();  // this tile's keys; its values may still be in flight
     __syncthreads();
     float s[{TILE // 8}][4];
+    {mine} {{
 {_scores(d, ld, ldmatrix)}
+    }}
     // the next tile's rows: its other buffer was last read by the values of tile t - 1
     if (threadIdx.x < {TILE}) tab[(t + 1) & 1][threadIdx.x] = next;
     __syncthreads();  // every warp is done with ks; the next rows are visible
     if (t + 1 < count) {name}_stage(ks, pool, tab[(t + 1) & 1], 0);
     mlcc_attn_cp_commit();
     unsigned pf[{TILE // 16}][4];
+    {mine} {{
 {_softmax(name, scale, d)}
+    }}
     mlcc_attn_cp_wait1();  // this tile's values; the next keys may still be in flight
     __syncthreads();
+    {mine} {{
 {_weighted_values(d, ld, ldmatrix)}
+    }}
     __syncthreads();  // every warp is done with vs
     if (t + 1 < count) {name}_stage(vs, pool, tab[(t + 1) & 1], 1);
     mlcc_attn_cp_commit();
@@ -252,6 +268,48 @@ __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__
   return 0;
 }}
 """
+
+
+def _query_fragments(name: str, d: int, ld: int, width: int, qt: int, threads: int,
+                     rounds: int, guard: str) -> str:
+    """The query tile into `qf`, 64 rows at a time through the key and value buffers: the raw
+    rows land in vs with every 16-byte copy in flight at once (rows past the chunk are zeros),
+    a thread per rotary pair rotates them into ks, and the warps of those rows take their A
+    fragments."""
+    return f"""  #pragma unroll 1
+  for (int part = 0; part < {qt // TILE}; ++part) {{
+    const long long r0 = q0 + part * {TILE};
+    #pragma unroll
+    for (int u = 0; u < {rounds}; ++u) {{
+      const int e = threadIdx.x + u * {threads}, r = e / {d // 8}, c = e % {d // 8} * 8;
+      {guard}
+      half* s = vs + r * {ld} + c;
+      if (r0 + r < n) mlcc_attn_cp_async16(s, qkv + (r0 + r) * {width}LL + h * {d} + c);
+      else *reinterpret_cast<uint4*>(s) = make_uint4(0u, 0u, 0u, 0u);
+    }}
+    asm volatile("cp.async.wait_all;\\n" ::);
+    __syncthreads();
+    #pragma unroll 4
+    for (int e = threadIdx.x; e < {TILE * d // 2}; e += {threads}) {{
+      const int r = e / {d // 2}, c = e % {d // 2};
+      float lo = 0.f, hi = 0.f;
+      if (r0 + r < n) {name}_rope2(vs + r * {ld}, c, start + r0 + r, &lo, &hi);
+      ks[r * {ld} + c] = __float2half(lo);
+      ks[r * {ld} + c + {d // 2}] = __float2half(hi);
+    }}
+    __syncthreads();
+    if (warp / 4 == part) {{
+      #pragma unroll
+      for (int kc = 0; kc < {d // 16}; ++kc) {{
+        const half* a = ks + (warp % 4 * 16 + gid) * {ld} + kc * 16 + tig * 2;
+        qf[kc][0] = *reinterpret_cast<const unsigned*>(a);
+        qf[kc][1] = *reinterpret_cast<const unsigned*>(a + {8 * ld});
+        qf[kc][2] = *reinterpret_cast<const unsigned*>(a + 8);
+        qf[kc][3] = *reinterpret_cast<const unsigned*>(a + {8 * ld + 8});
+      }}
+    }}
+    __syncthreads();
+  }}"""
 
 
 def _scores(d: int, ld: int, ldmatrix: bool) -> str:
@@ -282,6 +340,8 @@ def _scores(d: int, ld: int, ldmatrix: bool) -> str:
 def _softmax(name: str, scale: float, d: int) -> str:
     """Mask and scale the scores, update each row's running max and sum (the four lanes of a
     row group hold its 64 columns), rescale the output rows, and pack P as A fragments."""
+    if EXP2:
+        return _softmax_exp2(name, scale, d)
     return f"""    // tiles inside every row's range (most of a long prefill) skip the mask
     const bool full = {name}_full(pa - gid, pa - gid + 15, j0);
     #pragma unroll
@@ -312,6 +372,47 @@ def _softmax(name: str, scale: float, d: int) -> str:
         // rounded to float16 before summing, so the weights sum to what is multiplied
         const half2 p = __floats2half2_rn(expf(s[nt][2 * r] - m[r]),
                                           expf(s[nt][2 * r + 1] - m[r]));
+        l[r] += __low2float(p) + __high2float(p);
+        pf[nt / 2][(nt & 1) * 2 + r] = *reinterpret_cast<const unsigned*>(&p);
+      }}
+    }}"""
+
+
+def _softmax_exp2(name: str, scale: float, d: int) -> str:
+    """`_softmax` in base 2: the mask and the max act on the raw scores (scale > 0 keeps their
+    order), the running max m is kept times scale * log2(e), and each weight is one FMA and one
+    exp2f: exp(scale * s - M) = 2^(s * scale * log2(e) - m)."""
+    c = fp(scale * LOG2E)
+    return f"""    // tiles inside every row's range (most of a long prefill) skip the mask
+    const bool full = {name}_full(pa - gid, pa - gid + 15, j0);
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {{
+      float top = -INFINITY;
+      #pragma unroll
+      for (int nt = 0; nt < {TILE // 8}; ++nt) {{
+        #pragma unroll
+        for (int e = 0; e < 2; ++e) {{
+          if (!full && !{name}_visible(pa + 8 * r, j0 + nt * 8 + tig * 2 + e))
+            s[nt][2 * r + e] = -INFINITY;
+          top = fmaxf(top, s[nt][2 * r + e]);
+        }}
+      }}
+      top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, 1));
+      top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, 2));
+      const float next = fmaxf(m[r], top * {c});
+      const float keep = exp2f(m[r] - next);
+      m[r] = next;
+      l[r] *= keep;
+      #pragma unroll
+      for (int nt = 0; nt < {d // 8}; ++nt) {{ o[nt][2 * r] *= keep; o[nt][2 * r + 1] *= keep; }}
+    }}
+    #pragma unroll
+    for (int nt = 0; nt < {TILE // 8}; ++nt) {{
+      #pragma unroll
+      for (int r = 0; r < 2; ++r) {{
+        // rounded to float16 before summing, so the weights sum to what is multiplied
+        const half2 p = __floats2half2_rn(exp2f(fmaf(s[nt][2 * r], {c}, -m[r])),
+                                          exp2f(fmaf(s[nt][2 * r + 1], {c}, -m[r])));
         l[r] += __low2float(p) + __high2float(p);
         pf[nt / 2][(nt & 1) * 2 + r] = *reinterpret_cast<const unsigned*>(&p);
       }}
