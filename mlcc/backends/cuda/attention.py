@@ -32,6 +32,7 @@ from mlcc.backends.cuda.flash import (  # noqa: F401 - TILE, FLASH_PTX, ... are 
     FLASH_WARPS,
     PAD,
     TILE,
+    flash_nest,
     flash_source,
     order_source,
     visibility_source,
@@ -132,7 +133,13 @@ def gen_qkv_attention(spec: KernelSpec, name: str, flash: bool | None = None,
                       ldmatrix: bool = LDMATRIX, balance: bool = BALANCE) -> CudaKernel:
     """Append + attend; prefill chunks attend with the tensor-core kernel (`use_flash`) unless
     `flash` says otherwise (False keeps the CUDA-core kernel, as benchmarks compare both).
-    `balance`: the tensor-core kernel's block order of `order_source`."""
+    `balance`: the tensor-core kernel's block order of `order_source`. Static decode rows
+    without an explicit `flash` take the one-launch kernel of mlcc.backends.cuda.decode_attention;
+    an explicit `flash` asks for this two-kernel path."""
+    from mlcc.backends.cuda import decode_attention  # it reads this module's rotary helpers
+
+    if flash is None and decode_attention.use_decode(spec):
+        return decode_attention.gen_decode_attention(spec, name)
     flash = use_flash(spec) if flash is None else flash
     kv = dict(spec.kv)
     (qkv_shape, dt), (out_shape, _) = spec.inputs[0], spec.outputs[0]
@@ -192,8 +199,7 @@ __device__ __forceinline__ long long {name}_row(const int* page_table, long long
     if flash:
         source += flash_source(spec, name, params.replace("PHASE", "flash"),
                                numel_text(qkv_shape[:1]), ldmatrix, balance)
-        tiles = f"({tokens} + T.int64({TILE - 1})) // T.int64({TILE})"
-        nests.append((f"{name}_flash", (f"{tiles} * T.int64({hq})",), FLASH_WARPS * 32))
+        nests.append(flash_nest(name, tokens, hq))  # flash.QUERY_TILE rows per block
     else:
         source += _attend_source(spec, name, params.replace("PHASE", "attend"), position, table)
         nests.append((f"{name}_attend", (f"{tokens} * T.int64({hq})",), WARPS * 32))
