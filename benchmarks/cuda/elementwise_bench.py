@@ -7,9 +7,12 @@ Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
 
 `build` writes one library holding, for each shape of a 512-token Llama-2-7B prefill
 (silu_mul 512 x 2*11008 -> 512 x 11008, add_rms_norm and rms_norm over 512 x 4096, float16),
-the shipped kernel (`*_vec`: 128-bit loads and stores, mlcc.backends.cuda.kernels) and the
-kernel of commit BASELINE (`*_base`: one 16-bit element per load; its generators are read with
-`git show`, so `build` runs in the repository), plus cases.json.
+and of a decode step (the norms over one row, whose inputs sit in the L2 as they do after the
+GEMV that wrote them), the shipped kernel (`*_vec`: 128-bit loads and stores,
+mlcc.backends.cuda.kernels), the kernel of commit PREVIOUS (`*_prev`: the norms before their
+weights were loaded with the row) and of commit BASELINE (`*_base`: one 16-bit element per
+load); the older generators are read with `git show`, so `build` runs in the repository; plus
+cases.json.
 
 `run` fills copies of the inputs that together exceed the 50 MB L2, calls each launcher once
 and checks its outputs against a float32 NumPy reference of the op (silu(g) * u; the residual
@@ -31,13 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from graph_timing import module_at, replay_us
 
 ROWS = 512
-CASES = [  # (name, op, features of the output)
-    ("silu_mul_512x11008", "silu_mul", 11008),
-    ("add_rms_norm_512x4096", "add_rms_norm", 4096),
-    ("rms_norm_512x4096", "rms_norm", 4096),
+CASES = [  # (name, op, features of the output, rows)
+    ("silu_mul_512x11008", "silu_mul", 11008, ROWS),
+    ("add_rms_norm_512x4096", "add_rms_norm", 4096, ROWS),
+    ("rms_norm_512x4096", "rms_norm", 4096, ROWS),
+    ("add_rms_norm_1x4096", "add_rms_norm", 4096, 1),
 ]
-VARIANTS = ("vec", "base")
+VARIANTS = ("vec", "prev", "base")
 BASELINE = "03c319d"  # kernels.py before the 128-bit row-wise kernels
+PREVIOUS = "c0fb61b"  # kernels.py before the norms loaded their weights with the row
+DECODE_COPIES = 8  # one-row inputs stay in the L2, as in a decode step
 EPS = 1e-5
 L2_BYTES = 120 * 2**20  # input copies together hold at least this much
 TOLERANCE = 1e-2  # absolute and relative to the largest output, float16 results
@@ -56,19 +62,20 @@ def spec_of(op: str, h: int):
                       (("eps", EPS), ("weight_offset", 0.0)), ())
 
 
-def baseline_kernels(folder: Path):
-    """The kernels module of commit BASELINE, loaded from `git show` as its own module."""
-    return module_at(BASELINE, "mlcc/backends/cuda/kernels.py", folder)
+def kernels_at(commit: str, folder: Path):
+    """The kernels module of `commit`, loaded from `git show` as its own module."""
+    return module_at(commit, "mlcc/backends/cuda/kernels.py", folder)
 
 
 def build(folder: Path) -> None:
     from mlcc.backends.cuda import kernels as shipped
     from mlcc.backends.cuda.codegen import compile_library
 
-    base = baseline_kernels(folder)
+    modules = {"vec": shipped, "prev": kernels_at(PREVIOUS, folder),
+               "base": kernels_at(BASELINE, folder)}
     built = []
-    for name, op, h in CASES:
-        for variant, module in (("vec", shipped), ("base", base)):
+    for name, op, h, _ in CASES:
+        for variant, module in modules.items():
             gen = module.gen_elementwise if op == "silu_mul" else module.gen_norm
             built.append(gen(spec_of(op, h), f"{name}_{variant}"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -78,14 +85,14 @@ def build(folder: Path) -> None:
     print(f"built {len(built)} launchers in {time.perf_counter() - start:.1f} s")
 
 
-def make_inputs(op: str, h: int, rng: np.random.Generator) -> list[np.ndarray]:
+def make_inputs(op: str, h: int, rows: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Arguments before the outputs, in the launcher's order."""
     if op == "silu_mul":
-        return [(rng.standard_normal((ROWS, 2 * h)) * 2).astype(np.float16)]
-    x = rng.standard_normal((ROWS, h)).astype(np.float16)
+        return [(rng.standard_normal((rows, 2 * h)) * 2).astype(np.float16)]
+    x = rng.standard_normal((rows, h)).astype(np.float16)
     w = (1 + 0.1 * rng.standard_normal(h)).astype(np.float16)
     if op.startswith("add_"):
-        return [x, rng.standard_normal((ROWS, h)).astype(np.float16), w]
+        return [x, rng.standard_normal((rows, h)).astype(np.float16), w]
     return [x, w]
 
 
@@ -107,19 +114,20 @@ def error(got: list[np.ndarray], expected: list[np.ndarray]) -> float:
                for g, e in zip(got, expected))
 
 
-def moved_bytes(op: str, h: int) -> int:
+def moved_bytes(op: str, h: int, rows: int) -> int:
     if op == "silu_mul":
-        return ROWS * h * 2 * 3
-    return ROWS * h * 2 * (4 if op.startswith("add_") else 2) + h * 2
+        return rows * h * 2 * 3
+    return rows * h * 2 * (4 if op.startswith("add_") else 2) + h * 2
 
 
-def measure(torch, tvm, lib, dev, name: str, op: str, h: int, rng) -> list[dict]:
-    inputs = make_inputs(op, h, rng)
+def measure(torch, tvm, lib, dev, name: str, op: str, h: int, rows: int, rng) -> list[dict]:
+    inputs = make_inputs(op, h, rows, rng)
     expected = reference(op, inputs)
     per_copy = sum(a.nbytes for a in inputs)
+    count = -(-L2_BYTES // per_copy) if rows > 1 else DECODE_COPIES
     copies = [[tvm.runtime.tensor(a, dev) for a in inputs]]
-    copies += [[tvm.runtime.tensor(a, dev) for a in make_inputs(op, h, rng)]
-               for _ in range(-(-L2_BYTES // per_copy) - 1)]
+    copies += [[tvm.runtime.tensor(a, dev) for a in make_inputs(op, h, rows, rng)]
+               for _ in range(count - 1)]
     outputs = [tvm.runtime.empty(e.shape, "float16", dev) for e in expected]
     rows = []
     for variant in VARIANTS:
@@ -127,12 +135,12 @@ def measure(torch, tvm, lib, dev, name: str, op: str, h: int, rng) -> list[dict]
         for out in outputs:
             out.copyfrom(np.zeros(out.shape, np.float16))
         f(*copies[0], *outputs)
-        row = {"case": name, "variant": variant, "op": op, "rows": ROWS, "features": h,
+        row = {"case": name, "variant": variant, "op": op, "rows": rows, "features": h,
                "err": error([o.numpy() for o in outputs], expected)}
         row["ok"] = row["err"] < TOLERANCE
         if row["ok"]:
             row["us"] = time_calls(torch, f, copies, outputs)
-            row["gb_s"] = moved_bytes(op, h) / (row["us"] * 1e-6) / 1e9
+            row["gb_s"] = moved_bytes(op, h, rows) / (row["us"] * 1e-6) / 1e9
         rows.append(row)
         print(f"{name:24s} {variant:5s} err {row['err']:.1e} "
               + (f"{row['us']:8.2f} us {row['gb_s']:6.0f} GB/s" if row["ok"] else "FAILED"))
@@ -150,8 +158,8 @@ def run(folder: Path, out: Path) -> None:
     doc = json.loads((folder / "cases.json").read_text())
     rng = np.random.default_rng(0)
     results = []
-    for name, op, h in doc["cases"]:
-        results += measure(torch, tvm, lib, dev, name, op, h, rng)
+    for name, op, h, rows in doc["cases"]:
+        results += measure(torch, tvm, lib, dev, name, op, h, rows, rng)
     out.write_text(json.dumps({
         "device": torch.cuda.get_device_name(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -247,12 +247,12 @@ def test_benchmark_references_agree_with_torch():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rng = np.random.default_rng(1)
-    a = bench.make_inputs("silu_mul", 64, rng)
+    a = bench.make_inputs("silu_mul", 64, bench.ROWS, rng)
     g, u = torch.from_numpy(a[0].astype(np.float32)).chunk(2, dim=-1)
     (silu,) = bench.reference("silu_mul", a)
     np.testing.assert_allclose(silu, (torch.nn.functional.silu(g) * u).numpy(), rtol=1e-5,
                                atol=1e-6)
-    x, r, w = bench.make_inputs("add_rms_norm", 256, rng)
+    x, r, w = bench.make_inputs("add_rms_norm", 256, bench.ROWS, rng)
     y, s = bench.reference("add_rms_norm", [x, r, w])
     total = (torch.from_numpy(x) + torch.from_numpy(r)).float()  # float16 sum, as the model
     norm = torch.nn.functional.rms_norm(total, (256,), torch.from_numpy(w).float(), bench.EPS)

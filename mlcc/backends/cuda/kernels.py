@@ -278,14 +278,21 @@ def _norm_vec_source(spec: KernelSpec, name: str, buffers, syms: list[str]) -> s
   const long long base = (long long)blockIdx.x * {h}LL;
   float v[{per}][{VEC}], part = 0.f;
   bool live[{per}];
+  // The weights (and biases) are loaded with the row, so their latency is hidden behind the
+  // reduction instead of following it.
+  uint4 wv[{per}], bv[{per}];
   #pragma unroll
   for (int j = 0; j < {per}; ++j) {{
     const int k = (threadIdx.x + j * {block}) * {VEC};
     live[j] = k < {h};
     uint4 xw = make_uint4(0u, 0u, 0u, 0u), rw = xw, sw;
+    wv[j] = xw;
+    bv[j] = xw;
     if (live[j]) {{
       xw = *reinterpret_cast<const uint4*>(x + base + k);
       {"rw = *reinterpret_cast<const uint4*>(r + base + k);" if fused_add else ""}
+      wv[j] = *reinterpret_cast<const uint4*>(w + k);
+      {"bv[j] = *reinterpret_cast<const uint4*>(b + k);" if layer else ""}
     }}
     const half* xh = reinterpret_cast<const half*>(&xw);
     const half* rh = reinterpret_cast<const half*>(&rw);
@@ -305,10 +312,8 @@ def _norm_vec_source(spec: KernelSpec, name: str, buffers, syms: list[str]) -> s
   for (int j = 0; j < {per}; ++j) {{
     const int k = (threadIdx.x + j * {block}) * {VEC};
     if (!live[j]) continue;
-    const uint4 ww = *reinterpret_cast<const uint4*>(w + k);
-    const uint4 bw = {"*reinterpret_cast<const uint4*>(b + k)" if layer else "ww"};
-    const half* wh = reinterpret_cast<const half*>(&ww);
-    const half* bh = reinterpret_cast<const half*>(&bw);
+    const half* wh = reinterpret_cast<const half*>(&wv[j]);
+    const half* bh = reinterpret_cast<const half*>(&bv[j]);
     (void)bh;
     uint4 out;
     half* oh = reinterpret_cast<half*>(&out);
