@@ -238,17 +238,20 @@ FAKE_DB = {"best": {f"{2 * i},4096": {"kind": "persistent", "blocks_per_sm": 3, 
                     for i, rpw in ((64, 1), (128, 2), (192, 3), (256, 4))}}
 
 
-@pytest.mark.parametrize("i,pairs", [(64, 1), (128, 1), (192, 1), (256, 2), (320, None)])
-def test_decode_launch_comes_from_the_gate_up_record(monkeypatch, i, pairs):
+# (I, output features per tile, blocks per SM): a record of one row per tile gives a tile of
+# one pair (two rows) and two thirds of the blocks; two rows keep their launch; three rows give
+# one pair; four rows two pairs; the unmeasured shape halves the heuristic's two blocks
+@pytest.mark.parametrize("i,pairs,blocks", [(64, 1, 2), (128, 1, 3), (192, 1, 3), (256, 2, 3),
+                                            (320, 1, 1)])
+def test_decode_launch_comes_from_the_gate_up_record(monkeypatch, i, pairs, blocks):
     monkeypatch.setattr(tuning, "_database", lambda: FAKE_DB)
     config = glu.glu_gemv_config(2 * i, 4096)
-    if pairs is None:  # not measured: the persistent heuristic, one pair per tile
-        assert config == tuning.PersistentConfig()
-        pairs = 1
+    assert (config.rows_per_warp, config.blocks_per_sm) == (pairs, blocks)
+    if i == 320:  # not measured: the persistent heuristic's other settings
+        assert config.warps == tuning.PersistentConfig().warps
     else:
-        assert (config.blocks_per_sm, config.warps, config.rotate, config.pingpong,
-                config.dot) == (3, 8, False, True, "mlcc_q4_dot8_lop3")
-        assert config.rows_per_warp == pairs
+        assert (config.warps, config.rotate, config.pingpong,
+                config.dot) == (8, False, True, "mlcc_q4_dot8_lop3")
     call = fuse_glu(EntryPlan("decode", [], decode_pair(n=2 * i, k=4096))).calls[0]
     kernel = glu.gen_linear_silu_mul(call.spec, "d")
     source = kernel.device_source

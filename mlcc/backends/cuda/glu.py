@@ -21,10 +21,14 @@ Results equal the unfused pair bit for bit: g and u are rounded to float16 as th
 stores them, then go through silu_mul's arithmetic (SILU_MUL, the expression of its kernel).
 
 The decode GEMV's launch comes from the tuning database's persistent record for the gate_up
-shape (N = 2I, K): same blocks per SM, warps, rotation, dot and register buffering, with
-max(1, rows_per_warp // 2) output features per tile, so a tile loads max(2, rows_per_warp)
-weight rows (rounded down to even): as many loads in flight per warp as the measured kernel,
-and never fewer than one gate/up pair.
+shape (N = 2I, K): same warps, rotation, dot and register buffering, with P = max(1,
+rows_per_warp // 2) output features per tile, so a tile loads 2P weight rows (never fewer than
+one gate/up pair). Where that doubles a tile's rows (rows_per_warp 1, the 7B gate_up's record),
+blocks per SM shrink in proportion (3 -> 2), which keeps the weight rows in flight per SM at
+most the measured kernel's (rounded up) and fits the registers: at K = 4096 nvcc 13 gives two
+rows per tile 126 registers a thread against 64 for one, so only two blocks of 8 warps fit an
+SM (tests/compile/test_cuda_gemv_glu_emulated.py). benchmarks/cuda/gemv_sweep.py times the
+fused kernel at other launches ("glu" build set).
 
     fuse_glu(plan)                  the plan with every fusable pair replaced (the builder runs
                                     it when the `fuse_glu_gemm` knob is on)
@@ -129,9 +133,13 @@ def linear_spec(spec: KernelSpec) -> KernelSpec:
 
 def glu_gemv_config(n: int, k: int) -> PersistentConfig:
     """The persistent GEMV launch of the GLU mode for a gate_up weight of N x K: the database's
-    record for N x K with rows_per_warp // 2 output features (pairs) per tile, at least one."""
+    record for N x K with rows_per_warp // 2 output features (pairs) per tile, at least one,
+    and blocks per SM cut where a tile's weight rows grow (see the module docstring)."""
     config = persistent_config(n, k)
-    return dataclasses.replace(config, rows_per_warp=max(1, config.rows_per_warp // 2))
+    pairs = max(1, config.rows_per_warp // 2)
+    in_flight = config.blocks_per_sm * config.rows_per_warp  # weight rows per SM and warp slot
+    blocks = min(config.blocks_per_sm, max(1, -(-in_flight // (2 * pairs))))
+    return dataclasses.replace(config, blocks_per_sm=blocks, rows_per_warp=pairs)
 
 
 def gen_linear_silu_mul(spec: KernelSpec, name: str) -> CudaKernel:
