@@ -18,6 +18,7 @@ sinks in a ring that has wrapped, float32 activations, one split, and a split wi
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -28,12 +29,14 @@ from mlcc.backends.cuda.attention import APPEND_THREADS, gen_qkv_attention
 from mlcc.backends.cuda.decode_attention import (
     CHUNK,
     MAX_SPLITS,
+    UNROLL,
     WARPS,
     gen_decode_attention,
     split_ranges,
     static_splits,
     use_decode,
 )
+from mlcc.backends.cuda.codegen import device_source
 from mlcc.backends.cuda.kernels import C_TYPES
 from mlcc.backends.llvm.fallback import inv_freq_table
 from mlcc.backends.plan import KernelSpec
@@ -227,18 +230,22 @@ CASES = [  # (id, hq, hkv, d, rows, window, sinks, capacity, start, dtype, optio
     ("7b_at_0", 32, 32, 128, 1, -1, 0, 1040, 0, "float16", {}),
     ("7b_at_1", 32, 32, 128, 1, -1, 0, 1040, 1, "float16", {}),
     ("7b_at_100", 32, 32, 128, 1, -1, 0, 1040, 100, "float16", {}),
-    ("7b_at_1000", 32, 32, 128, 1, -1, 0, 1040, 1000, "float16", {}),
+    pytest.param(("7b_at_1000", 32, 32, 128, 1, -1, 0, 1040, 1000, "float16", {}),
+                 marks=pytest.mark.slow),
     ("gqa_32_8_at_300", 32, 8, 128, 1, -1, 0, 1040, 300, "float16", {}),
     ("d64_3_rows_at_200", 4, 2, 64, 3, -1, 0, 512, 200, "float16", {}),
     ("window_ring_wrapped", 4, 2, 64, 2, 40, 4, 64, 530, "float16", {}),
     ("float32_2_rows", 4, 2, 64, 2, -1, 0, 512, 77, "float32", {}),
     ("float32_d128", 2, 1, 128, 1, -1, 0, 512, 150, "float32", {}),
     ("one_split", 4, 4, 128, 1, -1, 0, 512, 300, "float16", {"max_splits": 1}),
+    ("head_dim_8", 8, 8, 8, 1, -1, 0, 512, 70, "float16", {}),  # the GPU parity models
+    ("head_dim_8_float32", 8, 4, 8, 2, -1, 0, 512, 40, "float32", {}),
     ("empty_split", 4, 2, 64, 2, -1, 0, 64, 8, "float16", {"chunk": 1, "max_splits": 4}),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[(c.values[0] if hasattr(c, "values") else c)[0]
+                                              for c in CASES])
 def test_decode_attention_on_host_threads_matches_numpy_and_the_append_kernel(tmp_path, case):
     name, hq, hkv, d, rows, window, sinks, capacity, start, dtype, options = case
     spec = decode_spec(hq, hkv, d, rows, window, sinks, capacity, dtype)
@@ -279,3 +286,29 @@ def test_splits_follow_the_static_context_and_the_position():
     # the benchmark's positions: 33 to 161 visible positions -> 2 to 6 active splits
     assert len(split_ranges(33, MAX_SPLITS)) == 2 and len(split_ranges(161, MAX_SPLITS)) == 6
     assert [len(split_ranges(n, MAX_SPLITS)) for n in (1, 32, 4096)] == [1, 1, MAX_SPLITS]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_decode_attention_compiles_for_sm90_with_128_bit_loads_and_no_spills(tmp_path):
+    specs = [decode_spec(32, 32, 128, 1, capacity=4096), decode_spec(32, 8, 128, 4, 256, 4, 784),
+             decode_spec(8, 4, 64, 1, dtype="float32")]
+    kernels = [gen_decode_attention(s, f"k{i}") for i, s in enumerate(specs)]
+    probes = "".join(
+        f"__global__ void p{i}(const {t}* q, {t}* y, const int* s, const int* pt, {t}* pool) "
+        f"{{ k{i}_decode(q, y, s, pt, pool); }}\n"
+        for i, t in enumerate(["half", "half", "float"]))
+    (tmp_path / "k.cu").write_text(device_source(kernels) + probes)
+    done = subprocess.run(["nvcc", "--cubin", "-O3", "-std=c++17", "-arch=sm_90", "-Xptxas",
+                           "-v", "-o", str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    spills = re.findall(r"(\d+) bytes spill stores", done.stderr)
+    assert len(spills) == 3 and all(int(s) == 0 for s in spills), done.stderr
+    ptx = subprocess.run(["nvcc", "--ptx", "-O3", "-std=c++17", "-arch=sm_90", "-o", "-",
+                          str(tmp_path / "k.cu")], capture_output=True, text=True,
+                         check=True).stdout
+    for probe in ("p0", "p1", "p2"):
+        text = ptx.split(f".entry _Z2{probe}")[1].split(".entry")[0]
+        # keys and values of UNROLL positions: 2 x UNROLL 16-byte loads a round
+        assert len(re.findall(r"ld(\.global)?\.v4\.[ubf]32", text)) >= 2 * UNROLL, probe
+        assert "atom.global.add.u32" in text and "ld.global.cg.f32" in text, probe
