@@ -2,7 +2,7 @@
 
 Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
 
-    python benchmarks/cuda/gemv_sweep.py build .device/sweep [lean|lean2]
+    python benchmarks/cuda/gemv_sweep.py build .device/sweep [lean|lean2|glu]
     python benchmarks/cuda/gemv_sweep.py run .device/sweep $OUT/gemv_sweep.json
     python benchmarks/cuda/gemv_sweep.py profile .device/sweep VARIANT   # under ncu
     python benchmarks/cuda/gemv_sweep.py merge SWEEP.json mlcc/backends/cuda/gemv_tuning.json
@@ -21,7 +21,9 @@ together hold 120 MB or more (beyond the 50 MB L2), median of 7 replays. The JSO
 variant, the fastest plain single-row variant per shape ("best") and per kernel kind
 ("best_by_kind"), and the fastest variant per row count > 1 (or "batch") and shape
 ("best_at_rows", which gemv_tc.gemv_q4_tc_rule reads); copy it to
-mlcc/backends/cuda/gemv_tuning.json to make those the defaults.
+mlcc/backends/cuda/gemv_tuning.json to make those the defaults. The `glu` set times the
+persistent GEMV's GLU mode (the decode linear_silu_mul of glu.py) beside the plain gate_up
+GEMV; its outputs are checked against silu(g) * u of the reference and never recorded as best.
 """
 
 from __future__ import annotations
@@ -117,6 +119,52 @@ def lean2_variants() -> list[dict]:
             v = _persistent(n, k, (2, 8, 1, True), pingpong=True)
             out.append(dict(v, dot=LEAN_DOTS[1], name=v["name"] + "_lop3"))
     return out
+
+
+# The persistent GEMV's GLU mode (gemv.py, glu=; decode linear_silu_mul): the 22016 x 4096
+# gate_up with silu(g) * u stored, [rows, 11008]. (blocks per SM, warps, output features per
+# tile, rotate): a tile loads twice as many weight rows as features; nvcc 13 for sm_90 gives
+# one feature (two rows) 126 registers a thread with the lop3 dot, so 2 blocks of 8 warps or 4
+# of 4 fit an SM; (3, 8, 1) is the plain kernel's record as it is (1.5 waves).
+GLU_SHAPE = (22016, 4096)
+GLU_PERSISTENT = [(2, 8, 1, True), (3, 8, 1, True), (4, 4, 1, True), (3, 4, 1, True),
+                  (2, 4, 2, True), (1, 8, 2, True)]
+# validation only: several rows, odd I (1001) with partial tiles, the tiny width
+GLU_ODD = [(22016, 4096, 4, 1), (2002, 4096, 3, 2), (96, 64, 2, 1)]
+
+
+def _glu(n: int, k: int, cfg: tuple, dot: str = "mlcc_q4_dot8_lop3", rows: int = 1) -> dict:
+    v = _persistent(n, k, cfg, rows)
+    tag = "" if dot == "mlcc_q4_dot8" else "_" + dot[13:]
+    return dict(v, glu=True, dot=dot, name=v["name"].replace("gemv_", "glu_", 1) + tag)
+
+
+def glu_variants() -> list[dict]:
+    """The GLU GEMV at a few launches (lop3 dot, and mlcc_q4_dot8 at one), beside the plain
+    gate_up GEMV at the database's pick (compare: fused against plain + silu_mul's ~1.5 us)."""
+    from mlcc.backends.cuda.tuning import persistent_config
+
+    n, k = GLU_SHAPE
+    c = persistent_config(n, k)
+    plain = _persistent(n, k, (c.blocks_per_sm, c.warps, c.rows_per_warp, c.rotate),
+                        pingpong=c.pingpong)
+    out = [_block(n, k), dict(plain, dot=c.dot, name=plain["name"] + "_" + c.dot[13:])]
+    out += [_glu(n, k, cfg) for cfg in GLU_PERSISTENT]
+    out.append(_glu(n, k, GLU_PERSISTENT[0], dot="mlcc_q4_dot8"))
+    out += [_glu(n, k, (2, 8, pairs, True), rows=rows) for n, k, rows, pairs in GLU_ODD]
+    return out
+
+
+def out_width(v: dict) -> int:
+    """Features per row of y: N, or I = N / 2 for the GLU mode."""
+    return v["n"] // 2 if v.get("glu") else v["n"]
+
+
+def glu_reference(gate_up: np.ndarray) -> np.ndarray:
+    """silu(g) * u in float32 of a float32 gate_up reference (rows, 2I) -> (rows, I)."""
+    half = gate_up.shape[-1] // 2
+    g, u = gate_up[:, :half], gate_up[:, half:]
+    return g / (1 + np.exp(-g)) * u
 
 
 def lean_variants() -> list[dict]:
@@ -231,6 +279,12 @@ def kernel_of(v: dict):
         return gemm_wmma_rule(spec, v["name"])
     if v["kind"] == "block":
         return gemv_q4_kernel(s, v["name"], v["warps"], v["rows_per_warp"], dot=v["dot"])
+    if v.get("glu"):
+        from mlcc.backends.cuda.glu import SILU_MUL
+
+        return gemv_q4_persistent_kernel(s, v["name"], v["blocks_per_sm"], v["warps"],
+                                         v["rows_per_warp"], dot=v["dot"], rotate=v["rotate"],
+                                         pingpong=v["pingpong"], glu=SILU_MUL)
     return gemv_q4_persistent_kernel(s, v["name"], v["blocks_per_sm"], v["warps"],
                                      v["rows_per_warp"], dot=v["dot"], rotate=v["rotate"],
                                      pingpong=v["pingpong"])
@@ -239,7 +293,7 @@ def kernel_of(v: dict):
 def build(folder: Path, only: str = "all") -> None:
     from mlcc.backends.cuda.codegen import compile_library
 
-    chosen = {"lean": lean_variants, "lean2": lean2_variants}.get(
+    chosen = {"lean": lean_variants, "lean2": lean2_variants, "glu": glu_variants}.get(
         only, lambda: variants() + tc_variants())()
     kernels = [kernel_of(v) for v in chosen]
     folder.mkdir(parents=True, exist_ok=True)
@@ -294,11 +348,13 @@ def measure(torch, lib, v: dict, copies: list[tuple], dev, rng) -> dict:
     leading, activations = prologue_inputs(v, rng)
     lead_dev = [tvm.runtime.tensor(a, dev) for a in leading]
     ydt = "float32" if (n, k) == LOGITS else "float16"
-    y_dev = tvm.runtime.empty((v["rows"], n), ydt, dev)
+    y_dev = tvm.runtime.empty((v["rows"], out_width(v)), ydt, dev)
     f = lib[v["name"]]
     # the batch symbol's kernels read the row count from x's and y's shapes
     f(*lead_dev, copies[0][2], copies[0][3], y_dev)
     expected = reference(copies[0][0], copies[0][1], activations)
+    if v.get("glu"):
+        expected = glu_reference(expected)
     err = float(np.abs(y_dev.numpy().astype(np.float32) - expected).max() /
                 np.abs(expected).max())
     row = dict(v, rel_err=err)
@@ -331,7 +387,8 @@ def run(folder: Path, out: Path) -> None:
             results.append(row)
             print(f"{v['name']:44s} err {row['rel_err']:.1e} " +
                   (f"{row['us']:7.2f} us {row['gb_s']:6.0f} GB/s" if "us" in row else "FAILED"))
-            if "us" not in row or v["prologue"] != "none" or (n, k) not in SHAPES:
+            if ("us" not in row or v["prologue"] != "none" or (n, k) not in SHAPES
+                    or v.get("glu")):
                 continue
             record = {key: row[key] for key in RECORD_KEYS if key in row}
             key = f"{n},{k}"
@@ -376,7 +433,7 @@ def profile(folder: Path, name: str, calls: int = 12) -> None:
     leading, _ = prologue_inputs(v, rng)
     lead_dev = [tvm.runtime.tensor(a, dev) for a in leading]
     ydt = "float32" if (v["n"], v["k"]) == LOGITS else "float16"
-    y_dev = tvm.runtime.empty((v["rows"], v["n"]), ydt, dev)
+    y_dev = tvm.runtime.empty((v["rows"], out_width(v)), ydt, dev)
     for i in range(calls):
         copy = copies[i % len(copies)]
         lib[name](*lead_dev, copy[2], copy[3], y_dev)

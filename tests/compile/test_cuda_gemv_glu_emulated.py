@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_cuda_gemm_emulated import SHIM
-from test_cuda_gemv_persistent import launched, ptxas, q_linear_spec
+from test_cuda_gemv_persistent import launched, ptxas, q_linear_spec, sweep_module
 from test_cuda_glu_emulated import c_expf, silu_mul, ulps
 
 from mlcc.backends.cuda import gemv, glu, tuning
@@ -284,3 +284,62 @@ def test_7b_decode_glu_kernel_compiles_without_spills(tmp_path):
     assert int(used["glu7b"]) * config.warps * 32 * config.blocks_per_sm <= 65536, used
     print(f"7B decode GLU GEMV ({config}): {used} registers")
     assert tuning.persistent_config(n, k).warps == config.warps
+
+
+# --- the benchmark harness ----------------------------------------------------------------
+
+
+def test_sweep_glu_variants_generate_and_keep_the_other_sets():
+    sweep = sweep_module()
+    chosen = sweep.glu_variants()
+    assert len({v["name"] for v in chosen}) == len(chosen)
+    fused = [v for v in chosen if v.get("glu")]
+    assert len(fused) >= 6 and all(v["prologue"] == "none" for v in fused)
+    assert {(v["n"], v["k"]) for v in fused if v["rows"] == 1} == {sweep.GLU_SHAPE}
+    for v in chosen:
+        kernel = sweep.kernel_of(v)
+        assert ("sum_u" in kernel.device_source) == bool(v.get("glu")), v["name"]
+        assert f"(1, {sweep.out_width(v)})" in kernel.launcher or v["rows"] != 1
+    assert not any(v.get("glu") for v in sweep.variants() + sweep.lean2_variants())
+
+
+def test_sweep_validates_glu_outputs_against_silu_of_the_reference(monkeypatch):
+    """measure() on the CPU with a stand-in kernel: the right fused outputs pass and are
+    timed; the plain gate_up's gate half (silu_mul missing) fails."""
+    import tvm
+
+    from mlcc.ir.registry import get_op
+
+    sweep = sweep_module()
+    monkeypatch.setattr(sweep, "time_variant", lambda *args: 1.0)
+    rng = np.random.default_rng(5)
+    n, k, rows = 96, 64, 2
+    qw = rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32)
+    qs = (rng.random((n, k // 32)) * 0.05).astype(np.float16)
+    dev = tvm.cpu()
+    copies = [(qw, qs, tvm.runtime.tensor(qw, dev), tvm.runtime.tensor(qs, dev))]
+    v = next(v for v in sweep.glu_variants() if v["n"] == n)
+    x_seen = []
+
+    def fused(x, qw_dev, qs_dev, y):
+        x_seen.append(x.numpy())
+        gate_up = sweep.reference(qw, qs, x_seen[-1]).astype(np.float16)
+        y.copyfrom(get_op("silu_mul").reference(None, [gate_up], {})[0].astype(np.float16))
+
+    def gate_only(x, qw_dev, qs_dev, y):
+        y.copyfrom(sweep.reference(qw, qs, x.numpy())[:, :n // 2].astype(np.float16))
+
+    good = sweep.measure(None, {v["name"]: fused}, v, copies, dev, rng)
+    assert x_seen[0].shape == (rows, k) and good["rel_err"] < 5e-3 and good["us"] == 1.0
+    bad = sweep.measure(None, {v["name"]: gate_only}, v, copies, dev, rng)
+    assert bad["rel_err"] > 1e-2 and "us" not in bad
+
+
+def test_sweep_glu_variants_compile_without_spills(tmp_path):
+    if shutil.which("nvcc") is None:
+        pytest.skip("needs nvcc")
+    sweep = sweep_module()
+    kernels = [sweep.kernel_of(v) for v in sweep.glu_variants()]
+    done = ptxas(kernels, tmp_path, "cubin")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count(" 0 bytes spill stores") == len(kernels), done.stderr
