@@ -26,6 +26,13 @@ pool, with q rotated and rounded to float16 as the kernels do. Only launchers th
 timed: 20 back-to-back calls replayed as one CUDA graph, median of 7 replays, per call (append
 + attention). Per layer of a 7B prefill this is the attention
 op; 32 layers make the model's share.
+
+Decode (one row, DECODE_CASES): `*_decode`, the shipped one-launch kernel of
+mlcc.backends.cuda.decode_attention (positions split over blocks, the last block merges),
+against `*_decode_two`, append + the CUDA-core attend kernel it replaces. Validated the same
+way (the new row's key and value in the pool, the output against float32 attention), then
+timed over LAYERS copies of the pool, one per call in turn (a decode step's 32 layers: the
+keys and values come from HBM, not L2), 32 calls per graph: microseconds per layer.
 """
 
 from __future__ import annotations
@@ -59,6 +66,16 @@ CHUNK = 512  # the ring of a window holds sinks + window + one chunk, as layout.
 VARIANTS = ("flash", "flash_plain", "flash_desc", "flash_base", "cuda_cores")
 BASELINE = "03c319d"  # attention.py before the rotary pairs and the per-row page lookups
 TOLERANCE = 1e-2  # absolute, outputs are weighted means of N(0, 1) values
+DECODE_CASES = [  # (name, config, position of the one new token)
+    ("7b_decode_at_32", "mha", 32),
+    ("7b_decode_at_160", "mha", 160),
+    ("7b_decode_at_1000", "mha", 1000),
+    ("7b_decode_at_4000", "mha", 4000),
+    ("gqa_32_8_decode_at_2000", "gqa", 2000),
+    ("window_256_sinks_4_decode_at_1500", "window", 1500),  # the ring has wrapped
+]
+DECODE_VARIANTS = ("decode", "decode_two")
+LAYERS = 32
 
 
 def kv_layout(config: str) -> dict:
@@ -70,12 +87,13 @@ def kv_layout(config: str) -> dict:
             "ring": ring, "sinks": sinks, "window": window}
 
 
-def attention_spec(config: str):
+def attention_spec(config: str, rows=None):
+    """The config's qkv_attention over a chunk of `rows` (default: symbolic) tokens."""
     from mlcc.backends.plan import KernelSpec
     from mlcc.ir.types import Sym
 
     hq, hkv, d, _, _ = CONFIGS[config]
-    rows = Sym("seq_len")
+    rows = Sym("seq_len") if rows is None else rows
     return KernelSpec(
         "qkv_attention", (((rows, (hq + 2 * hkv) * d), "float16"),), (((rows, hq * d),
                                                                         "float16"),),
@@ -92,6 +110,7 @@ def baseline_generator(folder: Path):
 def build(folder: Path) -> None:
     from mlcc.backends.cuda.attention import gen_qkv_attention
     from mlcc.backends.cuda.codegen import compile_library
+    from mlcc.backends.cuda.decode_attention import gen_decode_attention
     from mlcc.backends.llvm.fallback import inv_freq_table
 
     baseline = baseline_generator(folder)
@@ -105,12 +124,15 @@ def build(folder: Path) -> None:
                                          balance=False))
         kernels.append(baseline(spec, f"{config}_flash_base", flash=True, ldmatrix=True))
         kernels.append(gen_qkv_attention(spec, f"{config}_cuda_cores", flash=False))
+        one = attention_spec(config, rows=1)
+        kernels.append(gen_decode_attention(one, f"{config}_decode"))
+        kernels.append(gen_qkv_attention(one, f"{config}_decode_two", flash=False))
         tables[config] = inv_freq_table(spec).astype(np.float32).tolist()
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     compile_library(kernels, "", "", folder / "attention_bench.so")
     doc = {"configs": {c: {"shape": CONFIGS[c], "kv": kv_layout(c), "inv_freq": tables[c]}
-                       for c in CONFIGS}, "cases": CASES}
+                       for c in CONFIGS}, "cases": CASES, "decode_cases": DECODE_CASES}
     (folder / "cases.json").write_text(json.dumps(doc, indent=1))
     print(f"built {len(kernels)} launchers in {time.perf_counter() - start:.1f} s")
 
@@ -232,6 +254,16 @@ def run(folder: Path, out: Path) -> None:
                   f"k_err {row['k_err']:.1e} "
                   + (f"{row['us']:9.1f} us {row['tflop_s']:6.1f} TFLOP/s" if row["ok"]
                      else "FAILED"))
+    for name, config, position in doc.get("decode_cases", []):
+        for row in validate(torch, tvm, lib, dev, doc, [name, config, position, 1],
+                            DECODE_VARIANTS):
+            f, call = row.pop("function"), row.pop("call")
+            if row["ok"]:
+                row["us"] = time_layers(torch, tvm, dev, f, call)
+            results.append(row)
+            print(f"{row['case']:38s} {row['variant']:14s} y_err {row['y_err']:.1e} "
+                  f"k_err {row['k_err']:.1e} "
+                  + (f"{row['us']:9.2f} us per layer" if row["ok"] else "FAILED"))
     doc = {"device": torch.cuda.get_device_name(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": "python " + " ".join(sys.argv), "tolerance": TOLERANCE,
@@ -242,6 +274,14 @@ def run(folder: Path, out: Path) -> None:
 def time_calls(torch, f, call, calls: int = 20, repeats: int = 7) -> float:
     """Median microseconds per call of `calls` calls replayed as one CUDA graph."""
     return replay_us(torch, lambda i: f(*call), calls, warm=1, repeats=repeats)
+
+
+def time_layers(torch, tvm, dev, f, call, layers: int = LAYERS, repeats: int = 7) -> float:
+    """Median microseconds per call, each call on its own copy of the pool (as each layer of a
+    decode step reads its own part of the cache), one graph of `layers` calls."""
+    pools = [tvm.runtime.tensor(call[4].numpy(), dev) for _ in range(layers)]
+    return replay_us(torch, lambda i: f(*call[:4], pools[i % layers]), layers, warm=1,
+                     repeats=repeats)
 
 if __name__ == "__main__":
     if sys.argv[1] == "build":

@@ -241,7 +241,8 @@ def _merge(spec: KernelSpec, name: str, splits: int) -> str:
   #pragma unroll
   for (int e = 0; e < {per_lane}; ++e)
     #pragma unroll
-    for (int k = 0; k < {vec}; ++k) part_acc[gi][(e * {lanes} + sub) * {vec} + k] = acc[e * {vec} + k];
+    for (int k = 0; k < {vec}; ++k)
+      part_acc[gi][(e * {lanes} + sub) * {vec} + k] = acc[e * {vec} + k];
   __syncthreads();
   float top = part_m[0], total = 0.f;
   #pragma unroll
