@@ -5,13 +5,15 @@ Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
     python benchmarks/cuda/attention_bench.py build .device/attention
     python benchmarks/cuda/attention_bench.py run .device/attention $OUT/attention_bench.json
 
-`build` writes one library with five launchers per KV configuration and cases.json: the shipped
+`build` writes one library with the launchers below for each KV configuration and cases.json: the shipped
 kernels (`*_flash`: append + tensor-core attention, ldmatrix fragments, balanced block order;
 `*_flash_plain`: the same with fragments from plain shared-memory loads; `*_flash_desc`: with
 the blocks heaviest first instead of balanced), the kernels of commit BASELINE
 (`*_flash_base`: per-feature rotary in the append and the query tile, a page lookup per 16-byte
 copy; its text is read with `git show`, so `build` runs in the repository) and append + the
-CUDA-core attention (`*_cuda_cores`). The
+CUDA-core attention (`*_cuda_cores`), and the shipped kernel under the knobs of
+mlcc.backends.cuda.flash (KNOB_VARIANTS: `*_flash_q128`, 128-query tiles on eight warps;
+`*_flash_exp2`, the base-2 softmax; `*_flash_q128_exp2`, both). The
 configurations: the Llama-2-7B layer (32 heads of 128, page size 16 as the llama2_7b preset),
 GQA 32/8, and a sliding window of 256 with 4 sinks in a ring. Cases: a 512-token chunk at
 position 0 and a 256-token chunk at 512 (7B), a 512-token chunk at 0 (GQA), a 512-token chunk
@@ -29,7 +31,8 @@ op; 32 layers make the model's share.
 
 Decode (one row, DECODE_CASES): `*_decode`, the shipped one-launch kernel of
 mlcc.backends.cuda.decode_attention (positions split over blocks, the last block merges),
-against `*_decode_two`, append + the CUDA-core attend kernel it replaces. Validated the same
+`*_decode_c16` / `*_decode_c64` the same with at least 16 / 64 positions per split instead of
+CHUNK (32), against `*_decode_two`, append + the CUDA-core attend kernel it replaces. Validated the same
 way (the new row's key and value in the pool, the output against float32 attention), then
 timed over LAYERS copies of the pool, one per call in turn (a decode step's 32 layers: the
 keys and values come from HBM, not L2), 32 calls per graph: microseconds per layer.
@@ -63,7 +66,12 @@ CASES = [  # (name, config, chunk start, chunk length)
     ("window_256_sinks_4_chunk_77_at_300", "window", 300, 77),
 ]
 CHUNK = 512  # the ring of a window holds sinks + window + one chunk, as layout.py sizes it
-VARIANTS = ("flash", "flash_plain", "flash_desc", "flash_base", "cuda_cores")
+KNOB_VARIANTS = {  # variant: (flash.QUERY_TILE, flash.EXP2) while its kernel is written
+    "flash_q128": (128, False),
+    "flash_exp2": (64, True),
+    "flash_q128_exp2": (128, True),
+}
+VARIANTS = ("flash", "flash_plain", "flash_desc", "flash_base", "cuda_cores", *KNOB_VARIANTS)
 BASELINE = "03c319d"  # attention.py before the rotary pairs and the per-row page lookups
 TOLERANCE = 1e-2  # absolute, outputs are weighted means of N(0, 1) values
 DECODE_CASES = [  # (name, config, position of the one new token)
@@ -74,7 +82,7 @@ DECODE_CASES = [  # (name, config, position of the one new token)
     ("gqa_32_8_decode_at_2000", "gqa", 2000),
     ("window_256_sinks_4_decode_at_1500", "window", 1500),  # the ring has wrapped
 ]
-DECODE_VARIANTS = ("decode", "decode_two")
+DECODE_VARIANTS = ("decode", "decode_c16", "decode_c64", "decode_two")
 LAYERS = 32
 
 
@@ -124,8 +132,11 @@ def build(folder: Path) -> None:
                                          balance=False))
         kernels.append(baseline(spec, f"{config}_flash_base", flash=True, ldmatrix=True))
         kernels.append(gen_qkv_attention(spec, f"{config}_cuda_cores", flash=False))
+        kernels += knob_kernels(spec, config)
         one = attention_spec(config, rows=1)
         kernels.append(gen_decode_attention(one, f"{config}_decode"))
+        for chunk in (16, 64):  # fewer and more positions per split than the shipped CHUNK
+            kernels.append(gen_decode_attention(one, f"{config}_decode_c{chunk}", chunk=chunk))
         kernels.append(gen_qkv_attention(one, f"{config}_decode_two", flash=False))
         tables[config] = inv_freq_table(spec).astype(np.float32).tolist()
     folder.mkdir(parents=True, exist_ok=True)
@@ -135,6 +146,22 @@ def build(folder: Path) -> None:
                        for c in CONFIGS}, "cases": CASES, "decode_cases": DECODE_CASES}
     (folder / "cases.json").write_text(json.dumps(doc, indent=1))
     print(f"built {len(kernels)} launchers in {time.perf_counter() - start:.1f} s")
+
+
+def knob_kernels(spec, config: str) -> list:
+    """The shipped prefill kernel under each KNOB_VARIANTS setting of the flash.py knobs (the
+    module's values are restored afterwards)."""
+    from mlcc.backends.cuda import flash
+    from mlcc.backends.cuda.attention import gen_qkv_attention
+
+    saved, kernels = (flash.QUERY_TILE, flash.EXP2), []
+    try:
+        for variant, (tile, exp2) in KNOB_VARIANTS.items():
+            flash.QUERY_TILE, flash.EXP2 = tile, exp2
+            kernels.append(gen_qkv_attention(spec, f"{config}_{variant}", flash=True))
+    finally:
+        flash.QUERY_TILE, flash.EXP2 = saved
+    return kernels
 
 
 def rotate(x: np.ndarray, pos: np.ndarray, inv: np.ndarray) -> np.ndarray:
@@ -255,11 +282,14 @@ def run(folder: Path, out: Path) -> None:
                   + (f"{row['us']:9.1f} us {row['tflop_s']:6.1f} TFLOP/s" if row["ok"]
                      else "FAILED"))
     for name, config, position in doc.get("decode_cases", []):
+        pools = None  # LAYERS copies of the case's pool, shared by its variants
         for row in validate(torch, tvm, lib, dev, doc, [name, config, position, 1],
                             DECODE_VARIANTS):
             f, call = row.pop("function"), row.pop("call")
             if row["ok"]:
-                row["us"] = time_layers(torch, tvm, dev, f, call)
+                pools = pools or [tvm.runtime.tensor(call[4].numpy(), dev)
+                                  for _ in range(LAYERS)]
+                row["us"] = time_layers(torch, f, call, pools)
             results.append(row)
             print(f"{row['case']:38s} {row['variant']:14s} y_err {row['y_err']:.1e} "
                   f"k_err {row['k_err']:.1e} "
@@ -276,11 +306,10 @@ def time_calls(torch, f, call, calls: int = 20, repeats: int = 7) -> float:
     return replay_us(torch, lambda i: f(*call), calls, warm=1, repeats=repeats)
 
 
-def time_layers(torch, tvm, dev, f, call, layers: int = LAYERS, repeats: int = 7) -> float:
-    """Median microseconds per call, each call on its own copy of the pool (as each layer of a
-    decode step reads its own part of the cache), one graph of `layers` calls."""
-    pools = [tvm.runtime.tensor(call[4].numpy(), dev) for _ in range(layers)]
-    return replay_us(torch, lambda i: f(*call[:4], pools[i % layers]), layers, warm=1,
+def time_layers(torch, f, call, pools: list, repeats: int = 7) -> float:
+    """Median microseconds per call, call i on pools[i] (as each layer of a decode step reads
+    its own part of the cache), one graph of one call per pool."""
+    return replay_us(torch, lambda i: f(*call[:4], pools[i % len(pools)]), len(pools), warm=1,
                      repeats=repeats)
 
 if __name__ == "__main__":

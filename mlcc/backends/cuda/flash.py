@@ -13,6 +13,7 @@ import numpy as np
 
 from mlcc.backends.cuda.kernels import fp
 from mlcc.backends.plan import KernelSpec
+from mlcc.errors import MlccError
 
 TILE = 64  # keys per step of the tensor-core prefill kernel (and queries per block by default)
 FLASH_WARPS = 4  # 16 query rows each, with QUERY_TILE = 64
@@ -176,7 +177,8 @@ def flash_source(spec: KernelSpec, name: str, head: str, rows: str,
     scale = spec.attr("scale") if spec.attr("scale") is not None else 1.0 / np.sqrt(d)
     qt, ld = QUERY_TILE, d + PAD
     if qt not in (TILE, 2 * TILE):
-        raise ValueError(f"QUERY_TILE must be {TILE} or {2 * TILE}, got {qt}")
+        raise MlccError("compile", f"flash.QUERY_TILE: must be {TILE} or {2 * TILE}, got {qt}; "
+                        "set it to one of them")
     threads = qt // 16 * 32
     rounds, guard = _copies(TILE, d, threads)
     rank = (f"{name}_rank(blockIdx.x, gridDim.x, {name}_sms())" if balance
