@@ -25,7 +25,7 @@ KNOBS: dict[str, tuple[int, str]] = {
     "fast_schedules": (1, "backend: parallel and vectorized schedules (off: plain fallback)"),
     # On at O2 since the replayed decode equals the plain one on an H200 (tests/gpu).
     "cudagraph": (2, "backend (CUDA): capture the decode step once and replay it"),
-    "fuse_glu_gemm": (1, "backend (CUDA): silu_mul in the prefill gate_up GEMM's epilogue"),
+    "fuse_glu_gemm": (1, "backend (CUDA): silu_mul in the gate_up GEMM/GEMV epilogue"),
 }
 
 

@@ -71,8 +71,8 @@ def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
 
     `prologues` folds norms and silu_mul into the decode GEMVs (mlcc.backends.cuda.fusion);
     off by default: on the H200 the fused GEMVs took longer than the two kernels they replace.
-    `fuse_glu` runs silu_mul in the prefill gate_up GEMM's epilogue (mlcc.backends.cuda.glu);
-    the compile command sets it from the `fuse_glu_gemm` knob.
+    `fuse_glu` runs silu_mul in the epilogue of the gate_up GEMM (prefill) and of the decode GEMV
+    (mlcc.backends.cuda.glu); the compile command sets it from the `fuse_glu_gemm` knob.
     """
     metadata = with_tensor_parallel(module, metadata)
     plans = [plan_entry(fn, module) for fn in module.functions]
