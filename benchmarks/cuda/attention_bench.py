@@ -32,10 +32,11 @@ op; 32 layers make the model's share.
 Decode (one row, DECODE_CASES): `*_decode`, the shipped one-launch kernel of
 mlcc.backends.cuda.decode_attention (positions split over blocks, the last block merges),
 `*_decode_c16` / `*_decode_c64` the same with at least 16 / 64 positions per split instead of
-CHUNK (32), against `*_decode_two`, append + the CUDA-core attend kernel it replaces. Validated the same
-way (the new row's key and value in the pool, the output against float32 attention), then
-timed over LAYERS copies of the pool, one per call in turn (a decode step's 32 layers: the
-keys and values come from HBM, not L2), 32 calls per graph: microseconds per layer.
+its CHUNK (32), against `*_decode_two`, append + the CUDA-core attend kernel it replaces.
+Validated the same way (the new row's key and value in the pool, the output against float32
+attention), then timed over LAYERS copies of the pool, one per call in turn (a decode step's
+32 layers: the keys and values come from HBM, not L2), 32 calls per graph: microseconds per
+layer.
 """
 
 from __future__ import annotations

@@ -126,13 +126,14 @@ void save(const T* v, size_t n, const char* path) {
 
 
 def decode_spec(hq: int, hkv: int, d: int, rows: int, window: int = -1, sinks: int = 0,
-                capacity: int = 1040, dtype: str = "float16") -> KernelSpec:
+                capacity: int = 1040, dtype: str = "float16", rotary: int = 0) -> KernelSpec:
     """qkv_attention of `rows` static decode rows over a cache of `capacity` positions (a ring
-    of `capacity` slots with a window)."""
+    of `capacity` slots with a window); rotate_half over the first `rotary` features (all
+    when 0)."""
     return KernelSpec(
         "qkv_attention", (((rows, (hq + 2 * hkv) * d), dtype),), (((rows, hq * d), dtype),),
         (("batched", False), ("num_q_heads", hq), ("rope_scaling", None),
-         ("rope_style", "rotate_half"), ("rope_theta", 10000.0), ("rotary_dim", d),
+         ("rope_style", "rotate_half"), ("rope_theta", 10000.0), ("rotary_dim", rotary or d),
          ("scale", None)),
         (("capacity", capacity), ("dtype", dtype), ("head_dim", d), ("kv_heads", hkv),
          ("page_size", 16), ("pages", capacity // 16), ("pages_per_seq", capacity // 16),
@@ -192,13 +193,14 @@ def run_emulated(tmp_path, spec: KernelSpec, arrays: dict, seed: int, **options)
 
 
 def rope(x: np.ndarray, pos: np.ndarray, inv: np.ndarray, dtype) -> np.ndarray:
-    """rotate_half rotary of (n, heads, d) rows in float32, rounded to `dtype`, as float64."""
+    """rotate_half rotary of the first 2 * len(inv) features of (n, heads, d) rows in float32,
+    rounded to `dtype`, as float64; the other features pass unchanged."""
     half = inv.size
     angle = pos.astype(np.float32)[:, None] * inv[None, :]
     cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
     x = x.astype(np.float32)
-    lo, hi = x[..., :half], x[..., half:]
-    out = np.concatenate([lo * cos - hi * sin, hi * cos + lo * sin], -1)
+    lo, hi = x[..., :half], x[..., half:2 * half]
+    out = np.concatenate([lo * cos - hi * sin, hi * cos + lo * sin, x[..., 2 * half:]], -1)
     return out.astype(dtype).astype(np.float64)
 
 
@@ -228,7 +230,7 @@ def reference(spec: KernelSpec, arrays: dict, pool: np.ndarray) -> np.ndarray:
     return out.reshape(rows, hq * d)
 
 
-CASES = [  # (id, hq, hkv, d, rows, window, sinks, capacity, start, dtype, options)
+CASES = [  # (id, hq, hkv, d, rows, window, sinks, capacity, start, dtype, options, rotary)
     ("7b_at_0", 32, 32, 128, 1, -1, 0, 1040, 0, "float16", {}),
     ("7b_at_1", 32, 32, 128, 1, -1, 0, 1040, 1, "float16", {}),
     ("7b_at_100", 32, 32, 128, 1, -1, 0, 1040, 100, "float16", {}),
@@ -243,14 +245,15 @@ CASES = [  # (id, hq, hkv, d, rows, window, sinks, capacity, start, dtype, optio
     ("head_dim_8", 8, 8, 8, 1, -1, 0, 512, 70, "float16", {}),  # the GPU parity models
     ("head_dim_8_float32", 8, 4, 8, 2, -1, 0, 512, 40, "float32", {}),
     ("empty_split", 4, 2, 64, 2, -1, 0, 64, 8, "float16", {"chunk": 1, "max_splits": 4}),
+    ("partial_rotary_d32", 4, 4, 32, 1, -1, 0, 512, 45, "float16", {}, 8),  # as GPT-NeoX
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[(c.values[0] if hasattr(c, "values") else c)[0]
                                               for c in CASES])
 def test_decode_attention_on_host_threads_matches_numpy_and_the_append_kernel(tmp_path, case):
-    _, hq, hkv, d, rows, window, sinks, capacity, start, dtype, options = case
-    spec = decode_spec(hq, hkv, d, rows, window, sinks, capacity, dtype)
+    _, hq, hkv, d, rows, window, sinks, capacity, start, dtype, options, *rotary = case
+    spec = decode_spec(hq, hkv, d, rows, window, sinks, capacity, dtype, *rotary)
     assert use_decode(spec)
     kv = dict(spec.kv)
     rng = np.random.default_rng(start + rows + hq)

@@ -4,7 +4,9 @@ For a chunk of 1..DECODE_ROWS tokens of one sequence, `gen_decode_attention` rep
 append + attend pair of mlcc.backends.cuda.attention by one kernel, `{name}_decode`, with a
 block per (row, query head, split):
 
-1. The block rotates its query and the keys of its KV head for every chunk row up to its own,
+1. Blocks are numbered split-major (all (row, head) pairs of split 0 first), so the blocks of
+   short contexts, which use the first splits only, spread over the SMs. The block rotates
+   its query and the keys of its KV head for every chunk row up to its own,
    and keeps those keys and values (in the cache dtype) in shared memory: the chunk's
    positions are read from there, never from the pool, so no block waits on another's write.
    Exactly one block per (row, KV head) (split 0, the first query head of the group) also
@@ -114,9 +116,10 @@ def _prologue(spec: KernelSpec, name: str, rows: int, splits: int) -> str:
     return f"""  __shared__ float q_s[{d}];
   __shared__ __align__(16) T_KV kv_s[2][{rows}][{d}];  // the chunk's keys, values
   __shared__ int last_s;
-  const int split = blockIdx.x % SPLITS;
-  const int h = (blockIdx.x / SPLITS) % {hq}, g = h / {group};
-  const long long i = blockIdx.x / (SPLITS * {hq});
+  // split-major: the blocks that may have work come first and spread over the SMs
+  const int split = blockIdx.x / {rows * hq};
+  const int h = blockIdx.x % {hq}, g = h / {group};
+  const long long i = blockIdx.x / {hq} % {rows};
   const long long start = seq_info[0], pos = start + i;
   const long long lo = {first};
   const long long sinks_end = {sinks} < lo ? {sinks} : lo;
