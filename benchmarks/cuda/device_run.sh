@@ -31,13 +31,16 @@ if [ "${SKIP_CONVERT:-0}" != 1 ]; then
     /tmp/mlcc-convert "$R/convert_weight_cuda.md" 2>&1 | tail -3
 fi
 if [ "${SKIP_MICRO:-0}" != 1 ]; then
-  for pair in gemv_sweep:sweep gemm_bench:gemm attention_bench:attention \
-      elementwise_bench:elementwise; do
+  # every .device/sweep* folder is a gemv_sweep build (e.g. `build .device/sweep_glu glu`)
+  pairs="gemm_bench:gemm attention_bench:attention elementwise_bench:elementwise"
+  for folder in .device/sweep*; do pairs="gemv_sweep:${folder#.device/} $pairs"; done
+  for pair in $pairs; do
     script=${pair%%:*} folder=.device/${pair##*:}
     [ -d "$folder" ] || continue
+    tag=$script; [ "$script" = gemv_sweep ] && tag=gemv_${pair##*:}
     timeout "${MICRO_TIMEOUT:-150}" python3 "benchmarks/cuda/$script.py" run "$folder" \
-      "$R/$script.json" > "$R/$script.log" 2>&1
-    echo "== $script (exit $?)"; tail -12 "$R/$script.log"
+      "$R/$tag.json" > "$R/$tag.log" 2>&1
+    echo "== $tag (exit $?)"; tail -"${MICRO_TAIL:-12}" "$R/$tag.log"
   done
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
