@@ -14,6 +14,8 @@ table, the new rows' keys and values included); the pool after the call equal bi
 what the append kernel writes; the per-(row, head) counters back to 0. Cases: the Llama-2-7B
 head at positions 0, 1, 100 and 1000, GQA, head_dim 64, several rows, a sliding window with
 sinks in a ring that has wrapped, float32 activations, one split, and a split with no position.
+Also: the kernels compile for sm_90 without spills, with 16-byte loads, and the Llama-2-7B
+decode entry attends in one launch while its prefill keeps append + the tensor-core kernel.
 """
 
 from __future__ import annotations
@@ -326,3 +328,17 @@ def test_decode_attention_compiles_for_sm90_with_128_bit_loads_and_no_spills(tmp
         # keys and values of UNROLL positions: 2 x UNROLL 16-byte loads a round
         assert len(re.findall(r"ld(\.global)?\.v4\.[ubf]32", text)) >= 2 * UNROLL, probe
         assert "atom.global.add.u32" in text and "ld.global.cg.f32" in text, probe
+
+
+def test_the_7b_decode_step_attends_in_one_launch_and_prefill_keeps_two():
+    from test_cuda_codegen import lowered
+
+    from mlcc.backends.cuda.codegen import kernel_for, library_parts
+
+    _, plans, _, _ = library_parts(lowered("llama2_7b", "q4f16_1"), {"params": []})
+    expected = {"decode": ["_decode"], "prefill": ["_append", "_flash"]}
+    for plan in plans:
+        (spec,) = {c.spec for c in plan.calls if c.spec.op == "qkv_attention"}
+        launcher = kernel_for(spec, "k0_qkv_attention").launcher
+        calls = re.findall(r'call_extern\("int32", "k0_qkv_attention(_\w+)"', launcher)
+        assert calls == expected[plan.name], (plan.name, calls)
