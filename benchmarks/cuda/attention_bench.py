@@ -12,8 +12,10 @@ the blocks heaviest first instead of balanced), the kernels of commit BASELINE
 (`*_flash_base`: per-feature rotary in the append and the query tile, a page lookup per 16-byte
 copy; its text is read with `git show`, so `build` runs in the repository) and append + the
 CUDA-core attention (`*_cuda_cores`), and the shipped kernel under the knobs of
-mlcc.backends.cuda.flash (KNOB_VARIANTS: `*_flash_q128`, 128-query tiles on eight warps;
-`*_flash_exp2`, the base-2 softmax; `*_flash_q128_exp2`, both). The
+mlcc.backends.cuda.flash (KNOB_VARIANTS: `*_flash_q128`, 128 consecutive query rows on eight
+warps; `*_flash_q128_paired`, query tiles a and T - 1 - a on eight warps (no window only; the
+window config builds the consecutive kernel under that name); `*_flash_exp2`, the base-2
+softmax; `*_flash_q128_exp2`, `*_flash_q128_paired_exp2`: both). The
 configurations: the Llama-2-7B layer (32 heads of 128, page size 16 as the llama2_7b preset),
 GQA 32/8, and a sliding window of 256 with 4 sinks in a ring. Cases: a 512-token chunk at
 position 0 and a 256-token chunk at 512 (7B), a 512-token chunk at 0 (GQA), a 512-token chunk
@@ -67,10 +69,12 @@ CASES = [  # (name, config, chunk start, chunk length)
     ("window_256_sinks_4_chunk_77_at_300", "window", 300, 77),
 ]
 CHUNK = 512  # the ring of a window holds sinks + window + one chunk, as layout.py sizes it
-KNOB_VARIANTS = {  # variant: (flash.QUERY_TILE, flash.EXP2) while its kernel is written
-    "flash_q128": (128, False),
-    "flash_exp2": (64, True),
-    "flash_q128_exp2": (128, True),
+KNOB_VARIANTS = {  # variant: (flash.QUERY_TILE, flash.EXP2, flash.PAIRED) while it is written
+    "flash_q128": (128, False, False),
+    "flash_exp2": (64, True, False),
+    "flash_q128_exp2": (128, True, False),
+    "flash_q128_paired": (128, False, True),
+    "flash_q128_paired_exp2": (128, True, True),
 }
 VARIANTS = ("flash", "flash_plain", "flash_desc", "flash_base", "cuda_cores", *KNOB_VARIANTS)
 BASELINE = "03c319d"  # attention.py before the rotary pairs and the per-row page lookups
@@ -155,13 +159,13 @@ def knob_kernels(spec, config: str) -> list:
     from mlcc.backends.cuda import flash
     from mlcc.backends.cuda.attention import gen_qkv_attention
 
-    saved, kernels = (flash.QUERY_TILE, flash.EXP2), []
+    saved, kernels = (flash.QUERY_TILE, flash.EXP2, flash.PAIRED), []
     try:
-        for variant, (tile, exp2) in KNOB_VARIANTS.items():
-            flash.QUERY_TILE, flash.EXP2 = tile, exp2
+        for variant, knobs in KNOB_VARIANTS.items():
+            flash.QUERY_TILE, flash.EXP2, flash.PAIRED = knobs
             kernels.append(gen_qkv_attention(spec, f"{config}_{variant}", flash=True))
     finally:
-        flash.QUERY_TILE, flash.EXP2 = saved
+        flash.QUERY_TILE, flash.EXP2, flash.PAIRED = saved
     return kernels
 
 

@@ -10,7 +10,8 @@ own validation (benchmarks/cuda/attention_bench.py `check`): keys rotated and va
 into the right slots, and the output against float32 attention over exactly the visible keys.
 Cases: a chunk that starts inside a tile and ends in a partial one, GQA, a sliding window
 with sinks in a ring that has wrapped, both fragment loaders and both block orders; then each
-setting of the flash.py knobs (128-query tiles on eight warps, the base-2 softmax, both) over
+setting of the flash.py knobs (128-query tiles on eight warps, consecutive or paired, the
+base-2 softmax, and their combinations) over
 a causal 512-token prefill from position 0, GQA with the 32/8 group size at head dim 64, the
 wrapped window with sinks, a chunk starting mid-sequence, and head dim 80 (copies that do not
 divide evenly over 256 threads).
@@ -202,13 +203,14 @@ KNOB_CASES = [  # the same fields
     (2, 2, 128, -1, 0, 300, 90, False, False, 2),  # mid-sequence chunk, plain loads, no balance
     (2, 2, 80, -1, 0, 5, 140, True, True, 2),  # head dim 80
 ]
-KNOBS = [(128, False), (64, True), (128, True)]  # (QUERY_TILE, EXP2)
-ALL = [(case, (64, False)) for case in CASES] + [(c, k) for k in KNOBS for c in KNOB_CASES]
+KNOBS = [(128, False, False), (64, True, False), (128, True, False), (128, False, True),
+         (128, True, True)]  # (QUERY_TILE, EXP2, PAIRED)
+ALL = [(case, (64, False, False)) for case in CASES] + [(c, k) for k in KNOBS for c in KNOB_CASES]
 
 
 def _param(case: tuple, knobs: tuple):
     name = (f"h{case[0]}_{case[1]}_d{case[2]}_w{case[3]}_at{case[5]}_n{case[6]}_q{knobs[0]}"
-            + ("_exp2" if knobs[1] else ""))
+            + ("_exp2" if knobs[1] else "") + ("_paired" if knobs[2] else ""))
     marks = [pytest.mark.slow] if case[6] >= 512 else []  # 15-20 s of host threads each
     return pytest.param(case, knobs, id=name, marks=marks)
 
@@ -219,12 +221,14 @@ def test_prefill_attention_run_on_host_threads_matches_float32_attention(tmp_pat
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(flash, "QUERY_TILE", knobs[0])
     monkeypatch.setattr(flash, "EXP2", knobs[1])
+    monkeypatch.setattr(flash, "PAIRED", knobs[2])
     hq, hkv, d, window, sinks, start, n, ldmatrix, balance, sms = case
     spec = attention_spec(hq=hq, hkv=hkv, d=d, window=window, sinks=sinks, rows=n)
     kernel = gen_qkv_attention(spec, "k0_qkv_attention", flash=True, ldmatrix=ldmatrix,
                                balance=balance)
     # the knobs reach both the source and the launch
     assert ("exp2f(" in kernel.device_source) == knobs[1]
+    assert ("qb != qa" in kernel.device_source) == (knobs[2] and window <= 0)
     assert f"T.int64({knobs[0] - 1})) // T.int64({knobs[0]})" in kernel.launcher
     kv = dict(spec.kv)
     rng = np.random.default_rng(start + n)

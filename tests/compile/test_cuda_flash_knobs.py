@@ -26,7 +26,8 @@ from mlcc.backends.cuda.attention import gen_qkv_attention
 from mlcc.backends.cuda.codegen import device_source
 from mlcc.errors import MlccError
 
-KNOBS = [(64, False), (128, False), (64, True), (128, True)]  # (QUERY_TILE, EXP2)
+KNOBS = [(64, False, False), (128, False, False), (64, True, False), (128, True, False),
+         (128, False, True), (128, True, True)]  # (QUERY_TILE, EXP2, PAIRED)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
@@ -55,10 +56,11 @@ def test_warp_skip_never_drops_a_visible_pair(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-@pytest.mark.parametrize("knobs", KNOBS, ids=[f"q{q}{'_exp2' if e else ''}" for q, e in KNOBS])
+@pytest.mark.parametrize("knobs", KNOBS, ids=[f"q{q}{'_exp2' * e}{'_paired' * p}" for q, e, p in KNOBS])
 def test_every_knob_setting_compiles_for_sm90_without_spills(tmp_path, monkeypatch, knobs):
     monkeypatch.setattr(flash, "QUERY_TILE", knobs[0])
     monkeypatch.setattr(flash, "EXP2", knobs[1])
+    monkeypatch.setattr(flash, "PAIRED", knobs[2])
     kernels = [gen_qkv_attention(spec, f"k{i}_qkv_attention", ldmatrix=True)
                for i, spec in enumerate(NVCC_CASES.values())]
     threads = knobs[0] // 16 * 32

@@ -23,6 +23,12 @@ PAD = 8  # float16 padding per shared-memory row of keys and values
 # query; a warp skips the key tiles none of its 16 rows sees). Both read by `flash_source` and
 # `flash_nest` at generation time, so a script may set them before building a library.
 QUERY_TILE = 64
+# With QUERY_TILE = 128 and no sliding window: a block takes two 64-row query tiles a and
+# T - 1 - a of the chunk's T (warps 0-3 and 4-7) instead of 128 consecutive rows. Causally, the
+# key tiles of a are a prefix of those of T - 1 - a, so the loads are shared all the same, and
+# every block does about the same work (128 consecutive rows leave the last block of a 512-token
+# prefill twice the key tiles of an average one, in a grid of one block per SM).
+PAIRED = False
 # Softmax in base 2 with scale * log2(e) folded into one FMA per score (exp2f instead of expf
 # of a scaled, max-shifted score; the running max kept in base-2 units) instead of base e.
 EXP2 = False
@@ -170,7 +176,8 @@ def flash_source(spec: KernelSpec, name: str, head: str, rows: str,
     P is rounded to float16 for the MMA. Query tiles are ordered by `order_source` (`balance`)
     or last-first (they visit the most key tiles). `ldmatrix` loads the key and value
     fragments with ldmatrix (four 8x8 matrices per instruction, values transposed on the way)
-    instead of 32- and 16-bit loads. QUERY_TILE and EXP2 are read when the source is written.
+    instead of 32- and 16-bit loads. QUERY_TILE, PAIRED and EXP2 are read when the source is
+    written.
     """
     kv = dict(spec.kv)
     hq, hkv, d, page = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"], kv["page_size"]
@@ -186,6 +193,7 @@ def flash_source(spec: KernelSpec, name: str, head: str, rows: str,
     # with 128 rows, a warp whose rows see no key of the tile (the diagonal's last key tile for
     # the first four warps) skips its MMAs and softmax; the block still loads the tile
     mine = f"if ({name}_touch(pa - gid, pa - gid + 15, j0))" if qt > TILE else ""
+    paired = PAIRED and qt > TILE and kv["window"] <= 0
     return (FLASH_PTX + visibility_source(name, kv["window"], kv["sinks"])
             + order_source(name)) + f"""
 // One page lookup per key row of a tile (thread r < {TILE} looks up row r): the row's key
@@ -218,15 +226,14 @@ __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__
   const long long n = {rows};
   const long long rank = {rank};  // 0: the first of the query tiles that visit the most keys
   const int h = rank % {hq}, g = h / {hq // hkv};
-  const long long q0 = ((n + {qt - 1}) / {qt} - 1 - rank / {hq}) * {qt};
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
   const long long start = seq_info[0];
-  const long long p0 = start + q0, p1 = start + (q0 + {qt - 1} < n ? q0 + {qt - 1} : n - 1);
+{_query_rows(hq, qt, paired)}
   unsigned qf[{d // 16}][4];
-{_query_fragments(name, d, ld, (hq + 2 * hkv) * d, qt, threads, rounds, guard)}
+{_query_fragments(name, d, ld, (hq + 2 * hkv) * d, qt, threads, rounds, guard, paired)}
   long long sink_tiles, first;
   const long long count = {name}_tiles(p0, p1, &sink_tiles, &first);
-  const long long pa = p0 + warp * 16 + gid;  // this thread's rows: pa and pa + 8
+  const long long pa = {"start + qw" if paired else "p0 + warp * 16"} + gid;  // rows pa, pa + 8
   float o[{d // 8}][4], m[2] = {{-1.0e30f, -1.0e30f}}, l[2] = {{0.f, 0.f}};
   #pragma unroll
   for (int nt = 0; nt < {d // 8}; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
@@ -266,21 +273,35 @@ __device__ __forceinline__ void {name}_stage(half* dst, const half* __restrict__
     if (t + 1 < count) {name}_stage(vs, pool, tab[(t + 1) & 1], 1);
     mlcc_attn_cp_commit();
   }}
-{_flash_store(hq, d)}
+{_flash_store(hq, d, paired)}
   return 0;
 }}
 """
 
 
+def _query_rows(hq: int, qt: int, paired: bool) -> str:
+    """The block's query rows: positions [p0, p1] cover them (the key tiles and rows loaded
+    follow from those); paired, qw is the first chunk row of this warp's 16."""
+    if not paired:
+        return f"""  const long long q0 = ((n + {qt - 1}) / {qt} - 1 - rank / {hq}) * {qt};
+  const long long p0 = start + q0, p1 = start + (q0 + {qt - 1} < n ? q0 + {qt - 1} : n - 1);"""
+    return f"""  // 64-row query tiles qa <= qb, equal in the middle of an odd count (warps 4-7 then
+  // compute qa's rows again and store nothing)
+  const long long qa = rank / {hq} * {TILE};
+  const long long qb = ((n + {TILE - 1}) / {TILE} - 1 - rank / {hq}) * {TILE};
+  const long long p0 = start + qa, p1 = start + (qb + {TILE - 1} < n ? qb + {TILE - 1} : n - 1);
+  const long long qw = (warp < 4 ? qa : qb) + (warp & 3) * 16;"""
+
+
 def _query_fragments(name: str, d: int, ld: int, width: int, qt: int, threads: int,
-                     rounds: int, guard: str) -> str:
+                     rounds: int, guard: str, paired: bool) -> str:
     """The query tile into `qf`, 64 rows at a time through the key and value buffers: the raw
     rows land in vs with every 16-byte copy in flight at once (rows past the chunk are zeros),
     a thread per rotary pair rotates them into ks, and the warps of those rows take their A
     fragments."""
     return f"""  #pragma unroll 1
   for (int part = 0; part < {qt // TILE}; ++part) {{
-    const long long r0 = q0 + part * {TILE};
+    const long long r0 = {"part == 0 ? qa : qb" if paired else f"q0 + part * {TILE}"};
     #pragma unroll
     for (int u = 0; u < {rounds}; ++u) {{
       const int e = threadIdx.x + u * {threads}, r = e / {d // 8}, c = e % {d // 8} * 8;
@@ -445,14 +466,16 @@ def _weighted_values(d: int, ld: int, ldmatrix: bool) -> str:
     }}"""
 
 
-def _flash_store(hq: int, d: int) -> str:
+def _flash_store(hq: int, d: int, paired: bool) -> str:
+    stored = "i < n && (warp < 4 || qb != qa)" if paired else "i < n"
+    row = "qw" if paired else "q0 + warp * 16"
     return f"""  #pragma unroll
   for (int r = 0; r < 2; ++r) {{
     float total = l[r];
     total += __shfl_xor_sync(0xffffffffu, total, 1);
     total += __shfl_xor_sync(0xffffffffu, total, 2);
-    const long long i = q0 + warp * 16 + gid + 8 * r;
-    if (i < n) {{
+    const long long i = {row} + gid + 8 * r;
+    if ({stored}) {{
       const float inv = 1.0f / total;
       #pragma unroll
       for (int nt = 0; nt < {d // 8}; ++nt)
