@@ -2,7 +2,10 @@
 
 `flash_source` writes `{name}_flash`: a block per (64-query tile, query head), four warps of 16
 query rows, key and value tiles of 64 positions gathered from the KV pages with cp.async,
-S = Q K^T and O += P V on mma.sync m16n8k16 with float32 accumulators, online softmax per row.
+S = Q K^T and O += P V on mma.sync m16n8k16 with float32 accumulators, online softmax per row;
+`flash_nest` is its launch. The knobs QUERY_TILE (128 rows on eight warps), PAIRED (those rows
+as two 64-row tiles from both ends of the chunk) and EXP2 (base-2 softmax) change the kernel
+and its launch; benchmarks/cuda/attention_bench.py times each setting.
 `visibility_source` is its tile and visibility logic as plain C++ (also compiled on the host by
 the tests), `order_source` the order in which blocks take query tiles.
 """
@@ -20,8 +23,8 @@ FLASH_WARPS = 4  # 16 query rows each, with QUERY_TILE = 64
 PAD = 8  # float16 padding per shared-memory row of keys and values
 # Query rows per block: 64 (four warps) or 128 (eight warps: each key and value tile staged in
 # shared memory serves twice the queries, half the cp.async and shared-memory traffic per
-# query; a warp skips the key tiles none of its 16 rows sees). Both read by `flash_source` and
-# `flash_nest` at generation time, so a script may set them before building a library.
+# query; a warp skips the key tiles none of its 16 rows sees). The knobs are read by
+# `flash_source` and `flash_nest` at generation time, so a script may set them before a build.
 QUERY_TILE = 64
 # With QUERY_TILE = 128 and no sliding window: a block takes two 64-row query tiles a and
 # T - 1 - a of the chunk's T (warps 0-3 and 4-7) instead of 128 consecutive rows. Causally, the
