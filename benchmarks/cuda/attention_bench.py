@@ -33,6 +33,7 @@ op; 32 layers make the model's share.
 
 Decode (one row, DECODE_CASES): `*_decode`, the shipped one-launch kernel of
 mlcc.backends.cuda.decode_attention (positions split over blocks, the last block merges),
+`*_decode_split` the same without its one-block range for short contexts (SOLO),
 `*_decode_c16` / `*_decode_c64` the same with at least 16 / 64 positions per split instead of
 its CHUNK (32), against `*_decode_two`, append + the CUDA-core attend kernel it replaces.
 Validated the same way (the new row's key and value in the pool, the output against float32
@@ -87,7 +88,7 @@ DECODE_CASES = [  # (name, config, position of the one new token)
     ("gqa_32_8_decode_at_2000", "gqa", 2000),
     ("window_256_sinks_4_decode_at_1500", "window", 1500),  # the ring has wrapped
 ]
-DECODE_VARIANTS = ("decode", "decode_c16", "decode_c64", "decode_two")
+DECODE_VARIANTS = ("decode", "decode_split", "decode_c16", "decode_c64", "decode_two")
 LAYERS = 32
 
 
@@ -140,6 +141,8 @@ def build(folder: Path) -> None:
         kernels += knob_kernels(spec, config)
         one = attention_spec(config, rows=1)
         kernels.append(gen_decode_attention(one, f"{config}_decode"))
+        # split from the first CHUNK positions on (no one-block range for short contexts)
+        kernels.append(gen_decode_attention(one, f"{config}_decode_split", solo=0))
         for chunk in (16, 64):  # fewer and more positions per split than the shipped CHUNK
             kernels.append(gen_decode_attention(one, f"{config}_decode_c{chunk}", chunk=chunk))
         kernels.append(gen_qkv_attention(one, f"{config}_decode_two", flash=False))

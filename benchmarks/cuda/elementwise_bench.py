@@ -129,7 +129,7 @@ def measure(torch, tvm, lib, dev, name: str, op: str, h: int, rows: int, rng) ->
     copies += [[tvm.runtime.tensor(a, dev) for a in make_inputs(op, h, rows, rng)]
                for _ in range(count - 1)]
     outputs = [tvm.runtime.empty(e.shape, "float16", dev) for e in expected]
-    rows = []
+    found = []
     for variant in VARIANTS:
         f = lib[f"{name}_{variant}"]
         for out in outputs:
@@ -141,10 +141,10 @@ def measure(torch, tvm, lib, dev, name: str, op: str, h: int, rows: int, rng) ->
         if row["ok"]:
             row["us"] = time_calls(torch, f, copies, outputs)
             row["gb_s"] = moved_bytes(op, h, rows) / (row["us"] * 1e-6) / 1e9
-        rows.append(row)
+        found.append(row)
         print(f"{name:24s} {variant:5s} err {row['err']:.1e} "
               + (f"{row['us']:8.2f} us {row['gb_s']:6.0f} GB/s" if row["ok"] else "FAILED"))
-    return rows
+    return found
 
 
 def run(folder: Path, out: Path) -> None:

@@ -2,7 +2,7 @@
 
 Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
 
-    python benchmarks/cuda/gemv_sweep.py build .device/sweep [lean|lean2|glu]
+    python benchmarks/cuda/gemv_sweep.py build .device/sweep [lean|lean2|lean3|glu]
     python benchmarks/cuda/gemv_sweep.py run .device/sweep $OUT/gemv_sweep.json
     python benchmarks/cuda/gemv_sweep.py profile .device/sweep VARIANT   # under ncu
     python benchmarks/cuda/gemv_sweep.py merge SWEEP.json mlcc/backends/cuda/gemv_tuning.json
@@ -167,6 +167,25 @@ def glu_reference(gate_up: np.ndarray) -> np.ndarray:
     return g / (1 + np.exp(-g)) * u
 
 
+# Round three: mlcc_q4_dot8_lop3_pairs (mlcc_q4_dot8's rounding, lop3's dequantization) at the
+# launch shapes rounds one and two found best, and the shipped pick, for each shape.
+LEAN3_PERSISTENT = {4096: [(2, 8, 1, True), (3, 8, 1, True), (6, 4, 1, True), (3, 4, 2, True),
+                           (4, 4, 1, True), (2, 4, 2, True)],
+                    11008: [(1, 8, 1, True), (2, 4, 1, True), (4, 4, 1, True)]}
+PAIRS = "mlcc_q4_dot8_lop3_pairs"
+
+
+def lean3_variants() -> list[dict]:
+    out = []
+    for n, k in SHAPES:
+        out.append(_block(n, k))
+        out.append(_block(n, k, cfg=(4, 2 if k == 11008 else 4, PAIRS)))
+        for c in LEAN3_PERSISTENT[k]:
+            v = _persistent(n, k, c)
+            out.append(dict(v, dot=PAIRS, name=v["name"] + "_pairs"))
+    return out
+
+
 def lean_variants() -> list[dict]:
     """The block and persistent GEMVs with the lean dot functions, beside the shipped pick."""
     out = []
@@ -293,7 +312,8 @@ def kernel_of(v: dict):
 def build(folder: Path, only: str = "all") -> None:
     from mlcc.backends.cuda.codegen import compile_library
 
-    chosen = {"lean": lean_variants, "lean2": lean2_variants, "glu": glu_variants}.get(
+    chosen = {"lean": lean_variants, "lean2": lean2_variants, "lean3": lean3_variants,
+              "glu": glu_variants}.get(
         only, lambda: variants() + tc_variants())()
     kernels = [kernel_of(v) for v in chosen]
     folder.mkdir(parents=True, exist_ok=True)

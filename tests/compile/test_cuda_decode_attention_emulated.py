@@ -33,6 +33,7 @@ from mlcc.backends.cuda.codegen import device_source
 from mlcc.backends.cuda.decode_attention import (
     CHUNK,
     MAX_SPLITS,
+    SOLO,
     UNROLL,
     WARPS,
     gen_decode_attention,
@@ -171,7 +172,7 @@ int main() {{
 
 def run_emulated(tmp_path, spec: KernelSpec, arrays: dict, seed: int, **options) -> dict:
     kernel = gen_decode_attention(spec, "k0_qkv_attention", **options)
-    splits = static_splits(spec, **options)
+    splits = static_splits(spec, **{k: v for k, v in options.items() if k != "solo"})
     blocks = spec.inputs[0][0][0] * spec.attr("num_q_heads") * splits  # rows x heads x splits
     assert f"T.thread_binding(T.int64({blocks})," in kernel.launcher
     append = gen_qkv_attention(spec, "a0_qkv_attention", flash=False).device_source
@@ -240,13 +241,15 @@ CASES = [  # (id, hq, hkv, d, rows, window, sinks, capacity, start, dtype, optio
                  marks=pytest.mark.slow),
     ("gqa_32_8_at_300", 32, 8, 128, 1, -1, 0, 1040, 300, "float16", {}),
     ("d64_3_rows_at_200", 4, 2, 64, 3, -1, 0, 512, 200, "float16", {}),
-    ("window_ring_wrapped", 4, 2, 64, 2, 40, 4, 64, 530, "float16", {}),
+    ("window_ring_wrapped", 4, 2, 64, 2, 40, 4, 64, 530, "float16", {"solo": 0}),
+    ("window_ring_wrapped_solo", 4, 2, 64, 2, 40, 4, 64, 530, "float16", {}),
     ("float32_2_rows", 4, 2, 64, 2, -1, 0, 512, 77, "float32", {}),
     ("float32_d128", 2, 1, 128, 1, -1, 0, 512, 150, "float32", {}),
     ("one_split", 4, 4, 128, 1, -1, 0, 512, 300, "float16", {"max_splits": 1}),
     ("head_dim_8", 8, 8, 8, 1, -1, 0, 512, 70, "float16", {}),  # the GPU parity models
     ("head_dim_8_float32", 8, 4, 8, 2, -1, 0, 512, 40, "float32", {}),
-    ("empty_split", 4, 2, 64, 2, -1, 0, 64, 8, "float16", {"chunk": 1, "max_splits": 4}),
+    ("empty_split", 4, 2, 64, 2, -1, 0, 64, 8, "float16",
+     {"chunk": 1, "max_splits": 4, "solo": 0}),
     ("partial_rotary_d32", 4, 4, 32, 1, -1, 0, 512, 45, "float16", {}, 8),  # as GPT-NeoX
 ]
 
@@ -289,7 +292,7 @@ def test_the_empty_split_case_has_a_split_without_positions():
     spec = decode_spec(4, 2, 64, 2, capacity=64)
     splits = static_splits(spec, chunk=1, max_splits=4)
     assert splits == 4
-    ranges = split_ranges(9, splits, chunk=1)
+    ranges = split_ranges(9, splits, chunk=1, solo=0)
     assert len(ranges) == 4 and ranges[-1][0] >= ranges[-1][1], ranges
     assert sum(e - b for b, e in ranges if e > b) == 9
 
@@ -299,9 +302,12 @@ def test_splits_follow_the_static_context_and_the_position():
     assert static_splits(decode_spec(32, 32, 128, 1, capacity=64)) == 64 // CHUNK
     # a window bounds the visible positions: 40 + 4 -> two splits of 32
     assert static_splits(decode_spec(4, 2, 64, 1, 40, 4, 4096)) == 2
-    # the benchmark's positions: 33 to 161 visible positions -> 2 to 6 active splits
-    assert len(split_ranges(33, MAX_SPLITS)) == 2 and len(split_ranges(161, MAX_SPLITS)) == 6
+    # the benchmark's positions: 33 to 161 visible positions -> one block up to SOLO, then
+    # 3 to 6 active splits
+    assert len(split_ranges(33, MAX_SPLITS)) == 1 and len(split_ranges(161, MAX_SPLITS)) == 6
+    assert len(split_ranges(SOLO, MAX_SPLITS)) == 1 and len(split_ranges(SOLO + 1, MAX_SPLITS)) > 1
     assert [len(split_ranges(n, MAX_SPLITS)) for n in (1, 32, 4096)] == [1, 1, MAX_SPLITS]
+    assert len(split_ranges(33, MAX_SPLITS, solo=0)) == 2
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")

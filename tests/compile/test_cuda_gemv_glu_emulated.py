@@ -343,3 +343,27 @@ def test_sweep_glu_variants_compile_without_spills(tmp_path):
     done = ptxas(kernels, tmp_path, "cubin")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr.count(" 0 bytes spill stores") == len(kernels), done.stderr
+
+
+@pytest.mark.parametrize("k", [64, 4096])
+def test_lop3_pairs_dot_rounds_exactly_like_mlcc_q4_dot8(tmp_path, k):
+    """mlcc_q4_dot8_lop3_pairs only changes how the nibbles become half2 (exactly in both), so
+    the persistent GEMV gives mlcc_q4_dot8's results bit for bit; mlcc_q4_dot8_lop3 (four
+    products summed in float16) does not, which is what this comparison would catch."""
+    n, rows = 96, 2
+    s = LinearShape(q_linear_spec(rows, n, k))
+    dots = ("mlcc_q4_dot8", "mlcc_q4_dot8_lop3_pairs", "mlcc_q4_dot8_lop3")
+    kernels = [gemv.gemv_q4_persistent_kernel(s, f"k{i}", 2, 4, 1, dot=dot, sms=2)
+               for i, dot in enumerate(dots)]
+    binary = build(tmp_path, kernels, s.buffers)
+    rng = np.random.default_rng(k)
+    arrays = [(rng.standard_normal((rows, k)) * 3).astype(np.float16),
+              rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32),
+              (rng.random((n, k // 32)) * 0.02 + 0.001).astype(np.float16)]
+    paths = []
+    for i, a in enumerate(arrays):
+        paths.append(tmp_path / f"in{i}.bin")
+        a.tofile(paths[-1])
+    dot8, pairs, fours = (run(binary, i, paths, (rows, n)) for i in range(3))
+    assert np.array_equal(pairs.view(np.uint16), dot8.view(np.uint16))
+    assert not np.array_equal(fours.view(np.uint16), dot8.view(np.uint16))

@@ -14,6 +14,7 @@ block per (row, query head, split):
    slots included), with the append kernel's formulas: the pool ends bit for bit the same.
 2. The visible positions (causal; with a window the last `window` plus the first `sinks`) are
    one index range split over `active` blocks, `active` = min(splits, ceil(count / chunk)),
+   or one block while count <= `solo` (a merge costs more than it saves on short contexts),
    computed on the GPU from seq_info, so the step replays from a CUDA graph unchanged.
    Blocks past `active` return at once. In a block, each warp takes UNROLL x (32 / lanes)
    positions a round: a group of `lanes` lanes per position, each lane loading 16-byte words
@@ -49,6 +50,10 @@ WARPS = 4
 UNROLL = 4  # positions per lane group whose loads are in flight together
 CHUNK = 32  # fewest visible positions per split: one round of four warps at d = 128
 MAX_SPLITS = 32  # at most this many blocks per (row, query head)
+# Up to this many visible positions one block per (row, head) walks them all: on an H200
+# (benchmarks/results/2026-11-29-h200-b, attention_bench.json) 33 positions took 6.3 us per
+# layer in two splits and 4.2 us in one, while 161 took 8.5 us in six splits and 9.3 in three.
+SOLO = 64
 
 
 def _geometry(spec: KernelSpec) -> tuple[int, int, int]:
@@ -87,10 +92,11 @@ def static_splits(spec: KernelSpec, chunk: int = CHUNK, max_splits: int = MAX_SP
     return max(1, min(max_splits, -(-max_visible(dict(spec.kv)) // chunk)))
 
 
-def split_ranges(count: int, splits: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
+def split_ranges(count: int, splits: int, chunk: int = CHUNK,
+                 solo: int = SOLO) -> list[tuple[int, int]]:
     """The kernel's [begin, end) index ranges of the active splits for `count` visible
     positions (host mirror of the device arithmetic; a range may be empty)."""
-    active = min(splits, -(-count // chunk))
+    active = 1 if count <= solo else min(splits, -(-count // chunk))
     per = -(-count // active)
     return [(s * per, min(s * per + per, count)) for s in range(active)]
 
@@ -125,7 +131,7 @@ def _prologue(spec: KernelSpec, name: str, rows: int, splits: int) -> str:
   const long long sinks_end = {sinks} < lo ? {sinks} : lo;
   // visible: [0, sinks_end) then [lo, pos], walked as one index range
   const long long count = sinks_end + (pos - lo + 1);
-  long long active = (count + CHUNK_ - 1) / CHUNK_;
+  long long active = count <= SOLO_ ? 1 : (count + CHUNK_ - 1) / CHUNK_;
   active = active < SPLITS ? active : SPLITS;
   if (split >= active) return 0;
   const long long per = (count + active - 1) / active;
@@ -287,9 +293,9 @@ def _merge(spec: KernelSpec, name: str, splits: int) -> str:
 
 
 def gen_decode_attention(spec: KernelSpec, name: str, chunk: int = CHUNK,
-                         max_splits: int = MAX_SPLITS) -> CudaKernel:
+                         max_splits: int = MAX_SPLITS, solo: int = SOLO) -> CudaKernel:
     """`{name}_decode` for a `use_decode` spec: one launch of rows x query heads x splits
-    blocks. `chunk` and `max_splits` set the split count (see `split_ranges`)."""
+    blocks. `chunk`, `max_splits` and `solo` set the split count (see `split_ranges`)."""
     kv = dict(spec.kv)
     (qkv_shape, dt), (out_shape, _) = spec.inputs[0], spec.outputs[0]
     hq, hkv, d, page = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"], kv["page_size"]
@@ -317,7 +323,7 @@ __device__ unsigned int {name}_cnt[{rows * hq}];  // blocks done per (row, head)
 {_prologue(spec, name, rows, splits)}{_walk(spec, name, rows)}{_merge(spec, name, splits)}}}
 """
     source = source.replace("T_QKV", C_TYPES[dt]).replace("T_KV", C_TYPES[kv["dtype"]])
-    source = source.replace("CHUNK_", str(chunk))
+    source = source.replace("CHUNK_", str(chunk)).replace("SOLO_", str(solo))
     grid = (f"T.int64({rows * hq * splits})",)
     return CudaKernel(name, source,
                       launcher_nests(name, buffers, [(f"{name}_decode", grid, WARPS * 32)], []))

@@ -107,6 +107,28 @@ __device__ __forceinline__ float mlcc_q4_dot8_lop3(unsigned int w, const half2* 
   const float2 a = __half22float2(acc);
   return a.x + a.y;
 }
+// mlcc_q4_dot8's arithmetic, bit for bit (the same exact nibble values, products summed in
+// pairs in float16, then in float32), with mlcc_q4_dot8_lop3's dequantization: 20 instructions
+// a word. The float16 pair sums keep activations up to 4095 from overflowing.
+__device__ __forceinline__ float mlcc_q4_dot8_lop3_pairs(unsigned int w, const half2* xp) {
+  const half2 magic = __half2half2(__ushort_as_half((unsigned short)0x6407));
+  const half2 sixteenth = __half2half2(__ushort_as_half((unsigned short)0x2C00));
+  const half2 magic_hi = __half2half2(__ushort_as_half((unsigned short)0xD470));  // -71
+  const unsigned int w2 = w >> 8;
+  unsigned int t0, t1, t2, t3;
+  MLCC_LOP3_OR(t0, w, 0x000F000F);
+  MLCC_LOP3_OR(t1, w, 0x00F000F0);
+  MLCC_LOP3_OR(t2, w2, 0x000F000F);
+  MLCC_LOP3_OR(t3, w2, 0x00F000F0);
+  const half2 d0 = __hsub2(*reinterpret_cast<half2*>(&t0), magic);
+  const half2 d1 = __hfma2(*reinterpret_cast<half2*>(&t1), sixteenth, magic_hi);
+  const half2 d2 = __hsub2(*reinterpret_cast<half2*>(&t2), magic);
+  const half2 d3 = __hfma2(*reinterpret_cast<half2*>(&t3), sixteenth, magic_hi);
+  const half2 p = __hfma2(d1, xp[1], __hmul2(d0, xp[0]));
+  const half2 q = __hfma2(d3, xp[3], __hmul2(d2, xp[2]));
+  const float2 a = __half22float2(p), b = __half22float2(q);
+  return (a.x + a.y) + (b.x + b.y);
+}
 // Sum over the block; every thread gets the total. `red` holds 32 floats of shared memory.
 __device__ __forceinline__ float mlcc_block_sum(float v, float* red) {
   v = mlcc_warp_sum(v);
