@@ -5,7 +5,8 @@ Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
     python benchmarks/cuda/gemv_sweep.py build .device/sweep [lean|lean2|lean3|glu]
     python benchmarks/cuda/gemv_sweep.py run .device/sweep $OUT/gemv_sweep.json
     python benchmarks/cuda/gemv_sweep.py profile .device/sweep VARIANT   # under ncu
-    python benchmarks/cuda/gemv_sweep.py merge SWEEP.json mlcc/backends/cuda/gemv_tuning.json
+    python benchmarks/cuda/gemv_sweep.py merge SWEEP.json mlcc/backends/cuda/gemv_tuning.json \
+        [EXCLUDED_DOT ...]
 
 `build` writes one library with a kernel per variant for the decode GEMVs of the Llama-2-7B
 shape: the persistent GEMV (mlcc.backends.cuda.gemv) at a few (blocks per SM, warps, features
@@ -460,21 +461,30 @@ def profile(folder: Path, name: str, calls: int = 12) -> None:
     torch.cuda.synchronize()
 
 
-def merge(sweep: Path, database: Path) -> None:
+def merge(sweep: Path, database: Path, exclude_dots: tuple[str, ...] = ()) -> None:
     """Fold the single-row winners of a sweep into the tuning database: for every shape the
-    sweep timed, its "best" and each timed kind's record replace the database's (every sweep
-    re-times the database's pick beside the candidates, so winners are compared within one run,
-    never against a figure of another day); the rows tables ("best_at_rows"), kinds the sweep
-    did not time and unmeasured shapes are kept. Each record notes its sweep ("source")."""
+    sweep timed, its fastest validated variant ("best") and each timed kind's fastest replace
+    the database's (every sweep re-times the database's pick beside the candidates, so
+    winners are compared within one run, never against a figure of another day); variants
+    whose dot is in `exclude_dots` are not candidates. The rows tables ("best_at_rows"), kinds
+    the sweep did not time and unmeasured shapes are kept. Each record notes its sweep."""
     doc = json.loads(sweep.read_text())
     db = json.loads(database.read_text())
     source = {"date": doc["date"], "command": doc["command"], "device": doc["device"]}
-    for key, record in doc["best"].items():
-        db["best"][key] = dict(record, source=source)
-    for kind, table in doc["best_by_kind"].items():
-        for key, record in table.items():
-            db.setdefault("best_by_kind", {}).setdefault(kind, {})[key] = dict(record,
-                                                                             source=source)
+    best: dict[str, dict] = {}
+    by_kind: dict[str, dict[str, dict]] = {}
+    for row in doc["variants"]:
+        if ("us" not in row or row["rows"] != 1 or row["prologue"] != "none" or row.get("glu")
+                or (row["n"], row["k"]) not in SHAPES or row.get("dot") in exclude_dots):
+            continue
+        record = dict({key: row[key] for key in RECORD_KEYS if key in row}, source=source)
+        key = f"{row['n']},{row['k']}"
+        for table in (best, by_kind.setdefault(row["kind"], {})):
+            if key not in table or row["us"] < table[key]["us"]:
+                table[key] = record
+    db["best"].update(best)
+    for kind, table in by_kind.items():
+        db.setdefault("best_by_kind", {}).setdefault(kind, {}).update(table)
     db["date"], db["command"] = doc["date"], doc["command"]
     database.write_text(json.dumps(db, indent=1) + "\n")
 
@@ -482,8 +492,8 @@ def merge(sweep: Path, database: Path) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "build":
         build(Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "all")
-    elif sys.argv[1] == "merge":
-        merge(Path(sys.argv[2]), Path(sys.argv[3]))
+    elif sys.argv[1] == "merge":  # merge SWEEP.json DATABASE.json [excluded dot ...]
+        merge(Path(sys.argv[2]), Path(sys.argv[3]), tuple(sys.argv[4:]))
     elif sys.argv[1] == "profile":
         profile(Path(sys.argv[2]), sys.argv[3])
     else:
