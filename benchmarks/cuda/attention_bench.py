@@ -5,8 +5,8 @@ Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
     python benchmarks/cuda/attention_bench.py build .device/attention
     python benchmarks/cuda/attention_bench.py run .device/attention $OUT/attention_bench.json
 
-`build` writes one library with the launchers below for each KV configuration and cases.json: the shipped
-kernels (`*_flash`: append + tensor-core attention, ldmatrix fragments, balanced block order;
+`build` writes one library with the launchers below for each KV configuration and cases.json:
+the shipped kernels (`*_flash`: append + tensor-core attention, ldmatrix fragments, balanced block order;
 `*_flash_plain`: the same with fragments from plain shared-memory loads; `*_flash_desc`: with
 the blocks heaviest first instead of balanced), the kernels of commit BASELINE
 (`*_flash_base`: per-feature rotary in the append and the query tile, a page lookup per 16-byte

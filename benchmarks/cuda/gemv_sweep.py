@@ -10,7 +10,8 @@ Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
 
 `build` writes one library with a kernel per variant for the decode GEMVs of the Llama-2-7B
 shape: the persistent GEMV (mlcc.backends.cuda.gemv) at a few (blocks per SM, warps, features
-per warp, rotated activation reads, register buffers moved or used in turn), the one-shot GEMV (mlcc.backends.cuda.linear) at the
+per warp, rotated activation reads, register buffers moved or used in turn), the one-shot GEMV
+(mlcc.backends.cuda.linear) at the
 database's current pick for comparison, the persistent GEMV with fusion.py's rms_norm and
 silu_mul staging, and a few batch-decode row counts (with the tensor-core GEMM at 16 rows);
 `tc_variants` adds the tensor-core GEMV (mlcc.backends.cuda.gemv_tc) at 1, 4 and 16 rows (and

@@ -205,7 +205,12 @@ KNOB_CASES = [  # the same fields
 ]
 KNOBS = [(128, False, False), (64, True, False), (128, True, False), (128, False, True),
          (128, True, True)]  # (QUERY_TILE, EXP2, PAIRED)
-ALL = [(case, (64, False, False)) for case in CASES] + [(c, k) for k in KNOBS for c in KNOB_CASES]
+# Every knob setting runs the GQA and window cases; the one with all knobs on runs them all
+# (the H200 timed every setting slower than the shipped kernel, so they stay off: their host
+# runs are kept few to keep the suite short).
+ALL = ([(case, (64, False, False)) for case in CASES]
+       + [(c, k) for k in KNOBS[:-1] for c in KNOB_CASES[1:3]]
+       + [(c, KNOBS[-1]) for c in KNOB_CASES])
 
 
 def _param(case: tuple, knobs: tuple):

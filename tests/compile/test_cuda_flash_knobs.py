@@ -55,8 +55,11 @@ def test_warp_skip_never_drops_a_visible_pair(tmp_path):
     assert skipped > 100, skipped
 
 
+KNOB_IDS = [f"q{q}{'_exp2' * e}{'_paired' * p}" for q, e, p in KNOBS]
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-@pytest.mark.parametrize("knobs", KNOBS, ids=[f"q{q}{'_exp2' * e}{'_paired' * p}" for q, e, p in KNOBS])
+@pytest.mark.parametrize("knobs", KNOBS, ids=KNOB_IDS)
 def test_every_knob_setting_compiles_for_sm90_without_spills(tmp_path, monkeypatch, knobs):
     monkeypatch.setattr(flash, "QUERY_TILE", knobs[0])
     monkeypatch.setattr(flash, "EXP2", knobs[1])

@@ -169,7 +169,8 @@ def test_plain_gemm_source_is_unchanged_by_the_glu_mode(tmp_path):
     if text.returncode != 0:
         pytest.skip(f"commit {BEFORE_GLU[:7]} is not in this checkout ({text.stderr.strip()})")
     (tmp_path / "gemm_before_glu.py").write_text(text.stdout)
-    spec = importlib.util.spec_from_file_location("gemm_before_glu", tmp_path / "gemm_before_glu.py")
+    spec = importlib.util.spec_from_file_location("gemm_before_glu",
+                                                  tmp_path / "gemm_before_glu.py")
     before = importlib.util.module_from_spec(spec)
     sys.modules["gemm_before_glu"] = before  # its dataclasses look their module up
     spec.loader.exec_module(before)
