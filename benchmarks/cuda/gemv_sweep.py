@@ -2,7 +2,7 @@
 
 Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
 
-    python benchmarks/cuda/gemv_sweep.py build .device/sweep [lean|lean2|lean3|glu]
+    python benchmarks/cuda/gemv_sweep.py build .device/sweep [lean|lean2|lean3|glu|tcp]
     python benchmarks/cuda/gemv_sweep.py run .device/sweep $OUT/gemv_sweep.json
     python benchmarks/cuda/gemv_sweep.py profile .device/sweep VARIANT   # under ncu
     python benchmarks/cuda/gemv_sweep.py merge SWEEP.json mlcc/backends/cuda/gemv_tuning.json \
@@ -26,6 +26,8 @@ variant, the fastest plain single-row variant per shape ("best") and per kernel 
 mlcc/backends/cuda/gemv_tuning.json to make those the defaults. The `glu` set times the
 persistent GEMV's GLU mode (the decode linear_silu_mul of glu.py) beside the plain gate_up
 GEMV; its outputs are checked against silu(g) * u of the reference and never recorded as best.
+The `tcp` set times the persistent tensor-core GEMV (mlcc.backends.cuda.gemv_tcp) beside the
+database's current pick for each shape; its records (kind "tcp") let `merge` adopt it.
 """
 
 from __future__ import annotations
@@ -245,6 +247,44 @@ def tc_variants() -> list[dict]:
     return [v for v in out if v["name"] not in known]
 
 
+# Persistent tensor-core GEMV (blocks per SM, warps, rounds of loads in flight), and
+# validation-only shapes: partial last tiles (N % 16), one round per tile (K = 128), 3 rows.
+TCP_CONFIGS = [(2, 4, 2), (3, 4, 2), (4, 4, 2), (2, 8, 2), (3, 8, 2), (2, 4, 3), (3, 4, 3),
+               (4, 4, 3), (2, 8, 3)]
+TCP_ODD = [(1001, 4096, 3, (3, 4, 2)), (33, 128, 1, (2, 4, 3)), (4104, 11008, 1, (2, 8, 2))]
+
+
+def _tcp(n: int, k: int, cfg: tuple, rows: int = 1) -> dict:
+    bps, warps, depth = cfg
+    extra = "" if rows == 1 else f"_m{rows}"
+    return {"n": n, "k": k, "rows": rows, "prologue": "none", "kind": "tcp",
+            "blocks_per_sm": bps, "warps": warps, "depth": depth,
+            "name": f"gemv_{n}_{k}_tcp_b{bps}_w{warps}_d{depth}{extra}"}
+
+
+def current_pick(n: int, k: int) -> dict:
+    """The variant the database selects today for N x K at one row (persistent or block)."""
+    from mlcc.backends.cuda.tuning import PERSISTENT, persistent_config, selected_kind
+
+    if selected_kind(n, k) in (None, PERSISTENT):
+        c = persistent_config(n, k)
+        v = _persistent(n, k, (c.blocks_per_sm, c.warps, c.rows_per_warp, c.rotate),
+                        pingpong=c.pingpong)
+        return dict(v, dot=c.dot, name=v["name"] + "_" + c.dot[13:])
+    return _block(n, k)
+
+
+def tcp_variants() -> list[dict]:
+    """The persistent tensor-core GEMV at TCP_CONFIGS for every shape next to the database's
+    pick, then TCP_ODD (validated only: not decode shapes, so never recorded)."""
+    out = []
+    for n, k in SHAPES:
+        out.append(current_pick(n, k))
+        out += [_tcp(n, k, c) for c in TCP_CONFIGS]
+    out += [_tcp(n, k, c, rows) for n, k, rows, c in TCP_ODD]
+    return out
+
+
 def linear_spec(n: int, k: int, rows: int):
     from mlcc.backends.plan import KernelSpec
 
@@ -287,6 +327,11 @@ def kernel_of(v: dict):
                     else fusion.gen_norm_q_linear)
         with mock.patch.object(fusion, "gemv_q4_kernel", fusion_gemv(config)):
             return generate(fused_spec(v), v["name"])
+    if v["kind"] == "tcp":
+        from mlcc.backends.cuda.gemv_tcp import TcpConfig, gemv_q4_tcp_kernel
+
+        return gemv_q4_tcp_kernel(LinearShape(linear_spec(v["n"], v["k"], v["rows"])), v["name"],
+                                  TcpConfig(v["blocks_per_sm"], v["warps"], v["depth"]))
     if v["kind"] == "tc":
         from mlcc.backends.cuda.gemv_tc import TcConfig, gemv_q4_tc_kernel
         from mlcc.ir.types import Sym
@@ -315,7 +360,7 @@ def build(folder: Path, only: str = "all") -> None:
     from mlcc.backends.cuda.codegen import compile_library
 
     chosen = {"lean": lean_variants, "lean2": lean2_variants, "lean3": lean3_variants,
-              "glu": glu_variants}.get(
+              "glu": glu_variants, "tcp": tcp_variants}.get(
         only, lambda: variants() + tc_variants())()
     kernels = [kernel_of(v) for v in chosen]
     folder.mkdir(parents=True, exist_ok=True)
@@ -387,7 +432,7 @@ def measure(torch, lib, v: dict, copies: list[tuple], dev, rng) -> dict:
 
 
 RECORD_KEYS = ("kind", "blocks_per_sm", "warps", "rows_per_warp", "rotate", "pingpong", "dot",
-               "tiles", "unroll", "us", "gb_s")
+               "tiles", "unroll", "depth", "us", "gb_s")
 
 
 def run(folder: Path, out: Path) -> None:
@@ -400,7 +445,7 @@ def run(folder: Path, out: Path) -> None:
     lib = tvm.runtime.load_module(str(folder / "gemv_sweep.so"))
     chosen = json.loads((folder / "variants.json").read_text())
     rng = np.random.default_rng(0)
-    results, best, by_kind = [], {}, {"block": {}, "persistent": {}, "tc": {}}
+    results, best, by_kind = [], {}, {"block": {}, "persistent": {}, "tc": {}, "tcp": {}}
     at_rows: dict[str, dict] = {}
     for n, k in sorted({(v["n"], v["k"]) for v in chosen}):
         copies = weight_copies(n, k, rng, dev)

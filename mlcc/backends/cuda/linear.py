@@ -7,6 +7,9 @@ and stores through mlcc_put, which rounds to y's dtype: float32 logits of a floa
     gemv_q4_tc_rule  (mlcc.backends.cuda.gemv_tc) 4-bit weights at 1..16 rows or the batch_decode
                      rows, products on tensor cores (mma.sync with the weights as A): where the
                      tuning database measured it fastest (batch decode, 4 and 16 rows).
+    gemv_q4_tcp_rule (mlcc.backends.cuda.gemv_tcp) 1..8 static rows, K % 128 == 0: the persistent
+                     GEMV with mma.sync products and float32 sums, only where the database's
+                     single-row winner for the shape has kind "tcp".
     gemv_q4_tuned_rule (mlcc.backends.cuda.gemv) the persistent GEMV for the decode shapes
                      where the tuning database measured it fastest, and for shapes it never
                      measured (the 7B shapes on an H200, 2026-11-29: 16-24% faster than the
@@ -364,9 +367,11 @@ def gemm_rule(spec: KernelSpec, name: str) -> CudaKernel:
 from mlcc.backends.cuda.gemm import gemm_tc_rule  # noqa: E402 - gemm.py reads this module
 from mlcc.backends.cuda.gemv import gemv_q4_tuned_rule  # noqa: E402 - and gemv.py
 from mlcc.backends.cuda.gemv_tc import gemv_q4_tc_rule  # noqa: E402 - and gemv_tc.py
+from mlcc.backends.cuda.gemv_tcp import gemv_q4_tcp_rule  # noqa: E402 - and gemv_tcp.py
 
 LINEAR_RULES: tuple[Callable[[KernelSpec, str], CudaKernel | None], ...] = (
-    gemv_q4_tc_rule, gemv_q4_tuned_rule, gemv_q4_rule, gemv_rule, gemm_tc_rule, gemm_wmma_rule,
+    gemv_q4_tc_rule, gemv_q4_tcp_rule, gemv_q4_tuned_rule, gemv_q4_rule, gemv_rule, gemm_tc_rule,
+    gemm_wmma_rule,
 )
 
 

@@ -10,6 +10,8 @@ kinds exist, told apart by a record's "kind":
     "persistent"   the persistent GEMV of mlcc.backends.cuda.gemv: also `blocks_per_sm`,
                    `rotate` (per-lane rotation of the activation reads) and `pingpong`
                    (register buffers used in turn instead of moved)
+    "tcp"          the persistent tensor-core GEMV of mlcc.backends.cuda.gemv_tcp:
+                   `blocks_per_sm`, `warps`, `depth` (rounds of weight loads in flight)
 
 "best" holds the winner per shape (either kind); "best_by_kind" (optional) the winner of each
 kind, so the block rule keeps a measured shape when a persistent record wins. Shapes not in the
@@ -26,7 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 
 DATABASE = Path(__file__).with_name("gemv_tuning.json")
-BLOCK, PERSISTENT = "block", "persistent"
+BLOCK, PERSISTENT, TCP = "block", "persistent", "tcp"
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,15 @@ def persistent_config(n: int, k: int) -> PersistentConfig:
                             int(record["rows_per_warp"]), bool(record.get("rotate", True)),
                             str(record.get("dot", PersistentConfig.dot)),
                             bool(record.get("pingpong", False)))
+
+
+def tcp_config(n: int, k: int) -> tuple[int, int, int] | None:
+    """(blocks_per_sm, warps, depth) of the persistent tensor-core GEMV's record for N x K, or
+    None when the database has none (that kernel is then not selected)."""
+    record = _record(n, k, TCP)
+    if record is None:
+        return None
+    return int(record["blocks_per_sm"]), int(record["warps"]), int(record["depth"])
 
 
 def selected_kind(n: int, k: int) -> str | None:
