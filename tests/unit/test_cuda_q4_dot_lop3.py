@@ -19,7 +19,8 @@ MAGIC = 0x64006400
 
 
 def dot_source() -> str:
-    start = COMMON_SOURCE.index("float mlcc_q4_dot8_lop3(")
+    """The dequantization both lop3 dots share (mlcc_q4_pairs_lop3)."""
+    start = COMMON_SOURCE.index("void mlcc_q4_pairs_lop3(")
     return COMMON_SOURCE[start:COMMON_SOURCE.index("\n}", start)]
 
 

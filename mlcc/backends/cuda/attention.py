@@ -117,6 +117,19 @@ __device__ __forceinline__ void {name}_rope2(const T* src, int q, long long pos,
 }}"""
 
 
+def page_helpers(name: str, kv: dict) -> str:
+    """`{name}_slot(p)`: the cache slot of position p (ring and sinks); `{name}_row(table, p,
+    kind, head)`: the offset of that slot's key (kind 0) or value (kind 1) row in the pool."""
+    page, hkv, d = kv["page_size"], kv["kv_heads"], kv["head_dim"]
+    return f"""__device__ __forceinline__ long long {name}_slot(long long p) {{ {_slot(kv)} }}
+__device__ __forceinline__ long long {name}_row(const int* page_table, long long p, int kind,
+                                               int head) {{
+  const long long s = {name}_slot(p);
+  return ((((long long)page_table[s / {page}] * 2 + kind) * {hkv} + head) * {page}
+          + s % {page}) * {d}LL;
+}}"""
+
+
 def use_flash(spec: KernelSpec) -> bool:
     """Prefill chunks (symbolic or more than four rows) with float16 activations and cache, and
     a head dimension the tensor-core tiles cover (a multiple of 16, at most 128: the output
@@ -163,13 +176,7 @@ def gen_qkv_attention(spec: KernelSpec, name: str, flash: bool | None = None,
     table = f"page_table + i * {per_seq}LL" if batched else "page_table"
     width = (hq + 2 * hkv) * d
     source = f"""{_rope(name, spec, d)}
-__device__ __forceinline__ long long {name}_slot(long long p) {{ {_slot(kv)} }}
-__device__ __forceinline__ long long {name}_row(const int* page_table, long long p, int kind,
-                                               int head) {{
-  const long long s = {name}_slot(p);
-  return ((((long long)page_table[s / {page}] * 2 + kind) * {hkv} + head) * {page}
-          + s % {page}) * {d}LL;
-}}
+{page_helpers(name, kv)}
 {params.replace("PHASE", "append")} {{
   const long long i = blockIdx.x / {hkv // heads};
   const int g0 = (int)(blockIdx.x % {hkv // heads}) * {heads};

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlcc.backends.cuda.attention import DECODE_ROWS, _rope, _slot
+from mlcc.backends.cuda.attention import DECODE_ROWS, _rope, page_helpers
 from mlcc.backends.cuda.kernels import C_TYPES, CudaKernel, fp, launcher_nests, signature
 from mlcc.backends.plan import KernelSpec
 
@@ -308,13 +308,7 @@ def gen_decode_attention(spec: KernelSpec, name: str, chunk: int = CHUNK,
     head = signature(name, buffers, ("y", "pool"), []).replace(f"int {name}_dev(",
                                                                f"int {name}_decode(")
     source = f"""{_rope(name, spec, d)}
-__device__ __forceinline__ long long {name}_slot(long long p) {{ {_slot(kv)} }}
-__device__ __forceinline__ long long {name}_row(const int* page_table, long long p, int kind,
-                                               int head) {{
-  const long long s = {name}_slot(p);
-  return ((((long long)page_table[s / {page}] * 2 + kind) * {hkv} + head) * {page}
-          + s % {page}) * {d}LL;
-}}
+{page_helpers(name, kv)}
 {_unpack(kv["dtype"], vec).replace("NAME", name)}
 // partial states of the splits: (row, head, split) x (max, sum, weighted values)
 __device__ float {name}_ws[{rows * hq * splits * (d + 2)}];

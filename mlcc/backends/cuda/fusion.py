@@ -24,26 +24,14 @@ from __future__ import annotations
 from mlcc.backends.cuda.kernels import CudaKernel, fp
 from mlcc.backends.cuda.linear import LinearShape, gemv_q4_applies, gemv_q4_kernel
 from mlcc.backends.cuda.tuning import gemv_config
-from mlcc.backends.plan import EntryPlan, KernelCall, KernelSpec
+from mlcc.backends.plan import EntryPlan, KernelCall, KernelSpec, fuse_adjacent
 
 PROLOGUES = ("rms_norm", "add_rms_norm", "silu_mul")
 
 
 def fuse_prologues(plan: EntryPlan) -> EntryPlan:
     """The plan with each fusable (producer, q_linear) pair replaced by one call."""
-    calls = list(plan.calls)
-    out: list[KernelCall] = []
-    i = 0
-    while i < len(calls):
-        if i + 1 < len(calls):
-            fused = _fuse(calls[i], calls[i + 1], calls[i + 2:])
-            if fused is not None:
-                out.append(fused)
-                i += 2
-                continue
-        out.append(calls[i])
-        i += 1
-    return EntryPlan(plan.name, plan.args, out, plan.workspace_bytes, plan.symbols)
+    return fuse_adjacent(plan, _fuse)
 
 
 def _fuse(first: KernelCall, second: KernelCall, later: list[KernelCall]) -> KernelCall | None:

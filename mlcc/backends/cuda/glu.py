@@ -43,7 +43,7 @@ import dataclasses
 from mlcc.backends.cuda import gemm
 from mlcc.backends.cuda.kernels import CudaKernel
 from mlcc.backends.cuda.tuning import PersistentConfig, persistent_config
-from mlcc.backends.plan import EntryPlan, KernelCall, KernelSpec
+from mlcc.backends.plan import EntryPlan, KernelCall, KernelSpec, fuse_adjacent
 from mlcc.errors import MlccError
 
 STAGE = "compile"
@@ -57,18 +57,7 @@ SILU_MUL = "({g} / (1.0f + expf(-{g}))) * {u}"
 def fuse_glu(plan: EntryPlan) -> EntryPlan:
     """The plan with each (gate_up GEMM or GEMV, silu_mul) pair replaced by one linear_silu_mul
     call."""
-    calls = list(plan.calls)
-    out: list[KernelCall] = []
-    i = 0
-    while i < len(calls):
-        fused = _fuse(calls[i], calls[i + 1], calls[i + 2:]) if i + 1 < len(calls) else None
-        if fused is not None:
-            out.append(fused)
-            i += 2
-            continue
-        out.append(calls[i])
-        i += 1
-    return EntryPlan(plan.name, plan.args, out, plan.workspace_bytes, plan.symbols)
+    return fuse_adjacent(plan, _fuse)
 
 
 def _fuse(first: KernelCall, second: KernelCall, later: list[KernelCall]) -> KernelCall | None:

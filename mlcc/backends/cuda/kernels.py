@@ -90,7 +90,9 @@ __device__ __forceinline__ float mlcc_q4_dot8_masked(unsigned int w, const half2
 // so activations up to 2047 cannot overflow it).
 #define MLCC_LOP3_OR(out, in, mask) \
   asm("lop3.b32 %0, %1, " #mask ", 0x64006400, 0xEA;" : "=r"(out) : "r"(in))
-__device__ __forceinline__ float mlcc_q4_dot8_lop3(unsigned int w, const half2* xp) {
+// The four half2 (c_j - 7, c_{j+4} - 7), j = 0..3, of word w, exactly: pairs 0 and 2 OR-ed
+// into 0x6400 minus 1031, pairs 1 and 3 masked in place (1024 + 16c) times 1/16 minus 71.
+__device__ __forceinline__ void mlcc_q4_pairs_lop3(unsigned int w, half2* d) {
   const half2 magic = __half2half2(__ushort_as_half((unsigned short)0x6407));
   const half2 sixteenth = __half2half2(__ushort_as_half((unsigned short)0x2C00));
   const half2 magic_hi = __half2half2(__ushort_as_half((unsigned short)0xD470));  // -71
@@ -100,10 +102,18 @@ __device__ __forceinline__ float mlcc_q4_dot8_lop3(unsigned int w, const half2* 
   MLCC_LOP3_OR(t1, w, 0x00F000F0);
   MLCC_LOP3_OR(t2, w2, 0x000F000F);
   MLCC_LOP3_OR(t3, w2, 0x00F000F0);
-  half2 acc = __hmul2(__hsub2(*reinterpret_cast<half2*>(&t0), magic), xp[0]);
-  acc = __hfma2(__hfma2(*reinterpret_cast<half2*>(&t1), sixteenth, magic_hi), xp[1], acc);
-  acc = __hfma2(__hsub2(*reinterpret_cast<half2*>(&t2), magic), xp[2], acc);
-  acc = __hfma2(__hfma2(*reinterpret_cast<half2*>(&t3), sixteenth, magic_hi), xp[3], acc);
+  d[0] = __hsub2(*reinterpret_cast<half2*>(&t0), magic);
+  d[1] = __hfma2(*reinterpret_cast<half2*>(&t1), sixteenth, magic_hi);
+  d[2] = __hsub2(*reinterpret_cast<half2*>(&t2), magic);
+  d[3] = __hfma2(*reinterpret_cast<half2*>(&t3), sixteenth, magic_hi);
+}
+__device__ __forceinline__ float mlcc_q4_dot8_lop3(unsigned int w, const half2* xp) {
+  half2 d[4];
+  mlcc_q4_pairs_lop3(w, d);
+  half2 acc = __hmul2(d[0], xp[0]);
+  acc = __hfma2(d[1], xp[1], acc);
+  acc = __hfma2(d[2], xp[2], acc);
+  acc = __hfma2(d[3], xp[3], acc);
   const float2 a = __half22float2(acc);
   return a.x + a.y;
 }
@@ -111,21 +121,10 @@ __device__ __forceinline__ float mlcc_q4_dot8_lop3(unsigned int w, const half2* 
 // pairs in float16, then in float32), with mlcc_q4_dot8_lop3's dequantization: 20 instructions
 // a word. The float16 pair sums keep activations up to 4095 from overflowing.
 __device__ __forceinline__ float mlcc_q4_dot8_lop3_pairs(unsigned int w, const half2* xp) {
-  const half2 magic = __half2half2(__ushort_as_half((unsigned short)0x6407));
-  const half2 sixteenth = __half2half2(__ushort_as_half((unsigned short)0x2C00));
-  const half2 magic_hi = __half2half2(__ushort_as_half((unsigned short)0xD470));  // -71
-  const unsigned int w2 = w >> 8;
-  unsigned int t0, t1, t2, t3;
-  MLCC_LOP3_OR(t0, w, 0x000F000F);
-  MLCC_LOP3_OR(t1, w, 0x00F000F0);
-  MLCC_LOP3_OR(t2, w2, 0x000F000F);
-  MLCC_LOP3_OR(t3, w2, 0x00F000F0);
-  const half2 d0 = __hsub2(*reinterpret_cast<half2*>(&t0), magic);
-  const half2 d1 = __hfma2(*reinterpret_cast<half2*>(&t1), sixteenth, magic_hi);
-  const half2 d2 = __hsub2(*reinterpret_cast<half2*>(&t2), magic);
-  const half2 d3 = __hfma2(*reinterpret_cast<half2*>(&t3), sixteenth, magic_hi);
-  const half2 p = __hfma2(d1, xp[1], __hmul2(d0, xp[0]));
-  const half2 q = __hfma2(d3, xp[3], __hmul2(d2, xp[2]));
+  half2 d[4];
+  mlcc_q4_pairs_lop3(w, d);
+  const half2 p = __hfma2(d[1], xp[1], __hmul2(d[0], xp[0]));
+  const half2 q = __hfma2(d[3], xp[3], __hmul2(d[2], xp[2]));
   const float2 a = __half22float2(p), b = __half22float2(q);
   return (a.x + a.y) + (b.x + b.y);
 }
