@@ -50,7 +50,7 @@ from mlcc.ir.quant_ops import dequantize_group
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 ROOT = Path(__file__).resolve().parents[2]
 BEFORE_GLU = "599aff1fea177fa1f41e32281d5acdfdda0137d5"  # the last gemv.py without a GLU mode
-C_HOST = {"float16": "half", "uint32": "unsigned"}
+C_HOST = {"float16": "half", "float32": "float", "uint32": "unsigned"}
 
 HALF2 = r"""
 #include <cmath>
@@ -97,8 +97,10 @@ def common_helpers() -> str:
     return "\n".join(lines)
 
 
-def driver(kernels: list, buffers: list[tuple]) -> str:
-    """main(argv): kernel index, then one file per buffer (y last, read and written back)."""
+def driver(kernels: list, buffers: list[tuple], launch=None) -> str:
+    """main(argv): kernel index, then one file per buffer (y last, read and written back).
+    `launch(kernel)` gives (grid, warps); the persistent GEMV's launcher by default."""
+    launch = launch or (lambda kernel: launched(kernel)[:2])
     reads = [f"std::vector<{C_HOST[dt]}> {b}_v = load<{C_HOST[dt]}>(argv[{i + 2}]);"
              for i, (b, _, dt) in enumerate(buffers)]
     spans = [f"g_buffers.emplace_back((const char*){b}_v.data(), "
@@ -106,7 +108,7 @@ def driver(kernels: list, buffers: list[tuple]) -> str:
     args = ", ".join(f"{b}_v.data()" for b, _, _ in buffers)
     runs = []
     for i, kernel in enumerate(kernels):
-        grid, warps, _ = launched(kernel)
+        grid, warps = launch(kernel)
         call = f"[&] {{ {kernel.name}_dev({args}); }}"
         runs.append(f"  if (which == {i}) run({grid}, {warps}, {call});")
     return f"""
@@ -142,9 +144,11 @@ int main(int argc, char** argv) {{
 """
 
 
-def build(tmp_path: Path, kernels: list, buffers: list[tuple]) -> Path:
-    source = (SHIM + HALF2 + common_helpers() + "\n"
-              + "".join(k.device_source for k in kernels) + driver(kernels, buffers))
+def build(tmp_path: Path, kernels: list, buffers: list[tuple], prelude: str = "",
+          launch=None) -> Path:
+    """The host program running `kernels` (after `prelude`, more host stand-ins)."""
+    source = (SHIM + HALF2 + common_helpers() + "\n" + prelude
+              + "".join(k.device_source for k in kernels) + driver(kernels, buffers, launch))
     (tmp_path / "gemv.cpp").write_text(source)
     done = subprocess.run(["g++", "-std=c++20", "-O1", "-fno-strict-aliasing", "-w", "-pthread",
                            "-o", str(tmp_path / "gemv"), str(tmp_path / "gemv.cpp")],
@@ -153,13 +157,15 @@ def build(tmp_path: Path, kernels: list, buffers: list[tuple]) -> Path:
     return tmp_path / "gemv"
 
 
-def run(binary: Path, which: int, inputs: list[Path], shape: tuple[int, int]) -> np.ndarray:
+def run(binary: Path, which: int, inputs: list[Path], shape: tuple[int, int],
+        ydt: str = "float16") -> np.ndarray:
+    """Kernel `which` of the host program on the input files: y as `ydt`."""
     out = binary.with_suffix(f".y{which}.bin")
-    np.full(shape, np.nan, np.float16).tofile(out)  # every element must be written
+    np.full(shape, np.nan, ydt).tofile(out)  # every element must be written
     done = subprocess.run([str(binary), str(which), *map(str, inputs), str(out), str(out)],
-                          capture_output=True, text=True, timeout=300, check=False)
+                          capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    got = np.fromfile(out, np.float16).reshape(shape)
+    got = np.fromfile(out, ydt).reshape(shape)
     assert not np.isnan(got).any(), f"{int(np.isnan(got).sum())} outputs never written"
     return got
 

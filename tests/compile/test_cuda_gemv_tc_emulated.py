@@ -25,13 +25,9 @@ from mlcc.ir.types import Sym
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
-EXTRA = r"""
+# the tensor-core GEMVs' PTX helpers on the host: byte permutes and the emulated mma
+TC_HOST = r"""
 #define MLCC_GEMV_TC_PTX
-inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
-inline half2 __hfma2(half2 a, half2 b, half2 c) {
-  return {(half)((float)a.x * (float)b.x + (float)c.x),
-          (half)((float)a.y * (float)b.y + (float)c.y)};
-}
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   const unsigned long long v = ((unsigned long long)y << 32) | x;
   unsigned out = 0;
@@ -45,6 +41,13 @@ inline void mlcc_tcv_mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsign
   mlcc_tc_mma16816(c, a, b);
 }
 """
+EXTRA = r"""
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+inline half2 __hfma2(half2 a, half2 b, half2 c) {
+  return {(half)((float)a.x * (float)b.x + (float)c.x),
+          (half)((float)a.y * (float)b.y + (float)c.y)};
+}
+""" + TC_HOST
 
 
 def spec_for(n: int, k: int, rows, ydt: str, bias: bool) -> KernelSpec:

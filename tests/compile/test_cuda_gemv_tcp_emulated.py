@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cuda_gemm_emulated import SHIM
-from test_cuda_gemv_glu_emulated import HALF2, common_helpers
+from test_cuda_gemv_glu_emulated import build as build_host
+from test_cuda_gemv_glu_emulated import run as run_host
 from test_cuda_gemv_persistent import q_linear_spec
+from test_cuda_gemv_tc_emulated import TC_HOST
 
 from mlcc.backends.cuda import gemv
 from mlcc.backends.cuda.gemv_tcp import TcpConfig, gemv_q4_tcp_kernel, plan
@@ -38,23 +38,6 @@ from mlcc.errors import MlccError
 from mlcc.ir.quant_ops import dequantize_group
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
-C_HOST = {"float16": "half", "float32": "float", "uint32": "unsigned"}
-
-TCP_HOST = r"""
-#define MLCC_GEMV_TC_PTX
-inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
-  const unsigned long long v = ((unsigned long long)y << 32) | x;
-  unsigned out = 0;
-  for (int i = 0; i < 4; ++i)
-    out |= (unsigned)((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
-  return out;
-}
-inline void mlcc_tcv_mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                         unsigned b0, unsigned b1) {
-  const unsigned a[4] = {a0, a1, a2, a3}, b[2] = {b0, b1};
-  mlcc_tc_mma16816(c, a, b);
-}
-"""
 
 
 def launch_of(kernel) -> tuple[int, int]:
@@ -66,69 +49,14 @@ def launch_of(kernel) -> tuple[int, int]:
     return int(grid), int(threads) // 32
 
 
-def driver(kernels: list, buffers: list[tuple]) -> str:
-    """main(argv): kernel index, then one file per buffer (y last, read and written back)."""
-    reads = [f"std::vector<{C_HOST[dt]}> {b}_v = load<{C_HOST[dt]}>(argv[{i + 2}]);"
-             for i, (b, _, dt) in enumerate(buffers)]
-    spans = [f"g_buffers.emplace_back((const char*){b}_v.data(), "
-             f"(const char*)({b}_v.data() + {b}_v.size()));" for b, _, _ in buffers]
-    args = ", ".join(f"{b}_v.data()" for b, _, _ in buffers)
-    runs = [f"  if (which == {i}) run({launch_of(k)[0]}, {launch_of(k)[1]}, "
-            f"[&] {{ {k.name}_dev({args}); }});" for i, k in enumerate(kernels)]
-    return f"""
-#include <functional>
-template <class T> std::vector<T> load(const char* path) {{
-  FILE* f = fopen(path, "rb"); fseek(f, 0, SEEK_END); long n = ftell(f); fseek(f, 0, SEEK_SET);
-  std::vector<T> v(n / sizeof(T)); fread(v.data(), 1, n, f); fclose(f); return v;
-}}
-void run(unsigned grid, unsigned warps, const std::function<void()>& body) {{
-  for (unsigned bx = 0; bx < grid; ++bx) {{
-    std::barrier<> block(warps * 32);
-    g_block = &block;
-    for (unsigned w = 0; w < warps; ++w) g_warps[w].bar = new std::barrier<>(32);
-    std::vector<std::thread> threads;
-    for (unsigned t = 0; t < warps * 32; ++t)
-      threads.emplace_back([&, t] {{
-        threadIdx = {{t, 0, 0}}; blockIdx = {{bx, 0, 0}}; blockDim = {{warps * 32, 1, 1}};
-        body();
-      }});
-    for (auto& th : threads) th.join();
-    for (unsigned w = 0; w < warps; ++w) delete g_warps[w].bar;
-  }}
-}}
-int main(int argc, char** argv) {{
-  const int which = atoi(argv[1]);
-  {" ".join(reads)}
-  {" ".join(spans)}
-{chr(10).join(runs)}
-  FILE* f = fopen(argv[{len(buffers) + 1}], "wb");
-  fwrite(y_v.data(), sizeof(y_v[0]), y_v.size(), f); fclose(f);
-  return 0;
-}}
-"""
-
-
 def build(tmp_path: Path, kernels: list, buffers: list[tuple]) -> Path:
-    source = (SHIM + HALF2 + common_helpers() + "\n" + TCP_HOST
-              + "".join(k.device_source for k in kernels) + driver(kernels, buffers))
-    (tmp_path / "tcp.cpp").write_text(source)
-    done = subprocess.run(["g++", "-std=c++20", "-O1", "-fno-strict-aliasing", "-w", "-pthread",
-                           "-o", str(tmp_path / "tcp"), str(tmp_path / "tcp.cpp")],
-                          capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return tmp_path / "tcp"
+    """The GLU GEMV emulation's host program, with the tensor-core stand-ins."""
+    return build_host(tmp_path, kernels, buffers, TC_HOST, launch_of)
 
 
 def run(binary: Path, which: int, inputs: list[Path], shape: tuple[int, int],
         ydt: str) -> np.ndarray:
-    out = binary.with_suffix(f".y{which}.bin")
-    np.full(shape, np.nan, ydt).tofile(out)  # every element must be written
-    done = subprocess.run([str(binary), str(which), *map(str, inputs), str(out), str(out)],
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    got = np.fromfile(out, ydt).reshape(shape)
-    assert not np.isnan(got).any(), f"{int(np.isnan(got).sum())} outputs never written"
-    return got.astype(np.float64)
+    return run_host(binary, which, inputs, shape, ydt).astype(np.float64)
 
 
 def half_ulp16(v: np.ndarray) -> np.ndarray:
