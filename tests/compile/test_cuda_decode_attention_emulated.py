@@ -26,6 +26,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from nvcc_probe import cubin_report, entry_ptx
 from test_cuda_flash_emulated import load_bench
 
 from mlcc.backends.cuda.attention import APPEND_THREADS, gen_qkv_attention
@@ -319,18 +320,10 @@ def test_decode_attention_compiles_for_sm90_with_128_bit_loads_and_no_spills(tmp
         f"__global__ void p{i}(const {t}* q, {t}* y, const int* s, const int* pt, {t}* pool) "
         f"{{ k{i}_decode(q, y, s, pt, pool); }}\n"
         for i, t in enumerate(["half", "half", "float"]))
-    (tmp_path / "k.cu").write_text(device_source(kernels) + probes)
-    done = subprocess.run(["nvcc", "--cubin", "-O3", "-std=c++17", "-arch=sm_90", "-Xptxas",
-                           "-v", "-o", str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
-                          capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    spills = re.findall(r"(\d+) bytes spill stores", done.stderr)
-    assert len(spills) == 3 and all(int(s) == 0 for s in spills), done.stderr
-    ptx = subprocess.run(["nvcc", "--ptx", "-O3", "-std=c++17", "-arch=sm_90", "-o", "-",
-                          str(tmp_path / "k.cu")], capture_output=True, text=True,
-                         check=True).stdout
-    for probe in ("p0", "p1", "p2"):
-        text = ptx.split(f".entry _Z2{probe}")[1].split(".entry")[0]
+    report = cubin_report(tmp_path, device_source(kernels) + probes)
+    spills = re.findall(r"(\d+) bytes spill stores", report)
+    assert len(spills) == 3 and all(int(s) == 0 for s in spills), report
+    for probe, text in entry_ptx(tmp_path, ["p0", "p1", "p2"]).items():
         # keys and values of UNROLL positions: 2 x UNROLL 16-byte loads a round
         assert len(re.findall(r"ld(\.global)?\.v4\.[ubf]32", text)) >= 2 * UNROLL, probe
         assert "atom.global.add.u32" in text and "ld.global.cg.f32" in text, probe

@@ -18,6 +18,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from nvcc_probe import cubin_report, entry_ptx
 
 from mlcc.backends.cuda.codegen import device_source
 from mlcc.backends.cuda.kernels import (
@@ -219,18 +220,11 @@ def test_vectorized_kernels_compile_for_sm90_with_wide_memory_operations(tmp_pat
         "long long n) { k2_dev(x, r, w, y, s, n); }\n"
         "__global__ void p3(const half* x, const half* w, const half* b, half* y, long long n) "
         "{ k3_dev(x, w, b, y, n); }\n")
-    (tmp_path / "k.cu").write_text(device_source(kernels) + probes)
-    done = subprocess.run(["nvcc", "--cubin", "-O3", "-std=c++17", "-arch=sm_90", "-Xptxas",
-                           "-v", "-o", str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
-                          capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    spills = re.findall(r"(\d+) bytes spill stores", done.stderr)
-    assert len(spills) == 4 and all(int(s) == 0 for s in spills), done.stderr
-    ptx = subprocess.run(["nvcc", "--ptx", "-O3", "-std=c++17", "-arch=sm_90", "-o", "-",
-                          str(tmp_path / "k.cu")], capture_output=True, text=True,
-                         check=True).stdout
-    for probe in ("p0", "p1", "p2", "p3"):  # 128-bit global loads and stores in every kernel
-        text = ptx.split(f".entry _Z2{probe}")[1].split(".entry")[0]
+    report = cubin_report(tmp_path, device_source(kernels) + probes)
+    spills = re.findall(r"(\d+) bytes spill stores", report)
+    assert len(spills) == 4 and all(int(s) == 0 for s in spills), report
+    # 128-bit global loads and stores in every kernel
+    for probe, text in entry_ptx(tmp_path, ["p0", "p1", "p2", "p3"]).items():
         assert re.search(r"ld\.global(\.nc)?\.v4\.(u32|b32)", text), probe
         assert re.search(r"st\.global\.v4\.(u32|b32)", text), probe
 

@@ -15,13 +15,13 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from nvcc_probe import cubin_report, probe_stats
 
 from mlcc.backends.cuda.attention import (
     TILE,
@@ -291,18 +291,13 @@ def test_flash_kernels_compile_for_sm90_without_spills(tmp_path):
         f"__global__ void probe{i}(const half* a, half* y, const int* s, const int* t, half* p, "
         f"long long n) {{ k{i}_qkv_attention_flash(a, y, s, t, p, n); }}\n"
         for i in range(len(kernels)))
-    (tmp_path / "k.cu").write_text(device_source(kernels) + probes)
-    done = subprocess.run(["nvcc", "--cubin", "-O3", "-std=c++17", "-arch=sm_90", "-Xptxas",
-                           "-v", "-o", str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
-                          capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    stats = re.findall(r"Function properties for _Z\d+probe(\d+)[\s\S]*?(\d+) bytes spill stores"
-                       r"[\s\S]*?Used (\d+) registers.*?(\d+) bytes smem", done.stderr)
-    assert len(stats) == len(kernels), done.stderr
+    report = cubin_report(tmp_path, device_source(kernels) + probes)
+    stats = probe_stats(report)
+    assert len(stats) == len(kernels), report
     for index, spills, registers, smem in stats:
-        name = list(NVCC_CASES)[int(index) % len(NVCC_CASES)]
-        assert int(spills) == 0, (name, done.stderr)
-        assert int(smem) <= 48 * 1024 and int(registers) <= 255, (name, smem, registers)
+        name = list(NVCC_CASES)[index % len(NVCC_CASES)]
+        assert spills == 0, (name, report)
+        assert smem <= 48 * 1024 and registers <= 255, (name, smem, registers)
 
 
 def load_bench():

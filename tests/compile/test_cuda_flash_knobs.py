@@ -19,6 +19,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from nvcc_probe import cubin_report, probe_stats
 from test_cuda_flash_attention import CONFIGS, NVCC_CASES, attention_spec, reference_visible
 
 from mlcc.backends.cuda import flash
@@ -75,19 +76,14 @@ def test_every_knob_setting_compiles_for_sm90_without_spills(tmp_path, monkeypat
         f"__global__ void __launch_bounds__({threads}) probe{i}(const half* a, half* y, "
         f"const int* s, const int* t, half* p, long long n) "
         f"{{ k{i}_qkv_attention_flash(a, y, s, t, p, n); }}\n" for i in range(len(kernels)))
-    (tmp_path / "k.cu").write_text(device_source(kernels) + probes)
-    done = subprocess.run(["nvcc", "--cubin", "-O3", "-std=c++17", "-arch=sm_90", "-Xptxas",
-                           "-v", "-o", str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
-                          capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    stats = re.findall(r"Function properties for _Z\d+probe(\d+)[\s\S]*?(\d+) bytes spill stores"
-                       r"[\s\S]*?Used (\d+) registers.*?(\d+) bytes smem", done.stderr)
-    assert len(stats) == len(kernels), done.stderr
+    report = cubin_report(tmp_path, device_source(kernels) + probes)
+    stats = probe_stats(report)
+    assert len(stats) == len(kernels), report
     for index, spills, registers, smem in stats:
-        name = list(NVCC_CASES)[int(index)]
-        assert int(spills) == 0, (name, done.stderr)
-        assert int(smem) <= 48 * 1024, (name, smem)
-        assert int(registers) * threads <= 65536, (name, registers)
+        name = list(NVCC_CASES)[index]
+        assert spills == 0, (name, report)
+        assert smem <= 48 * 1024, (name, smem)
+        assert registers * threads <= 65536, (name, registers)
 
 
 def test_query_tile_outside_64_and_128_is_refused(monkeypatch):
