@@ -212,6 +212,23 @@ def spec_for(n: int, k: int, q4: bool, ydt: str, bias: bool) -> KernelSpec:
     return KernelSpec("q_linear" if q4 else "linear", tuple(ins), (((rows, n), ydt),), attrs)
 
 
+def random_inputs(rng, n: int, k: int, q4: bool, bias: bool, rows: int,
+                  bias_scale: float = 0.5) -> tuple[list[np.ndarray], np.ndarray]:
+    """x, the weights (q4: packed words and scales; else float16) and the bias if any, in the
+    launcher's order, and the float32 weights they stand for (q4: rounded to float16 first)."""
+    x = rng.standard_normal((rows, k)).astype(np.float16)
+    if q4:
+        qw = rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32)
+        qs = (rng.random((n, k // 32)) * 0.05 + 0.001).astype(np.float16)
+        weights = [qw, qs]
+        w = dequantize_group(qw, qs, 4, 32, k).astype(np.float16).astype(np.float32)
+    else:
+        weights = [(rng.standard_normal((n, k)) * 0.1).astype(np.float16)]
+        w = weights[0].astype(np.float32)
+    b = [(rng.standard_normal(n) * bias_scale).astype(np.float16)] if bias else []
+    return [x, *weights, *b], w
+
+
 CASES = [  # (n, k, q4, y dtype, bias, rows, tile)
     (200, 256, True, "float16", True, 77, TileConfig(64, 64, 2, 4, 2)),
     (136, 128, True, "float32", False, 130, TileConfig(128, 128, 2, 4, 2)),
@@ -234,17 +251,8 @@ def test_generated_kernel_run_on_host_threads_matches_the_reference(tmp_path, ca
                            str(tmp_path / "k"), str(tmp_path / "k.cpp")],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    rng = np.random.default_rng(n + k + rows)
-    x = rng.standard_normal((rows, k)).astype(np.float16)
-    if q4:
-        qw = rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32)
-        qs = (rng.random((n, k // 32)) * 0.05 + 0.001).astype(np.float16)
-        weights = [qw, qs]
-        w = dequantize_group(qw, qs, 4, 32, k).astype(np.float16).astype(np.float32)
-    else:
-        weights = [(rng.standard_normal((n, k)) * 0.1).astype(np.float16)]
-        w = weights[0].astype(np.float32)
-    arrays = [x, *weights] + ([rng.standard_normal(n).astype(np.float16)] if bias else [])
+    arrays, w = random_inputs(np.random.default_rng(n + k + rows), n, k, q4, bias, rows, 1.0)
+    x = arrays[0]
     expected = x.astype(np.float32) @ w.T + (arrays[-1].astype(np.float32) if bias else 0)
     expected = expected.astype(ydt)
     paths = []

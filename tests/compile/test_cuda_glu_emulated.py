@@ -34,13 +34,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from test_cuda_codegen import nvcc
-from test_cuda_gemm_emulated import SHIM, driver, portable_helpers, spec_for
+from test_cuda_gemm_emulated import SHIM, driver, portable_helpers, random_inputs, spec_for
 
 from mlcc.backends.cuda import gemm
 from mlcc.backends.cuda.gemm import F16_WIDE_TILE, NARROW_TILE, WIDE_TILE, TileConfig
 from mlcc.backends.cuda.kernels import COMMON_SOURCE
 from mlcc.backends.cuda.linear import LinearShape
-from mlcc.ir.quant_ops import dequantize_group
 
 ROOT = Path(__file__).resolve().parents[2]
 BEFORE_GLU = "2efa94c53634027e5576fffc313e5da8fffcb2b3"  # the last gemm.py without a GLU mode
@@ -92,20 +91,6 @@ def c_expf():
     libm = ctypes.CDLL(ctypes.util.find_library("m"))
     libm.expf.restype, libm.expf.argtypes = ctypes.c_float, [ctypes.c_float]
     return np.vectorize(lambda v: np.float32(libm.expf(float(v))), otypes=[np.float32])
-
-
-def random_inputs(rng, n: int, k: int, q4: bool, bias: bool, rows: int):
-    x = rng.standard_normal((rows, k)).astype(np.float16)
-    if q4:
-        qw = rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32)
-        qs = (rng.random((n, k // 32)) * 0.05 + 0.001).astype(np.float16)
-        weights = [qw, qs]
-        w = dequantize_group(qw, qs, 4, 32, k).astype(np.float16).astype(np.float32)
-    else:
-        weights = [(rng.standard_normal((n, k)) * 0.1).astype(np.float16)]
-        w = weights[0].astype(np.float32)
-    b = [(rng.standard_normal(n) * 0.5).astype(np.float16)] if bias else []
-    return [x, *weights, *b], w
 
 
 def ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
