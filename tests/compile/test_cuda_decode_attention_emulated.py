@@ -26,6 +26,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from host_shim import MLCC_HOST
 from nvcc_probe import cubin_report, entry_ptx
 from test_cuda_flash_emulated import load_bench
 
@@ -70,12 +71,7 @@ thread_local Dim3 threadIdx, blockIdx;
 Dim3 blockDim;
 inline float __half2float(half v) { return (float)v; }
 inline half __float2half(float v) { return (half)v; }
-inline float mlcc_f32(float v) { return v; }
-inline float mlcc_f32(half v) { return (float)v; }
-inline void mlcc_put(float* p, long long i, float v) { p[i] = v; }
-inline void mlcc_put(half* p, long long i, float v) { p[i] = (half)v; }
-inline float mlcc_round(float v, const float*) { return v; }
-inline float mlcc_round(float v, const half*) { return (float)(half)v; }
+""" + MLCC_HOST + r"""
 static std::barrier<>* g_block;
 inline void __syncthreads() { g_block->arrive_and_wait(); }
 static std::barrier<>* g_warp[32];

@@ -18,6 +18,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from host_shim import MLCC_HOST
 from nvcc_probe import cubin_report, entry_ptx
 
 from mlcc.backends.cuda.codegen import device_source
@@ -51,12 +52,7 @@ inline half __float2half(float v) { return (half)v; }
 struct Dim3 { unsigned x, y, z; };
 thread_local Dim3 threadIdx, blockIdx;
 Dim3 blockDim;
-inline float mlcc_f32(float v) { return v; }
-inline float mlcc_f32(half v) { return (float)v; }
-inline void mlcc_put(float* p, long long i, float v) { p[i] = v; }
-inline void mlcc_put(half* p, long long i, float v) { p[i] = (half)v; }
-inline float mlcc_round(float v, const float*) { return v; }
-inline float mlcc_round(float v, const half*) { return (float)(half)v; }
+""" + MLCC_HOST + r"""
 static std::barrier<>* g_block;
 static float g_parts[1024];
 // every thread gets the same total, summed in thread order

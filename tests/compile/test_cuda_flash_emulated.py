@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from host_shim import MLCC_HOST
 from test_cuda_flash_attention import attention_spec
 from test_cuda_gemm_emulated import MMA16816
 
@@ -63,13 +64,7 @@ inline half2 __floats2half2_rn(float a, float b) { return {(half)a, (half)b}; }
 inline half2 __halves2half2(half a, half b) { return {a, b}; }
 inline float __low2float(half2 v) { return (float)v.x; }
 inline float __high2float(half2 v) { return (float)v.y; }
-inline float mlcc_f32(float v) { return v; }
-inline float mlcc_f32(half v) { return (float)v; }
-inline void mlcc_put(float* p, long long i, float v) { p[i] = v; }
-inline void mlcc_put(half* p, long long i, float v) { p[i] = (half)v; }
-inline float mlcc_round(float v, const float*) { return v; }
-inline float mlcc_round(float v, const half*) { return (float)(half)v; }
-
+""" + MLCC_HOST + r"""
 static std::barrier<>* g_block;
 inline void __syncthreads() { g_block->arrive_and_wait(); }
 struct Warp { std::barrier<>* bar; const half* row[32]; unsigned a[32][4]; unsigned b[32][2];

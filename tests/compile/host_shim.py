@@ -1,0 +1,10 @@
+"""Host stand-ins shared by the emulations that run generated CUDA source as C++ threads."""
+
+# kernels.py's storage helpers (mlcc_f32, mlcc_put, mlcc_round) on the host's float and half
+MLCC_HOST = r"""inline float mlcc_f32(float v) { return v; }
+inline float mlcc_f32(half v) { return (float)v; }
+inline void mlcc_put(float* p, long long i, float v) { p[i] = v; }
+inline void mlcc_put(half* p, long long i, float v) { p[i] = (half)v; }
+inline float mlcc_round(float v, const float*) { return v; }
+inline float mlcc_round(float v, const half*) { return (float)(half)v; }
+"""
