@@ -25,7 +25,8 @@ def build_model_library(module, output: Path, metadata: dict,
         # "cuda-sm_90,sm_80": a fatbin for each listed architecture
         archs = tuple(device.split("-", 1)[1].split(",")) if "-" in device else DEFAULT_ARCHS
         fuse_glu = True if opt is None else opt.enabled("fuse_glu_gemm")
-        return build_cuda(module, Path(output), metadata, archs, log, fuse_glu=fuse_glu)
+        pdl = True if opt is None else opt.enabled("pdl")
+        return build_cuda(module, Path(output), metadata, archs, log, fuse_glu=fuse_glu, pdl=pdl)
     if device != "llvm":
         from mlcc.errors import MlccError
 

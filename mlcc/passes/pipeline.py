@@ -26,6 +26,8 @@ KNOBS: dict[str, tuple[int, str]] = {
     # On at O2 since the replayed decode equals the plain one on an H200 (tests/gpu).
     "cudagraph": (2, "backend (CUDA): capture the decode step once and replay it"),
     "fuse_glu_gemm": (1, "backend (CUDA): silu_mul in the gate_up GEMM/GEMV epilogue"),
+    "pdl": (2, "backend (CUDA, sm_90+): programmatic dependent launch: each kernel starts "
+               "while the one before it finishes"),
 }
 
 

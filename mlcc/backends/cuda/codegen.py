@@ -17,13 +17,15 @@ from pathlib import Path
 
 from mlcc import ir
 from mlcc.backends.cuda import attention, fusion, glu, kernels, linear, moe, sampling
-from mlcc.backends.cuda.kernels import COMMON_SOURCE, CudaKernel
+from mlcc.backends.cuda.kernels import COMMON_SOURCE, GRID_WAIT, CudaKernel
 from mlcc.backends.cuda.toolchain import (
     DEFAULT_ARCHS,
     cuda_target,
     enable_cuda_codegen,
     host_target,
     install_hooks,
+    pdl_supported,
+    register_pdl_pipeline,
 )
 from mlcc.backends.llvm.codegen import entry_source, metadata_source, parse_functions
 from mlcc.backends.output import write_library
@@ -65,6 +67,30 @@ def kernel_for(spec: KernelSpec, name: str) -> CudaKernel:
     return GENERATORS[spec.op](spec, name)
 
 
+def kernel_names(plans: list[EntryPlan]) -> dict[KernelSpec, str]:
+    """One kernel name per distinct spec, in order of first call."""
+    names: dict[KernelSpec, str] = {}
+    for plan in plans:
+        for call in plan.calls:
+            if call.spec.op not in CCL_FUNCTIONS:  # collectives call the runtime, not a kernel
+                names.setdefault(call.spec, f"k{len(names)}_{call.spec.op}")
+    return names
+
+
+def early_release(plans: list[EntryPlan], names: dict[KernelSpec, str],
+                  built: list[CudaKernel]) -> frozenset[str]:
+    """Device functions of the kernels whose every call is followed by a one-block kernel: with
+    pdl they release that kernel at their start (mlcc.backends.cuda.toolchain)."""
+    single = {k.name for k in built if k.single_block()}
+    verdict: dict[str, bool] = {}
+    for plan in plans:
+        kernels = [names.get(call.spec) for call in plan.calls]
+        for here, after in zip(kernels, kernels[1:] + [None]):
+            if here is not None:
+                verdict[here] = verdict.get(here, True) and after in single
+    return frozenset(f"{name}_dev" for name, ok in verdict.items() if ok)
+
+
 def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
                   fuse_glu: bool = False) -> tuple[list[CudaKernel], list[EntryPlan], str, str]:
     """Kernels (one per distinct spec), entry plans, host TVMScript, metadata TVMScript.
@@ -80,11 +106,7 @@ def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
         plans = [glu.fuse_glu(plan) for plan in plans]
     if prologues:
         plans = [fusion.fuse_prologues(plan) for plan in plans]
-    names: dict[KernelSpec, str] = {}
-    for plan in plans:
-        for call in plan.calls:
-            if call.spec.op not in CCL_FUNCTIONS:  # collectives call the runtime, not a kernel
-                names.setdefault(call.spec, f"k{len(names)}_{call.spec.op}")
+    names = kernel_names(plans)
     built = [kernel_for(spec, name) for spec, name in names.items()]
     # The next token picked on the GPU (mlcc.backends.cuda.sampling) from the logits row.
     vocab = metadata.get("model_config", {}).get("vocab_size")
@@ -113,28 +135,40 @@ def device_source(built: list[CudaKernel]) -> str:
 def build(module: ir.Module, output: Path, metadata: dict,
           archs: tuple[str, ...] = DEFAULT_ARCHS,
           log: Callable[[str], None] = lambda s: None, prologues: bool = False,
-          fuse_glu: bool = False) -> dict[str, int]:
-    """Build `module` into the shared library `output` (written under a temporary name)."""
+          fuse_glu: bool = False, pdl: bool = False) -> dict[str, int]:
+    """Build `module` into the shared library `output` (written under a temporary name).
+
+    `pdl` launches every kernel with programmatic dependent launch (mlcc.backends.cuda.
+    toolchain); it needs sm_90 or newer for every architecture of the fatbin, and is left off
+    (with a log line) otherwise."""
     if output.suffix != ".so":
         raise MlccError(STAGE, f"-o {output}: the CUDA backend writes a shared library; use .so")
-    built, _, entries, meta = library_parts(module, metadata, prologues, fuse_glu)
+    built, plans, entries, meta = library_parts(module, metadata, prologues, fuse_glu)
     counts: dict[str, int] = {}
     for k in built:
         op = k.name if k.name.startswith("mlcc_") else k.name.split("_", 1)[1]
         counts[op] = counts.get(op, 0) + 1
     log("CUDA kernels: " + ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())))
-    compile_library(built, entries, meta, output, archs)
+    if pdl and not pdl_supported(archs):
+        log(f"pdl off: programmatic dependent launch needs sm_90 or newer ({', '.join(archs)})")
+        pdl = False
+    early = early_release(plans, kernel_names(plans), built) if pdl else frozenset()
+    compile_library(built, entries, meta, output, archs, pdl, early)
     return counts
 
 
 def compile_library(built: list[CudaKernel], host_source: str, cpu_source: str, output: Path,
-                    archs: tuple[str, ...] = DEFAULT_ARCHS) -> None:
-    """Compile kernels + host functions (cuda target) + CPU-only functions into `output`."""
+                    archs: tuple[str, ...] = DEFAULT_ARCHS, pdl: bool = False,
+                    early: frozenset[str] = frozenset()) -> None:
+    """Compile kernels + host functions (cuda target) + CPU-only functions into `output`;
+    `pdl` and `early` as in mlcc.backends.cuda.toolchain.install_hooks."""
     import tvm
 
     enable_cuda_codegen()
     keep = os.environ.get("MLCC_CUDA_KEEP_SOURCE")
-    install_hooks(device_source(built), archs, Path(keep) if keep else None)
+    self_waiting = frozenset(f"{k.name}_dev" for k in built if GRID_WAIT in k.device_source)
+    install_hooks(device_source(built), archs, Path(keep) if keep else None, pdl, self_waiting,
+                  early)
     target, host = cuda_target(archs[0]), host_target()
     funcs = {}
     gpu_source = "\n\n".join([k.launcher for k in built] + ([host_source] if host_source else []))
@@ -143,8 +177,9 @@ def compile_library(built: list[CudaKernel], host_source: str, cpu_source: str, 
     if cpu_source:
         funcs.update({name: f.with_attr("target", host)
                       for name, f in _items(parse_functions(cpu_source))})
+    pipeline = register_pdl_pipeline() if pdl else "default"
     with target:
-        executable = tvm.compile(tvm.IRModule(funcs), target=target)
+        executable = tvm.compile(tvm.IRModule(funcs), target=target, tir_pipeline=pipeline)
     write_library(output, lambda path: executable.export_library(str(path)))
 
 

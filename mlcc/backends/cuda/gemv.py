@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from mlcc.backends.cuda.kernels import CudaKernel, launcher, signature
+from mlcc.backends.cuda.kernels import GRID_WAIT, CudaKernel, launcher, signature
 from mlcc.backends.cuda.linear import LinearShape, gemv_q4_applies, stage_plain
 from mlcc.backends.cuda.tuning import PERSISTENT, PersistentConfig, persistent_config, selected_kind
 from mlcc.backends.plan import KernelSpec
@@ -235,10 +235,13 @@ def _chunk(s: LinearShape, staging: str, cfg: tuple[int, int, int], r0: int, cou
     """Stage rows r0 .. r0 + count - 1 once, then run the pipelined tile loop over them."""
     warps, rows_per_warp, _ = cfg
     iters = -(-(s.k // 32) // 32)
+    # pdl: the first pass waits for the kernel before once its first weight loads are issued
+    wait = f"    {GRID_WAIT}  // the weights above need nothing from the kernel before\n" \
+        if r0 == 0 else ""
     return f"""  {{
     int tile = blockIdx.x * {warps} + warp;
 {_load(s, "a", "tile", rows_per_warp, iters, arithmetic[3] is not None)}
-    __syncthreads();  // the previous pass has finished reading xs_rows
+{wait}    __syncthreads();  // the previous pass has finished reading xs_rows
     #pragma unroll 1
     for (int slot = 0; slot < {count}; ++slot) {{
       const int r = {r0} + slot;

@@ -16,6 +16,7 @@ results rounded to the storage dtype where the interpreter rounds.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,9 @@ from mlcc.ir.types import Dim, Sym
 
 BLOCK = 256
 VEC = 8  # float16 values per 128-bit load or store
+# Placed by a kernel after the loads that need nothing from earlier kernels (its weights), before
+# the first read of an activation or any write; a kernel containing it gets no wait at the top.
+GRID_WAIT = "mlcc_grid_wait();"
 C_TYPES = {"float16": "half", "float32": "float", "float64": "double", "int32": "int",
            "uint32": "unsigned int", "uint8": "unsigned char"}
 
@@ -40,6 +44,19 @@ __device__ __forceinline__ void mlcc_put(half* p, long long i, float v) { p[i] =
 __device__ __forceinline__ float mlcc_round(float v, const float*) { return v; }
 __device__ __forceinline__ float mlcc_round(float v, const half*) {
   return __half2float(__float2half(v));
+}
+// Programmatic dependent launch (mlcc.backends.cuda.toolchain): wait until the kernel before
+// this one has finished and its writes are visible; let the next one be scheduled now.
+// No-ops unless the library is built with pdl (MLCC_PDL) for sm_90 or newer.
+__device__ __forceinline__ void mlcc_grid_wait() {
+#if defined(MLCC_PDL) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mlcc_grid_launch() {
+#if defined(MLCC_PDL) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 __device__ __forceinline__ float mlcc_warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -148,6 +165,11 @@ class CudaKernel:
     name: str
     device_source: str
     launcher: str
+
+    def single_block(self) -> bool:
+        """Whether the launcher starts exactly one block (one nest, a grid of T.int64(1))."""
+        grids = re.findall(r'T\.thread_binding\(([^,]+), thread="blockIdx\.\w"\)', self.launcher)
+        return grids == ["T.int64(1)"]
 
 
 def dim_text(d: Dim) -> str:

@@ -40,6 +40,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mlcc.backends.cuda.kernels import (
+    GRID_WAIT,
     CudaKernel,
     dequant_expr,
     dim_text,
@@ -195,6 +196,7 @@ def gemv_q4_kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
       sc[q][it] = g < {groups} ? qs[n * {s.groups}LL + g] : __float2half(0.f);
     }}
   }}
+  {GRID_WAIT}  // the weights above need nothing from the kernel before
   for (int r = 0; r < {s.static_rows}; ++r) {{
     __syncthreads();
 {staging}

@@ -10,12 +10,27 @@ A machine without a CUDA driver (the usual build box) cannot load `libtvm_runtim
 which TVM needs to compile device code at build time. `enable_cuda_codegen()` then builds a stub
 `libcuda.so.1` whose driver entry points only return an error, loads it, then loads the CUDA
 runtime library; no CUDA call is ever made during a build.
+
+Programmatic dependent launch (`pdl`, sm_90 and newer): every kernel is launched with the
+attribute that lets the driver start it before the kernel ahead of it in the stream has
+completed, and it waits (`griddepcontrol.wait`) before its first read of an activation or any
+write: that returns once the kernel ahead has finished and its writes are visible, so the order
+of all reads and writes stays as before. The decode GEMVs issue their weight loads before the
+wait. A kernel is released to run early when every block of the kernel ahead has exited, or
+sooner where that kernel says so (`griddepcontrol.launch_dependents`): only kernels whose next
+kernel is a single block (the decode GEMVs ahead of a one-row norm) say so, at their start.
+Letting every kernel go at its start was slower on the H200 (decode 454 against 522 tok/s,
+prefill 15.2k against 17.2k; benchmarks/results/2026-11-29-h200-c): a grid placed while the one
+ahead still holds SMs lands unevenly, several blocks on the SMs that freed first, which costs
+the persistent and one-wave kernels more than the overlap saves. Even the one-row norms
+releasing the GEMV after them cost decode 12% (476 against 540 tok/s).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -30,6 +45,17 @@ DRIVER_SYMBOLS = ("cuDeviceGetName", "cuFuncSetAttribute", "cuGetErrorName", "cu
                   "cuLaunchKernelEx", "cuModuleGetFunction", "cuModuleLoadData",
                   "cuModuleUnload", "cuTensorMapEncodeTiled")
 _STATE: dict[str, object] = {}
+PDL_PIPELINE = "mlcc_pdl"
+PDL_TAG = "tirx.use_programtic_dependent_launch"  # sic: the TVM runtime's spelling
+DYN_SHARED_TAG = "tirx.use_dyn_shared_memory"  # must stay the last launch tag
+PDL_MIN_ARCH = 90
+# At the start of every kernel when pdl is on, except in kernels that place it themselves
+# (kernels.GRID_WAIT: the decode GEMVs issue their first weight loads before it). The helpers
+# (kernels.COMMON_SOURCE) are no-ops unless MLCC_PDL is defined and the arch is sm_90+.
+PDL_PROLOGUE = "mlcc_grid_wait();"
+EARLY_RELEASE = "mlcc_grid_launch();"  # first, in kernels followed by a single block
+PDL_DEFINE = "#define MLCC_PDL 1\n"
+_KERNEL_OPEN = re.compile(r'(extern "C" __global__[^;{]*\{)')
 
 
 def cuda_target(arch: str = DEFAULT_ARCHS[0]):
@@ -95,8 +121,66 @@ def enable_cuda_codegen() -> None:
     _STATE["enabled"] = True
 
 
-def install_hooks(device_source: str, archs: tuple[str, ...], keep_source: Path | None) -> None:
-    """Register the postproc (insert our device code) and compile (nvcc -> fatbin) callbacks."""
+def pdl_supported(archs: tuple[str, ...]) -> bool:
+    """Whether every architecture of the fatbin has griddepcontrol (sm_90 and newer)."""
+    return all(int(re.sub(r"\D", "", arch) or 0) >= PDL_MIN_ARCH for arch in archs)
+
+
+def with_pdl_prologue(code: str, self_waiting: frozenset[str] = frozenset(),
+                      early: frozenset[str] = frozenset()) -> str:
+    """TVM's kernel wrappers with the wait at the top of each body, except those calling a
+    device function of `self_waiting` (which waits where it should); those calling one of
+    `early` release the next kernel first."""
+
+    def opened(match: re.Match) -> str:
+        body = code[match.end():code.find("\n}", match.end())]
+        called = set(re.findall(r"\b(\w+)\s*\(", body))
+        lines = ([EARLY_RELEASE] if early & called else []) + \
+            ([] if self_waiting & called else [PDL_PROLOGUE])
+        return match.group(1) + "".join("\n  " + line for line in lines)
+
+    return _KERNEL_OPEN.sub(opened, code)
+
+
+def register_pdl_pipeline() -> str:
+    """The name of a TIR pipeline: TVM's default one, then every device kernel tagged for
+    launch with programmatic stream serialization (the runtime reads the tag)."""
+    import tvm
+    from tvm.tirx import compilation_pipeline as pipelines
+
+    if PDL_PIPELINE in pipelines.PIPELINE_MAP:
+        return PDL_PIPELINE
+
+    def factory():
+        base, finalize_host, finalize_device = pipelines.get_tir_pipeline("default")
+
+        @tvm.transform.module_pass(opt_level=0, name="MlccTagPDL")
+        def tagged(mod, _ctx):
+            mod = base(mod)
+            for gvar, func in list(mod.functions.items()):
+                tags = func.attrs.get("tirx.kernel_launch_params") if func.attrs else None
+                if tags is None:
+                    continue
+                tags = [str(t) for t in tags if str(t) != PDL_TAG]
+                tail = [DYN_SHARED_TAG] if DYN_SHARED_TAG in tags else []
+                tags = [t for t in tags if t != DYN_SHARED_TAG] + [PDL_TAG] + tail
+                mod.update_func(gvar, func.with_attr("tirx.kernel_launch_params", tags))
+            return mod
+
+        return tagged, finalize_host, finalize_device
+
+    pipelines.register_tir_pipeline(PDL_PIPELINE, factory)
+    return PDL_PIPELINE
+
+
+def install_hooks(device_source: str, archs: tuple[str, ...], keep_source: Path | None,
+                  pdl: bool = False, self_waiting: frozenset[str] = frozenset(),
+                  early: frozenset[str] = frozenset()) -> None:
+    """Register the postproc (insert our device code) and compile (nvcc -> fatbin) callbacks.
+
+    With `pdl` every kernel wrapper waits for the kernel before it (with_pdl_prologue), except
+    those calling a device function named in `self_waiting`; `early` names the device
+    functions whose kernels release the next one at their start."""
     import tvm_ffi
 
     nvcc = find_nvcc()
@@ -104,7 +188,10 @@ def install_hooks(device_source: str, archs: tuple[str, ...], keep_source: Path 
     def postproc(code: str, target=None) -> str:
         marker = code.find('extern "C" __global__')
         at = marker if marker >= 0 else len(code)
-        code = code[:at] + device_source + "\n" + code[at:]
+        head, kernels = code[:at], code[at:]
+        if pdl:
+            kernels = with_pdl_prologue(kernels, self_waiting, early)
+        code = head + (PDL_DEFINE if pdl else "") + device_source + "\n" + kernels
         if keep_source is not None:
             keep_source.write_text(code)
         return code
