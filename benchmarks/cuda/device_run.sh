@@ -11,6 +11,8 @@ set -u
 OUT=${OUT:-/tmp/mlcc-out}
 R=/tmp/mlcc-results
 mkdir -p "$OUT" "$R"
+# packed after every step, so a call cut short by its time limit still returns what finished
+pack() { tar czf "$OUT/results.tgz" -C "$R" .; }
 export PYTHONPATH=$PWD/.device/site:$PWD TVM_USE_RUNTIME_LIB=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv \
   > "$R/env.txt" 2>&1
@@ -25,6 +27,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   [ -d .device/targets ] && tests="$tests tests/gpu/test_targets_schedules_cuda.py"
   timeout "${TEST_TIMEOUT:-300}" python3 -m pytest $tests -q -p no:cacheprovider 2>&1 \
     | tee "$R/gpu_tests.log" | tail -25
+  pack
 fi
 if [ "${SKIP_CONVERT:-0}" != 1 ]; then
   timeout 200 python3 benchmarks/cuda/convert_check.py .device/cases/models/stories260K \
@@ -41,6 +44,7 @@ if [ "${SKIP_MICRO:-0}" != 1 ]; then
     timeout "${MICRO_TIMEOUT:-150}" python3 "benchmarks/cuda/$script.py" run "$folder" \
       "$R/$tag.json" > "$R/$tag.log" 2>&1
     echo "== $tag (exit $?)"; tail -"${MICRO_TAIL:-12}" "$R/$tag.log"
+    pack
   done
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
@@ -52,8 +56,9 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     echo "== $name (exit $?)"; head -14 "$R/$name/decode_bench.md" 2>/dev/null \
       || tail -20 "$R/$name.log"
     peer="--skip-peer"
+    pack
   done
 fi
-tar czf "$OUT/results.tgz" -C "$R" .
+pack
 grep -h "passed\|failed" "$R/gpu_tests.log" > "$OUT/summary.txt" 2>/dev/null
 echo "results: $OUT/results.tgz"
