@@ -4,6 +4,12 @@ torch's profiler (CUPTI) records every kernel the TVM runtime launches; each ker
 matched to its KernelSpec in the library metadata, which gives the bytes a decode call must
 move (weights once, activations once) and so the achieved bandwidth of weight-streaming
 kernels. The CUDA graph is off while profiling, so every launch is seen as its own kernel.
+
+A kernel's time is what it adds to the stream: from its start, or the end of the work ahead of
+it if that is later, to its end. With programmatic dependent launch (the `pdl` knob) a kernel
+starts before the one ahead has finished and waits inside; counting its whole span would charge
+it with that wait (a one-row norm released early would show the GEMV before it). The span is
+kept as `span_us`. Without pdl the two are equal.
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ def kernel_breakdown(engine, prompt: list[int], phase: str = "decode",
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    specs = engine.metadata.get("kernel_specs", {})
     graph = engine.cudagraph
     engine.cudagraph = False
     logits = engine.prefill_logits(prompt)
@@ -42,13 +47,24 @@ def kernel_breakdown(engine, prompt: list[int], phase: str = "decode",
                 logits = engine.decode(int(np.argmax(logits)))
         torch.cuda.synchronize()
     engine.cudagraph = graph
+    events = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+              if e.device_type == torch.autograd.DeviceType.CUDA]
+    return aggregate(events, steps, engine.metadata.get("kernel_specs", {}), phase)
+
+
+def aggregate(events: list[tuple[str, float, float]], steps: int, specs: dict,
+              phase: str = "decode") -> list[dict]:
+    """Rows of kernel_breakdown from (name, start us, end us) of every GPU event of one stream
+    over `steps` steps: calls and time per step (own time, see the module docstring), and for
+    decode the bytes and GB/s of kernels with a spec; slowest first."""
     rows: dict[str, dict] = {}
-    for event in prof.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        row = rows.setdefault(event.name, {"kernel": event.name, "calls": 0, "us": 0.0})
+    frontier = float("-inf")  # the latest end of any earlier event
+    for name, start, end in sorted(events, key=lambda e: (e[1], e[2])):
+        row = rows.setdefault(name, {"kernel": name, "calls": 0, "us": 0.0, "span_us": 0.0})
         row["calls"] += 1
-        row["us"] += event.time_range.elapsed_us() / steps
+        row["us"] += max(0.0, end - max(start, frontier)) / steps
+        row["span_us"] += (end - start) / steps
+        frontier = max(frontier, end)
     out = []
     for row in rows.values():
         row["calls"] //= steps
@@ -56,7 +72,7 @@ def kernel_breakdown(engine, prompt: list[int], phase: str = "decode",
         spec = specs.get(base)
         if spec is not None:
             row["op"] = spec["op"]
-            if phase == "decode" and row["calls"]:
+            if phase == "decode" and row["calls"] and row["us"] > 0:
                 per_call = spec_bytes(spec)
                 row["bytes_per_call"] = per_call
                 row["gb_s"] = per_call * row["calls"] / (row["us"] * 1e-6) / 1e9

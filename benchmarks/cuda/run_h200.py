@@ -213,12 +213,14 @@ def report(r: dict) -> str:
         lines.append(f"| {k['kernel'][:48]} | {k.get('op', '')} | {k['calls']} | "
                      f"{k['us']:.1f} | {gbs} |")
     total = sum(k["us"] for k in r["kernels"])
-    gemv = [k for k in r["kernels"] if k.get("op") == "q_linear"]
+    gemv = [k for k in r["kernels"] if k.get("op") == "q_linear" and "bytes_per_call" in k]
     moved = sum(k["bytes_per_call"] * k["calls"] for k in gemv)
     gemv_us = sum(k["us"] for k in gemv)
     lines += ["", (f"Kernel time per step: {total / 1000:.3f} ms "
                    f"({1e6 / total:.0f} tok/s if launches were free); all q_linear GEMVs: "
-                   f"{gemv_us / 1000:.3f} ms at {moved / gemv_us / 1e3:.0f} GB/s."), "",
+                   f"{gemv_us / 1000:.3f} ms at {moved / gemv_us / 1e3:.0f} GB/s. A kernel's "
+                   "time is what it adds to the stream: from its start or the end of the "
+                   "kernel ahead, whichever is later (benchmarks/kernels.py)."), "",
               f"## One {PREFILL}-token prefill, per kernel", "",
               "| kernel | op | calls | us |", "|---|---|---|---|"]
     for k in r["prefill_kernels"][:12]:
