@@ -15,8 +15,10 @@ else reads h (h is then never written). Every block recomputes the norm of the r
 Measured on an H200 (benchmarks/results/2026-11-28-h200/decode_bench_fused_prologues.md): the
 fused kernels are correct (the GPU parity tests passed with them) but slower than the pair they
 replace, because every block repeats the prologue on its critical path (silu_mul + down
-projection: 26.8 us fused against 11.9 + 1.2 us apart). The builder therefore leaves this off
-unless asked (`library_parts(..., prologues=True)`).
+projection: 26.8 us fused against 11.9 + 1.2 us apart). With programmatic dependent launch
+(the GEMV's weight loads in flight before the prologue) the norm folded into the qkv GEMV still
+cost 5% of decode (benchmarks/results/2026-11-29-h200-c). The builder therefore leaves this
+off unless asked (`library_parts(..., prologues=True)`).
 """
 
 from __future__ import annotations
