@@ -93,9 +93,8 @@ def engine_numbers(engine, cudagraph: bool) -> dict:
     prompt = rng.integers(0, HF_CONFIG["vocab_size"], PROMPT).tolist()
     engine.cudagraph = cudagraph
     engine._graphs.clear()
-    steps = DECODE
 
-    def decode_run() -> float:
+    def decode_run(prompt: list[int], steps: int) -> float:
         # greedy, the next token picked on the GPU (one int32 back per step)
         engine.reset()
         logits = engine.append(prompt, on_device=True)
@@ -104,16 +103,17 @@ def engine_numbers(engine, cudagraph: bool) -> dict:
             logits = engine.decode(logits.argmax(), on_device=True)
         return time.perf_counter() - start
 
-    decode_run()
-    decode_s = min(decode_run() for _ in range(2))
+    decode_run(prompt, DECODE)
+    decode_s = min(decode_run(prompt, DECODE) for _ in range(2))
     long_prompt = rng.integers(0, HF_CONFIG["vocab_size"], PREFILL).tolist()
     engine.prefill_logits(long_prompt)
     prefill_s = min(_timed(lambda: engine.prefill_logits(long_prompt)) for _ in range(3))
     numbers = {"decode_tok_s": DECODE / decode_s, "prefill_tok_s": PREFILL / prefill_s}
     if cudagraph:
-        prompt, steps = rng.integers(0, HF_CONFIG["vocab_size"], LONG_PROMPT).tolist(), LONG_DECODE
-        decode_run()
-        numbers["decode_long_tok_s"] = LONG_DECODE / min(decode_run() for _ in range(2))
+        far = rng.integers(0, HF_CONFIG["vocab_size"], LONG_PROMPT).tolist()
+        decode_run(far, LONG_DECODE)
+        numbers["decode_long_tok_s"] = LONG_DECODE / min(decode_run(far, LONG_DECODE)
+                                                         for _ in range(2))
     return numbers
 
 

@@ -41,7 +41,7 @@ def test_prologue_goes_into_wrappers_but_not_prototypes_or_self_waiting_kernels(
             'extern "C" __global__ void d_kernel(half* x) {\n  d_dev(x);\n}\n')
     out = toolchain.with_pdl_prologue(code, frozenset({"b_dev", "d_dev"}),
                                       frozenset({"c_dev", "d_dev"}))
-    wait, release = toolchain.PDL_PROLOGUE, toolchain.EARLY_RELEASE
+    wait, release = GRID_WAIT, toolchain.EARLY_RELEASE
     assert 'a_kernel(half* x);\n' in out  # the prototype is left alone
     assert f"a_kernel(half* x) {{\n  {wait}\n  a_dev(x);" in out
     assert "b_kernel(half* x) {\n  b_dev(x, 2);" in out
@@ -56,7 +56,7 @@ def test_early_release_only_ahead_of_single_block_kernels():
                                        fuse_glu=True)
     names = kernel_names(plans)
     single = {k.name for k in built if k.single_block()}
-    early = early_release(plans, names, built)
+    early = early_release(plans, built)
     decode = next(p for p in plans if p.name == "decode")
     ops = {names[c.spec].split("_", 1)[1] for c in decode.calls if f"{names[c.spec]}_dev" in early}
     assert ops == {"q_embedding", "q_linear"}, ops  # o_proj and down ahead of a one-row norm
@@ -117,13 +117,13 @@ def test_pdl_library_tags_every_kernel_and_waits_in_each(tmp_path, monkeypatch):
         if head.startswith(toolchain.EARLY_RELEASE):
             released += 1
             head = head[len(toolchain.EARLY_RELEASE):].lstrip()
-        assert head.startswith(toolchain.PDL_PROLOGUE) != bool(calls & waiting), body
+        assert head.startswith(GRID_WAIT) != bool(calls & waiting), body
     assert released >= 2  # the decode o_proj and down GEMVs, ahead of a one-row norm
     assert pdl.index(toolchain.PDL_DEFINE) < pdl.index("mlcc_grid_wait() {")
     assert toolchain.PDL_DEFINE not in plain
     plain_wrappers = re.findall(r'extern "C" __global__[^;{]*\{(.*?)\n\}', plain, re.DOTALL)
     assert len(plain_wrappers) == len(wrappers)
-    assert not any(body.lstrip().startswith(toolchain.PDL_PROLOGUE) for body in plain_wrappers)
+    assert not any(body.lstrip().startswith(GRID_WAIT) for body in plain_wrappers)
     tag = toolchain.PDL_TAG.encode()
     assert (tmp_path / "pdl.so").read_bytes().count(tag) == len(wrappers)
     assert tag not in (tmp_path / "plain.so").read_bytes()

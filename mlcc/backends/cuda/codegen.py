@@ -77,10 +77,10 @@ def kernel_names(plans: list[EntryPlan]) -> dict[KernelSpec, str]:
     return names
 
 
-def early_release(plans: list[EntryPlan], names: dict[KernelSpec, str],
-                  built: list[CudaKernel]) -> frozenset[str]:
+def early_release(plans: list[EntryPlan], built: list[CudaKernel]) -> frozenset[str]:
     """Device functions of the kernels whose every call is followed by a one-block kernel: with
     pdl they release that kernel at their start (mlcc.backends.cuda.toolchain)."""
+    names = kernel_names(plans)
     single = {k.name for k in built if k.single_block()}
     verdict: dict[str, bool] = {}
     for plan in plans:
@@ -152,7 +152,7 @@ def build(module: ir.Module, output: Path, metadata: dict,
     if pdl and not pdl_supported(archs):
         log(f"pdl off: programmatic dependent launch needs sm_90 or newer ({', '.join(archs)})")
         pdl = False
-    early = early_release(plans, kernel_names(plans), built) if pdl else frozenset()
+    early = early_release(plans, built) if pdl else frozenset()
     compile_library(built, entries, meta, output, archs, pdl, early)
     return counts
 

@@ -36,6 +36,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from mlcc.backends.cuda.kernels import GRID_WAIT
 from mlcc.errors import MlccError
 
 STAGE = "compile"
@@ -49,10 +50,9 @@ PDL_PIPELINE = "mlcc_pdl"
 PDL_TAG = "tirx.use_programtic_dependent_launch"  # sic: the TVM runtime's spelling
 DYN_SHARED_TAG = "tirx.use_dyn_shared_memory"  # must stay the last launch tag
 PDL_MIN_ARCH = 90
-# At the start of every kernel when pdl is on, except in kernels that place it themselves
-# (kernels.GRID_WAIT: the decode GEMVs issue their first weight loads before it). The helpers
+# kernels.GRID_WAIT goes at the start of every kernel when pdl is on, except in kernels that
+# place it themselves (the decode GEMVs issue their first weight loads before it). The helpers
 # (kernels.COMMON_SOURCE) are no-ops unless MLCC_PDL is defined and the arch is sm_90+.
-PDL_PROLOGUE = "mlcc_grid_wait();"
 EARLY_RELEASE = "mlcc_grid_launch();"  # first, in kernels followed by a single block
 PDL_DEFINE = "#define MLCC_PDL 1\n"
 _KERNEL_OPEN = re.compile(r'(extern "C" __global__[^;{]*\{)')
@@ -136,7 +136,7 @@ def with_pdl_prologue(code: str, self_waiting: frozenset[str] = frozenset(),
         body = code[match.end():code.find("\n}", match.end())]
         called = set(re.findall(r"\b(\w+)\s*\(", body))
         lines = ([EARLY_RELEASE] if early & called else []) + \
-            ([] if self_waiting & called else [PDL_PROLOGUE])
+            ([] if self_waiting & called else [GRID_WAIT])
         return match.group(1) + "".join("\n  " + line for line in lines)
 
     return _KERNEL_OPEN.sub(opened, code)
