@@ -169,7 +169,8 @@ int main() {{
 
 def run_emulated(tmp_path, spec: KernelSpec, arrays: dict, seed: int, **options) -> dict:
     kernel = gen_decode_attention(spec, "k0_qkv_attention", **options)
-    splits = static_splits(spec, **{k: v for k, v in options.items() if k != "solo"})
+    splits = static_splits(spec, **{k: v for k, v in options.items()
+                                    if k in ("chunk", "max_splits")})
     blocks = spec.inputs[0][0][0] * spec.attr("num_q_heads") * splits  # rows x heads x splits
     assert f"T.thread_binding(T.int64({blocks})," in kernel.launcher
     append = gen_qkv_attention(spec, "a0_qkv_attention", flash=False).device_source
@@ -243,6 +244,13 @@ CASES = [  # (id, hq, hkv, d, rows, window, sinks, capacity, start, dtype, optio
     ("float32_2_rows", 4, 2, 64, 2, -1, 0, 512, 77, "float32", {}),
     ("float32_d128", 2, 1, 128, 1, -1, 0, 512, 150, "float32", {}),
     ("one_split", 4, 4, 128, 1, -1, 0, 512, 300, "float16", {"max_splits": 1}),
+    # three rounds of 32 positions in one block: the prefetching walk ends on its first set
+    ("one_split_odd_rounds", 4, 4, 128, 1, -1, 0, 512, 80, "float16",
+     {"max_splits": 1, "solo": 0}),
+    ("one_split_odd_rounds_unroll_2", 4, 4, 128, 1, -1, 0, 512, 80, "float16",
+     {"max_splits": 1, "solo": 0, "unroll": 2}),
+    ("one_split_one_register_set", 4, 4, 128, 1, -1, 0, 512, 300, "float16",
+     {"max_splits": 1, "prefetch": False}),
     ("head_dim_8", 8, 8, 8, 1, -1, 0, 512, 70, "float16", {}),  # the GPU parity models
     ("head_dim_8_float32", 8, 4, 8, 2, -1, 0, 512, 40, "float32", {}),
     ("empty_split", 4, 2, 64, 2, -1, 0, 64, 8, "float16",
