@@ -35,11 +35,8 @@ Decode (one row, DECODE_CASES): `*_decode`, the shipped one-launch kernel of
 mlcc.backends.cuda.decode_attention (positions split over blocks, the last block merges),
 `*_decode_split` the same without its one-block range for short contexts (SOLO),
 `*_decode_c16` / `*_decode_c64` the same with at least 16 / 64 positions per split instead of
-its CHUNK (32), `*_decode_one_set` the same walking its rounds with one register set (no next
-round in flight while it scores: the kernel before 2026-11-29's prefetch), `*_decode_u2` with
-two positions per lane group and round instead of UNROLL (4), `*_decode_s128` with one block
-per head up to 128 positions instead of SOLO (64), against `*_decode_two`, append + the
-CUDA-core attend kernel it replaces.
+its CHUNK (32), `*_decode_s128` with one block per head up to 128 positions instead of SOLO
+(64), against `*_decode_two`, append + the CUDA-core attend kernel it replaces.
 Validated the same way (the new row's key and value in the pool, the output against float32
 attention), then timed over LAYERS copies of the pool, one per call in turn (a decode step's
 32 layers: the keys and values come from HBM, not L2), 32 calls per graph: microseconds per
@@ -93,8 +90,8 @@ DECODE_CASES = [  # (name, config, position of the one new token)
     ("gqa_32_8_decode_at_2000", "gqa", 2000),
     ("window_256_sinks_4_decode_at_1500", "window", 1500),  # the ring has wrapped
 ]
-DECODE_VARIANTS = ("decode", "decode_one_set", "decode_u2", "decode_s128", "decode_split",
-                   "decode_c16", "decode_c64", "decode_two")
+DECODE_VARIANTS = ("decode", "decode_s128", "decode_split", "decode_c16", "decode_c64",
+                   "decode_two")
 LAYERS = 32
 
 
@@ -151,10 +148,6 @@ def build(folder: Path) -> None:
         kernels.append(gen_decode_attention(one, f"{config}_decode_split", solo=0))
         for chunk in (16, 64):  # fewer and more positions per split than the shipped CHUNK
             kernels.append(gen_decode_attention(one, f"{config}_decode_c{chunk}", chunk=chunk))
-        # one register set (no next round in flight while scoring), and two positions per
-        # lane group and round with the next round in flight
-        kernels.append(gen_decode_attention(one, f"{config}_decode_one_set", prefetch=False))
-        kernels.append(gen_decode_attention(one, f"{config}_decode_u2", unroll=2))
         # one block per head up to 128 positions (four prefetched rounds) instead of SOLO (64)
         kernels.append(gen_decode_attention(one, f"{config}_decode_s128", solo=128))
         kernels.append(gen_qkv_attention(one, f"{config}_decode_two", flash=False))

@@ -244,13 +244,9 @@ CASES = [  # (id, hq, hkv, d, rows, window, sinks, capacity, start, dtype, optio
     ("float32_2_rows", 4, 2, 64, 2, -1, 0, 512, 77, "float32", {}),
     ("float32_d128", 2, 1, 128, 1, -1, 0, 512, 150, "float32", {}),
     ("one_split", 4, 4, 128, 1, -1, 0, 512, 300, "float16", {"max_splits": 1}),
-    # three rounds of 32 positions in one block: the prefetching walk ends on its first set
-    ("one_split_odd_rounds", 4, 4, 128, 1, -1, 0, 512, 80, "float16",
+    # three rounds of 32 positions in one block, the last one partial
+    ("one_split_three_rounds", 4, 4, 128, 1, -1, 0, 512, 80, "float16",
      {"max_splits": 1, "solo": 0}),
-    ("one_split_odd_rounds_unroll_2", 4, 4, 128, 1, -1, 0, 512, 80, "float16",
-     {"max_splits": 1, "solo": 0, "unroll": 2}),
-    ("one_split_one_register_set", 4, 4, 128, 1, -1, 0, 512, 300, "float16",
-     {"max_splits": 1, "prefetch": False}),
     ("head_dim_8", 8, 8, 8, 1, -1, 0, 512, 70, "float16", {}),  # the GPU parity models
     ("head_dim_8_float32", 8, 4, 8, 2, -1, 0, 512, 40, "float32", {}),
     ("empty_split", 4, 2, 64, 2, -1, 0, 64, 8, "float16",

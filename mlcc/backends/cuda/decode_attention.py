@@ -18,9 +18,7 @@ block per (row, query head, split):
    computed on the GPU from seq_info, so the step replays from a CUDA graph unchanged.
    Blocks past `active` return at once. In a block, each warp takes UNROLL x (32 / lanes)
    positions a round: a group of `lanes` lanes per position, each lane loading 16-byte words
-   of the key and value, every load of the round issued before any is used, and the next
-   round's loads issued (into a second register set) before the round is scored, so a split
-   that walks several rounds keeps its loads in flight while it computes. Each lane group
+   of the key and value, every load of the round issued before any is used. Each lane group
    keeps an online softmax (running max, sum, weighted values in float32); the groups merge in
    shared memory.
 3. With more than one active split, each block writes (max, sum, weighted values) to a
@@ -50,7 +48,6 @@ from mlcc.backends.plan import KernelSpec
 
 WARPS = 4
 UNROLL = 4  # positions per lane group whose loads are in flight together
-PREFETCH = True  # load the next round while scoring this one (a second register set)
 CHUNK = 32  # fewest visible positions per split: one round of four warps at d = 128
 MAX_SPLITS = 32  # at most this many blocks per (row, query head)
 # Up to this many visible positions one block per (row, head) walks them all: on an H200
@@ -165,80 +162,15 @@ def _prologue(spec: KernelSpec, name: str, rows: int, splits: int) -> str:
 """.replace("SPLITS", str(splits))
 
 
-def _walk(spec: KernelSpec, name: str, rows: int, unroll: int = UNROLL,
-          prefetch: bool = PREFETCH) -> str:
-    """Each lane group's online softmax over its positions of the split's range. Rounds of
-    WARPS * unroll * (32 / lanes) positions; with `prefetch` the keys and values of round
-    r + 1 are loaded into a second register set before round r is scored, so a block's loads
-    stay in flight while it computes (long contexts walk several rounds per split)."""
+def _walk(spec: KernelSpec, name: str, rows: int) -> str:
+    """Each lane group's online softmax over its positions of the split's range."""
     kv = dict(spec.kv)
     hkv, d, page = kv["kv_heads"], kv["head_dim"], kv["page_size"]
     vec, lanes, per_lane = _geometry(spec)
     step = 32 // lanes  # positions a warp takes side by side
     scale = spec.attr("scale") if spec.attr("scale") is not None else 1.0 / np.sqrt(d)
     n = per_lane * vec
-    span = WARPS * unroll * step  # positions of one round
-
-    def load(b: int, base: str) -> str:
-        return f"""    #pragma unroll
-    for (int u = 0; u < {unroll}; ++u) {{
-      const long long t = {base} + (warp * {unroll} + u) * {step} + grp;
-      const long long tc = t < t_end ? t : t_end - 1;
-      const long long j = tc < sinks_end ? tc : lo + (tc - sinks_end);
-      const T_KV* kp = kv_s[0][0];
-      if (j >= start) kp += (j - start) * {d};
-      else kp = pool + {name}_row(page_table, j, 0, g);
-      // a chunk row's value follows its key by one shared row, a pool row's by one kind
-      const T_KV* vp = kp + (j >= start ? {rows * d}LL : {hkv * page * d}LL);
-      #pragma unroll
-      for (int e = 0; e < {per_lane}; ++e) {{
-        kw[{b}][u][e] = *reinterpret_cast<const uint4*>(kp + (e * {lanes} + sub) * {vec});
-        vw[{b}][u][e] = *reinterpret_cast<const uint4*>(vp + (e * {lanes} + sub) * {vec});
-      }}
-    }}
-"""
-
-    def score(b: int, base: str) -> str:
-        return f"""    {{
-    float s[{unroll}], m_new = m;
-    #pragma unroll
-    for (int u = 0; u < {unroll}; ++u) {{
-      float dot = 0.f, f[{vec}];
-      #pragma unroll
-      for (int e = 0; e < {per_lane}; ++e) {{
-        {name}_unpack(kw[{b}][u][e], f);
-        #pragma unroll
-        for (int k = 0; k < {vec}; ++k) dot += qr[e * {vec} + k] * f[k];
-      }}
-      #pragma unroll
-      for (int o = {lanes // 2}; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-      const bool live = {base} + (warp * {unroll} + u) * {step} + grp < t_end;
-      s[u] = live ? dot * {fp(scale)} : -1.0e30f;
-      m_new = fmaxf(m_new, s[u]);
-    }}
-    const float keep = expf(m - m_new);
-    l *= keep;
-    #pragma unroll
-    for (int k = 0; k < {n}; ++k) acc[k] *= keep;
-    #pragma unroll
-    for (int u = 0; u < {unroll}; ++u) {{
-      const bool live = {base} + (warp * {unroll} + u) * {step} + grp < t_end;
-      const float wgt = live ? expf(s[u] - m_new) : 0.f;
-      l += wgt;
-      float f[{vec}];
-      #pragma unroll
-      for (int e = 0; e < {per_lane}; ++e) {{
-        {name}_unpack(vw[{b}][u][e], f);
-        #pragma unroll
-        for (int k = 0; k < {vec}; ++k) acc[e * {vec} + k] += wgt * f[k];
-      }}
-    }}
-    m = m_new;
-    }}
-"""
-
-    sets = 2 if prefetch else 1  # register sets of keys and values
-    head = f"""  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    return f"""  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int sub = lane % {lanes}, grp = lane / {lanes};
   float qr[{n}], acc[{n}], m = -1.0e30f, l = 0.f;
   #pragma unroll
@@ -248,21 +180,59 @@ def _walk(spec: KernelSpec, name: str, rows: int, unroll: int = UNROLL,
       qr[e * {vec} + k] = q_s[(e * {lanes} + sub) * {vec} + k];
       acc[e * {vec} + k] = 0.f;
     }}
-  uint4 kw[{sets}][{unroll}][{per_lane}], vw[{sets}][{unroll}][{per_lane}];
-"""
-    if not prefetch:
-        return head + f"""  for (long long base = t_begin; base < t_end; base += {span}) {{
-{load(0, "base")}{score(0, "base")}  }}
-"""
-    return head + f"""  if (t_begin < t_end) {{
-{load(0, "t_begin")}  }}
-  for (long long base = t_begin; base < t_end; base += {2 * span}) {{
-    if (base + {span} < t_end) {{
-{load(1, f"(base + {span})")}    }}
-{score(0, "base")}    if (base + {span} >= t_end) break;
-    if (base + {2 * span} < t_end) {{
-{load(0, f"(base + {2 * span})")}    }}
-{score(1, f"(base + {span})")}  }}
+  for (long long base = t_begin; base < t_end; base += {WARPS * UNROLL * step}) {{
+    uint4 kw[{UNROLL}][{per_lane}], vw[{UNROLL}][{per_lane}];
+    #pragma unroll
+    for (int u = 0; u < {UNROLL}; ++u) {{
+      const long long t = base + (warp * {UNROLL} + u) * {step} + grp;
+      const long long tc = t < t_end ? t : t_end - 1;
+      const long long j = tc < sinks_end ? tc : lo + (tc - sinks_end);
+      const T_KV* kp = kv_s[0][0];
+      if (j >= start) kp += (j - start) * {d};
+      else kp = pool + {name}_row(page_table, j, 0, g);
+      // a chunk row's value follows its key by one shared row, a pool row's by one kind
+      const T_KV* vp = kp + (j >= start ? {rows * d}LL : {hkv * page * d}LL);
+      #pragma unroll
+      for (int e = 0; e < {per_lane}; ++e) {{
+        kw[u][e] = *reinterpret_cast<const uint4*>(kp + (e * {lanes} + sub) * {vec});
+        vw[u][e] = *reinterpret_cast<const uint4*>(vp + (e * {lanes} + sub) * {vec});
+      }}
+    }}
+    float s[{UNROLL}], m_new = m;
+    #pragma unroll
+    for (int u = 0; u < {UNROLL}; ++u) {{
+      float dot = 0.f, f[{vec}];
+      #pragma unroll
+      for (int e = 0; e < {per_lane}; ++e) {{
+        {name}_unpack(kw[u][e], f);
+        #pragma unroll
+        for (int k = 0; k < {vec}; ++k) dot += qr[e * {vec} + k] * f[k];
+      }}
+      #pragma unroll
+      for (int o = {lanes // 2}; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+      const bool live = base + (warp * {UNROLL} + u) * {step} + grp < t_end;
+      s[u] = live ? dot * {fp(scale)} : -1.0e30f;
+      m_new = fmaxf(m_new, s[u]);
+    }}
+    const float keep = expf(m - m_new);
+    l *= keep;
+    #pragma unroll
+    for (int k = 0; k < {n}; ++k) acc[k] *= keep;
+    #pragma unroll
+    for (int u = 0; u < {UNROLL}; ++u) {{
+      const bool live = base + (warp * {UNROLL} + u) * {step} + grp < t_end;
+      const float wgt = live ? expf(s[u] - m_new) : 0.f;
+      l += wgt;
+      float f[{vec}];
+      #pragma unroll
+      for (int e = 0; e < {per_lane}; ++e) {{
+        {name}_unpack(vw[u][e], f);
+        #pragma unroll
+        for (int k = 0; k < {vec}; ++k) acc[e * {vec} + k] += wgt * f[k];
+      }}
+    }}
+    m = m_new;
+  }}
 """
 
 
@@ -323,11 +293,9 @@ def _merge(spec: KernelSpec, name: str, splits: int) -> str:
 
 
 def gen_decode_attention(spec: KernelSpec, name: str, chunk: int = CHUNK,
-                         max_splits: int = MAX_SPLITS, solo: int = SOLO, unroll: int = UNROLL,
-                         prefetch: bool = PREFETCH) -> CudaKernel:
+                         max_splits: int = MAX_SPLITS, solo: int = SOLO) -> CudaKernel:
     """`{name}_decode` for a `use_decode` spec: one launch of rows x query heads x splits
-    blocks. `chunk`, `max_splits` and `solo` set the split count (see `split_ranges`);
-    `unroll` and `prefetch` the walk's rounds (see `_walk`)."""
+    blocks. `chunk`, `max_splits` and `solo` set the split count (see `split_ranges`)."""
     kv = dict(spec.kv)
     (qkv_shape, dt), (out_shape, _) = spec.inputs[0], spec.outputs[0]
     hq, hkv, d, page = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"], kv["page_size"]
@@ -346,7 +314,7 @@ def gen_decode_attention(spec: KernelSpec, name: str, chunk: int = CHUNK,
 __device__ float {name}_ws[{rows * hq * splits * (d + 2)}];
 __device__ unsigned int {name}_cnt[{rows * hq}];  // blocks done per (row, head)
 {head} {{
-{_prologue(spec, name, rows, splits)}{_walk(spec, name, rows, unroll, prefetch)}{_merge(spec, name, splits)}}}
+{_prologue(spec, name, rows, splits)}{_walk(spec, name, rows)}{_merge(spec, name, splits)}}}
 """
     source = source.replace("T_QKV", C_TYPES[dt]).replace("T_KV", C_TYPES[kv["dtype"]])
     source = source.replace("CHUNK_", str(chunk)).replace("SOLO_", str(solo))
