@@ -16,9 +16,12 @@ The dot product does not depend on the order of k as long as A and B use the sam
 activations are staged in shared memory already in that order (pairs (x_i, x_{i+4}) of every
 word: one 128-bit shared load gives a lane the B fragments of both mmas of a word), in chunks
 of rounds (the whole K at one row). B columns of rows >= M read a staged row again: an mma's
-output columns are independent and those are never stored. Per packed word a lane issues about
-15 instructions (5 integer, 8 half2, half a shared load, one mma per feature pair and word)
-against about 22 in mlcc_q4_dot8's loop, and the float32 sums cost nothing.
+output columns are independent and those are never stored. By design a packed word costs a
+lane about 15 instructions (5 integer, 8 half2, half a shared load, one mma per feature pair
+and word) against about 22 in mlcc_q4_dot8's loop, and the float32 sums cost nothing; on an
+H200, ncu counted 29-31 issued per word at one row (benchmarks/results/2026-11-29-h200-d:
+nvcc splits each `(w & m) | c` in two, and the per-block staging and reduction add the rest),
+no fewer than the CUDA-core GEMVs.
 
 A block owns 16 * tiles output features and all rows of its 16-row tile (grid y for the batch
 symbol, so any batch is covered); its warps split K: in round r warp w takes the steps (128 k)

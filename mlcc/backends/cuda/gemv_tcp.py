@@ -31,9 +31,10 @@ Measured on an H200 (benchmarks/results/2026-11-29-h200-b/gemv_sweep_tcp.json): 
 variant within 5e-4 of the float32 reference) but 1.4-3.9x slower than the CUDA-core GEMVs on
 the 7B shapes (22016 x 4096: 22.9 us at best against 16.6; 4096 x 11008: 37.2 against 11.2):
 a warp walks a 16-feature tile's whole K in 128-wide rounds with only `depth` rounds in flight,
-so each tile costs K / 128 / depth memory round trips. The database therefore holds no tcp
-record; splitting a tile's K over the warps of a block (more rounds in flight per tile) is what
-it would need.
+so each tile costs K / 128 / depth memory round trips (ncu, benchmarks/results/2026-11-29-h200-d:
+0.38 warps issued per scheduler and cycle, no eligible warp in 62% of cycles). The database
+therefore holds no tcp record; splitting a tile's K over the warps of a block (more rounds in
+flight per tile) is what it would need.
 """
 
 from __future__ import annotations
