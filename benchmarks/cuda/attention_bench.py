@@ -36,7 +36,8 @@ mlcc.backends.cuda.decode_attention (positions split over blocks, the last block
 `*_decode_split` the same without its one-block range for short contexts (SOLO),
 `*_decode_c16` / `*_decode_c64` the same with at least 16 / 64 positions per split instead of
 its CHUNK (32), `*_decode_s128` with one block per head up to 128 positions instead of SOLO
-(64), against `*_decode_two`, append + the CUDA-core attend kernel it replaces.
+(64), `*_decode_m64` / `*_decode_m128` with up to 64 / 128 blocks per head instead of
+MAX_SPLITS (32), against `*_decode_two`, append + the CUDA-core attend kernel it replaces.
 Validated the same way (the new row's key and value in the pool, the output against float32
 attention), then timed over LAYERS copies of the pool, one per call in turn (a decode step's
 32 layers: the keys and values come from HBM, not L2), 32 calls per graph: microseconds per
@@ -85,13 +86,18 @@ DECODE_CASES = [  # (name, config, position of the one new token)
     ("7b_decode_at_32", "mha", 32),
     ("7b_decode_at_100", "mha", 100),
     ("7b_decode_at_160", "mha", 160),
+    ("7b_decode_at_300", "mha", 300),
+    ("7b_decode_at_500", "mha", 500),
+    ("7b_decode_at_700", "mha", 700),
     ("7b_decode_at_1000", "mha", 1000),
+    ("7b_decode_at_1500", "mha", 1500),
+    ("7b_decode_at_2000", "mha", 2000),
     ("7b_decode_at_4000", "mha", 4000),
     ("gqa_32_8_decode_at_2000", "gqa", 2000),
     ("window_256_sinks_4_decode_at_1500", "window", 1500),  # the ring has wrapped
 ]
-DECODE_VARIANTS = ("decode", "decode_s128", "decode_split", "decode_c16", "decode_c64",
-                   "decode_two")
+DECODE_VARIANTS = ("decode", "decode_s128", "decode_m64", "decode_m128", "decode_split",
+                   "decode_c16", "decode_c64", "decode_two")
 LAYERS = 32
 
 
@@ -148,8 +154,11 @@ def build(folder: Path) -> None:
         kernels.append(gen_decode_attention(one, f"{config}_decode_split", solo=0))
         for chunk in (16, 64):  # fewer and more positions per split than the shipped CHUNK
             kernels.append(gen_decode_attention(one, f"{config}_decode_c{chunk}", chunk=chunk))
-        # one block per head up to 128 positions (four prefetched rounds) instead of SOLO (64)
+        # one block per head up to 128 positions instead of SOLO (64)
         kernels.append(gen_decode_attention(one, f"{config}_decode_s128", solo=128))
+        for splits in (64, 128):  # more blocks per head than MAX_SPLITS (32) on long contexts
+            kernels.append(gen_decode_attention(one, f"{config}_decode_m{splits}",
+                                                max_splits=splits))
         kernels.append(gen_qkv_attention(one, f"{config}_decode_two", flash=False))
         tables[config] = inv_freq_table(spec).astype(np.float32).tolist()
     folder.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ lib.so`). Steps, all in one process:
 2. the peer: HF transformers fp16 (eager) on the same weights: decode of 128 tokens after a
    32-token prompt, and one 512-token prefill;
 3. `convert_weight` q4f16_1 on the GPU, then the library: the same decode and prefill, with and
-   without the CUDA graph, and decode of 64 tokens after 3,968 with the graph; peak GPU memory;
+   without the CUDA graph, and decode of 64 tokens after 960 and after 3,968 with the graph;
+   peak GPU memory;
    with max_batch_size=16 in the library, batch decode of all 16 sequences (128 steps);
 4. a per-kernel time breakdown of one decode step (torch profiler, CUPTI) with the achieved
    bandwidth of each weight-streaming kernel, from the kernel shapes in the library metadata.
@@ -41,6 +42,7 @@ PROMPT, DECODE, PREFILL = 32, 128, 512
 # decode at a long context too (CUDA graph only): LONG_DECODE tokens after LONG_PROMPT, which
 # ends within the preset's 4,096-token context window
 LONG_PROMPT, LONG_DECODE = 3968, 64
+MID_PROMPT = 960  # a mid-length context: decode of LONG_DECODE tokens after it
 HBM_BYTES_PER_S = 4.24e12  # design.md section 7, measured read bandwidth of the H200
 
 
@@ -110,10 +112,10 @@ def engine_numbers(engine, cudagraph: bool) -> dict:
     prefill_s = min(_timed(lambda: engine.prefill_logits(long_prompt)) for _ in range(3))
     numbers = {"decode_tok_s": DECODE / decode_s, "prefill_tok_s": PREFILL / prefill_s}
     if cudagraph:
-        far = rng.integers(0, HF_CONFIG["vocab_size"], LONG_PROMPT).tolist()
-        decode_run(far, LONG_DECODE)
-        numbers["decode_long_tok_s"] = LONG_DECODE / min(decode_run(far, LONG_DECODE)
-                                                         for _ in range(2))
+        for key, length in (("decode_mid_tok_s", MID_PROMPT), ("decode_long_tok_s", LONG_PROMPT)):
+            far = rng.integers(0, HF_CONFIG["vocab_size"], length).tolist()
+            decode_run(far, LONG_DECODE)
+            numbers[key] = LONG_DECODE / min(decode_run(far, LONG_DECODE) for _ in range(2))
     return numbers
 
 
@@ -194,11 +196,12 @@ def main() -> None:
 
 
 def long_rows(r: dict) -> list[str]:
-    """The long-context decode line of the report (absent from results of older runs)."""
-    if "decode_long_tok_s_cudagraph" not in r:
-        return []
-    return [f"| decode tok/s ({LONG_DECODE} after {LONG_PROMPT:,}), CUDA graph | "
-            f"{r['decode_long_tok_s_cudagraph']:.1f} | |"]
+    """The mid- and long-context decode lines of the report (absent from older runs)."""
+    return [f"| decode tok/s ({LONG_DECODE} after {length:,}), CUDA graph | "
+            f"{r[key + '_cudagraph']:.1f} | |"
+            for key, length in (("decode_mid_tok_s", MID_PROMPT),
+                                ("decode_long_tok_s", LONG_PROMPT))
+            if key + "_cudagraph" in r]
 
 
 def batch_rows(r: dict) -> list[str]:

@@ -37,6 +37,7 @@ from mlcc.backends.cuda.decode_attention import (
     MAX_SPLITS,
     SOLO,
     UNROLL,
+    WIDE,
     WARPS,
     gen_decode_attention,
     split_ranges,
@@ -309,6 +310,11 @@ def test_splits_follow_the_static_context_and_the_position():
     assert len(split_ranges(SOLO, MAX_SPLITS)) == 1 and len(split_ranges(SOLO + 1, MAX_SPLITS)) > 1
     assert [len(split_ranges(n, MAX_SPLITS)) for n in (1, 32, 4096)] == [1, 1, MAX_SPLITS]
     assert len(split_ranges(33, MAX_SPLITS, solo=0)) == 2
+    # from WIDE visible positions on, splits take at least two rounds (64 positions)
+    assert len(split_ranges(WIDE - 1, MAX_SPLITS)) == -(-(WIDE - 1) // CHUNK)
+    assert len(split_ranges(WIDE, MAX_SPLITS)) == WIDE // (2 * CHUNK)
+    assert len(split_ranges(301, MAX_SPLITS)) == 5 and len(split_ranges(1001, MAX_SPLITS)) == 16
+    assert len(split_ranges(2049, MAX_SPLITS)) == MAX_SPLITS
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")

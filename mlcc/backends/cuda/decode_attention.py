@@ -14,7 +14,8 @@ block per (row, query head, split):
    slots included), with the append kernel's formulas: the pool ends bit for bit the same.
 2. The visible positions (causal; with a window the last `window` plus the first `sinks`) are
    one index range split over `active` blocks, `active` = min(splits, ceil(count / chunk)),
-   or one block while count <= `solo` (a merge costs more than it saves on short contexts),
+   with twice the chunk from `wide` visible positions on, or one block while count <= `solo`
+   (a merge costs more than it saves on short contexts),
    computed on the GPU from seq_info, so the step replays from a CUDA graph unchanged.
    Blocks past `active` return at once. In a block, each warp takes UNROLL x (32 / lanes)
    positions a round: a group of `lanes` lanes per position, each lane loading 16-byte words
@@ -54,6 +55,11 @@ MAX_SPLITS = 32  # at most this many blocks per (row, query head)
 # (benchmarks/results/2026-11-29-h200-b, attention_bench.json) 33 positions took 6.3 us per
 # layer in two splits and 4.2 us in one, while 161 took 8.5 us in six splits and 9.3 in three.
 SOLO = 64
+# From this many visible positions on a split takes at least 2 * CHUNK of them (two rounds):
+# on an H200 (benchmarks/results/2026-11-29-h200-d, attention_bench_call5.json) splits of 64
+# took 9-15% less time a layer than splits of 32 from 300 to 1,500 positions and 6-17% more at
+# 100 and 160 (fewer, longer blocks: less prologue and merge per position, less parallelism).
+WIDE = 256
 
 
 def _geometry(spec: KernelSpec) -> tuple[int, int, int]:
@@ -92,11 +98,12 @@ def static_splits(spec: KernelSpec, chunk: int = CHUNK, max_splits: int = MAX_SP
     return max(1, min(max_splits, -(-max_visible(dict(spec.kv)) // chunk)))
 
 
-def split_ranges(count: int, splits: int, chunk: int = CHUNK,
-                 solo: int = SOLO) -> list[tuple[int, int]]:
+def split_ranges(count: int, splits: int, chunk: int = CHUNK, solo: int = SOLO,
+                 wide: int = WIDE) -> list[tuple[int, int]]:
     """The kernel's [begin, end) index ranges of the active splits for `count` visible
     positions (host mirror of the device arithmetic; a range may be empty)."""
-    active = 1 if count <= solo else min(splits, -(-count // chunk))
+    per_split = chunk if count < wide else 2 * chunk
+    active = 1 if count <= solo else min(splits, -(-count // per_split))
     per = -(-count // active)
     return [(s * per, min(s * per + per, count)) for s in range(active)]
 
@@ -131,7 +138,8 @@ def _prologue(spec: KernelSpec, name: str, rows: int, splits: int) -> str:
   const long long sinks_end = {sinks} < lo ? {sinks} : lo;
   // visible: [0, sinks_end) then [lo, pos], walked as one index range
   const long long count = sinks_end + (pos - lo + 1);
-  long long active = count <= SOLO_ ? 1 : (count + CHUNK_ - 1) / CHUNK_;
+  const long long per_split = count < WIDE_ ? CHUNK_ : 2 * CHUNK_;
+  long long active = count <= SOLO_ ? 1 : (count + per_split - 1) / per_split;
   active = active < SPLITS ? active : SPLITS;
   if (split >= active) return 0;
   const long long per = (count + active - 1) / active;
@@ -293,9 +301,11 @@ def _merge(spec: KernelSpec, name: str, splits: int) -> str:
 
 
 def gen_decode_attention(spec: KernelSpec, name: str, chunk: int = CHUNK,
-                         max_splits: int = MAX_SPLITS, solo: int = SOLO) -> CudaKernel:
+                         max_splits: int = MAX_SPLITS, solo: int = SOLO,
+                         wide: int = WIDE) -> CudaKernel:
     """`{name}_decode` for a `use_decode` spec: one launch of rows x query heads x splits
-    blocks. `chunk`, `max_splits` and `solo` set the split count (see `split_ranges`)."""
+    blocks. `chunk`, `max_splits`, `solo` and `wide` set the split count (see
+    `split_ranges`)."""
     kv = dict(spec.kv)
     (qkv_shape, dt), (out_shape, _) = spec.inputs[0], spec.outputs[0]
     hq, hkv, d, page = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"], kv["page_size"]
@@ -318,6 +328,7 @@ __device__ unsigned int {name}_cnt[{rows * hq}];  // blocks done per (row, head)
 """
     source = source.replace("T_QKV", C_TYPES[dt]).replace("T_KV", C_TYPES[kv["dtype"]])
     source = source.replace("CHUNK_", str(chunk)).replace("SOLO_", str(solo))
+    source = source.replace("WIDE_", str(wide))
     grid = (f"T.int64({rows * hq * splits})",)
     return CudaKernel(name, source,
                       launcher_nests(name, buffers, [(f"{name}_decode", grid, WARPS * 32)], []))
