@@ -138,8 +138,9 @@ def _prologue(spec: KernelSpec, name: str, rows: int, splits: int) -> str:
   const long long sinks_end = {sinks} < lo ? {sinks} : lo;
   // visible: [0, sinks_end) then [lo, pos], walked as one index range
   const long long count = sinks_end + (pos - lo + 1);
-  const long long per_split = count < WIDE_ ? CHUNK_ : 2 * CHUNK_;
-  long long active = count <= SOLO_ ? 1 : (count + per_split - 1) / per_split;
+  // divisions by constants (shifts for a power-of-two chunk), not by a variable
+  long long active = count <= SOLO_ ? 1 : count < WIDE_ ? (count + CHUNK_ - 1) / CHUNK_
+                                                         : (count + 2 * CHUNK_ - 1) / (2 * CHUNK_);
   active = active < SPLITS ? active : SPLITS;
   if (split >= active) return 0;
   const long long per = (count + active - 1) / active;
