@@ -17,7 +17,7 @@ for pair in "$@"; do
     --section MemoryWorkloadAnalysis --section SourceCounters \
     python3 benchmarks/cuda/gemv_sweep.py profile "$folder" "$name" > "$R/ncu_$name.txt" 2>&1
   echo "== $name (exit $?)"
-  grep -E "Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|No Eligible" \
+  grep -E "Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issued Warp Per Scheduler|No Eligible" \
     "$R/ncu_$name.txt" | head -8
   tar czf "$OUT/ncu.tgz" -C "$R" .
 done
