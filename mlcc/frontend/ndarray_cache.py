@@ -14,6 +14,7 @@ number of weights of the unquantized model. The reader also accepts MLC's "f32-t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -102,9 +103,14 @@ class NDArrayCacheWriter:
             self._shards[-1]["md5sum"] = self._md5.hexdigest()
 
     def abort(self) -> None:
-        """Close the open shard without writing the index (the caller removes the folder)."""
+        """Close the open shard without writing the index (the caller removes the folder).
+
+        Runs while another error unwinds: a close that fails (the file's last write was cut
+        short) must not replace that error.
+        """
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                self._file.close()
             self._file = None
 
 

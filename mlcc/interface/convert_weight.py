@@ -157,17 +157,28 @@ def check_output(output: Path, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Let SIGTERM unwind like Ctrl-C while it is active, so the staging folder is removed."""
+    """Let SIGTERM unwind like Ctrl-C while it is active, so the staging folder is removed.
+
+    A library on the stack may turn the KeyboardInterrupt into an error of its own (or fail in
+    its cleanup); once SIGTERM has arrived, whatever error comes out is reported as the
+    interrupt it was, so the command still ends as interrupted.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread may set signal handlers
         return
+    received: list[int] = []
 
     def interrupt(signum: int, frame: object) -> None:
+        received.append(signum)
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
+    except Exception as err:
+        if received:
+            raise KeyboardInterrupt from err
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 

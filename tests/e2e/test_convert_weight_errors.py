@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +224,41 @@ def test_interrupt_leaves_nothing(monkeypatch: pytest.MonkeyPatch, work: Path) -
                                       "q4f16_1", "-o", str(work / "new" / "out")])
     assert result.exit_code == 130 and result.stderr.strip() == "error: interrupted"
     assert not any(work.iterdir())
+
+
+def test_sigterm_turned_into_another_error_still_reads_as_interrupted(
+        monkeypatch: pytest.MonkeyPatch, work: Path) -> None:
+    """A library that catches the interrupt and raises its own error, with the shard's close
+    then failing too: the command still ends as interrupted (130) and leaves nothing."""
+    import signal
+
+    from mlcc.frontend.ndarray_cache import NDArrayCacheWriter
+
+    calls = []
+
+    def add_signal_wrapped(self, name, array):
+        calls.append(name)
+        if len(calls) == 10:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises as soon as the signal is delivered
+            except KeyboardInterrupt:
+                self._file.close = failing_close
+                raise RuntimeError("stream was interrupted") from None
+            raise AssertionError("SIGTERM did not interrupt the conversion")
+        return original(self, name, array)
+
+    def failing_close():
+        raise OSError("close of a half-written file")
+
+    original = NDArrayCacheWriter.add
+    monkeypatch.setattr(NDArrayCacheWriter, "add", add_signal_wrapped)
+    previous = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(app, ["convert_weight", str(STORIES), "--quantization",
+                                      "q4f16_1", "-o", str(work / "new" / "out")])
+    assert (result.exit_code, result.stderr.strip()) == (130, "error: interrupted")
+    assert not any(work.iterdir())
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is put back
 
 
 def test_preset_without_source(work: Path) -> None:

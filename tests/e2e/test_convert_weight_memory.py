@@ -47,5 +47,5 @@ def test_sigterm_during_conversion_leaves_nothing(tmp_path: Path) -> None:
         time.sleep(0.05)
     child.send_signal(signal.SIGTERM)
     _, stderr = child.communicate(timeout=120)
-    assert child.returncode == 130 and stderr.strip() == "error: interrupted"
+    assert (child.returncode, stderr.strip()) == (130, "error: interrupted")
     assert not any(out_root.iterdir())
