@@ -26,7 +26,11 @@ def build_model_library(module, output: Path, metadata: dict,
         archs = tuple(device.split("-", 1)[1].split(",")) if "-" in device else DEFAULT_ARCHS
         fuse_glu = True if opt is None else opt.enabled("fuse_glu_gemm")
         pdl = True if opt is None else opt.enabled("pdl")
-        return build_cuda(module, Path(output), metadata, archs, log, fuse_glu=fuse_glu, pdl=pdl)
+        from mlcc.backends.cuda.prefetch import DEFAULT_BUDGET
+
+        l2 = DEFAULT_BUDGET if opt is None or opt.enabled("l2_prefetch") else 0
+        return build_cuda(module, Path(output), metadata, archs, log, fuse_glu=fuse_glu, pdl=pdl,
+                          l2_prefetch=l2)
     if device != "llvm":
         from mlcc.errors import MlccError
 

@@ -3,7 +3,8 @@
 Levels: O0 legalizes only (what the backend needs to run the model); O1 adds fusions that
 remove memory traffic between neighbours; O2 adds work-saving rewrites (and the CUDA graph of
 the decode step); O3 is accepted and builds what O2 builds: no knob is on only from O3 yet.
-Knobs (`--opt "O2;fuse_add_norm=0"`) switch single passes or backend options on or off.
+Knobs (`--opt "O2;fuse_add_norm=0"`) switch single passes or backend options on or off; an
+opt-in knob (level OPT_IN) is on only when named (`--opt "O2;l2_prefetch=1"`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from mlcc.passes.fuse import FuseAddNorm, FuseQKVAttention, LMHeadLastRow
 from mlcc.passes.layout import KVCacheLayout, PlanMemory, PrefillChunking
 from mlcc.passes.moe import SparseMoE
 
+OPT_IN = 4  # the level of knobs that no level turns on: only `name=1` does
 # knob -> lowest level at which it is on by default
 KNOBS: dict[str, tuple[int, str]] = {
     "fuse_add_norm": (1, "fuse residual add into the following RMSNorm/LayerNorm"),
@@ -26,8 +28,11 @@ KNOBS: dict[str, tuple[int, str]] = {
     # On at O2 since the replayed decode equals the plain one on an H200 (tests/gpu).
     "cudagraph": (2, "backend (CUDA): capture the decode step once and replay it"),
     "fuse_glu_gemm": (1, "backend (CUDA): silu_mul in the gate_up GEMM/GEMV epilogue"),
-    "pdl": (2, "backend (CUDA, sm_90+): programmatic dependent launch: each kernel starts "
-               "while the one before it finishes"),
+    # Opt-in until measured on an H200 (mlcc.backends.cuda.prefetch).
+    "l2_prefetch": (OPT_IN, ("backend (CUDA, sm_90+): the light kernel before each decode "
+                             "GEMV prefetches that GEMV's first weights into L2")),
+    "pdl": (2, ("backend (CUDA, sm_90+): programmatic dependent launch: each kernel starts "
+                "while the one before it finishes")),
 }
 
 

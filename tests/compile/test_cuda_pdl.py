@@ -98,7 +98,7 @@ def test_pdl_library_tags_every_kernel_and_waits_in_each(tmp_path, monkeypatch):
     from mlcc.interface.compile import compile_model
 
     sources = {}
-    for name, opt in (("pdl", "O2"), ("plain", "O2;pdl=0")):
+    for name, opt in (("pdl", "O2;l2_prefetch=1"), ("plain", "O2;pdl=0;l2_prefetch=1")):
         keep = tmp_path / f"{name}.cu"
         monkeypatch.setenv("MLCC_CUDA_KEEP_SOURCE", str(keep))
         compile_model(STORIES, tmp_path / f"{name}.so", quantization="q4f16_1", device="cuda",
@@ -108,8 +108,11 @@ def test_pdl_library_tags_every_kernel_and_waits_in_each(tmp_path, monkeypatch):
     wrappers = re.findall(r'extern "C" __global__[^;{]*\{(.*?)\n\}', pdl, re.DOTALL)
     assert len(wrappers) >= 10
     waiting = {m.group(1) for m in re.finditer(
-        r"int (\w+_dev)\([^)]*\) \{(?:(?!\n\}\n).)*" + re.escape(GRID_WAIT), pdl, re.DOTALL)}
+        r"int (\w+_dev|\w+_pf)\([^)]*\) \{(?:(?!\n\}\n).)*" + re.escape(GRID_WAIT), pdl,
+        re.DOTALL)}
     assert waiting, "the decode GEMVs wait themselves"
+    # The light kernels before the decode GEMVs prefetch, then wait (mlcc.backends.cuda.prefetch).
+    assert any(name.endswith("_pf") for name in waiting)
     released = 0
     for body in wrappers:
         calls = set(re.findall(r"\b(\w+)\s*\(", body))

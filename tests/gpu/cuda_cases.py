@@ -32,6 +32,9 @@ WIDE = {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
 WIDE_CHUNK = {"llama64": 128, "mistral64": 64}
 CASES += [("llama64_q0f16", "llama64", "q0f16", "O2"),
           ("mistral64_q4f16_1", "mistral64", "q4f16_1", "O2")]
+# The opt-in L2 prefetch of the decode GEMVs' weights (mlcc.backends.cuda.prefetch)
+CASES += [(f"{arch}_q4f16_1_l2pf", arch, "q4f16_1", "O2;l2_prefetch=1")
+          for arch in ("llama", "mistral")]
 # batch_decode entries: four sequences, one token each per call
 CASES += [("llama_batch_q0f32", "llama", "q0f32", "O2"),
           ("mistral_batch_q4f16_1", "mistral", "q4f16_1", "O2")]

@@ -123,6 +123,17 @@ def test_cuda_graph_decode_equals_plain_decode(cases, name):
     assert graph._graphs[0].graph is not None, "the decode step was not captured"
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_l2_prefetch_changes_no_value(cases, arch):
+    """Prefetching weights into L2 is a hint: the decode logits are bit for bit the same."""
+    plain, _ = _engine(cases, f"{arch}_q4f16_1")
+    prefetched, _ = _engine(cases, f"{arch}_q4f16_1_l2pf")
+    ids = np.random.default_rng(9).integers(0, 120, 16).tolist()
+    np.testing.assert_array_equal(prefetched.prefill_logits(ids[:5]), plain.prefill_logits(ids[:5]))
+    for token in ids[5:]:
+        np.testing.assert_array_equal(prefetched.decode(token), plain.decode(token))
+
+
 PROMPTS = [[5, 17, 3, 99, 42, 7, 1, 8, 64], [11, 2], [33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43]]
 
 

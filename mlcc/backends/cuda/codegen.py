@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlcc import ir
-from mlcc.backends.cuda import attention, fusion, glu, kernels, linear, moe, sampling
+from mlcc.backends.cuda import attention, fusion, glu, kernels, linear, moe, prefetch, sampling
 from mlcc.backends.cuda.kernels import COMMON_SOURCE, GRID_WAIT, CudaKernel
 from mlcc.backends.cuda.toolchain import (
     DEFAULT_ARCHS,
@@ -64,6 +64,8 @@ def kernel_for(spec: KernelSpec, name: str) -> CudaKernel:
     if spec.op not in GENERATORS:
         raise MlccError(STAGE, f"op {spec.op} has no CUDA kernel; supported: "
                         f"{', '.join(sorted(GENERATORS))}")
+    if prefetch.ATTR in dict(spec.attrs):
+        return prefetch.wrap_kernel(GENERATORS[spec.op](prefetch.base_spec(spec), name), spec)
     return GENERATORS[spec.op](spec, name)
 
 
@@ -92,13 +94,16 @@ def early_release(plans: list[EntryPlan], built: list[CudaKernel]) -> frozenset[
 
 
 def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
-                  fuse_glu: bool = False) -> tuple[list[CudaKernel], list[EntryPlan], str, str]:
+                  fuse_glu: bool = False, l2_prefetch: int = 0,
+                  ) -> tuple[list[CudaKernel], list[EntryPlan], str, str]:
     """Kernels (one per distinct spec), entry plans, host TVMScript, metadata TVMScript.
 
     `prologues` folds norms and silu_mul into the decode GEMVs (mlcc.backends.cuda.fusion);
     off by default: on the H200 the fused GEMVs took longer than the two kernels they replace.
     `fuse_glu` runs silu_mul in the epilogue of the gate_up GEMM (prefill) and of the decode GEMV
     (mlcc.backends.cuda.glu); the compile command sets it from the `fuse_glu_gemm` knob.
+    `l2_prefetch` (bytes, 0 for none) lets the light kernel before each decode GEMV prefetch
+    that many bytes of its weights into L2 (mlcc.backends.cuda.prefetch).
     """
     metadata = with_tensor_parallel(module, metadata)
     plans = [plan_entry(fn, module) for fn in module.functions]
@@ -106,6 +111,8 @@ def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
         plans = [glu.fuse_glu(plan) for plan in plans]
     if prologues:
         plans = [fusion.fuse_prologues(plan) for plan in plans]
+    if l2_prefetch:
+        plans = [prefetch.attach_prefetch(plan, l2_prefetch) for plan in plans]
     names = kernel_names(plans)
     built = [kernel_for(spec, name) for spec, name in names.items()]
     # The next token picked on the GPU (mlcc.backends.cuda.sampling) from the logits row.
@@ -129,13 +136,13 @@ def spec_json(spec: KernelSpec) -> dict:
 
 
 def device_source(built: list[CudaKernel]) -> str:
-    return COMMON_SOURCE + "\n".join(k.device_source for k in built)
+    return COMMON_SOURCE + prefetch.source() + "\n".join(k.device_source for k in built)
 
 
 def build(module: ir.Module, output: Path, metadata: dict,
           archs: tuple[str, ...] = DEFAULT_ARCHS,
           log: Callable[[str], None] = lambda s: None, prologues: bool = False,
-          fuse_glu: bool = False, pdl: bool = False) -> dict[str, int]:
+          fuse_glu: bool = False, pdl: bool = False, l2_prefetch: int = 0) -> dict[str, int]:
     """Build `module` into the shared library `output` (written under a temporary name).
 
     `pdl` launches every kernel with programmatic dependent launch (mlcc.backends.cuda.
@@ -143,7 +150,8 @@ def build(module: ir.Module, output: Path, metadata: dict,
     (with a log line) otherwise."""
     if output.suffix != ".so":
         raise MlccError(STAGE, f"-o {output}: the CUDA backend writes a shared library; use .so")
-    built, plans, entries, meta = library_parts(module, metadata, prologues, fuse_glu)
+    built, plans, entries, meta = library_parts(module, metadata, prologues, fuse_glu,
+                                                l2_prefetch)
     counts: dict[str, int] = {}
     for k in built:
         op = k.name if k.name.startswith("mlcc_") else k.name.split("_", 1)[1]
@@ -166,7 +174,8 @@ def compile_library(built: list[CudaKernel], host_source: str, cpu_source: str, 
 
     enable_cuda_codegen()
     keep = os.environ.get("MLCC_CUDA_KEEP_SOURCE")
-    self_waiting = frozenset(f"{k.name}_dev" for k in built if GRID_WAIT in k.device_source)
+    self_waiting = frozenset([f"{k.name}_dev" for k in built if GRID_WAIT in k.device_source]
+                             + [name for k in built for name in k.self_waiting])
     install_hooks(device_source(built), archs, Path(keep) if keep else None, pdl, self_waiting,
                   early)
     target, host = cuda_target(archs[0]), host_target()

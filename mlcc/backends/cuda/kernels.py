@@ -165,6 +165,9 @@ class CudaKernel:
     name: str
     device_source: str
     launcher: str
+    # Device functions, besides `name`_dev, that place GRID_WAIT themselves (with pdl the
+    # build adds no wait at the top of a kernel calling them).
+    self_waiting: tuple[str, ...] = ()
 
     def single_block(self) -> bool:
         """Whether the launcher starts exactly one block (one nest, a grid of T.int64(1))."""
