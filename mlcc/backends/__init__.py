@@ -36,9 +36,10 @@ def build_model_library(module, output: Path, metadata: dict,
 
         raise MlccError("compile", f"no backend for device {device!r} in this build; use cpu")
     from mlcc.backends.llvm.codegen import build
-    from mlcc.backends.llvm.tuned_rules import tuned_rule
+    from mlcc.backends.llvm.tuned_rules import tuned_rule, tuned_rule_without_prefetch
 
     fast = True if opt is None else opt.enabled("fast_schedules")
     # Tuned GEMV/GEMM kernels first (they decline at O0), the portable kernels as the fallback.
     return build(module, Path(output), metadata, host, fast, system_lib_prefix, log,
-                 rules=[tuned_rule])
+                 rules=[tuned_rule if opt is None or opt.enabled("cpu_prefetch")
+                        else tuned_rule_without_prefetch])

@@ -133,3 +133,29 @@ def test_quant_layout_errors_are_one_line():
         L.linear_q("p", 1, 64, 32, 5, 32, "float16")
     with pytest.raises(MlccError, match="in_features"):
         L.linear("p", 1, 0, 32, "float16")
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_gemv_q4_prefetch_changes_no_value(kernel_cache, group):  # noqa: F811
+    """The decode GEMV's software prefetch (once per cache line, two row blocks ahead, clamped
+    to the last row) is a hint: with it and without it the outputs are bit for bit equal."""
+    k, n_out, dt = 300, 37, "float16"
+    layout = GroupQuantLayout(4, group, k)
+    spec = L.LinearSpec(1, k, n_out, dt, dt, layout, True)
+    on, off = L.gemv_q4_rule(spec), L.gemv_q4_rule(spec, prefetch_blocks=0)
+    assert "llvm.prefetch" in on.script() and "llvm.prefetch" not in off.script()
+    ex = kernel_cache.get(f"gemvq4_prefetch_{group}",
+                          lambda: [L.finish(on, "on"), L.finish(off, "off")])
+    rng = np.random.default_rng(group)
+    w = rng.standard_normal((n_out, k)).astype(np.float32)
+    q, s = group_quantize(w, 4, group, dt)
+    x = rng.standard_normal((1, k)).astype(dt)
+    bias = rng.standard_normal(n_out).astype(dt)
+    outs = {}
+    for name in ("on", "off"):
+        args = tensors(x, q, s, bias, np.zeros((1, n_out), dt))
+        ex[name](*args)
+        outs[name] = args[-1].numpy()
+    np.testing.assert_array_equal(outs["on"], outs["off"])
+    expected = x.astype(np.float32) @ group_dequantize(q, s, 4, group, k).T + bias
+    assert_close(outs["on"], expected, dt, scale=np.abs(expected).max())

@@ -31,8 +31,9 @@ def _dim(d: Any) -> int | str:
     return d if isinstance(d, int) else d.name
 
 
-def tuned_kernel(spec: Any, name: str) -> tirx.PrimFunc | None:
-    """The tuned PrimFunc for a `plan.KernelSpec`, or None when there is none."""
+def tuned_kernel(spec: Any, name: str, prefetch: bool = True) -> tirx.PrimFunc | None:
+    """The tuned PrimFunc for a `plan.KernelSpec`, or None when there is none; `prefetch`
+    False leaves the decode GEMV's software prefetch out (the `cpu_prefetch` knob)."""
     if spec.op not in ("linear", "q_linear") or len(spec.inputs[0][0]) != 2:
         return None
     (x_shape, x_dtype), (out_shape, out_dtype) = spec.inputs[0], spec.outputs[0]
@@ -49,15 +50,21 @@ def tuned_kernel(spec: Any, name: str) -> tirx.PrimFunc | None:
         return None
     return L.linear_q(name, rows, k, spec.inputs[1][0][0], bits, group, x_dtype,
                       bias=len(spec.inputs) == 4, scale_dtype=spec.inputs[2][1],
-                      out_dtype=out_dtype)
+                      out_dtype=out_dtype,
+                      prefetch_blocks=L.PREFETCH_BLOCKS if prefetch else 0)
 
 
-def tuned_rule(spec: Any, name: str, fast: bool) -> str | None:
+def tuned_rule(spec: Any, name: str, fast: bool, prefetch: bool = True) -> str | None:
     """KernelRule for codegen.kernel_source: TVMScript text of the tuned kernel, or None."""
     if not fast:
         return None
-    func = tuned_kernel(spec, name)
+    func = tuned_kernel(spec, name, prefetch)
     return None if func is None else primfunc_text(func, name)
+
+
+def tuned_rule_without_prefetch(spec: Any, name: str, fast: bool) -> str | None:
+    """`tuned_rule` with the decode GEMV's software prefetch left out."""
+    return tuned_rule(spec, name, fast, prefetch=False)
 
 
 def primfunc_text(func: tirx.PrimFunc, name: str) -> str:

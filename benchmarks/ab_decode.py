@@ -1,0 +1,86 @@
+"""Decode speed of several libraries of one model, interleaved round by round in one process.
+
+    python benchmarks/ab_decode.py PARAMS LIB [LIB ...] [--rounds 12] [--steps 32] [--out F.md]
+
+Every round resets each library's engine, prefills the same 16-token prompt and times `steps`
+greedy-free decode calls (the same token each step); a round's figure is the median step. The
+libraries take turns inside every round, so load that comes and goes on a shared machine falls
+on all of them alike, which separate runs (`python -m benchmarks run`) cannot promise: use this
+for a ratio between builds that differ by one knob. Prints (and with --out writes) a markdown
+table: per library the median over rounds, the range, and the ratio to the first library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+PROMPT = list(range(1, 17))
+
+
+def measure(params: Path, libs: list[Path], rounds: int, steps: int) -> dict[str, list[float]]:
+    from mlcc.runtime_check.compiled import CompiledEngine
+
+    engines = {str(lib): CompiledEngine(lib, params) for lib in libs}
+    rows: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            engine.reset()
+            engine.prefill_logits(PROMPT)
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                engine.decode(7)
+                times.append(time.perf_counter() - start)
+            rows[name].append(float(np.median(times)))
+    return rows
+
+
+def table(rows: dict[str, list[float]]) -> str:
+    lines = ["| library | decode ms/token (median of rounds) | range | tok/s | ratio to first |",
+             "|---|---|---|---|---|"]
+    base = None
+    for name, values in rows.items():
+        ms = np.array(values) * 1e3
+        median = float(np.median(ms))
+        base = base or median
+        lines.append(f"| {Path(name).name} | {median:.2f} | {ms.min():.2f}-{ms.max():.2f} | "
+                     f"{1e3 / median:.1f} | {base / median:.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("params", type=Path)
+    parser.add_argument("libs", type=Path, nargs="+")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    for path in [args.params, *args.libs]:
+        if not path.exists():
+            sys.exit(f"error: {path}: not found; build the libraries and weights first")
+    rows = measure(args.params, args.libs, args.rounds, args.steps)
+    text = table(rows)
+    print(text)
+    if args.out:
+        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        threads = os.environ.get("TVM_NUM_THREADS", f"all ({os.cpu_count()})")
+        head = (f"- Date: {when}\n- Machine: {platform.processor() or platform.machine()}, "
+                f"{os.cpu_count()} cores; TVM threads: {threads}\n- Load average at the end: "
+                f"{[round(v, 2) for v in os.getloadavg()]}\n- Command: `python "
+                f"{shlex.join(sys.argv)}`\n- Rounds: {args.rounds}, {args.steps} decode steps "
+                f"each after a {len(PROMPT)}-token prompt, libraries in turn within a round\n\n")
+        args.out.write_text(head + text + "\n")
+
+
+if __name__ == "__main__":
+    main()
