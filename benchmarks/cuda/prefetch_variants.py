@@ -12,7 +12,6 @@ SM can issue a GEMV's prefetch in time is the open question). Then, on the GPU m
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 from pathlib import Path
 
@@ -38,8 +37,7 @@ def build(folder: Path, names: list[str]) -> None:
     for name in names:
         opt, options = VARIANTS[name]
         if options:  # the codegen calls prefetch.attach_prefetch(plan, budget)
-            prefetch.attach_prefetch = lambda plan, budget, o=options: functools.partial(
-                shipped, **o)(plan)
+            prefetch.attach_prefetch = lambda plan, budget, o=options: shipped(plan, **o)
         try:
             start = time.perf_counter()
             compile_model("llama2_7b", folder / f"{name}.so", quantization="q4f16_1",

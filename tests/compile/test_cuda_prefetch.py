@@ -25,7 +25,6 @@ from mlcc.backends.llvm.codegen import parse_functions
 from mlcc.backends.plan import KernelCall, KernelSpec
 
 STORIES = Path(__file__).parents[2].parent / "shared" / "models" / "stories260K"
-BYTES = prefetch.BYTES
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +50,7 @@ def plans_with(stories, budget):
 
 
 def nbytes(shape, dtype) -> int:
-    return int(np.prod(shape)) * BYTES[dtype]
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
 def test_light_kernels_before_decode_gemvs_prefetch_their_weights(stories):
@@ -86,7 +85,7 @@ def test_a_small_budget_names_the_head_rows_of_each_half(stories):
         if tensors is None:
             continue
         for shape, dtype, ranges in tensors:
-            row = shape[1] * BYTES[dtype]
+            row = shape[1] * np.dtype(dtype).itemsize
             if len(ranges) == 2:  # gate_up: row 0 of the gate and of the up half
                 half = shape[0] // 2 * row
                 assert ranges == ((0, row), (half, half + row))

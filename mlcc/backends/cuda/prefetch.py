@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 from mlcc.backends.cuda import glu
 from mlcc.backends.cuda.kernels import GRID_WAIT, CudaKernel
 from mlcc.backends.cuda.linear import LinearShape, gemv_q4_applies
@@ -41,7 +43,6 @@ LIGHT_OPS = ("qkv_attention", "rms_norm", "add_rms_norm", "layer_norm", "add_lay
              "silu_mul", "gelu_mul", "q_embedding", "embedding")
 DEFAULT_BUDGET = 16 << 20  # bytes a light kernel prefetches of the GEMV after it
 CHUNK = 32 << 10  # bytes of one bulk prefetch instruction
-BYTES = {"uint32": 4, "float16": 2, "float32": 4, "int32": 4, "uint8": 1}
 
 SOURCE = r"""
 // L2 prefetch of bytes [begin, end) of `base` (mlcc.backends.cuda.prefetch): 32 KB bulk
@@ -104,7 +105,7 @@ def prefetch_for(call: KernelCall, budget: int):
         return None
     s, is_glu = found
     (wshape, wdt), (sshape, sdt) = s.spec.inputs[1], s.spec.inputs[2]
-    w_row, s_row = s.words * BYTES[wdt], s.groups * BYTES[sdt]
+    w_row, s_row = s.words * np.dtype(wdt).itemsize, s.groups * np.dtype(sdt).itemsize
     rows = s.n // 2 if is_glu else s.n
     per_row = (w_row + s_row) * (2 if is_glu else 1)
     take = min(rows, max(1, budget // per_row))

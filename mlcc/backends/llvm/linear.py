@@ -18,8 +18,8 @@ Schedules are ordered rules (first that applies wins), each returning a finished
           the code offset is folded into each group's starting sum: 8 instructions per 32
           multiply-adds per row in the inner loop. Each step prefetches (software prefetch,
           one per 64-byte line) the weight rows it will read PREFETCH_BLOCKS steps later:
-          the hardware prefetcher alone left the decode GEMVs waiting on memory (a 134M
-          Llama decoded at 87 against 116 tok/s with it, benchmarks/results/2026-11-29-cpu).
+          the hardware prefetcher alone left the decode GEMVs waiting on memory (decode of
+          a 134M Llama 1.22-1.31x faster with it, benchmarks/results/2026-11-29-cpu).
     GEMV  rows == 1 or last_row: blocks of 4 output rows in parallel; K walks 16-lane vectors
           (for 4-bit codes: two uint32 words shifted by a lane-dependent amount), scales are
           applied once per group.
