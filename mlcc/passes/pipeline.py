@@ -25,8 +25,8 @@ KNOBS: dict[str, tuple[int, str]] = {
     "fuse_add_norm": (1, "fuse residual add into the following RMSNorm/LayerNorm"),
     "lm_head_last_row": (2, "run the output projection on the last position only"),
     "fast_schedules": (1, "backend: parallel and vectorized schedules (off: plain fallback)"),
-    "cpu_prefetch": (1, ("backend (CPU): the decode GEMV prefetches the weight rows it "
-                         "reads two steps ahead")),
+    "cpu_prefetch": (1, ("backend (CPU): the decode GEMV (4-bit codes, float weights) "
+                         "prefetches the weight rows it reads two steps ahead")),
     # On at O2 since the replayed decode equals the plain one on an H200 (tests/gpu).
     "cudagraph": (2, "backend (CUDA): capture the decode step once and replay it"),
     "fuse_glu_gemm": (1, "backend (CUDA): silu_mul in the gate_up GEMM/GEMV epilogue"),

@@ -159,3 +159,29 @@ def test_gemv_q4_prefetch_changes_no_value(kernel_cache, group):  # noqa: F811
     np.testing.assert_array_equal(outs["on"], outs["off"])
     expected = x.astype(np.float32) @ group_dequantize(q, s, 4, group, k).T + bias
     assert_close(outs["on"], expected, dt, scale=np.abs(expected).max())
+
+
+@pytest.mark.parametrize("wdt", ["float16", "float32"])
+def test_gemv_prefetch_of_float_weights_changes_no_value(kernel_cache, wdt):  # noqa: F811
+    """The float-weight GEMV prefetches its rows ahead (the 3- and 8-bit codes do not); the
+    outputs equal those without the prefetch bit for bit."""
+    k, n_out = 300, 37
+    spec = L.LinearSpec(1, k, n_out, "float16", wdt, None, True)
+    on, off = L.gemv_rule(spec), L.gemv_rule(spec, prefetch_blocks=0)
+    assert "llvm.prefetch" in on.script() and "llvm.prefetch" not in off.script()
+    q8 = L.LinearSpec(1, k, n_out, "float16", "float16", GroupQuantLayout(8, 32, k), True)
+    assert "llvm.prefetch" not in L.gemv_rule(q8).script()
+    ex = kernel_cache.get(f"gemv_prefetch_{wdt}",
+                          lambda: [L.finish(on, "on"), L.finish(off, "off")])
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((n_out, k)).astype(wdt)
+    x = rng.standard_normal((1, k)).astype(np.float16)
+    bias = rng.standard_normal(n_out).astype(wdt)
+    outs = {}
+    for name in ("on", "off"):
+        args = tensors(x, w, bias, np.zeros((1, n_out), np.float16))
+        ex[name](*args)
+        outs[name] = args[-1].numpy()
+    np.testing.assert_array_equal(outs["on"], outs["off"])
+    expected = x.astype(np.float32) @ w.astype(np.float32).T + bias.astype(np.float32)
+    assert_close(outs["on"], expected, "float16", scale=np.abs(expected).max())

@@ -44,7 +44,8 @@ def tuned_kernel(spec: Any, name: str, prefetch: bool = True) -> tirx.PrimFunc |
     if spec.op == "linear":
         (n_out, _), w_dtype = spec.inputs[1]
         return L.linear(name, rows, k, n_out, x_dtype, bias=len(spec.inputs) == 3,
-                        weight_dtype=w_dtype, out_dtype=out_dtype)
+                        weight_dtype=w_dtype, out_dtype=out_dtype,
+                        prefetch_blocks=L.PREFETCH_BLOCKS if prefetch else 0)
     bits, group = spec.attr("bits"), spec.attr("group_size")
     if spec.attr("in_features") != k:
         return None
