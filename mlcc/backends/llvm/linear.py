@@ -140,6 +140,12 @@ def _rules(prefetch_blocks: int) -> Sequence[LinearRule]:
                  else rule for rule in LINEAR_RULES)
 
 
+def prefetch_line(address: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Software prefetch of the cache line holding `address` (read, keep in all levels)."""
+    return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, tirx.const(0, "int32"),
+                                 tirx.const(3, "int32"), tirx.const(1, "int32"))
+
+
 def schedule_linear(spec: LinearSpec,
                     rules: Sequence[LinearRule] | None = None) -> tirx.PrimFunc:
     """Apply the first rule that accepts `spec`."""
@@ -239,10 +245,8 @@ def gemv_rule(spec: LinearSpec, prefetch_blocks: int = PREFETCH_BLOCKS) -> tirx.
                         if kv % every == 0:
                             for r in T.unroll(rb):
                                 w_row = T.min((jb + ahead) * rb + r, n_out - 1)
-                                T.evaluate(T.call_llvm_intrin(
-                                    "void", "llvm.prefetch.p0",
-                                    T.address_of(weight[w_row, T.min(kv * lanes, k - 1)]),
-                                    T.int32(0), T.int32(3), T.int32(1)))
+                                T.evaluate(prefetch_line(T.address_of(
+                                    weight[w_row, T.min(kv * lanes, k - 1)])))
                     for r in T.unroll(rb):
                         for lane in T.vectorized(lanes):
                             acc[r, lane] = acc[r, lane] + xf[kv * lanes + lane] * T.Cast(
@@ -340,12 +344,9 @@ def gemv_q4_rule(spec: LinearSpec, rows_per_step: int = BLOCK_ROWS,
                 if ahead > 0:  # noqa: SIM102 - resolved while parsing; the next is a TIR test
                     if g % every == 0:
                         for r in T.unroll(rb):
-                            # llvm.prefetch(address, read, high locality, data cache)
                             ahead_row = T.min((jb + ahead) * rb + r, n_out - 1)
-                            T.evaluate(T.call_llvm_intrin(
-                                "void", "llvm.prefetch.p0",
-                                T.address_of(q_bytes[ahead_row, g * vecs * 16]),
-                                T.int32(0), T.int32(3), T.int32(1)))
+                            T.evaluate(prefetch_line(T.address_of(
+                                q_bytes[ahead_row, g * vecs * 16])))
                 for v in T.unroll(vecs):
                     for r in T.unroll(rb):
                         for lane in T.vectorized(lanes):
