@@ -30,7 +30,7 @@ KNOBS: dict[str, tuple[int, str]] = {
     # On at O2 since the replayed decode equals the plain one on an H200 (tests/gpu).
     "cudagraph": (2, "backend (CUDA): capture the decode step once and replay it"),
     "fuse_glu_gemm": (1, "backend (CUDA): silu_mul in the gate_up GEMM/GEMV epilogue"),
-    # Opt-in until measured on an H200 (mlcc.backends.cuda.prefetch).
+    # Opt-in: slower on an H200 (mlcc.backends.cuda.prefetch, results 2026-11-29-h200-e).
     "l2_prefetch": (OPT_IN, ("backend (CUDA, sm_90+): the light kernel before each decode "
                              "GEMV prefetches that GEMV's first weights into L2")),
     "pdl": (2, ("backend (CUDA, sm_90+): programmatic dependent launch: each kernel starts "

@@ -18,11 +18,13 @@ scale buffers to the call. The kernel is the light op's own, wrapped (`wrap_kern
 launcher takes the extra buffers and its device call goes through a variadic forwarder that
 prefetches first. Below sm_90 the prefetch compiles to nothing.
 
-Status: opt-in (`--opt "O2;l2_prefetch=1"`, 16 MB a GEMV), built and checked on the CPU (plan,
-launcher, the wrapper run on the host, nvcc's PTX) but not yet run on a GPU, so neither its
-effect on decode speed nor on the one-block norms that issue it is known. One device call
-measures it: the variants of benchmarks/cuda/prefetch_variants.py side by side in
-benchmarks/cuda/device_run.sh, with the GPU tests on cases built with the knob on.
+Status: opt-in (`--opt "O2;l2_prefetch=1"`, 16 MB a GEMV) and slower, so off at every level.
+Measured on an H200 (benchmarks/results/2026-11-29-h200-e): 7B decode fell from 538 to 170
+tok/s with 16 MB before every GEMV (a one-block norm issues bulk prefetches at ~260 GB/s and
+cannot finish before they are issued) and to 521 tok/s with the attention kernels alone
+prefetching o_proj (+60 us of attention a step against -15 us of o_proj). GEMVs that found
+8-16 MB of their weights in L2 were only 2-4% faster: they are bound by instruction issue, not
+by HBM. Outputs are unchanged by the knob (tests/gpu `test_l2_prefetch_changes_no_value`).
 """
 
 from __future__ import annotations
