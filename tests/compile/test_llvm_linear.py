@@ -24,7 +24,7 @@ from mlcc.errors import MlccError
 K_IN, N_OUT = 172, 37
 QUANTS = (None, (4, 32), (3, 40), (8, 32))
 RULES = {"gemv": L.gemv_rule, "gemm": L.gemm_rule, "fallback": L.linear_fallback,
-         "gemvq4": L.gemv_q4_rule}
+         "gemvbytes": L.gemv_bytes_rule}
 
 
 def specs(dt: str) -> list[tuple[str, L.LinearSpec]]:
@@ -43,10 +43,11 @@ def specs(dt: str) -> list[tuple[str, L.LinearSpec]]:
             (f"fallback_last_{tag}_{dt}", L.LinearSpec("seq_len", K_IN, N_OUT, dt, dt, layout,
                                                        False, True)),
         ]
-        if quant and quant[0] == 4:
-            out += [(f"gemvq4_{tag}_{dt}", L.LinearSpec(1, K_IN, N_OUT, dt, dt, layout, True)),
-                    (f"gemvq4_last_{tag}_{dt}", L.LinearSpec("seq_len", K_IN, N_OUT, dt, dt,
-                                                             layout, False, True))]
+        if quant and quant[0] in (4, 8):
+            out += [(f"gemvbytes_{tag}_{dt}", L.LinearSpec(1, K_IN, N_OUT, dt, dt, layout,
+                                                           True)),
+                    (f"gemvbytes_last_{tag}_{dt}", L.LinearSpec("seq_len", K_IN, N_OUT, dt, dt,
+                                                                layout, False, True))]
     return out
 
 
@@ -73,10 +74,10 @@ def weights(quant, dt, rng):
 
 
 def cases(rules):
-    return [(q, r) for r in rules for q in QUANTS if r != "gemvq4" or (q and q[0] == 4)]
+    return [(q, r) for r in rules for q in QUANTS if r != "gemvbytes" or (q and q[0] in (4, 8))]
 
 
-@pytest.mark.parametrize("quant,rule", cases(["gemv", "gemvq4", "gemm", "fallback"]))
+@pytest.mark.parametrize("quant,rule", cases(["gemv", "gemvbytes", "gemm", "fallback"]))
 def test_linear_matches_numpy(built, quant, rule):
     dt, ex = built
     tag = f"q{quant[0]}" if quant else "f"
@@ -91,7 +92,7 @@ def test_linear_matches_numpy(built, quant, rule):
         assert_close(args[-1].numpy(), expected, dt, scale=np.abs(expected).max())
 
 
-@pytest.mark.parametrize("quant,rule", cases(["gemv", "gemvq4", "fallback"]))
+@pytest.mark.parametrize("quant,rule", cases(["gemv", "gemvbytes", "fallback"]))
 def test_last_row_only_multiplies_the_last_row(built, quant, rule):
     dt, ex = built
     tag = f"q{quant[0]}" if quant else "f"
@@ -110,9 +111,13 @@ def test_rules_are_tried_in_order():
     decode = L.LinearSpec(1, 64, 32, "float32", "float32")
     prefill = L.LinearSpec("seq_len", 64, 32, "float32", "float32")
     assert L.gemm_rule(decode) is None and L.gemv_rule(prefill) is None
-    assert L.gemv_q4_rule(decode) is None  # float weights
+    assert L.gemv_bytes_rule(decode) is None  # float weights
     q3 = L.LinearSpec(1, 64, 32, "float32", "float32", GroupQuantLayout(3, 40, 64))
-    assert L.gemv_q4_rule(q3) is None and L.gemv_rule(q3) is not None
+    assert L.gemv_bytes_rule(q3) is None and L.gemv_rule(q3) is not None
+    q8 = L.LinearSpec(1, 64, 32, "float32", "float32", GroupQuantLayout(8, 32, 64))
+    assert L.gemv_bytes_rule(q8) is not None
+    q8_group8 = L.LinearSpec(1, 64, 32, "float32", "float32", GroupQuantLayout(8, 8, 64))
+    assert L.gemv_bytes_rule(q8_group8) is None  # 8 bytes a group: less than one load
     chosen = L.schedule_linear(prefill, rules=[L.gemv_rule, L.linear_fallback])
     assert "T.parallel(T.int64(32))" in chosen.script() or "T.parallel(32)" in chosen.script()
     with pytest.raises(MlccError, match="no linear schedule accepts"):
@@ -135,20 +140,20 @@ def test_quant_layout_errors_are_one_line():
         L.linear("p", 1, 0, 32, "float16")
 
 
-@pytest.mark.parametrize("group", [32, 128])
-def test_gemv_q4_prefetch_changes_no_value(kernel_cache, group):  # noqa: F811
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 32)])
+def test_gemv_bytes_prefetch_changes_no_value(kernel_cache, bits, group):  # noqa: F811
     """The decode GEMV's software prefetch (once per cache line, two row blocks ahead, clamped
     to the last row) is a hint: with it and without it the outputs are bit for bit equal."""
     k, n_out, dt = 300, 37, "float16"
-    layout = GroupQuantLayout(4, group, k)
+    layout = GroupQuantLayout(bits, group, k)
     spec = L.LinearSpec(1, k, n_out, dt, dt, layout, True)
-    on, off = L.gemv_q4_rule(spec), L.gemv_q4_rule(spec, prefetch_blocks=0)
+    on, off = L.gemv_bytes_rule(spec), L.gemv_bytes_rule(spec, prefetch_blocks=0)
     assert "llvm.prefetch" in on.script() and "llvm.prefetch" not in off.script()
-    ex = kernel_cache.get(f"gemvq4_prefetch_{group}",
+    ex = kernel_cache.get(f"gemvbytes_prefetch_{bits}_{group}",
                           lambda: [L.finish(on, "on"), L.finish(off, "off")])
-    rng = np.random.default_rng(group)
+    rng = np.random.default_rng(group + bits)
     w = rng.standard_normal((n_out, k)).astype(np.float32)
-    q, s = group_quantize(w, 4, group, dt)
+    q, s = group_quantize(w, bits, group, dt)
     x = rng.standard_normal((1, k)).astype(dt)
     bias = rng.standard_normal(n_out).astype(dt)
     outs = {}
@@ -157,20 +162,20 @@ def test_gemv_q4_prefetch_changes_no_value(kernel_cache, group):  # noqa: F811
         ex[name](*args)
         outs[name] = args[-1].numpy()
     np.testing.assert_array_equal(outs["on"], outs["off"])
-    expected = x.astype(np.float32) @ group_dequantize(q, s, 4, group, k).T + bias
+    expected = x.astype(np.float32) @ group_dequantize(q, s, bits, group, k).T + bias
     assert_close(outs["on"], expected, dt, scale=np.abs(expected).max())
 
 
 @pytest.mark.parametrize("wdt", ["float16", "float32"])
 def test_gemv_prefetch_of_float_weights_changes_no_value(kernel_cache, wdt):  # noqa: F811
-    """The float-weight GEMV prefetches its rows ahead (the 3- and 8-bit codes do not); the
-    outputs equal those without the prefetch bit for bit."""
+    """The float-weight GEMV prefetches its rows ahead (3-bit codes do not); the outputs equal
+    those without the prefetch bit for bit."""
     k, n_out = 300, 37
     spec = L.LinearSpec(1, k, n_out, "float16", wdt, None, True)
     on, off = L.gemv_rule(spec), L.gemv_rule(spec, prefetch_blocks=0)
     assert "llvm.prefetch" in on.script() and "llvm.prefetch" not in off.script()
-    q8 = L.LinearSpec(1, k, n_out, "float16", "float16", GroupQuantLayout(8, 32, k), True)
-    assert "llvm.prefetch" not in L.gemv_rule(q8).script()
+    q3 = L.LinearSpec(1, k, n_out, "float16", "float16", GroupQuantLayout(3, 40, k), True)
+    assert "llvm.prefetch" not in L.gemv_rule(q3).script()
     ex = kernel_cache.get(f"gemv_prefetch_{wdt}",
                           lambda: [L.finish(on, "on"), L.finish(off, "off")])
     rng = np.random.default_rng(3)

@@ -2,7 +2,7 @@
 
 A float16 model's output projection writes its float32 sum unrounded (the dtype pass sets
 out_dtype="float32" on it). Each CPU kernel that can run that projection, the tuned rules
-(GEMV-Q4, GEMV, GEMM) and the portable kernel, is compared with a NumPy float32 product. The
+(GEMV-BYTES, GEMV, GEMM) and the portable kernel, is compared with a NumPy float32 product. The
 expected values are checked to be far from their float16 rounding at the tolerance used, so a
 kernel that rounds through float16 fails. Then stories260K compiled at q0f16 and q4f16_1 returns
 logits that are not float16 values, close to ReferenceModel's.
@@ -71,8 +71,10 @@ def check(actual: np.ndarray, expected: np.ndarray) -> None:
     np.testing.assert_allclose(actual, expected, rtol=0, atol=atol)
 
 
-# (op, rows of the spec, quantization): GEMV-Q4, GEMV (plain and 3-bit), GEMM, GEMM plain
-CASES = [("q_linear", 1, (4, 32)), ("q_linear", 1, (3, 40)), ("linear", 1, None),
+# (op, rows of the spec, quantization): GEMV-BYTES (4 and 8 bits), GEMV (plain and 3-bit),
+# GEMM, GEMM plain
+CASES = [("q_linear", 1, (4, 32)), ("q_linear", 1, (8, 32)), ("q_linear", 1, (3, 40)),
+         ("linear", 1, None),
          ("q_linear", Sym("seq_len"), (4, 32)), ("linear", Sym("seq_len"), None)]
 
 

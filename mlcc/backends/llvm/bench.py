@@ -18,7 +18,7 @@ import numpy as np
 
 from mlcc.backends.layouts import GroupQuantLayout
 
-RULE_NAMES = ("gemv_q4", "gemv", "gemm", "fallback")
+RULE_NAMES = ("gemv_bytes", "gemv", "gemm", "fallback")
 
 
 def _weights(spec, rng):
@@ -50,7 +50,7 @@ def run_case(rule_name: str, rows: int, k: int, n: int, dtype: str, bits: int | 
 
     quant = GroupQuantLayout(bits, group, k) if bits else None
     spec = L.LinearSpec(1 if rows == 1 else "seq_len", k, n, dtype, dtype, quant)
-    rule = {"gemv_q4": L.gemv_q4_rule, "gemv": L.gemv_rule, "gemm": L.gemm_rule,
+    rule = {"gemv_bytes": L.gemv_bytes_rule, "gemv": L.gemv_rule, "gemm": L.gemm_rule,
             "fallback": L.linear_fallback}[rule_name]
     func = rule(spec)
     if func is None:

@@ -13,18 +13,19 @@ Arguments, in order (row-major, 64-byte aligned):
 exists outside a per-thread tile of 4 rows.
 
 Schedules are ordered rules (first that applies wins), each returning a finished loop nest:
-    GEMV-Q4  one row of x, 4-bit codes, group a multiple of 32: the codes are read as bytes
-          (one zero-extending load gives 32 codes), x is pre-split into even and odd elements,
-          the code offset is folded into each group's starting sum: 8 instructions per 32
-          multiply-adds per row in the inner loop. Each step prefetches (software prefetch,
-          one per 64-byte line) the weight rows it will read PREFETCH_BLOCKS steps later:
-          the hardware prefetcher alone left the decode GEMVs waiting on memory (decode of
-          a 134M Llama 1.22-1.31x faster with it, benchmarks/results/2026-11-29-cpu).
+    GEMV-BYTES  one row of x, 4- or 8-bit codes, at least 16 bytes a group: the codes are
+          read as bytes (one zero-extending load gives 32 4-bit or 16 8-bit codes), x is
+          pre-split into even and odd elements for 4 bits, the code offset is folded into
+          each group's starting sum: 8 instructions per 32 multiply-adds per row in the
+          inner loop at 4 bits. Each step prefetches (software prefetch, one per 64-byte
+          line) the weight rows it will read PREFETCH_BLOCKS steps later: the hardware
+          prefetcher alone left the decode GEMVs waiting on memory (decode of a 134M Llama
+          1.22-1.31x faster with it, benchmarks/results/2026-11-29-cpu).
     GEMV  rows == 1 or last_row: blocks of 4 output rows in parallel; K walks 16-lane vectors
-          (for 4-bit codes: two uint32 words shifted by a lane-dependent amount), scales are
-          applied once per group. Float weights are prefetched like GEMV-Q4's (float16
-          decode 1.67x faster with it); 3- and 8-bit codes are not (this loop is
-          compute-bound for them, and the prefetch cost q8f16_1 about 10%).
+          (for quantized codes: whole uint32 words shifted by a lane-dependent amount, which
+          is what 3-bit codes take), scales are applied once per group. Float weights are
+          prefetched like GEMV-BYTES' (float16 decode 1.67x faster with it); 3-bit codes
+          are not (this loop is compute-bound for them).
     GEMM  any rows: blocks of 16 output rows in parallel; each block's weights are dequantized
           once into float32 tiles [4, K] and reused by every 4-row block of x, which stays in
           cache across the block's 4 tiles (16 vector accumulators, horizontal sums at the end).
@@ -48,7 +49,7 @@ STAGE = "compile"
 BLOCK_ROWS = 4  # output rows (of W) per parallel step
 X_ROWS = 4  # rows of x per GEMM micro-kernel step
 TILES_PER_TASK = 4  # GEMM: 4-row weight tiles per parallel task, sharing each block of x
-PREFETCH_BLOCKS = 2  # GEMV-Q4: steps of BLOCK_ROWS rows ahead that its software prefetch reads
+PREFETCH_BLOCKS = 2  # the decode GEMVs: steps of BLOCK_ROWS rows ahead that its software prefetch reads
 CACHE_LINE = 64
 
 
@@ -124,7 +125,7 @@ def linear_q(name: str, rows: Dim, in_features: int, out_features: int, bits: in
              last_row: bool = False, out_dtype: str | None = None,
              prefetch_blocks: int = PREFETCH_BLOCKS) -> tirx.PrimFunc:
     """Like `linear` with W given as q_weight/q_scale; dequantization is fused.
-    `prefetch_blocks` goes to the GEMV-Q4 rule (0: no software prefetch)."""
+    `prefetch_blocks` goes to the GEMV rules (0: no software prefetch)."""
     quant = GroupQuantLayout(bits, group_size, in_features)
     spec = LinearSpec(rows, in_features, out_features, dtype, scale_dtype or dtype, quant, bias,
                       last_row, out_dtype)
@@ -135,7 +136,7 @@ def _rules(prefetch_blocks: int) -> Sequence[LinearRule]:
     """LINEAR_RULES with the GEMV rules' software prefetch set to `prefetch_blocks`."""
     if prefetch_blocks == PREFETCH_BLOCKS:
         return LINEAR_RULES
-    gemvs = (gemv_rule, gemv_q4_rule)
+    gemvs = (gemv_rule, gemv_bytes_rule)
     return tuple(functools.partial(rule, prefetch_blocks=prefetch_blocks) if rule in gemvs
                  else rule for rule in LINEAR_RULES)
 
@@ -176,7 +177,7 @@ def _drop_unused(func: tirx.PrimFunc, spec: LinearSpec) -> tirx.PrimFunc:
 
 def gemv_rule(spec: LinearSpec, prefetch_blocks: int = PREFETCH_BLOCKS) -> tirx.PrimFunc | None:
     """One row of x (decode, or the last row of a chunk): see the module docstring. For float
-    weights, software prefetch as in gemv_q4_rule: each step reads ahead the same bytes of the
+    weights, software prefetch as in gemv_bytes_rule: each step reads ahead the same bytes of the
     rows it will reach `prefetch_blocks` steps later, once per cache line."""
     if not spec.single_row:
         return None
@@ -191,9 +192,9 @@ def gemv_rule(spec: LinearSpec, prefetch_blocks: int = PREFETCH_BLOCKS) -> tirx.
     groups, wpg = (q.num_groups, q.words_per_group) if q else (0, 0)
     vec_words = lanes // per_word
     k_vecs = k_tile // lanes
-    # Float weights only: the other codes (3 and 8 bits) take this rule's per-lane shifts,
-    # which keep it busy computing (q8f16_1 decode of a 134M Llama: 13 tok/s, about 10%
-    # slower with the prefetch), while float16 weights stream (1.67x faster with it).
+    # Float weights only: codes that reach this rule (3 bits) take its per-lane shifts, which
+    # keep it busy computing (8-bit codes did, before GEMV-BYTES: about 10% slower with the
+    # prefetch), while float16 weights stream (1.67x faster with it).
     ahead = 0 if q else prefetch_blocks
     every = max(1, CACHE_LINE // (lanes * (2 if wdt == "float16" else 4)))  # vectors a line
 
@@ -268,29 +269,32 @@ def gemv_rule(spec: LinearSpec, prefetch_blocks: int = PREFETCH_BLOCKS) -> tirx.
     return _drop_unused(gemv, spec)
 
 
-def gemv_q4_rule(spec: LinearSpec, rows_per_step: int = BLOCK_ROWS,
-                 prefetch_blocks: int = PREFETCH_BLOCKS) -> tirx.PrimFunc | None:
-    """One row of x against 4-bit codes (group size a multiple of 32), read as bytes.
+def gemv_bytes_rule(spec: LinearSpec, rows_per_step: int = BLOCK_ROWS,
+                    prefetch_blocks: int = PREFETCH_BLOCKS) -> tirx.PrimFunc | None:
+    """One row of x against 4- or 8-bit codes, read as bytes (16 bytes a group at least).
 
-    Byte b of a row holds code 2b in its low nibble and code 2b + 1 in its high one, so 16
-    bytes give 32 codes with one zero-extending load, a mask and a shift; x is split once per
-    call into its even and odd elements to match. The (code - 7) offset never reaches the inner
-    loop: each group's sum starts from -7 * (sum of its x), and the scales are widened to
-    float32 once per row block.
+    4 bits: byte b of a row holds code 2b in its low nibble and code 2b + 1 in its high one,
+    so 16 bytes give 32 codes with one zero-extending load, a mask and a shift; x is split once
+    per call into its even and odd elements to match. 8 bits: byte b is code b, 16 codes a
+    load. The code offset (max_int) never reaches the inner loop: each group's sum starts from
+    -max_int * (sum of its x), and the scales are widened to float32 once per row block.
 
     With `prefetch_blocks` > 0, the step over rows [jb * rb, jb * rb + rb) prefetches the same
     bytes of rows (jb + prefetch_blocks) * rb + r, once per cache line; 0 leaves it out.
     """
     q = spec.quant
-    if not spec.single_row or q is None or q.bits != 4 or q.group_size % 32:
+    if (not spec.single_row or q is None or q.bits not in (4, 8)
+            or q.group_size * q.bits // 8 % 16):
         return None
     n = extent(spec.rows)
     n_out, k, lanes, rb = spec.out_features, spec.in_features, 16, rows_per_step
     dt, wdt, odt = spec.dtype, spec.weight_dtype, spec.out_dtype
     w_shape, qw_shape, qs_shape, o_shape = _signature(spec, n)
     has_bias, last_row = spec.bias, spec.last_row
-    half, groups, max_int = q.k_pad // 2, q.num_groups, q.max_int
-    vecs = q.group_size // 32  # 16-byte vectors per group
+    nibbles = q.bits == 4
+    per_byte = 8 // q.bits  # codes a byte
+    row_bytes, groups, max_int = q.k_pad // per_byte, q.num_groups, q.max_int
+    vecs = q.group_size // per_byte // lanes  # 16-byte vectors per group
     blocks = ceil_div(n_out, rb)
     ahead, every = prefetch_blocks, max(1, CACHE_LINE // (16 * vecs))  # groups per line
 
@@ -304,28 +308,34 @@ def gemv_q4_rule(spec: LinearSpec, rows_per_step: int = BLOCK_ROWS,
         q_scale = T.match_buffer(qs_h, qs_shape, wdt)
         bias = T.match_buffer(b_h, (n_out,), wdt)
         out = T.match_buffer(o_h, o_shape, odt)
-        q_bytes = T.decl_buffer((n_out, half), "uint8", data=q_weight.data)
-        x_even = T.alloc_buffer((half,), "float32")
-        x_odd = T.alloc_buffer((half,), "float32")
+        q_bytes = T.decl_buffer((n_out, row_bytes), "uint8", data=q_weight.data)
+        # x_lo[b]: the element of byte b's (low) code; x_hi[b]: of its high nibble (4 bits)
+        x_lo = T.alloc_buffer((row_bytes,), "float32")
+        x_hi = T.alloc_buffer((row_bytes if nibbles else 1,), "float32")
         offset = T.alloc_buffer((groups * lanes,), "float32")
-        for io in range(half // lanes):
+        for io in range(row_bytes // lanes):
             for lane in T.vectorized(lanes):
-                x_even[io * lanes + lane] = T.if_then_else(
-                    2 * (io * lanes + lane) < k,
-                    T.Cast("float32", x[n - 1, T.min(2 * (io * lanes + lane), k - 1)]),
+                x_lo[io * lanes + lane] = T.if_then_else(
+                    per_byte * (io * lanes + lane) < k,
+                    T.Cast("float32", x[n - 1, T.min(per_byte * (io * lanes + lane), k - 1)]),
                     T.float32(0))
-                x_odd[io * lanes + lane] = T.if_then_else(
-                    2 * (io * lanes + lane) + 1 < k,
-                    T.Cast("float32", x[n - 1, T.min(2 * (io * lanes + lane) + 1, k - 1)]),
-                    T.float32(0))
+                if nibbles:
+                    x_hi[io * lanes + lane] = T.if_then_else(
+                        2 * (io * lanes + lane) + 1 < k,
+                        T.Cast("float32", x[n - 1, T.min(2 * (io * lanes + lane) + 1, k - 1)]),
+                        T.float32(0))
         for g in range(groups):
             for lane in T.vectorized(lanes):
                 offset[g * lanes + lane] = T.float32(0)
             for v in range(vecs):
                 for lane in T.vectorized(lanes):
-                    offset[g * lanes + lane] = offset[g * lanes + lane] - T.float32(max_int) * (
-                        x_even[(g * vecs + v) * lanes + lane] + x_odd[
-                            (g * vecs + v) * lanes + lane])
+                    if nibbles:
+                        offset[g * lanes + lane] = offset[g * lanes + lane] - T.float32(
+                            max_int) * (x_lo[(g * vecs + v) * lanes + lane] + x_hi[
+                                (g * vecs + v) * lanes + lane])
+                    else:
+                        offset[g * lanes + lane] = offset[g * lanes + lane] - T.float32(
+                            max_int) * x_lo[(g * vecs + v) * lanes + lane]
         for jb in T.parallel(blocks):
             scales = T.alloc_buffer((rb, groups), "float32")
             acc = T.alloc_buffer((rb, lanes), "float32")
@@ -350,15 +360,22 @@ def gemv_q4_rule(spec: LinearSpec, rows_per_step: int = BLOCK_ROWS,
                 for v in T.unroll(vecs):
                     for r in T.unroll(rb):
                         for lane in T.vectorized(lanes):
-                            part[r, lane] = part[r, lane] + x_even[
-                                (g * vecs + v) * lanes + lane] * T.Cast(
-                                "float32", T.bitwise_and(T.Cast("int32", q_bytes[
-                                    T.min(jb * rb + r, n_out - 1),
-                                    (g * vecs + v) * lanes + lane]), 15)) + x_odd[
-                                (g * vecs + v) * lanes + lane] * T.Cast(
-                                "float32", T.shift_right(T.Cast("int32", q_bytes[
-                                    T.min(jb * rb + r, n_out - 1),
-                                    (g * vecs + v) * lanes + lane]), 4))
+                            if nibbles:
+                                part[r, lane] = part[r, lane] + x_lo[
+                                    (g * vecs + v) * lanes + lane] * T.Cast(
+                                    "float32", T.bitwise_and(T.Cast("int32", q_bytes[
+                                        T.min(jb * rb + r, n_out - 1),
+                                        (g * vecs + v) * lanes + lane]), 15)) + x_hi[
+                                    (g * vecs + v) * lanes + lane] * T.Cast(
+                                    "float32", T.shift_right(T.Cast("int32", q_bytes[
+                                        T.min(jb * rb + r, n_out - 1),
+                                        (g * vecs + v) * lanes + lane]), 4))
+                            else:
+                                part[r, lane] = part[r, lane] + x_lo[
+                                    (g * vecs + v) * lanes + lane] * T.Cast(
+                                    "float32", T.Cast("int32", q_bytes[
+                                        T.min(jb * rb + r, n_out - 1),
+                                        (g * vecs + v) * lanes + lane]))
                 for r in T.unroll(rb):
                     for lane in T.vectorized(lanes):
                         acc[r, lane] = acc[r, lane] + part[r, lane] * scales[r, g]
@@ -514,5 +531,5 @@ def linear_fallback(spec: LinearSpec) -> tirx.PrimFunc:
     return _drop_unused(fallback, spec)
 
 
-LINEAR_RULES: tuple[LinearRule, ...] = (gemv_q4_rule, gemv_rule, gemm_rule,
+LINEAR_RULES: tuple[LinearRule, ...] = (gemv_bytes_rule, gemv_rule, gemm_rule,
                                         linear_fallback)
