@@ -2,7 +2,7 @@
 
 Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
 
-    python benchmarks/cuda/gemv_sweep.py build .device/sweep [lean|lean2|lean3|glu|tcp]
+    python benchmarks/cuda/gemv_sweep.py build .device/sweep [lean|lean2|lean3|glu|tcp|tcg|tcgp]
     python benchmarks/cuda/gemv_sweep.py run .device/sweep $OUT/gemv_sweep.json
     python benchmarks/cuda/gemv_sweep.py profile .device/sweep VARIANT   # under ncu
     python benchmarks/cuda/gemv_sweep.py merge SWEEP.json mlcc/backends/cuda/gemv_tuning.json \
@@ -27,7 +27,10 @@ mlcc/backends/cuda/gemv_tuning.json to make those the defaults. The `glu` set ti
 persistent GEMV's GLU mode (the decode linear_silu_mul of glu.py) beside the plain gate_up
 GEMV; its outputs are checked against silu(g) * u of the reference and never recorded as best.
 The `tcp` set times the persistent tensor-core GEMV (mlcc.backends.cuda.gemv_tcp) beside the
-database's current pick for each shape; its records (kind "tcp") let `merge` adopt it.
+database's current pick for each shape; its records (kind "tcp") let `merge` adopt it. The
+`tcg` and `tcgp` sets do the same for the one-shot and persistent forms of the tensor-core GEMV
+that scales after the mma (mlcc.backends.cuda.gemv_tcg; records of kind "tcg" / "tcgp", only
+the first of which a rule reads).
 """
 
 from __future__ import annotations
@@ -262,6 +265,57 @@ def _tcp(n: int, k: int, cfg: tuple, rows: int = 1) -> dict:
             "name": f"gemv_{n}_{k}_tcp_b{bps}_w{warps}_d{depth}{extra}"}
 
 
+# Group-aligned tensor-core GEMV (warps, depth, fold, cols) and validation-only shapes (a
+# partial last tile; 43 or 86 iterations over the warps). The row layout (cols False) was
+# slower than the shipped GEMVs on every 7B shape (benchmarks/results/2026-11-29-h200-e).
+TCG_CONFIGS = [(w, d, f, True) for f in (False, True) for w in (4, 8, 16) for d in (1, 2, 3)]
+TCG_ODD = [(1001, 4096, (8, 2, False, True)), (1001, 4096, (8, 2, True, True)),
+           (4104, 11008, (16, 1, True, True)), (1001, 4096, (8, 2, False, False))]
+
+
+def _tcg(n: int, k: int, cfg: tuple) -> dict:
+    warps, depth, fold, cols = cfg
+    return {"n": n, "k": k, "rows": 1, "prologue": "none", "kind": "tcg", "warps": warps,
+            "depth": depth, "fold": fold, "cols": cols,
+            "name": f"gemv_{n}_{k}_tcg_w{warps}_d{depth}{'_fold' if fold else ''}"
+                    f"{'_cols' if cols else ''}"}
+
+
+# The persistent form (blocks per SM, warps, depth, fold); validation-only: partial last tile.
+TCGP_CONFIGS = [(b, w, d, f) for f in (False, True) for b, w in ((2, 8), (3, 8), (4, 8), (6, 4))
+                for d in (2, 3)] + [(3, 8, 4, False), (4, 8, 1, False)]
+TCGP_ODD = [(1001, 4096, (3, 8, 2, False)), (1001, 4096, (3, 8, 3, True))]
+
+
+def _tcgp(n: int, k: int, cfg: tuple) -> dict:
+    bps, warps, depth, fold = cfg
+    return {"n": n, "k": k, "rows": 1, "prologue": "none", "kind": "tcgp",
+            "blocks_per_sm": bps, "warps": warps, "depth": depth, "fold": fold,
+            "name": f"gemv_{n}_{k}_tcgp_b{bps}_w{warps}_d{depth}{'_fold' if fold else ''}"}
+
+
+def tcgp_variants() -> list[dict]:
+    """The persistent group-aligned tensor-core GEMV at TCGP_CONFIGS beside the database's
+    pick for every shape, then TCGP_ODD (validated only)."""
+    out = []
+    for n, k in SHAPES:
+        out.append(current_pick(n, k))
+        out += [_tcgp(n, k, c) for c in TCGP_CONFIGS]
+    out += [_tcgp(n, k, c) for n, k, c in TCGP_ODD]
+    return out
+
+
+def tcg_variants() -> list[dict]:
+    """The group-aligned tensor-core GEMV at TCG_CONFIGS for every shape next to the
+    database's pick, then TCG_ODD (validated only)."""
+    out = []
+    for n, k in SHAPES:
+        out.append(current_pick(n, k))
+        out += [_tcg(n, k, c) for c in TCG_CONFIGS]
+    out += [_tcg(n, k, c) for n, k, c in TCG_ODD]
+    return out
+
+
 def current_pick(n: int, k: int) -> dict:
     """The variant the database selects today for N x K at one row (persistent or block)."""
     from mlcc.backends.cuda.tuning import PERSISTENT, persistent_config, selected_kind
@@ -332,6 +386,18 @@ def kernel_of(v: dict):
 
         return gemv_q4_tcp_kernel(LinearShape(linear_spec(v["n"], v["k"], v["rows"])), v["name"],
                                   TcpConfig(v["blocks_per_sm"], v["warps"], v["depth"]))
+    if v["kind"] == "tcgp":
+        from mlcc.backends.cuda.gemv_tcg import TcgpConfig, gemv_q4_tcgp_kernel
+
+        return gemv_q4_tcgp_kernel(LinearShape(linear_spec(v["n"], v["k"], 1)), v["name"],
+                                   TcgpConfig(v["blocks_per_sm"], v["warps"], v["depth"],
+                                              v["fold"]))
+    if v["kind"] == "tcg":
+        from mlcc.backends.cuda.gemv_tcg import TcgConfig, gemv_q4_tcg_kernel
+
+        return gemv_q4_tcg_kernel(LinearShape(linear_spec(v["n"], v["k"], 1)), v["name"],
+                                  TcgConfig(v["warps"], v["depth"], v["fold"],
+                                            v.get("cols", False)))
     if v["kind"] == "tc":
         from mlcc.backends.cuda.gemv_tc import TcConfig, gemv_q4_tc_kernel
         from mlcc.ir.types import Sym
@@ -360,7 +426,8 @@ def build(folder: Path, only: str = "all") -> None:
     from mlcc.backends.cuda.codegen import compile_library
 
     chosen = {"lean": lean_variants, "lean2": lean2_variants, "lean3": lean3_variants,
-              "glu": glu_variants, "tcp": tcp_variants}.get(
+              "glu": glu_variants, "tcp": tcp_variants, "tcg": tcg_variants,
+              "tcgp": tcgp_variants}.get(
         only, lambda: variants() + tc_variants())()
     kernels = [kernel_of(v) for v in chosen]
     folder.mkdir(parents=True, exist_ok=True)
@@ -432,7 +499,7 @@ def measure(torch, lib, v: dict, copies: list[tuple], dev, rng) -> dict:
 
 
 RECORD_KEYS = ("kind", "blocks_per_sm", "warps", "rows_per_warp", "rotate", "pingpong", "dot",
-               "tiles", "unroll", "depth", "us", "gb_s")
+               "tiles", "unroll", "depth", "fold", "cols", "us", "gb_s")
 
 
 def run(folder: Path, out: Path) -> None:
@@ -445,7 +512,8 @@ def run(folder: Path, out: Path) -> None:
     lib = tvm.runtime.load_module(str(folder / "gemv_sweep.so"))
     chosen = json.loads((folder / "variants.json").read_text())
     rng = np.random.default_rng(0)
-    results, best, by_kind = [], {}, {"block": {}, "persistent": {}, "tc": {}, "tcp": {}}
+    results, best, by_kind = [], {}, {"block": {}, "persistent": {}, "tc": {}, "tcp": {},
+                                                  "tcg": {}, "tcgp": {}}
     at_rows: dict[str, dict] = {}
     for n, k in sorted({(v["n"], v["k"]) for v in chosen}):
         copies = weight_copies(n, k, rng, dev)

@@ -4,6 +4,9 @@ Rules, first match wins (each returns None when it does not apply). Every rule s
 and stores through mlcc_put, which rounds to y's dtype: float32 logits of a float16 model
 (out_dtype="float32" on the output projection) are stored unrounded.
 
+    gemv_q4_tcg_rule (mlcc.backends.cuda.gemv_tcg) one row, 4-bit weights, K % 128 == 0: the
+                     tensor-core GEMV with the scales applied after the mma, only where the
+                     GEMV database's single-row winner has kind "tcg" (none today).
     gemv_q4_tc_rule  (mlcc.backends.cuda.gemv_tc) 4-bit weights at 1..16 rows or the batch_decode
                      rows, products on tensor cores (mma.sync with the weights as A): where the
                      tuning database measured it fastest (batch decode, 4 and 16 rows).
@@ -369,11 +372,12 @@ def gemm_rule(spec: KernelSpec, name: str) -> CudaKernel:
 from mlcc.backends.cuda.gemm import gemm_tc_rule  # noqa: E402 - gemm.py reads this module
 from mlcc.backends.cuda.gemv import gemv_q4_tuned_rule  # noqa: E402 - and gemv.py
 from mlcc.backends.cuda.gemv_tc import gemv_q4_tc_rule  # noqa: E402 - and gemv_tc.py
+from mlcc.backends.cuda.gemv_tcg import gemv_q4_tcg_rule  # noqa: E402 - and gemv_tcg.py
 from mlcc.backends.cuda.gemv_tcp import gemv_q4_tcp_rule  # noqa: E402 - and gemv_tcp.py
 
 LINEAR_RULES: tuple[Callable[[KernelSpec, str], CudaKernel | None], ...] = (
-    gemv_q4_tc_rule, gemv_q4_tcp_rule, gemv_q4_tuned_rule, gemv_q4_rule, gemv_rule, gemm_tc_rule,
-    gemm_wmma_rule,
+    gemv_q4_tcg_rule, gemv_q4_tc_rule, gemv_q4_tcp_rule, gemv_q4_tuned_rule, gemv_q4_rule,
+    gemv_rule, gemm_tc_rule, gemm_wmma_rule,
 )
 
 
