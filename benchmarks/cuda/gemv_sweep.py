@@ -294,26 +294,24 @@ def _tcgp(n: int, k: int, cfg: tuple) -> dict:
             "name": f"gemv_{n}_{k}_tcgp_b{bps}_w{warps}_d{depth}{'_fold' if fold else ''}"}
 
 
-def tcgp_variants() -> list[dict]:
-    """The persistent group-aligned tensor-core GEMV at TCGP_CONFIGS beside the database's
-    pick for every shape, then TCGP_ODD (validated only)."""
+def _beside_picks(make, configs: list[tuple], odd: list[tuple]) -> list[dict]:
+    """make(n, k, config) for every shape and config next to the database's pick for the
+    shape, then the validation-only (n, k, config) of `odd`."""
     out = []
     for n, k in SHAPES:
         out.append(current_pick(n, k))
-        out += [_tcgp(n, k, c) for c in TCGP_CONFIGS]
-    out += [_tcgp(n, k, c) for n, k, c in TCGP_ODD]
-    return out
+        out += [make(n, k, c) for c in configs]
+    return out + [make(n, k, c) for n, k, c in odd]
+
+
+def tcgp_variants() -> list[dict]:
+    """The persistent form of the scale-after-mma tensor-core GEMV (TCGP_CONFIGS)."""
+    return _beside_picks(_tcgp, TCGP_CONFIGS, TCGP_ODD)
 
 
 def tcg_variants() -> list[dict]:
-    """The group-aligned tensor-core GEMV at TCG_CONFIGS for every shape next to the
-    database's pick, then TCG_ODD (validated only)."""
-    out = []
-    for n, k in SHAPES:
-        out.append(current_pick(n, k))
-        out += [_tcg(n, k, c) for c in TCG_CONFIGS]
-    out += [_tcg(n, k, c) for n, k, c in TCG_ODD]
-    return out
+    """The one-shot form of the scale-after-mma tensor-core GEMV (TCG_CONFIGS)."""
+    return _beside_picks(_tcg, TCG_CONFIGS, TCG_ODD)
 
 
 def current_pick(n: int, k: int) -> dict:

@@ -25,7 +25,7 @@ import pytest
 from test_cuda_gemv_glu_emulated import build
 from test_cuda_gemv_persistent import DECODE_SHAPES, ptxas, q_linear_spec
 from test_cuda_gemv_tc_emulated import TC_HOST
-from test_cuda_gemv_tcp_emulated import half_ulp16, launch_of, run
+from test_cuda_gemv_tcp_emulated import half_ulp16, launch_of, run, write_inputs
 
 from mlcc.backends.cuda import gemv
 from mlcc.backends.cuda.gemv_tcg import (
@@ -79,15 +79,8 @@ def test_tcg_gemv_on_host_threads_is_within_its_float32_bound(tmp_path, case):
         assert launch_of(tcg) == (-(-n // 16), config.warps)
     binary = build(tmp_path, [tcg, core], s.buffers, TC_HOST + SYNCWARP, launch_of)
 
-    rng = np.random.default_rng(n * k)
-    x = (rng.standard_normal((1, k)) * 2).astype(np.float16)
-    qw = rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32)
-    qs = (rng.random((n, k // 32)) * 0.05 + 0.001).astype(np.float16)
-    arrays = [x, qw, qs] + ([rng.standard_normal(n).astype(np.float16)] if bias else [])
-    paths = []
-    for i, a in enumerate(arrays):
-        paths.append(tmp_path / f"in{i}.bin")
-        a.tofile(paths[-1])
+    arrays, paths = write_inputs(tmp_path, n, k, 1, bias, seed=n * k)
+    x, qw, qs = arrays[:3]
     got = run(binary, 0, paths, (1, n), ydt)
     got_core = run(binary, 1, paths, (1, n), ydt)
 

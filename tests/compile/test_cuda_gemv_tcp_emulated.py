@@ -59,6 +59,22 @@ def run(binary: Path, which: int, inputs: list[Path], shape: tuple[int, int],
     return run_host(binary, which, inputs, shape, ydt).astype(np.float64)
 
 
+def write_inputs(tmp_path: Path, n: int, k: int, rows: int, bias: bool,
+                 seed: int) -> tuple[list[np.ndarray], list[Path]]:
+    """Random x (rows, K), packed codes, scales and (with bias) a bias, each written to a file
+    of tmp_path for the host program: (arrays, paths)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, k)) * 2).astype(np.float16)
+    qw = rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32)
+    qs = (rng.random((n, k // 32)) * 0.05 + 0.001).astype(np.float16)
+    arrays = [x, qw, qs] + ([rng.standard_normal(n).astype(np.float16)] if bias else [])
+    paths = []
+    for i, a in enumerate(arrays):
+        paths.append(tmp_path / f"in{i}.bin")
+        a.tofile(paths[-1])
+    return arrays, paths
+
+
 def half_ulp16(v: np.ndarray) -> np.ndarray:
     """Half the float16 spacing at |v| (subnormal spacing below 2^-14)."""
     exp = np.floor(np.log2(np.maximum(np.abs(v), 2.0**-14)))
@@ -96,15 +112,8 @@ def test_tcp_gemv_on_host_threads_is_float32_exact_and_beats_the_cuda_core_gemv(
     assert p.tiles > p.stride  # warps loop over several tiles
     binary = build(tmp_path, [tcp, core], s.buffers)
 
-    rng = np.random.default_rng(n * k + rows)
-    x = (rng.standard_normal((rows, k)) * 2).astype(np.float16)
-    qw = rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32)
-    qs = (rng.random((n, k // 32)) * 0.05 + 0.001).astype(np.float16)
-    arrays = [x, qw, qs] + ([rng.standard_normal(n).astype(np.float16)] if bias else [])
-    paths = []
-    for i, a in enumerate(arrays):
-        paths.append(tmp_path / f"in{i}.bin")
-        a.tofile(paths[-1])
+    arrays, paths = write_inputs(tmp_path, n, k, rows, bias, seed=n * k + rows)
+    x, qw, qs = arrays[:3]
     got = run(binary, 0, paths, (rows, n), ydt)
     got_core = run(binary, 1, paths, (rows, n), ydt)
 

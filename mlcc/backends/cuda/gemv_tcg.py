@@ -225,17 +225,17 @@ def _stage_cols(c: TcgConfig) -> str:
     }}"""
 
 
-def _compute_cols(c: TcgConfig, slot: int) -> str:
-    """The 8 mmas of register set `slot`: C column n collects group 4 it + n of features g and
-    g + 8 (B is zero outside a column's own k slots); lanes j < 2 hold columns 2j, 2j + 1."""
+def _cols_math(c: TcgConfig | TcgpConfig, slot: int, xc: str) -> str:
+    """The 8 mmas of register set `slot` on the B fragments bx: C column n collects group n of
+    the iteration for features g and g + 8 (B is zero outside a column's own k slots); lanes
+    j < 2 scale columns 2j, 2j + 1 into the row sums (with fold, less the offsets at `xc`)."""
     codes = "mlcc_tcg_folded" if c.fold else "mlcc_tcg_exact"
     if c.fold:
-        terms = ("(ct[0] - xc[2 * j])", "(ct[1] - xc[2 * j + 1])",
-                 "(ct[2] - xc[2 * j])", "(ct[3] - xc[2 * j + 1])")
+        terms = ("(ct[0] - xcj[0])", "(ct[1] - xcj[1])", "(ct[2] - xcj[0])", "(ct[3] - xcj[1])")
+        offsets = f"        const float* xcj = {xc} + 2 * j;\n"
     else:
-        terms = ("ct[0]", "ct[1]", "ct[2]", "ct[3]")
-    return f"""    {{
-      float ct[4] = {{0.f, 0.f, 0.f, 0.f}};
+        terms, offsets = ("ct[0]", "ct[1]", "ct[2]", "ct[3]"), ""
+    return f"""      float ct[4] = {{0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {{
         unsigned lo[4], hi[4];
@@ -245,14 +245,19 @@ def _compute_cols(c: TcgConfig, slot: int) -> str:
         mlcc_tcv_mma(ct, lo[2], hi[2], lo[3], hi[3], bx[i].z, bx[i].w);
       }}
       if (j < 2) {{
-        const float2 fa2 = __half22float2(sa{slot}), fb2 = __half22float2(sb{slot});
+{offsets}        const float2 fa2 = __half22float2(sa{slot}), fb2 = __half22float2(sb{slot});
         acc_a = fmaf(fa2.x, {terms[0]}, acc_a);
         acc_a = fmaf(fa2.y, {terms[1]}, acc_a);
         acc_b = fmaf(fb2.x, {terms[2]}, acc_b);
         acc_b = fmaf(fb2.y, {terms[3]}, acc_b);
-      }}
-    }}"""
+      }}"""
 
+
+def _compute_cols(c: TcgConfig, slot: int) -> str:
+    """Register set `slot`'s iteration on the B fragments its staging read."""
+    return f"""    {{
+{_cols_math(c, slot, "xc")}
+    }}"""
 
 def gemv_q4_tcg_kernel(s: LinearShape, name: str, config: TcgConfig) -> CudaKernel:
     """The group-aligned tensor-core GEMV of one q4 linear at one row (module docstring)."""
@@ -399,12 +404,6 @@ def _load_p(s: LinearShape, slot: int) -> str:
 def _step_p(s: LinearShape, c: TcgpConfig, slot: int) -> str:
     """Iteration `tr` of tile `tile` from register set `slot` (8 mmas, groups as C columns),
     the next loads into the slot, and at a tile's end its store."""
-    codes = "mlcc_tcg_folded" if c.fold else "mlcc_tcg_exact"
-    if c.fold:
-        terms = ("(ct[0] - xc[0])", "(ct[1] - xc[1])", "(ct[2] - xc[0])", "(ct[3] - xc[1])")
-        corr = "        const float* xc = xcs + tr * 4 + 2 * j;\n"
-    else:
-        terms, corr = ("ct[0]", "ct[1]", "ct[2]", "ct[3]"), ""
     return f"""    if (tile >= tiles) break;
     {{
       uint4 bx[4] = {{}};
@@ -412,22 +411,7 @@ def _step_p(s: LinearShape, c: TcgpConfig, slot: int) -> str:
 #pragma unroll
         for (int i = 0; i < 4; ++i) bx[i] = xs[(tr * 4 + j) * 4 + i];
       }}
-      float ct[4] = {{0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {{
-        unsigned lo[4], hi[4];
-        {codes}(i == 0 ? wa{slot}.x : i == 1 ? wa{slot}.y : i == 2 ? wa{slot}.z : wa{slot}.w, lo);
-        {codes}(i == 0 ? wb{slot}.x : i == 1 ? wb{slot}.y : i == 2 ? wb{slot}.z : wb{slot}.w, hi);
-        mlcc_tcv_mma(ct, lo[0], hi[0], lo[1], hi[1], bx[i].x, bx[i].y);
-        mlcc_tcv_mma(ct, lo[2], hi[2], lo[3], hi[3], bx[i].z, bx[i].w);
-      }}
-      if (j < 2) {{
-{corr}        const float2 fa2 = __half22float2(sa{slot}), fb2 = __half22float2(sb{slot});
-        acc_a = fmaf(fa2.x, {terms[0]}, acc_a);
-        acc_a = fmaf(fa2.y, {terms[1]}, acc_a);
-        acc_b = fmaf(fb2.x, {terms[2]}, acc_b);
-        acc_b = fmaf(fb2.y, {terms[3]}, acc_b);
-      }}
+{_cols_math(c, slot, "(xcs + tr * 4)")}
     }}
 {_load_p(s, slot)}
     if (++tr == {s.k // 128}) {{
