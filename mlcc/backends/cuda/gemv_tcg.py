@@ -84,7 +84,8 @@ __device__ __forceinline__ void mlcc_tcg_folded(unsigned w, unsigned* d) {
 @dataclass(frozen=True)
 class TcgConfig:
     """`warps` per block (one 16-feature tile), `depth` iterations of loads in flight per warp,
-    `fold`: the offset removed after the mma instead of before it."""
+    `fold`: the offset removed after the mma instead of before it, `cols`: the layout with the
+    groups as C columns (else rows; see the module docstring)."""
 
     warps: int = 8
     depth: int = 1
@@ -116,7 +117,8 @@ def applies(s: LinearShape, iter_k: int = ITER_K) -> bool:
 
 
 def _load(s: LinearShape, c: TcgConfig, slot: int) -> str:
-    """Iteration `lt`'s weights and scales into register set `slot`, then lt += warps."""
+    """Rows layout: iteration `lt`'s weights and scales into register set `slot`, then
+    lt += warps."""
     return f"""    if (lt < {s.k // ITER_K}) {{
 #pragma unroll
       for (int u = 0; u < {GROUPS}; ++u) {{
@@ -130,7 +132,7 @@ def _load(s: LinearShape, c: TcgConfig, slot: int) -> str:
 
 
 def _stage(c: TcgConfig) -> str:
-    """Iteration `it`'s 256 activations into the warp's shared slice, in pair order; with
+    """Rows layout: iteration `it`'s 256 activations into the warp's shared slice, in pair order; with
     fold, the odd pairs divided by 16 and each group's offset sum in xc."""
     if not c.fold:
         return """    __syncwarp();
@@ -158,7 +160,7 @@ def _stage(c: TcgConfig) -> str:
 
 
 def _compute(c: TcgConfig, slot: int) -> str:
-    """The 16 mmas of register set `slot`: per group, features g and g + 8 in one mma pair,
+    """Rows layout: the 16 mmas of register set `slot`: per group, features g and g + 8 in one mma pair,
     the float32 result times the group's scale into the row sums."""
     codes = "mlcc_tcg_folded" if c.fold else "mlcc_tcg_exact"
     ca, cb = ("(ct[0] - xc[u])", "(ct[2] - xc[u])") if c.fold else ("ct[0]", "ct[2]")

@@ -49,7 +49,7 @@ STAGE = "compile"
 BLOCK_ROWS = 4  # output rows (of W) per parallel step
 X_ROWS = 4  # rows of x per GEMM micro-kernel step
 TILES_PER_TASK = 4  # GEMM: 4-row weight tiles per parallel task, sharing each block of x
-PREFETCH_BLOCKS = 2  # the decode GEMVs: steps of BLOCK_ROWS rows ahead that its software prefetch reads
+PREFETCH_BLOCKS = 2  # decode GEMVs: row blocks ahead that the software prefetch reads
 CACHE_LINE = 64
 
 
