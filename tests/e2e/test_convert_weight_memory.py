@@ -24,7 +24,6 @@ def test_peak_rss_of_a_100mb_conversion_is_within_two_shards_plus_300mb(tmp_path
     assert result["checkpoint_bytes"] > 100e6 and result["largest_shard_bytes"] < 40e6
     # What the conversion adds to a process that has only imported mlcc and torch (~230 MB on
     # a CPU build of torch, more on a CUDA build): about two source shards, never the model.
-    assert result["peak_rss_bytes"] <= 2 * result["largest_shard_bytes"] + 300e6, result
     added = result["peak_rss_bytes"] - result["import_rss_bytes"]
     assert added <= 2 * result["largest_shard_bytes"] + 50e6, result
     assert added < result["checkpoint_bytes"], result
