@@ -25,8 +25,11 @@ def test_peak_rss_of_a_100mb_conversion_is_within_two_shards_plus_300mb(tmp_path
     # What the conversion adds to a process that has only imported mlcc and torch (~230 MB on
     # a CPU build of torch, more on a CUDA build): about two source shards, never the model.
     added = result["peak_rss_bytes"] - result["import_rss_bytes"]
-    assert added <= 2 * result["largest_shard_bytes"] + 50e6, result
-    assert added < result["checkpoint_bytes"], result
+    figures = ", ".join(f"{key} {value / 1e6:.1f} MB" for key, value in result.items()
+                        if key.endswith("bytes"))
+    message = f"added {added / 1e6:.1f} MB; {figures}"
+    assert added <= 2 * result["largest_shard_bytes"] + 50e6, message
+    assert added < result["checkpoint_bytes"], message
     assert not any(tmp_path.iterdir())  # the benchmark cleans up after itself
 
 
