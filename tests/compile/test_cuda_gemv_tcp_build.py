@@ -13,7 +13,7 @@ import pytest
 from test_cuda_gemv_persistent import q_linear_spec, sweep_module
 from test_cuda_gemv_tc_build import global_wrapper, resources
 
-from mlcc.backends.cuda import gemv_tcp, tuning
+from mlcc.backends.cuda import gemv_tc, gemv_tcp, tuning
 from mlcc.backends.cuda.kernels import COMMON_SOURCE
 from mlcc.backends.cuda.linear import LINEAR_RULES, LinearShape
 
@@ -51,8 +51,8 @@ def test_7b_decode_tcp_kernels_compile_without_spills(tmp_path):
 def test_tcp_rule_is_off_without_a_tcp_record_and_on_with_one(monkeypatch):
     spec = q_linear_spec(1, 22016, 4096)
     assert gemv_tcp.gemv_q4_tcp_rule in LINEAR_RULES
-    tc_at = [rule.__name__ for rule in LINEAR_RULES].index("gemv_q4_tc_rule")
-    assert LINEAR_RULES.index(gemv_tcp.gemv_q4_tcp_rule) == tc_at + 1  # right after gemv_q4_tc_rule
+    tc_at = LINEAR_RULES.index(gemv_tc.gemv_q4_tc_rule)
+    assert LINEAR_RULES.index(gemv_tcp.gemv_q4_tcp_rule) == tc_at + 1  # right after it
     for n, k in SHAPES:  # the shipped database has no tcp record
         assert tuning.tcp_config(n, k) is None
         assert gemv_tcp.gemv_q4_tcp_rule(q_linear_spec(1, n, k), "k") is None

@@ -261,6 +261,7 @@ def _compute_cols(c: TcgConfig, slot: int) -> str:
 {_cols_math(c, slot, "xc")}
     }}"""
 
+
 def gemv_q4_tcg_kernel(s: LinearShape, name: str, config: TcgConfig) -> CudaKernel:
     """The group-aligned tensor-core GEMV of one q4 linear at one row (module docstring)."""
     c, w = config, config.warps
