@@ -23,6 +23,7 @@ Writes RESULTS_DIR/decode_bench.json and decode_bench.md. It measures; it never 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import sys
@@ -42,6 +43,7 @@ PROMPT, DECODE, PREFILL = 32, 128, 512
 # decode at a long context too (CUDA graph only): LONG_DECODE tokens after LONG_PROMPT, which
 # ends within the preset's 4,096-token context window
 LONG_PROMPT, LONG_DECODE = 3968, 64
+FINGERPRINT = 32  # untimed greedy tokens whose logits are compared across libraries
 MID_PROMPT = 960  # a mid-length context: decode of LONG_DECODE tokens after it
 HBM_BYTES_PER_S = 4.24e12  # design.md section 7, measured read bandwidth of the H200
 
@@ -111,12 +113,26 @@ def engine_numbers(engine, cudagraph: bool) -> dict:
     engine.prefill_logits(long_prompt)
     prefill_s = min(_timed(lambda: engine.prefill_logits(long_prompt)) for _ in range(3))
     numbers = {"decode_tok_s": DECODE / decode_s, "prefill_tok_s": PREFILL / prefill_s}
+    numbers.update(fingerprint(engine, prompt))
     if cudagraph:
         for key, length in (("decode_mid_tok_s", MID_PROMPT), ("decode_long_tok_s", LONG_PROMPT)):
             far = rng.integers(0, HF_CONFIG["vocab_size"], length).tolist()
             decode_run(far, LONG_DECODE)
             numbers[key] = LONG_DECODE / min(decode_run(far, LONG_DECODE) for _ in range(2))
     return numbers
+
+
+def fingerprint(engine, prompt: list[int]) -> dict:
+    """What two libraries of the same arithmetic must agree on exactly: FINGERPRINT greedy
+    tokens after the prompt and the md5 of the last logits row (float32 bytes)."""
+    engine.reset()
+    logits = engine.append(prompt)
+    tokens = []
+    for _ in range(FINGERPRINT):
+        tokens.append(int(np.argmax(logits)))
+        logits = engine.decode(tokens[-1])
+    row = np.ascontiguousarray(np.asarray(logits, dtype=np.float32))
+    return {"greedy_tokens": tokens, "final_logits_md5": hashlib.md5(row.tobytes()).hexdigest()}
 
 
 def _timed(fn) -> float:
@@ -212,6 +228,13 @@ def batch_rows(r: dict) -> list[str]:
     return [f"| batch-{n} decode tok/s (all sequences) | {r[f'batch{n}_decode_tok_s']:.0f} | |"]
 
 
+def fingerprint_rows(r: dict) -> list[str]:
+    if "final_logits_md5_cudagraph" not in r:
+        return []
+    return [f"| logits md5 after {FINGERPRINT} greedy tokens, graph / no graph | "
+            f"{r['final_logits_md5_cudagraph'][:8]} / {r['final_logits_md5_no_graph'][:8]} | |"]
+
+
 def report(r: dict) -> str:
     lines = [f"# CUDA decode/prefill, Llama-2-7B shape, q4f16_1, batch 1 ({r['date']})", "",
              f"GPU: {r['gpu']}; torch {r['torch']}; python {r['python']}",
@@ -226,7 +249,8 @@ def report(r: dict) -> str:
              f"| peak GPU memory GB | {r['peak_gpu_mem_gb']:.2f} | |",
              *batch_rows(r),
              (f"| roofline fraction (decode / {r['roofline_tok_s']:.0f} tok/s) | "
-              f"{r['roofline_fraction']:.1%} | |"), "",
+              f"{r['roofline_fraction']:.1%} | |"),
+             *fingerprint_rows(r), "",
              "## One decode step, per kernel (no graph)", "",
              "| kernel | op | calls | us/step | GB/s |", "|---|---|---|---|---|"]
     for k in r["kernels"]:
