@@ -231,8 +231,9 @@ def batch_rows(r: dict) -> list[str]:
 def fingerprint_rows(r: dict) -> list[str]:
     if "final_logits_md5_cudagraph" not in r:
         return []
-    return [f"| logits md5 after {FINGERPRINT} greedy tokens, graph / no graph | "
-            f"{r['final_logits_md5_cudagraph'][:8]} / {r['final_logits_md5_no_graph'][:8]} | |"]
+    graph, plain = r["final_logits_md5_cudagraph"][:8], r["final_logits_md5_no_graph"][:8]
+    row = f"| logits md5 after {FINGERPRINT} greedy tokens, graph / no graph | {graph} / {plain} | |"
+    return [row]
 
 
 def report(r: dict) -> str:

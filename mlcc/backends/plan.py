@@ -26,8 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from mlcc import ir
-from mlcc.ir.types import Dim, Sym, TensorType
+from mlcc.ir.types import Dim, Sym, TensorType, numpy_dtype
 
 SUPPORTED_OPS = (
     "embedding", "q_embedding", "linear", "q_linear", "rms_norm", "layer_norm", "add_rms_norm",
@@ -84,6 +86,7 @@ class EntryPlan:
     calls: list[KernelCall] = field(default_factory=list)
     workspace_bytes: int = 0
     symbols: tuple[str, ...] = ()
+    bounds: tuple[tuple[str, int], ...] = ()  # upper bound of each symbol (the memory plan's)
 
 
 class LoweringError(Exception):
@@ -93,21 +96,46 @@ class LoweringError(Exception):
 PairFusion = Callable[[KernelCall, KernelCall, list[KernelCall]], KernelCall | None]
 
 
+def workspace_range(ref: BufferRef, bounds: dict[str, int]) -> tuple[int, int] | None:
+    """[start, end) bytes of a workspace view at the symbols' upper bounds (None for arguments;
+    a symbol without a bound counts as unbounded)."""
+    if ref.source != "workspace":
+        return None
+    count = 1
+    for d in ref.shape:
+        count *= bounds.get(d.name, 1 << 62) if isinstance(d, Sym) else d
+    return ref.offset, ref.offset + count * np.dtype(numpy_dtype(ref.dtype)).itemsize
+
+
+def writes_over_inputs(call: KernelCall, bounds: dict[str, int]) -> bool:
+    """Whether an output of `call` shares workspace bytes with one of its inputs: one kernel
+    then reads what its other threads may already have overwritten."""
+    n_in = len(call.spec.inputs)
+    spans = [workspace_range(b, bounds) for b in call.buffers[:n_in + len(call.spec.outputs)]]
+    ins, outs = [s for s in spans[:n_in] if s], [s for s in spans[n_in:] if s]
+    return any(a < d and c < b for a, b in outs for c, d in ins)
+
+
 def fuse_adjacent(plan: EntryPlan, fuse: PairFusion) -> EntryPlan:
     """The plan with each pair of neighbouring calls that `fuse(first, second, later calls)`
-    turns into one call replaced by it (a call takes part in one fusion at most)."""
+    turns into one call replaced by it (a call takes part in one fusion at most). A fused call
+    whose output the memory plan put over one of its inputs is not taken: the two values were
+    planned for two kernels, one after the other."""
     calls = list(plan.calls)
+    bounds = dict(plan.bounds)
     out: list[KernelCall] = []
     i = 0
     while i < len(calls):
         fused = fuse(calls[i], calls[i + 1], calls[i + 2:]) if i + 1 < len(calls) else None
+        if fused is not None and writes_over_inputs(fused, bounds):
+            fused = None
         if fused is not None:
             out.append(fused)
             i += 2
             continue
         out.append(calls[i])
         i += 1
-    return EntryPlan(plan.name, plan.args, out, plan.workspace_bytes, plan.symbols)
+    return EntryPlan(plan.name, plan.args, out, plan.workspace_bytes, plan.symbols, plan.bounds)
 
 
 def _shape_dtype(value: ir.Value) -> tuple[tuple[Dim, ...], str]:
@@ -152,7 +180,8 @@ def plan_entry(fn: ir.Function, module: ir.Module) -> EntryPlan:
     out_value = fn.outputs[0]
     buffers[id(out_value)] = by_arg["logits"]
     plan = EntryPlan(fn.name, args, workspace_bytes=int(fn.attrs.get("workspace_bytes", 0)),
-                     symbols=tuple(sorted({s.name for s in fn.symbols} | {"workspace_bytes"})))
+                     symbols=tuple(sorted({s.name for s in fn.symbols} | {"workspace_bytes"})),
+                     bounds=tuple(sorted(dict(module.attrs.get("symbol_bounds", ())).items())))
 
     def buffer_of(value: ir.Value) -> BufferRef:
         if value.kind == "param":

@@ -103,15 +103,42 @@ def nbytes_upper(t: TensorType, bounds: dict[str, int]) -> int:
     return count * np.dtype(numpy_dtype(t.dtype)).itemsize
 
 
+# (producer, consumer) ops that a backend may run as one kernel (the CUDA backend's GLU
+# epilogue: mlcc.backends.cuda.glu): the producer's inputs are planned as alive until the
+# consumer, so the pair's output never takes their bytes. Planned apart, the consumer's output
+# may reuse the producer's input, which the fused kernel still reads while it writes.
+FUSABLE_PAIRS = frozenset({("linear", "silu_mul"), ("q_linear", "silu_mul")})
+
+
+def _pair_end(fn: Function) -> dict[int, int]:
+    """Index of the consumer node for every producer node of a FUSABLE_PAIRS pair: the
+    consumer is the only reader of the producer's output (through views, if any)."""
+    users = fn.users()
+    index = {id(node): i for i, node in enumerate(fn.nodes)}
+    ends = {}
+    for i, node in enumerate(fn.nodes):
+        if not any(node.op == a for a, _ in FUSABLE_PAIRS) or len(node.outputs) != 1:
+            continue
+        value = node.output
+        readers = users.get(id(value), [])
+        while len(readers) == 1 and readers[0].op in VIEW_OPS:
+            value = readers[0].output
+            readers = users.get(id(value), [])
+        if len(readers) == 1 and (node.op, readers[0].op) in FUSABLE_PAIRS:
+            ends[i] = index[id(readers[0])]
+    return ends
+
+
 def plan_function(fn: Function, bounds: dict[str, int]) -> Function:
     """Assign workspace offsets to node outputs (not function outputs, which the caller owns)."""
     index_of_def: dict[int, int] = {}
     last_use: dict[int, int] = {}
     root: dict[int, int] = {}
     values = {}
+    pair_end = _pair_end(fn)
     for i, node in enumerate(fn.nodes):
         for v in node.inputs:
-            last_use[id(v)] = i
+            last_use[id(v)] = max(last_use.get(id(v), -1), pair_end.get(i, i))
         for v in node.outputs:
             index_of_def[id(v)] = i
             values[id(v)] = v
@@ -150,7 +177,9 @@ class PlanMemory(Pass):
     """Gives every intermediate a workspace offset; records `workspace_bytes` per function.
 
     Requires: symbol bounds for every symbol of the entry functions (prefill_chunking).
-    Guarantees: values alive at the same time never share bytes; offsets are 64-byte aligned.
+    Guarantees: values alive at the same time never share bytes; offsets are 64-byte aligned;
+    the inputs of a FUSABLE_PAIRS producer count as alive until its consumer, so a backend may
+    run the pair as one kernel.
     """
 
     name: ClassVar[str] = "plan_memory"

@@ -23,10 +23,18 @@ import pytest
 from mlcc.backends.cuda import codegen, gemm, gemv, gemv_tc, glu, kernels, tuning
 from mlcc.backends.cuda.glu import OP, fuse_glu, linear_spec
 from mlcc.backends.cuda.linear import LinearShape
-from mlcc.backends.plan import BufferRef, EntryPlan, KernelCall, KernelSpec, plan_entry
+from mlcc.backends.plan import (
+    BufferRef,
+    EntryPlan,
+    KernelCall,
+    KernelSpec,
+    plan_entry,
+    workspace_range,
+    writes_over_inputs,
+)
 from mlcc.interface.compile import load_model_config, parse_overrides
 from mlcc.ir.types import Sym
-from mlcc.passes import build_pipeline, parse_opt, run_passes
+from mlcc.passes import build_pipeline, layout, parse_opt, run_passes
 from mlcc.quant import get_scheme
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -75,6 +83,43 @@ def test_one_fused_call_per_layer_in_prefill_and_decode(llama7b, entry, rows):
     kept = [c for c in old if c.spec.op != "silu_mul" and c not in
             [old[old.index(s) - 1] for s in old if s.spec.op == "silu_mul"]]
     assert [c for c in after.calls if c.spec.op != OP] == kept
+
+
+@pytest.mark.parametrize("entry", ["prefill", "decode"])
+def test_fused_call_never_writes_over_what_it_reads(llama7b, entry):
+    # The memory plan keeps a gate_up's input alive through its silu_mul, so the GLU kernel's
+    # output (silu_mul's) never lands on the activations it is still reading. Before, the 7B
+    # plans put both at one offset and the fused kernels raced with themselves on the H200
+    # (benchmarks/results/2026-11-29-h200-f).
+    plan = plans(llama7b)[entry]
+    bounds = dict(plan.bounds)
+    assert bounds.get("seq_len", 0) > 1
+    fused = [c for c in fuse_glu(plan).calls if c.spec.op == OP]
+    assert len(fused) == 32
+    for call in fused:
+        x, h = (workspace_range(b, bounds) for b in (call.buffers[0], call.buffers[-1]))
+        assert x[1] <= h[0] or h[1] <= x[0], (call.buffers[0], call.buffers[-1])
+        assert not writes_over_inputs(call, bounds)
+
+
+def test_fusion_declines_a_plan_that_shares_input_and_output(monkeypatch, llama7b):
+    # Planned as two kernels (no pair rule), silu_mul's output takes its gate_up's input bytes;
+    # the fusion must then leave the pair as two calls rather than build a racing kernel.
+    monkeypatch.setattr(layout, "FUSABLE_PAIRS", frozenset())
+    bounds = dict(llama7b.attrs["symbol_bounds"])
+    module = llama7b
+    for fn in llama7b.functions:
+        module = module.with_function(layout.plan_function(fn, bounds))
+    for entry in ("prefill", "decode"):
+        plan = plans(module)[entry]
+        pairs = [(a, b) for a, b in zip(plan.calls, plan.calls[1:]) if b.spec.op == "silu_mul"]
+        shared = [a for a, b in pairs
+                  if writes_over_inputs(KernelCall(a.spec, a.buffers[:3] + [b.buffers[-1]]),
+                                        bounds)]
+        assert shared, f"{entry}: the two-kernel plan no longer overlaps; the test lost its case"
+        after = fuse_glu(plan)
+        assert ops(after).count("silu_mul") == len(shared)
+        assert not any(writes_over_inputs(c, bounds) for c in after.calls if c.spec.op == OP)
 
 
 def test_library_parts_fuses_only_with_the_flag(llama7b):
@@ -126,8 +171,8 @@ def gate_up_pair(rows, dtype: str = "float16") -> list[KernelCall]:
     refs = [BufferRef("x", (rows, 256), dtype, "workspace"),
             BufferRef("w.q_weight", (512, 32), "uint32", "arg", "w.q_weight"),
             BufferRef("w.q_scale", (512, 8), "float16", "arg", "w.q_scale"),
-            BufferRef("gu", (rows, 512), dtype, "workspace", offset=4096),
-            BufferRef("h", (rows, 256), dtype, "workspace", offset=8192)]
+            BufferRef("gu", (rows, 512), dtype, "workspace", offset=1 << 20),
+            BufferRef("h", (rows, 256), dtype, "workspace", offset=2 << 20)]
     silu = KernelSpec("silu_mul", (((rows, 512), dtype),), (((rows, 256), dtype),), ())
     return [KernelCall(spec, refs[:4]), KernelCall(silu, refs[3:])]
 
@@ -142,8 +187,14 @@ def gate_up_pair(rows, dtype: str = "float16") -> list[KernelCall]:
     (64, "float16", True),  # a static prefill chunk still runs on the GEMM
 ])
 def test_fuses_exactly_the_calls_a_glu_mode_takes(rows, dtype, fuses):
-    plan = EntryPlan("prefill", [], gate_up_pair(rows, dtype))
+    # bounds as plan_entry records them: the views' bytes at the largest row counts
+    plan = EntryPlan("prefill", [], gate_up_pair(rows, dtype),
+                     bounds=(("batch", 8), ("seq_len", 8)))
     assert ops(fuse_glu(plan)) == ([OP] if fuses else ["q_linear", "silu_mul"])
+    # without a bound the views may overlap: the pair stays two kernels
+    unbounded = EntryPlan("prefill", [], gate_up_pair(rows, dtype))
+    assert ops(fuse_glu(unbounded)) == ([OP] if fuses and isinstance(rows, int)
+                                        else ["q_linear", "silu_mul"])
 
 
 def test_float32_models_keep_silu_mul():

@@ -19,6 +19,11 @@ that output, the values are float16, and either
     GEMV does not (it won those shapes' timings and has no GLU mode), and N is even.
 Results equal the unfused pair bit for bit: g and u are rounded to float16 as the GEMM or GEMV
 stores them, then go through silu_mul's arithmetic (SILU_MUL, the expression of its kernel).
+The fused call writes silu_mul's output while it still reads the linear's input, so the two must
+not share workspace bytes: the memory plan keeps the linear's inputs alive through the pair
+(mlcc.passes.layout.FUSABLE_PAIRS), and fuse_adjacent declines a fused call whose output would
+overlap an input anyway. (Planned as two kernels, the 7B plans put both at one offset and the
+fused kernels raced: logits changed from call to call on the H200, 2026-11-29-h200-f.)
 
 The decode GEMV's launch comes from the tuning database's persistent record for the gate_up
 shape (N = 2I, K): same warps, rotation, dot and register buffering, with P = max(1,

@@ -132,7 +132,8 @@ def attach_prefetch(plan: EntryPlan, budget: int = DEFAULT_BUDGET,
         calls[i] = KernelCall(KernelSpec(spec.op, spec.inputs, spec.outputs,
                                          spec.attrs + ((ATTR, value),), spec.kv),
                               here.buffers + buffers)
-    return EntryPlan(plan.name, plan.args, calls, plan.workspace_bytes, plan.symbols)
+    return EntryPlan(plan.name, plan.args, calls, plan.workspace_bytes, plan.symbols,
+                     plan.bounds)
 
 
 def base_spec(spec: KernelSpec) -> KernelSpec:
