@@ -80,12 +80,10 @@ def kernel_names(plans: list[EntryPlan]) -> dict[KernelSpec, str]:
 
 
 def early_release(plans: list[EntryPlan], built: list[CudaKernel]) -> frozenset[str]:
-    """Device functions of the kernels whose every call is followed by a one-block kernel or by
-    a GEMV that claims its tiles: with pdl they release that kernel at their start
-    (mlcc.backends.cuda.toolchain). A claiming GEMV's blocks may land anywhere while the kernel
-    ahead still holds SMs: the warps of crowded SMs just claim fewer tiles."""
+    """Device functions of the kernels whose every call is followed by a one-block kernel: with
+    pdl they release that kernel at their start (mlcc.backends.cuda.toolchain)."""
     names = kernel_names(plans)
-    single = {k.name for k in built if k.single_block() or k.claims_tiles()}
+    single = {k.name for k in built if k.single_block()}
     verdict: dict[str, bool] = {}
     for plan in plans:
         kernels = [names.get(call.spec) for call in plan.calls]

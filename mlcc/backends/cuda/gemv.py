@@ -55,10 +55,6 @@ from mlcc.errors import MlccError
 SMS = 132  # streaming multiprocessors of an H200
 SHARED_BYTES = 48 * 1024  # static shared memory of one block
 RED_BYTES = 32 * 4  # the reduction scratch `red` that fused prologues use
-# Counters of the dynamic mode: one same-address atomic a tile serialized at its L2 slice
-# (benchmarks/results/2026-11-29-h200-f), so the warps claim from this many counters, 128 bytes
-# apart, each over its own range of tiles
-CLAIM_GROUPS = 16
 
 
 def tile_count(n: int, rows_per_warp: int) -> int:
@@ -207,27 +203,12 @@ def _glu_store(s: LinearShape, rows_per_warp: int, r0: int, count: int, glu: str
 
 
 def _tile_loop(s: LinearShape, cfg: tuple[int, int, int], r0: int, count: int,
-               arithmetic: tuple, claims: str | None = None) -> str:
-    """The pipelined loop over a warp's tiles; buffer a holds the first tile's loads. With
-    `claims` (the counter array of the dynamic mode) the tile after the current one is the
-    claim `pend` made one tile earlier, and the warp claims the one after that."""
+               arithmetic: tuple) -> str:
+    """The pipelined loop over a warp's tiles; buffer a holds the first tile's loads."""
     _, rows_per_warp, stride = cfg
     rotate, dot, pingpong, glu = arithmetic
     iters = -(-(s.k // 32) // 32)
     tiles = tile_count(s.n, rows_per_warp)
-    if claims is not None:
-        return f"""    while (tile < {tiles}) {{
-      const int got = claim_lo + (int)__shfl_sync(0xffffffffu, pend, 0);
-      const int next = got < claim_hi ? got : {tiles};  // past the group's range: done
-      if (lane == 0 && next < {tiles}) pend = atomicAdd(claim_ctr, 1u);
-{_load(s, "b", "next", rows_per_warp, iters, glu is not None)}
-{_compute(s, "a", rows_per_warp, iters, r0, count, rotate, dot, glu)}
-      #pragma unroll
-      for (int q = 0; q < {rows_per_warp}; ++q)
-        #pragma unroll
-        for (int it = 0; it < {iters}; ++it) {{ wa[q][it] = wb[q][it]; sa[q][it] = sb[q][it]; }}
-      tile = next;
-    }}"""
     if pingpong:  # buffers a and b in turn, the loop written out twice
         return f"""    while (tile < {tiles}) {{
 {_load(s, "b", f"tile + {stride}", rows_per_warp, iters, glu is not None)}
@@ -250,40 +231,17 @@ def _tile_loop(s: LinearShape, cfg: tuple[int, int, int], r0: int, count: int,
 
 
 def _chunk(s: LinearShape, staging: str, cfg: tuple[int, int, int], r0: int, count: int,
-           arithmetic: tuple, claims: str | None = None) -> str:
+           arithmetic: tuple) -> str:
     """Stage rows r0 .. r0 + count - 1 once, then run the pipelined tile loop over them."""
-    warps, rows_per_warp, stride = cfg
+    warps, rows_per_warp, _ = cfg
     iters = -(-(s.k // 32) // 32)
     # pdl: the first pass waits for the kernel before once its first weight loads are issued
     wait = f"    {GRID_WAIT}  // the weights above need nothing from the kernel before\n" \
         if r0 == 0 else ""
-    first_claim = finish = ""
-    if claims is not None:
-        # After the wait: every kernel ahead in the stream has then completed, the previous
-        # launch of this one (and its reset of the counters) included.
-        tiles = tile_count(s.n, rows_per_warp)
-        groups = min(CLAIM_GROUPS, stride)  # every group needs a warp
-        chunk = -(-max(0, tiles - stride) // groups)
-        # group g = (first tile) % CLAIM_GROUPS claims the tiles stride + g * chunk + c,
-        # c = 0, 1, ... below chunk, from its own counter (a line of its own)
-        first_claim = f"""    const int claim_grp = tile % {groups};
-    const int claim_lo = {stride} + claim_grp * {chunk};
-    const int claim_hi = claim_lo + {chunk} < {tiles} ? claim_lo + {chunk} : {tiles};
-    unsigned int* const claim_ctr = {claims} + claim_grp * 32;
-    unsigned int pend = 0u;
-    if (lane == 0 && tile < {tiles}) pend = atomicAdd(claim_ctr, 1u);
-"""
-        # every claim of this warp has returned (its value was used); the last warp to get
-        # here sets the counters back to 0 for the next launch
-        finish = f"""
-    if (lane == 0 && atomicAdd(&{claims}[{CLAIM_GROUPS * 32}], 1u) == {stride - 1}u) {{
-      for (int g = 0; g < {groups}; ++g) atomicExch(&{claims}[g * 32], 0u);
-      atomicExch(&{claims}[{CLAIM_GROUPS * 32}], 0u);
-    }}"""
     return f"""  {{
     int tile = blockIdx.x * {warps} + warp;
 {_load(s, "a", "tile", rows_per_warp, iters, arithmetic[3] is not None)}
-{wait}{first_claim}    __syncthreads();  // the previous pass has finished reading xs_rows
+{wait}    __syncthreads();  // the previous pass has finished reading xs_rows
     #pragma unroll 1
     for (int slot = 0; slot < {count}; ++slot) {{
       const int r = {r0} + slot;
@@ -291,7 +249,7 @@ def _chunk(s: LinearShape, staging: str, cfg: tuple[int, int, int], r0: int, cou
 {staging}
     }}
     __syncthreads();
-{_tile_loop(s, cfg, r0, count, arithmetic, claims)}{finish}
+{_tile_loop(s, cfg, r0, count, arithmetic)}
   }}"""
 
 
@@ -300,17 +258,14 @@ def gemv_q4_persistent_kernel(s: LinearShape, name: str, blocks_per_sm: int, war
                               buffers: list | None = None, outputs: tuple[str, ...] = ("y",),
                               dot: str = "mlcc_q4_dot8", rotate: bool = True,
                               sms: int = SMS, pingpong: bool = False,
-                              glu: str | None = None, dynamic: bool = False) -> CudaKernel:
+                              glu: str | None = None) -> CudaKernel:
     """The persistent q4 GEMV of `s` (see the module docstring). `staging` (C++ filling xs from
     row r with warps * 32 threads) replaces the plain copy; `buffers`/`outputs` name the fused
     kernels' parameters; `pingpong` alternates the two register buffers instead of moving.
 
     `glu` (a C++ expression of float16-rounded `{g}` and `{u}`, such as glu.SILU_MUL) turns on
     the GLU mode: `s` is a gate_up linear of N = 2I features and y[r, f] = glu(g_f, u_f) for
-    f < I; a tile then holds `rows_per_warp` output features, i.e. twice as many weight rows.
-
-    `dynamic` claims every tile after a warp's first from a counter (`{name}_claims`) instead of
-    striding by the grid's warps; it needs one staging pass and the move (not `pingpong`)."""
+    f < I; a tile then holds `rows_per_warp` output features, i.e. twice as many weight rows."""
     rows = s.static_rows
     if rows is None or not gemv_q4_applies_any_rows(s):
         raise MlccError("compile", f"{name}: the persistent q4 GEMV needs 4-bit weights in "
@@ -330,18 +285,9 @@ def gemv_q4_persistent_kernel(s: LinearShape, name: str, blocks_per_sm: int, war
                     "p1 = (rot + 1) & 3, p2 = (rot + 2) & 3, p3 = (rot + 3) & 3;")
     else:
         rotation = "\n  const int p0 = 0, p1 = 1, p2 = 2, p3 = 3;"
-    claims = None
-    if dynamic:
-        if len(chunks) > 1 or pingpong:
-            raise MlccError("compile", f"{name}: the dynamic persistent GEMV takes one staging "
-                            f"pass without pingpong; got {len(chunks)} passes for {rows} rows, "
-                            f"pingpong={pingpong}; use the static tile order for this launch")
-        claims = f"{name}_claims"
     passes = "\n".join(_chunk(s, staging, (warps, rows_per_warp, grid * warps), r0, count,
-                              (rotate, dot, pingpong, glu), claims) for r0, count in chunks)
-    counters = "" if claims is None else \
-        f"__device__ unsigned int {claims}[{(CLAIM_GROUPS + 1) * 32}];  // claims, warps done\n"
-    body = f"""{counters}{signature(name, buffers, outputs, s.symbols)} {{
+                              (rotate, dot, pingpong, glu)) for r0, count in chunks)
+    body = f"""{signature(name, buffers, outputs, s.symbols)} {{
   __shared__ __align__(16) half2 xs_rows[{chunks[0][1] * s.k // 2}];
   __shared__ float red[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;{rotation}
@@ -353,14 +299,6 @@ def gemv_q4_persistent_kernel(s: LinearShape, name: str, blocks_per_sm: int, war
 """
     return CudaKernel(name, body, launcher(name, buffers, (f"T.int64({grid})",), warps * 32,
                                            s.symbols))
-
-
-def dynamic_applies(s: LinearShape, config: PersistentConfig) -> bool:
-    """Whether the launch of `config` for `s` may claim its tiles: the config asks for it and
-    the rows are staged in one pass (batched rows of a long K take several, which keep the
-    static order)."""
-    return (config.dynamic and not config.pingpong and s.static_rows is not None
-            and len(row_chunks(s.static_rows, s.k)) == 1)
 
 
 def glu_buffers(s: LinearShape) -> list[tuple]:
@@ -390,8 +328,7 @@ def gemv_q4_v2_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
         return None
     c = persistent_config(s.n, s.k)
     return gemv_q4_persistent_kernel(s, name, c.blocks_per_sm, c.warps, c.rows_per_warp,
-                                     dot=c.dot, rotate=c.rotate, pingpong=c.pingpong,
-                                     dynamic=dynamic_applies(s, c))
+                                     dot=c.dot, rotate=c.rotate, pingpong=c.pingpong)
 
 
 def gemv_q4_tuned_rule(spec: KernelSpec, name: str) -> CudaKernel | None:

@@ -151,8 +151,7 @@ def gen_linear_silu_mul(spec: KernelSpec, name: str) -> CudaKernel:
         c = glu_gemv_config(s.n, s.k)
         return gemv.gemv_q4_persistent_kernel(s, name, c.blocks_per_sm, c.warps, c.rows_per_warp,
                                               dot=c.dot, rotate=c.rotate, pingpong=c.pingpong,
-                                              glu=SILU_MUL,
-                                              dynamic=gemv.dynamic_applies(s, c))
+                                              glu=SILU_MUL)
     kind = gemm.gemm_tc_kind(s)
     if kind is None:
         raise MlccError(STAGE, f"{name}: {OP} needs a linear the tensor-core GEMM takes "

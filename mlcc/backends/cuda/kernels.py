@@ -174,11 +174,6 @@ class CudaKernel:
         grids = re.findall(r'T\.thread_binding\(([^,]+), thread="blockIdx\.\w"\)', self.launcher)
         return grids == ["T.int64(1)"]
 
-    def claims_tiles(self) -> bool:
-        """Whether the kernel takes its work from a tile counter (the dynamic persistent GEMV of
-        mlcc.backends.cuda.gemv), so its blocks need not be spread evenly over the SMs."""
-        return f"__device__ unsigned int {self.name}_claims[" in self.device_source
-
 
 def dim_text(d: Dim) -> str:
     return d.name if isinstance(d, Sym) else str(d)

@@ -8,9 +8,8 @@ kinds exist, told apart by a record's "kind":
     "block"        (or no "kind")  the one-shot GEMV of mlcc.backends.cuda.linear: `warps`,
                    `rows_per_warp`, `dot`
     "persistent"   the persistent GEMV of mlcc.backends.cuda.gemv: also `blocks_per_sm`,
-                   `rotate` (per-lane rotation of the activation reads), `pingpong`
-                   (register buffers used in turn instead of moved) and `dynamic` (tiles
-                   claimed from a counter)
+                   `rotate` (per-lane rotation of the activation reads) and `pingpong`
+                   (register buffers used in turn instead of moved)
     "tcp"          the persistent tensor-core GEMV of mlcc.backends.cuda.gemv_tcp:
                    `blocks_per_sm`, `warps`, `depth` (rounds of weight loads in flight)
 
@@ -46,9 +45,6 @@ class PersistentConfig:
     # tiny q4f16_1 models (benchmarks/results/2026-11-29-h200-b)
     dot: str = "mlcc_q4_dot8_lop3_pairs"
     pingpong: bool = False
-    # tiles after each warp's first claimed from a counter (mlcc.backends.cuda.gemv) instead of
-    # the static stride, so blocks that share an SM with another kernel's take fewer
-    dynamic: bool = False
 
 
 @lru_cache(maxsize=1)
@@ -94,8 +90,7 @@ def persistent_config(n: int, k: int) -> PersistentConfig:
     return PersistentConfig(int(record["blocks_per_sm"]), int(record["warps"]),
                             int(record["rows_per_warp"]), bool(record.get("rotate", True)),
                             str(record.get("dot", PersistentConfig.dot)),
-                            bool(record.get("pingpong", False)),
-                            bool(record.get("dynamic", False)))
+                            bool(record.get("pingpong", False)))
 
 
 def tcp_config(n: int, k: int) -> tuple[int, int, int] | None:
