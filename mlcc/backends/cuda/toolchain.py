@@ -23,7 +23,9 @@ Letting every kernel go at its start was slower on the H200 (decode 454 against 
 prefill 15.2k against 17.2k; benchmarks/results/2026-11-29-h200-c): a grid placed while the one
 ahead still holds SMs lands unevenly, several blocks on the SMs that freed first, which costs
 the persistent and one-wave kernels more than the overlap saves. Even the one-row norms
-releasing the GEMV after them cost decode 12% (476 against 540 tok/s).
+releasing the GEMV after them cost decode 12% (476 against 540 tok/s). GEMVs that claim their
+tiles from counters, so that placement does not matter, were still 10% slower released early
+(benchmarks/results/2026-11-29-h200-f).
 """
 
 from __future__ import annotations
