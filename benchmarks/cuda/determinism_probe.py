@@ -59,6 +59,7 @@ def main() -> None:
         return first, logits
 
     base = run("fresh")
+    differ = []
     for tag, before in (("again", None), ("after a 512-token prefill", "prefill"),
                         ("CUDA graph", "graph")):
         if before == "prefill":
@@ -66,8 +67,15 @@ def main() -> None:
         if before == "graph":
             engine.cudagraph = True
         now = run(tag)
-        print(f"  diff from fresh: prefill logits {float(np.abs(now[0] - base[0]).max())}, "
-              f"last decode logits {float(np.abs(now[1] - base[1]).max())}", flush=True)
+        gaps = [float(np.abs(now[i] - base[i]).max()) for i in (0, 1)]
+        print(f"  diff from fresh: prefill logits {gaps[0]}, last decode logits {gaps[1]}",
+              flush=True)
+        if max(gaps) > 0 or not all(np.isfinite(now[1]).ravel()):
+            differ.append(tag)
+    if differ:
+        sys.exit(f"{lib.name}: logits differ from the fresh run ({', '.join(differ)}): a kernel "
+                 "reads memory it should not (see benchmarks/results/2026-11-29-h200-f)")
+    print(f"{lib.name}: the same logits in all four runs")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 # .device/bench, .device/sweep, .device/gemm, .device/attention, .device/elementwise); carry
 # what exists.
 # Everything lands in $OUT/results.tgz (the device tool returns few files) and a short
-# $OUT/summary.txt. SKIP_TESTS / SKIP_CONVERT / SKIP_MICRO / SKIP_BENCH=1 leave steps out.
+# $OUT/summary.txt. SKIP_TESTS / SKIP_CONVERT / SKIP_MICRO / SKIP_BENCH / SKIP_PROBE=1 leave
+# steps out.
 set -u
 OUT=${OUT:-/tmp/mlcc-out}
 R=/tmp/mlcc-results
@@ -58,6 +59,16 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     peer="--skip-peer"
     pack
   done
+fi
+if [ "${SKIP_PROBE:-0}" != 1 ]; then
+  # the first library again: the same prompt must give the same logits every time
+  lib=$(ls .device/bench/*.so 2>/dev/null | head -1)
+  if [ -n "$lib" ]; then
+    timeout "${PROBE_TIMEOUT:-200}" python3 benchmarks/cuda/determinism_probe.py "$lib" \
+      > "$R/determinism.log" 2>&1
+    echo "== determinism (exit $?)"; tail -2 "$R/determinism.log"
+  fi
+  pack
 fi
 pack
 grep -h "passed\|failed" "$R/gpu_tests.log" > "$OUT/summary.txt" 2>/dev/null
