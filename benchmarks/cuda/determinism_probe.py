@@ -1,9 +1,9 @@
 """Does a compiled 7B library give the same logits every time? Run on the GPU machine.
 
     PYTHONPATH=$PWD/.device/site:$PWD TVM_USE_RUNTIME_LIB=1 \
-        python3 benchmarks/cuda/determinism_probe.py LIB.so
+        python3 benchmarks/cuda/determinism_probe.py LIB.so [--work DIR]
 
-Makes (once, under /tmp/mlcc-bench) the random Llama-2-7B-shaped checkpoint of run_h200.py and
+Makes (once, in the work folder: run_h200.py's when given the same) the random Llama-2-7B-shaped checkpoint of run_h200.py and
 its q4f16_1 conversion, and HF transformers' float16 logits for the prompt. Then runs the same
 32-token prompt and 8 greedy steps four times: fresh, again, after a 512-token prefill, and
 with the decode CUDA graph. A library whose kernels read only what they should prints the same
@@ -14,13 +14,14 @@ through 4 bits.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-WORK = Path("/tmp/mlcc-bench")
 STEPS = 8
 
 
@@ -31,17 +32,22 @@ def main() -> None:
     from mlcc.interface.convert_weight import convert_weight
     from mlcc.runtime_check.compiled import CompiledEngine
 
-    lib, params, hf_file = Path(sys.argv[1]), WORK / "params", WORK / "hf_first.npy"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("lib", type=Path)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mlcc-bench")
+    args = parser.parse_args()
+    work = args.work
+    lib, params, hf_file = args.lib, work / "params", work / "hf_first.npy"
     prompt = np.random.default_rng(0).integers(0, 32000, 32).tolist()
     if not hf_file.is_file():
-        model = make_checkpoint(WORK / "hf", 32)
+        model = make_checkpoint(work / "hf", 32)
         with torch.no_grad():
             logits = model(torch.tensor([prompt], device="cuda")).logits[0, -1]
         np.save(hf_file, logits.float().cpu().numpy())
         del model
         torch.cuda.empty_cache()
     if not (params / "ndarray-cache.json").is_file():
-        convert_weight(WORK / "hf", "q4f16_1", params, device="cuda", progress=False)
+        convert_weight(work / "hf", "q4f16_1", params, device="cuda", progress=False)
     hf = np.load(hf_file)
     engine = CompiledEngine(lib, params, device="cuda")
 

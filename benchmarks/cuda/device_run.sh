@@ -65,7 +65,7 @@ if [ "${SKIP_PROBE:-0}" != 1 ]; then
   lib=$(ls .device/bench/*.so 2>/dev/null | head -1)
   if [ -n "$lib" ]; then
     timeout "${PROBE_TIMEOUT:-200}" python3 benchmarks/cuda/determinism_probe.py "$lib" \
-      > "$R/determinism.log" 2>&1
+      --work /tmp/mlcc-bench > "$R/determinism.log" 2>&1
     echo "== determinism (exit $?)"; tail -2 "$R/determinism.log"
   fi
   pack

@@ -22,14 +22,14 @@ Entry calling convention (all entries):
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from mlcc import ir
-from mlcc.ir.types import Dim, Sym, TensorType, numpy_dtype
+from mlcc.ir.types import Dim, Sym, TensorType
+from mlcc.passes.layout import nbytes_upper
 
 SUPPORTED_OPS = (
     "embedding", "q_embedding", "linear", "q_linear", "rms_norm", "layer_norm", "add_rms_norm",
@@ -101,10 +101,8 @@ def workspace_range(ref: BufferRef, bounds: dict[str, int]) -> tuple[int, int] |
     a symbol without a bound counts as unbounded)."""
     if ref.source != "workspace":
         return None
-    count = 1
-    for d in ref.shape:
-        count *= bounds.get(d.name, 1 << 62) if isinstance(d, Sym) else d
-    return ref.offset, ref.offset + count * np.dtype(numpy_dtype(ref.dtype)).itemsize
+    unbounded = defaultdict(lambda: 1 << 62, bounds)
+    return ref.offset, ref.offset + nbytes_upper(TensorType(ref.dtype, ref.shape), unbounded)
 
 
 def writes_over_inputs(call: KernelCall, bounds: dict[str, int]) -> bool:
