@@ -104,22 +104,25 @@ def nbytes_upper(t: TensorType, bounds: dict[str, int]) -> int:
 
 
 # (producer, consumer) ops that a backend may run as one kernel (the CUDA backend's GLU
-# epilogue: mlcc.backends.cuda.glu): the producer's inputs are planned as alive until the
-# consumer, so the pair's output never takes their bytes. Planned apart, the consumer's output
-# may reuse the producer's input, which the fused kernel still reads while it writes.
-FUSABLE_PAIRS = frozenset({("linear", "silu_mul"), ("q_linear", "silu_mul")})
+# epilogue, mlcc.backends.cuda.glu, and its GEMV prologues, mlcc.backends.cuda.fusion): the
+# producer's inputs are planned as alive until the consumer, so the pair's output never takes
+# their bytes. Planned apart, the consumer's output may reuse the producer's input, which the
+# fused kernel still reads while it writes.
+FUSABLE_PAIRS = frozenset({("linear", "silu_mul"), ("q_linear", "silu_mul"),
+                           ("rms_norm", "q_linear"), ("add_rms_norm", "q_linear"),
+                           ("silu_mul", "q_linear")})
 
 
 def _pair_end(fn: Function) -> dict[int, int]:
     """Index of the consumer node for every producer node of a FUSABLE_PAIRS pair: the
-    consumer is the only reader of the producer's output (through views, if any)."""
+    consumer is the only reader of the producer's (first) output, through views if any."""
     users = fn.users()
     index = {id(node): i for i, node in enumerate(fn.nodes)}
     ends = {}
     for i, node in enumerate(fn.nodes):
-        if not any(node.op == a for a, _ in FUSABLE_PAIRS) or len(node.outputs) != 1:
+        if not any(node.op == a for a, _ in FUSABLE_PAIRS):
             continue
-        value = node.output
+        value = node.outputs[0]
         readers = users.get(id(value), [])
         while len(readers) == 1 and readers[0].op in VIEW_OPS:
             value = readers[0].output

@@ -135,7 +135,7 @@ def test_built_library_holds_compiled_code_and_metadata(tmp_path):
 
 def test_decode_folds_norms_and_silu_mul_into_the_gemv():
     from mlcc.backends.cuda.fusion import fuse_prologues
-    from mlcc.backends.plan import plan_entry
+    from mlcc.backends.plan import plan_entry, writes_over_inputs
 
     module = lowered("llama2_7b", "q4f16_1")
     decode = next(fn for fn in module.functions if fn.name == "decode")
@@ -147,6 +147,8 @@ def test_decode_folds_norms_and_silu_mul_into_the_gemv():
     assert ops.count("silu_mul_q_linear") == 32
     assert "rms_norm" not in ops and "add_rms_norm" not in ops and "silu_mul" not in ops
     assert len(fused.calls) == len(plan.calls) - 97
+    # planned for it (mlcc.passes.layout.FUSABLE_PAIRS): no fused GEMV writes over its inputs
+    assert not any(writes_over_inputs(c, dict(plan.bounds)) for c in fused.calls)
     # the residual sum keeps flowing: every add_rms_norm output s is still produced
     produced = {b for c in fused.calls for b in c.buffers[len(c.spec.inputs):]}
     needed = {b for c in fused.calls for b in c.buffers[:len(c.spec.inputs)]
