@@ -2,7 +2,7 @@
 
 Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
 
-    python benchmarks/cuda/gemv_sweep.py build .device/sweep [lean|lean2|lean3|glu|tcp|tcg|tcgp]
+    python benchmarks/cuda/gemv_sweep.py build .device/sweep [lean|lean2|lean3|glu|tcp|tcg|tcgp|stream]
     python benchmarks/cuda/gemv_sweep.py run .device/sweep $OUT/gemv_sweep.json
     python benchmarks/cuda/gemv_sweep.py profile .device/sweep VARIANT   # under ncu
     python benchmarks/cuda/gemv_sweep.py merge SWEEP.json mlcc/backends/cuda/gemv_tuning.json \
@@ -30,7 +30,10 @@ The `tcp` set times the persistent tensor-core GEMV (mlcc.backends.cuda.gemv_tcp
 database's current pick for each shape; its records (kind "tcp") let `merge` adopt it. The
 `tcg` and `tcgp` sets do the same for the one-shot and persistent forms of the tensor-core GEMV
 that scales after the mma (mlcc.backends.cuda.gemv_tcg; records of kind "tcg" / "tcgp", only
-the first of which a rule reads).
+the first of which a rule reads). The `stream` set times the streamed GEMV
+(mlcc.backends.cuda.gemv_stream: weights through a cp.async ring in shared memory) beside the
+database's pick for every shape, and its GLU mode beside the shipped GLU GEMV (records of kind
+"stream").
 """
 
 from __future__ import annotations
@@ -337,6 +340,46 @@ def tcp_variants() -> list[dict]:
     return out
 
 
+# The streamed GEMV (mlcc.backends.cuda.gemv_stream): (blocks per SM, threads, output features
+# per chunk, ring stages), at most 48 KB of shared memory a block; GLU configs count output
+# features (two weight rows each). Validation only: partial last chunks, K = 11008's pairs
+# left over past the last full round of threads.
+STREAM_CONFIGS = {4096: [(2, 256, 4, 4), (3, 256, 4, 4), (4, 256, 4, 4), (4, 128, 4, 4),
+                         (2, 256, 8, 2), (3, 256, 2, 8), (6, 128, 4, 2), (4, 256, 2, 6)],
+                  11008: [(2, 256, 2, 3), (3, 256, 2, 3), (4, 256, 1, 6), (3, 256, 1, 7),
+                          (4, 128, 2, 3), (6, 128, 1, 4)]}
+STREAM_GLU = [(2, 256, 2, 4), (3, 256, 2, 4), (4, 256, 2, 4), (3, 256, 1, 8), (4, 256, 1, 6),
+              (2, 256, 4, 2)]
+STREAM_ODD = [(1001, 4096, (2, 256, 4, 4), False), (4100, 11008, (2, 256, 2, 3), False),
+              (2002, 4096, (2, 256, 2, 4), True)]
+
+
+def _stream(n: int, k: int, cfg: tuple, glu: bool = False) -> dict:
+    bps, threads, chunk_rows, stages = cfg
+    prefix = "glu" if glu else "gemv"
+    return {"n": n, "k": k, "rows": 1, "prologue": "none", "kind": "stream",
+            "blocks_per_sm": bps, "threads": threads, "chunk_rows": chunk_rows,
+            "stages": stages, "glu": glu,
+            "name": f"{prefix}_{n}_{k}_st_b{bps}_t{threads}_r{chunk_rows}_s{stages}"}
+
+
+def stream_variants() -> list[dict]:
+    """The streamed GEMV beside the database's pick for every shape, its GLU mode beside the
+    shipped GLU GEMV (glu.glu_gemv_config) on the 7B gate_up, then STREAM_ODD."""
+    from mlcc.backends.cuda.glu import glu_gemv_config
+
+    out = []
+    for n, k in SHAPES:
+        out.append(current_pick(n, k))
+        out += [_stream(n, k, c) for c in STREAM_CONFIGS[k]]
+    n, k = GLU_SHAPE
+    c = glu_gemv_config(n, k)
+    out.append(_glu(n, k, (c.blocks_per_sm, c.warps, c.rows_per_warp, c.rotate), dot=c.dot))
+    out += [_stream(n, k, cfg, glu=True) for cfg in STREAM_GLU]
+    out += [_stream(n, k, cfg, glu) for n, k, cfg, glu in STREAM_ODD]
+    return out
+
+
 def linear_spec(n: int, k: int, rows: int):
     from mlcc.backends.plan import KernelSpec
 
@@ -379,6 +422,13 @@ def kernel_of(v: dict):
                     else fusion.gen_norm_q_linear)
         with mock.patch.object(fusion, "gemv_q4_kernel", fusion_gemv(config)):
             return generate(fused_spec(v), v["name"])
+    if v["kind"] == "stream":
+        from mlcc.backends.cuda.gemv_stream import StreamConfig, gemv_q4_stream_kernel
+        from mlcc.backends.cuda.glu import SILU_MUL
+
+        config = StreamConfig(v["blocks_per_sm"], v["threads"], v["chunk_rows"], v["stages"])
+        return gemv_q4_stream_kernel(LinearShape(linear_spec(v["n"], v["k"], 1)), v["name"],
+                                     config, glu=SILU_MUL if v["glu"] else None)
     if v["kind"] == "tcp":
         from mlcc.backends.cuda.gemv_tcp import TcpConfig, gemv_q4_tcp_kernel
 
@@ -425,7 +475,7 @@ def build(folder: Path, only: str = "all") -> None:
 
     chosen = {"lean": lean_variants, "lean2": lean2_variants, "lean3": lean3_variants,
               "glu": glu_variants, "tcp": tcp_variants, "tcg": tcg_variants,
-              "tcgp": tcgp_variants}.get(
+              "tcgp": tcgp_variants, "stream": stream_variants}.get(
         only, lambda: variants() + tc_variants())()
     kernels = [kernel_of(v) for v in chosen]
     folder.mkdir(parents=True, exist_ok=True)
@@ -497,7 +547,8 @@ def measure(torch, lib, v: dict, copies: list[tuple], dev, rng) -> dict:
 
 
 RECORD_KEYS = ("kind", "blocks_per_sm", "warps", "rows_per_warp", "rotate", "pingpong", "dot",
-               "tiles", "unroll", "depth", "fold", "cols", "us", "gb_s")
+               "tiles", "unroll", "depth", "fold", "cols", "threads", "chunk_rows", "stages",
+               "us", "gb_s")
 
 
 def run(folder: Path, out: Path) -> None:
@@ -511,7 +562,7 @@ def run(folder: Path, out: Path) -> None:
     chosen = json.loads((folder / "variants.json").read_text())
     rng = np.random.default_rng(0)
     results, best, by_kind = [], {}, {"block": {}, "persistent": {}, "tc": {}, "tcp": {},
-                                                  "tcg": {}, "tcgp": {}}
+                                                  "tcg": {}, "tcgp": {}, "stream": {}}
     at_rows: dict[str, dict] = {}
     for n, k in sorted({(v["n"], v["k"]) for v in chosen}):
         copies = weight_copies(n, k, rng, dev)
