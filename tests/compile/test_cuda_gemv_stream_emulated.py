@@ -28,6 +28,7 @@ from test_cuda_gemv_glu_emulated import build as build_host
 from test_cuda_gemv_glu_emulated import run as run_host
 from test_cuda_gemv_persistent import q_linear_spec
 from test_cuda_gemv_tc_emulated import TC_HOST
+from test_cuda_gemv_tcg_emulated import SYNCWARP
 from test_cuda_gemv_tcp_emulated import launch_of
 from test_cuda_glu_emulated import silu_mul, ulps
 
@@ -42,12 +43,14 @@ DOT = "mlcc_q4_dot8_lop3_pairs"
 
 # (N, K, y dtype, bias, GLU, config, sms): N is the weight's rows (2I in GLU mode)
 CASES = [
-    (40, 256, "float16", False, False, StreamConfig(1, 64, 4, 3), 2),
-    (37, 512, "float32", True, False, StreamConfig(1, 32, 2, 2), 3),
-    (48, 4096, "float16", True, True, StreamConfig(1, 64, 2, 3), 2),
-    (20, 11008, "float16", False, False, StreamConfig(1, 256, 2, 3), 2),
-    (26, 768, "float16", False, True, StreamConfig(2, 128, 4, 4), 1),
-    (72, 4096, "float32", False, False, StreamConfig(1, 128, 8, 2), 2),
+    (40, 256, "float16", False, False, StreamConfig(1, 2, 4, 3), 2),
+    (37, 512, "float32", True, False, StreamConfig(1, 1, 2, 2), 3),
+    (48, 4096, "float16", True, True, StreamConfig(1, 2, 1, 3), 2),
+    (20, 11008, "float16", False, False, StreamConfig(1, 1, 1, 3), 2),
+    (26, 768, "float16", False, True, StreamConfig(2, 2, 2, 4), 1),
+    (72, 4096, "float32", False, False, StreamConfig(1, 1, 8, 2), 2),
+    (40, 256, "float16", True, False, StreamConfig(1, 2, 2, 3, x_regs=True), 2),
+    (48, 4096, "float16", False, True, StreamConfig(1, 2, 1, 2, x_regs=True), 2),
 ]
 
 
@@ -78,9 +81,9 @@ def test_streamed_gemv_on_host_threads_matches_the_persistent_gemv(tmp_path, cas
     streamed = gemv_q4_stream_kernel(s, "streamed", config, glu=expr, sms=sms)
     core = gemv.gemv_q4_persistent_kernel(s, "core", 2, 4, 1, dot=DOT, sms=sms)
     p = plan(s, config, "streamed", is_glu, sms)
-    assert launch_of(streamed) == (p.grid, config.threads // 32)
-    assert p.chunks > p.grid  # blocks loop over several chunks
-    binary = build_host(tmp_path, [streamed, core], s.buffers, TC_HOST, launch_of)
+    assert launch_of(streamed) == (p.grid, config.warps)
+    assert p.chunks > p.launch_warps  # warps loop over several chunks
+    binary = build_host(tmp_path, [streamed, core], s.buffers, TC_HOST + SYNCWARP, launch_of)
 
     arrays, paths = inputs(tmp_path, n, k, bias, seed=n * k)
     x, qw, qs = arrays[:3]
@@ -115,9 +118,9 @@ def test_streamed_gemv_refuses_what_it_cannot_run():
         plan(LinearShape(q_linear_spec(1, 64, 384)), StreamConfig(), "t")
     with pytest.raises(MlccError, match=r"rows 2;"):
         plan(LinearShape(q_linear_spec(2, 64, 4096)), StreamConfig(), "t")
-    with pytest.raises(MlccError, match=r"74240 bytes of shared memory > 49152"):
-        plan(ok, StreamConfig(1, 256, 8, 4), "t")
+    with pytest.raises(MlccError, match=r"81920 bytes of shared memory > 49152"):
+        plan(ok, StreamConfig(1, 2, 4, 4), "t")
     with pytest.raises(MlccError, match=r"GLU mode needs an even gate_up row count and float16 values, got 63 rows"):
         plan(LinearShape(q_linear_spec(1, 63, 4096)), StreamConfig(), "t", glu=True)
-    with pytest.raises(MlccError, match=r"threads must be a multiple of 32 .*; rows must be 1, 2, 4"):
-        plan(ok, StreamConfig(1, 96 + 8, 3, 2), "t")
+    with pytest.raises(MlccError, match=r"warps must be 1 to 8; rows must be 1, 2, 4 or 8"):
+        plan(ok, StreamConfig(1, 9, 3, 2), "t")

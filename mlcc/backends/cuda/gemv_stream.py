@@ -1,38 +1,39 @@
-"""Streamed q4 decode GEMV: the weights flow through a shared-memory ring, the activations stay
-in registers.
+"""Streamed q4 decode GEMV: each warp streams its weights through its own shared-memory ring.
 
 The register-pipelined GEMVs (mlcc.backends.cuda.gemv, linear) keep their next weight tile in
 registers, so the bytes an SM has in flight are bounded by the registers its warps hold: the
 7B gate_up kernel runs 2.56 warps a scheduler at 127 registers and reads at ~60% of HBM
 bandwidth, stalled in a third of its cycles (ncu, benchmarks/results/2026-11-29-h200-d). Here
-the weights go from global memory to shared memory by cp.async (16 bytes a thread and copy,
-no registers held while in flight) into a ring of `stages` slots, so a block keeps stages - 1
-chunks of weights in flight while it computes one:
+the weights go from global to shared memory by cp.async (16 bytes a lane and copy, no register
+held while in flight), into a ring of `stages` slots that belongs to one warp:
 
-    chunk       `rows` consecutive output features (in GLU mode their gate rows f and up
-                rows I + f), all of K: rows x K / 2 bytes of packed codes, rows x K / 16 of
-                scales. Block b takes chunks b, b + gridDim, b + 2 gridDim, ...
-    threads     thread t owns the word pairs p = t, t + threads, ... of every row (16
-                consecutive k each); it loads those activations once, as nibble pairs
-                (x_j, x_{j+4}), into registers before the first chunk, and for each chunk
-                multiplies them with its pairs of every row of the chunk (an 8-byte shared
-                load per row and pair, conflict-free across a warp), scaled per half group
-    reduction   each warp folds its `rows` sums in a transposed butterfly (log2 rows
-                levels that halve the values a lane holds, then plain levels), so one
-                shuffle per value and level; warp totals go to shared memory, and after the
-                next barrier the first `rows` threads add the warps in order and store.
-
-One barrier per chunk: it publishes the landed chunk (each thread's cp.async.wait_group, then
-the barrier), frees the slot computed last (refilled right after it) and publishes the warp
-totals of the chunk before, which are finished one chunk late.
+    chunk       `rows` consecutive output features (in GLU mode their gate rows f and up rows
+                I + f), all of K: rows x K / 2 bytes of packed codes, rows x K / 16 of scales.
+                Warp g of the launch takes chunks g, g + warps of the launch, ...; a warp keeps
+                stages - 1 chunks in flight while it computes one, with no block barrier in the
+                loop (cp.async.wait_group, then __syncwarp, publishes a landed slot to the
+                warp and orders its reads before the slot is refilled).
+    activations staged once per block into shared memory as nibble pairs (x_j, x_{j+4}),
+                laid out by word position within a group, so that lane l reading unit
+                l + 32 m hits consecutive 16-byte words (no bank conflicts)
+    lanes       lane l takes the 16-byte units (groups of 32 weights) l, l + 32, ... of every
+                row of the chunk: four activation loads per unit serve all the chunk's rows
+    reduction   a transposed butterfly over the chunk's rows (log2 rows levels that halve
+                the values a lane holds, then plain levels); writer lanes store, in GLU mode
+                after one more exchange that brings g and u of a feature into one lane.
 
 Arithmetic: the nibble dot of the persistent GEMV (`dot`, mlcc_q4_dot8_lop3_pairs by default:
-products summed in pairs in float16, then in float32), each pair of words times its group's
-scale in float32, warp and block sums in float32 in a fixed order (results are deterministic,
-though not in the other GEMVs' summation order). GLU mode rounds g and u to float16 as the
-unfused GEMV stores them and applies the GLU expression (mlcc.backends.cuda.glu.SILU_MUL).
+products summed in pairs in float16, then in float32), a group's four word sums times its scale
+in float32, lanes summed in float32 in a fixed order (results are deterministic, though not in
+the other GEMVs' summation order). GLU mode rounds g and u to float16 as the unfused GEMV stores
+them and applies the GLU expression (mlcc.backends.cuda.glu.SILU_MUL).
 
-Static shared memory (48 KB a block) bounds stages x rows x (K / 2 + K / 16) bytes.
+The block form before this one (commit c09b5e4: all warps of a block on one chunk, a block
+barrier per chunk) measured 15-45% slower than the shipped GEMVs on the H200
+(benchmarks/results/2026-11-29-h200-g).
+
+Static shared memory (48 KB a block) bounds K x 2 (activations) + warps x stages x rows x
+(K / 2 + K / 16) bytes.
 """
 
 from __future__ import annotations
@@ -47,25 +48,28 @@ from mlcc.backends.cuda.linear import LinearShape
 from mlcc.errors import MlccError
 
 SHARED_BYTES = 48 * 1024
-MAX_THREADS = 1024
 DOTS = ("mlcc_q4_dot8_lop3_pairs", "mlcc_q4_dot8_lop3", "mlcc_q4_dot8")
 
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """`blocks_per_sm` x SMS blocks of `threads` threads; chunks of `rows` output features; a
-    ring of `stages` chunk slots in shared memory."""
+    """`blocks_per_sm` x SMS blocks of `warps` warps; chunks of `rows` output features; a
+    ring of `stages` chunk slots per warp in shared memory."""
 
-    blocks_per_sm: int = 2
-    threads: int = 256
-    rows: int = 4
+    blocks_per_sm: int = 5
+    warps: int = 2
+    rows: int = 2
     stages: int = 4
     dot: str = DOTS[0]
+    # each lane keeps its activations in registers (16 words' pairs a unit round) instead of
+    # reading them from the block's staged copy
+    x_regs: bool = False
 
     @property
     def tag(self) -> str:
         dot = "" if self.dot == DOTS[0] else "_" + self.dot[13:]
-        return f"st_b{self.blocks_per_sm}_t{self.threads}_r{self.rows}_s{self.stages}{dot}"
+        regs = "_xr" if self.x_regs else ""
+        return f"st_b{self.blocks_per_sm}_w{self.warps}_r{self.rows}_s{self.stages}{dot}{regs}"
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,9 @@ class Plan:
     weight_rows: int  # rows of a chunk: rows, or 2 x rows in GLU mode
     chunks: int
     grid: int
-    pairs: int  # word pairs per weight row
-    pairs_per_thread: int
+    launch_warps: int  # warps of the launch: a warp's next chunk
+    units: int  # 16-byte units (groups of 32 weights) of a weight row
+    units_per_lane: int
     shared_bytes: int
 
 
@@ -89,8 +94,7 @@ def applies(s: LinearShape) -> bool:
 
 
 def shared_bytes(k: int, weight_rows: int, c: StreamConfig) -> int:
-    ring = c.stages * weight_rows * (k // 2 + k // 16)
-    return ring + 2 * (c.threads // 32) * weight_rows * 4
+    return (0 if c.x_regs else 2 * k) + c.warps * c.stages * weight_rows * (k // 2 + k // 16)
 
 
 def plan(s: LinearShape, c: StreamConfig, name: str, glu: bool = False, sms: int = SMS) -> Plan:
@@ -104,59 +108,62 @@ def plan(s: LinearShape, c: StreamConfig, name: str, glu: bool = False, sms: int
                         f"float16 values, got {s.n} rows of {s.ydt}; leave the pair unfused")
     weight_rows = c.rows * (2 if glu else 1)
     problems = []
-    if c.threads % 32 or not 32 <= c.threads <= 256:
-        problems.append("threads must be a multiple of 32 from 32 to 256")
-    if c.rows not in (1, 2, 4, 8, 16) or weight_rows > 16:
-        problems.append("rows must be 1, 2, 4, 8 or 16 (16 weight rows at most in GLU mode)")
+    if not 1 <= c.warps <= 8:
+        problems.append("warps must be 1 to 8")
+    if c.rows not in (1, 2, 4, 8):
+        problems.append("rows must be 1, 2, 4 or 8")
     if c.stages < 2 or c.blocks_per_sm < 1:
         problems.append("stages >= 2 and blocks_per_sm >= 1")
-    if c.blocks_per_sm * c.threads > 2048:
-        problems.append(f"{c.blocks_per_sm * c.threads} threads per SM > 2048")
     if c.dot not in DOTS:
         problems.append(f"dot must be one of {', '.join(DOTS)}")
+    if c.x_regs and s.k > 4096:
+        problems.append("x_regs holds at most K = 4096 (64 registers a lane)")
     if not problems and shared_bytes(s.k, weight_rows, c) > SHARED_BYTES:
         problems.append(f"{shared_bytes(s.k, weight_rows, c)} bytes of shared memory > "
-                        f"{SHARED_BYTES} (fewer stages or rows)")
+                        f"{SHARED_BYTES} (fewer warps, stages or rows)")
     if problems:
         raise MlccError("compile", f"{name}: streamed GEMV {c.tag} at K={s.k}: "
                         f"{'; '.join(problems)}; pick another StreamConfig")
     features = s.n // 2 if glu else s.n
     chunks = -(-features // c.rows)
-    pairs = s.k // 16
-    return Plan(features, weight_rows, chunks, max(1, min(c.blocks_per_sm * sms, chunks)),
-                pairs, -(-pairs // c.threads), shared_bytes(s.k, weight_rows, c))
+    grid = max(1, min(c.blocks_per_sm * sms, -(-chunks // c.warps)))
+    units = s.k // 32
+    return Plan(features, weight_rows, chunks, grid, grid * c.warps, units, -(-units // 32),
+                shared_bytes(s.k, weight_rows, c))
 
 
 def _issue(s: LinearShape, c: StreamConfig, p: Plan, glu: bool, local: str, slot: str) -> str:
-    """cp.async of chunk `local` (this block's count) into ring slot `slot`, then a commit
-    (always, so that every thread's group count stays in step)."""
-    row_units, scale_units = s.k // 32, s.k // 256  # 16-byte units of a weight / scale row
-    seg = f"(r2 / {c.rows}) * {p.features} + " if glu else ""
-    rr = f"r2 % {c.rows}" if glu else "r2"
+    """cp.async of the warp's chunk `local` into its ring slot `slot`, then a commit (always,
+    so that the lanes' group counts stay in step)."""
+    units, scale_units = p.units, s.k // 256  # 16-byte units of a weight / scale row
+    lines = []
+    for r2 in range(p.weight_rows):
+        seg, rr = divmod(r2, c.rows)
+        row = f"{seg * p.features} + f0 + {rr}" if seg else f"f0 + {rr}"
+        w_off, s_off = r2 * units, r2 * scale_units
+        lines.append(f"""        if (f0 + {rr} < {p.features}) {{
+          const uint4* wsrc = qv + (long long)({row}) * {units};
+          for (int u = lane; u < {units}; u += 32)
+            mlcc_tc_cp16(wdst + ({w_off} + u) * 16u, wsrc + u);
+          for (int v = lane; v < {scale_units}; v += 32)
+            mlcc_tc_cp16(sdst + ({s_off} + v) * 16u, sv + (long long)({row}) * {scale_units} + v);
+        }}""")
+    body = "\n".join(lines)
     return f"""    {{
-      const int c = blockIdx.x + ({local}) * {p.grid};
+      const int c = gw + ({local}) * {p.launch_warps};
       if (c < {p.chunks}) {{
-        const unsigned wdst = wbase + ({slot}) * {p.weight_rows * s.k // 2}u;
-        const unsigned sdst = sbase + ({slot}) * {p.weight_rows * s.k // 16}u;
-        for (int u = threadIdx.x; u < {p.weight_rows * row_units}; u += {c.threads}) {{
-          const int r2 = u / {row_units}, f = c * {c.rows} + {rr};
-          if (f < {p.features})
-            mlcc_tc_cp16(wdst + u * 16u, qv + (long long)({seg}f) * {row_units} + u % {row_units});
-        }}
-        for (int u = threadIdx.x; u < {p.weight_rows * scale_units}; u += {c.threads}) {{
-          const int r2 = u / {scale_units}, f = c * {c.rows} + {rr};
-          if (f < {p.features})
-            mlcc_tc_cp16(sdst + u * 16u,
-                         sv + (long long)({seg}f) * {scale_units} + u % {scale_units});
-        }}
+        const int f0 = c * {c.rows};
+        const unsigned wdst = wring + ({slot}) * {p.weight_rows * s.k // 2}u;
+        const unsigned sdst = sring + ({slot}) * {p.weight_rows * s.k // 16}u;
+{body}
       }}
       mlcc_tc_cp_commit();
     }}"""
 
 
-def _reduce(rows: int) -> str:
+def _reduce(rows: int) -> tuple[str, int]:
     """Transposed butterfly over acc[0..rows): afterwards lane l holds the warp total of row
-    `mine` (when `writer`)."""
+    `mine`; lanes whose low bits (the returned mask) are zero hold distinct rows."""
     lines, count, offset = [], rows, 16
     while count > 1:
         half = count // 2
@@ -174,36 +181,60 @@ def _reduce(rows: int) -> str:
     while offset >= 1:
         lines.append(f"      acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], {offset});")
         offset //= 2
-    writer_mask = (32 >> (rows.bit_length() - 1)) - 1
-    lines.append(f"      if ((lane & {writer_mask}) == 0) red[parity][warp][mine] = acc[0];")
-    return "\n".join(lines)
+    return "\n".join(lines), (32 >> (rows.bit_length() - 1)) - 1
 
 
-def _finish(s: LinearShape, c: StreamConfig, p: Plan, glu: str | None, local: str,
-            parity: str) -> str:
-    """The first `rows` threads add the warp totals of chunk `local` and store."""
-    warps = c.threads // 32
+def _store(s: LinearShape, c: StreamConfig, p: Plan, glu: str | None) -> str:
+    """Writer lanes store their feature (in GLU mode the lanes holding a gate row, with the up
+    total from lane ^ 16, where the first butterfly level put the up rows)."""
+    reduce, mask = _reduce(p.weight_rows)
     if glu is None:
-        store = f"mlcc_put(y, f, v{s.bias_term('f')});"
-        second = ""
+        finish = f"""      const int f = c * {c.rows} + mine;
+      if ((lane & {mask}) == 0 && f < {p.features}) mlcc_put(y, f, acc[0]{s.bias_term("f")});"""
     else:
-        g = f"mlcc_round(v{s.bias_term('f')}, y)"
-        u = f"mlcc_round(v2{s.bias_term(f'{p.features} + f')}, y)"
-        second = f"""        float v2 = 0.f;
-        #pragma unroll
-        for (int w = 0; w < {warps}; ++w) v2 += red[{parity}][w][{c.rows} + threadIdx.x];"""
-        store = f"""const float g = {g}, u = {u};
-        mlcc_put(y, f, {glu.format(g="g", u="u")});"""
-    return f"""    if (threadIdx.x < {c.rows}) {{
-      const int f = (blockIdx.x + ({local}) * {p.grid}) * {c.rows} + threadIdx.x;
-      if (f < {p.features}) {{
-        float v = 0.f;
-        #pragma unroll
-        for (int w = 0; w < {warps}; ++w) v += red[{parity}][w][threadIdx.x];
-{second}
-        {store}
-      }}
+        g = f"mlcc_round(acc[0]{s.bias_term('f')}, y)"
+        u = f"mlcc_round(up_total{s.bias_term(f'{p.features} + f')}, y)"
+        finish = f"""      const float up_total = __shfl_xor_sync(0xffffffffu, acc[0], 16);
+      const int f = c * {c.rows} + mine;
+      if ((lane & {mask | 16}) == 0 && f < {p.features}) {{
+        const float g = {g}, u = {u};
+        mlcc_put(y, f, {glu.format(g="g", u="u")});
+      }}"""
+    return f"""    {{
+      int mine = 0;
+{reduce}
+{finish}
     }}"""
+
+
+def _stage(s: LinearShape, c: StreamConfig) -> str:
+    """x into xs as nibble pairs: word 4u + q of the row at xs[q * units + u]."""
+    units = s.k // 32
+    return f"""  for (int w = threadIdx.x; w < {s.k // 8}; w += {32 * c.warps}) {{
+    const uint4 v = *reinterpret_cast<const uint4*>(x + w * 8);
+    xs[(w & 3) * {units} + (w >> 2)] = mlcc_tcv_pairs(v);
+  }}"""
+
+
+def _stage_regs(s: LinearShape, p: Plan) -> str:
+    """Each lane's activations of units lane + 32 m, m < units_per_lane, into registers."""
+    return f"""  uint4 xr[{p.units_per_lane}][4];
+  #pragma unroll
+  for (int m = 0; m < {p.units_per_lane}; ++m) {{
+    const int u = lane + m * 32;
+    #pragma unroll
+    for (int q = 0; q < 4; ++q)
+      xr[m][q] = u < {p.units} ? mlcc_tcv_pairs(*reinterpret_cast<const uint4*>(
+                                     x + (u * 4 + q) * 8)) : make_uint4(0u, 0u, 0u, 0u);
+  }}"""
+
+
+def _x_read(units: int, x_regs: bool) -> str:
+    if x_regs:
+        return ("        const uint4 x0 = xr[m][0], x1 = xr[m][1], x2 = xr[m][2], "
+                "x3 = xr[m][3];")
+    return f"""        const uint4 x0 = xs[u], x1 = xs[{units} + u], x2 = xs[{2 * units} + u];
+        const uint4 x3 = xs[{3 * units} + u];"""
 
 
 def gemv_q4_stream_kernel(s: LinearShape, name: str, config: StreamConfig,
@@ -212,72 +243,59 @@ def gemv_q4_stream_kernel(s: LinearShape, name: str, config: StreamConfig,
     turns on GLU mode; `sms` scales the grid (the host emulation runs few blocks)."""
     c = config
     p = plan(s, c, name, glu is not None, sms)
-    warps, np_, rr = c.threads // 32, p.pairs_per_thread, p.weight_rows
+    rr, units = p.weight_rows, p.units
     buffers = s.buffers if glu is None else glu_buffers(s)
-    guard = "" if p.pairs % c.threads == 0 else f"if (j < {np_ - 1} || pr < {p.pairs}) "
-    wpr, gpr = s.k // 8, s.k // 32
+    guard = "" if units % 32 == 0 else f"if (u < {units}) "
+    ring_words, ring_scales = c.stages * rr * s.k // 8, c.stages * rr * s.k // 32
     prologue = "\n".join(_issue(s, c, p, glu is not None, str(i), str(i))
                          for i in range(c.stages - 1))
     body = f"""{CP_HELPERS}{PORTABLE_HELPERS}
 {signature(name, buffers, ("y",), s.symbols)} {{
-  __shared__ __align__(16) unsigned int ws[{c.stages * rr * wpr}];
-  __shared__ __align__(16) half ss[{c.stages * rr * gpr}];
-  __shared__ float red[2][{warps}][{rr}];
+{"" if c.x_regs else f"  __shared__ __align__(16) uint4 xs[{s.k // 8}];"}
+  __shared__ __align__(16) unsigned int ws[{c.warps * ring_words}];
+  __shared__ __align__(16) half ss[{c.warps * ring_scales}];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const unsigned wbase = mlcc_tc_smem(ws), sbase = mlcc_tc_smem(ss);
+  const int gw = blockIdx.x * {c.warps} + warp;
+  const unsigned wring = mlcc_tc_smem(ws) + warp * {ring_words * 4}u;
+  const unsigned sring = mlcc_tc_smem(ss) + warp * {ring_scales * 2}u;
+  const uint4* wv = reinterpret_cast<const uint4*>(ws + warp * {ring_words});
+  const half* sh = ss + warp * {ring_scales};
   const uint4* qv = reinterpret_cast<const uint4*>(qw);
   const uint4* sv = reinterpret_cast<const uint4*>(qs);
 {prologue}
   {GRID_WAIT}
-  uint4 xr[{np_}][2];  // this thread's activations, 16 per word pair, as nibble pairs
-  #pragma unroll
-  for (int j = 0; j < {np_}; ++j) {{
-    const int pr = threadIdx.x + j * {c.threads};
-    xr[j][0] = xr[j][1] = make_uint4(0u, 0u, 0u, 0u);
-    {guard}{{
-      const uint4* xp = reinterpret_cast<const uint4*>(x) + 2 * pr;
-      xr[j][0] = mlcc_tcv_pairs(xp[0]);
-      xr[j][1] = mlcc_tcv_pairs(xp[1]);
-    }}
-  }}
-  int i = 0;
-  for (; blockIdx.x + i * {p.grid} < {p.chunks}; ++i) {{
+{_stage_regs(s, p) if c.x_regs else _stage(s, c) + chr(10) + "  __syncthreads();"}
+  for (int i = 0; gw + i * {p.launch_warps} < {p.chunks}; ++i) {{
+    const int c = gw + i * {p.launch_warps};
     mlcc_tc_cp_wait<{c.stages - 2}>();
-    __syncthreads();  // chunk i landed; slot (i - 1) % stages is free; totals of i - 1 are in
-    if (i > 0) {{
-{_finish(s, c, p, glu, "i - 1", "(i - 1) & 1")}
-    }}
+    __syncwarp();  // chunk i landed for every lane; slot (i - 1) % stages was read by all
 {_issue(s, c, p, glu is not None, f"i + {c.stages - 1}", f"(i + {c.stages - 1}) % {c.stages}")}
-    const int slot = i % {c.stages}, parity = i & 1;
-    const unsigned int* wsl = ws + slot * {rr * wpr};
-    const half* ssl = ss + slot * {rr * gpr};
+    const int slot = i % {c.stages};
+    const uint4* wsl = wv + slot * {rr * units};
+    const half* ssl = sh + slot * {rr * units};
     float acc[{rr}];
     #pragma unroll
     for (int r = 0; r < {rr}; ++r) acc[r] = 0.f;
     #pragma unroll
-    for (int j = 0; j < {np_}; ++j) {{
-      const int pr = threadIdx.x + j * {c.threads};
+    for (int m = 0; m < {p.units_per_lane}; ++m) {{
+      const int u = lane + m * 32;
       {guard}{{
-        const half2* xh = reinterpret_cast<const half2*>(&xr[j][0]);
+{_x_read(units, c.x_regs)}
         #pragma unroll
         for (int r = 0; r < {rr}; ++r) {{
-          const uint2 w = reinterpret_cast<const uint2*>(wsl + r * {wpr})[pr];
-          const float d = {c.dot}(w.x, xh) + {c.dot}(w.y, xh + 4);
-          acc[r] = fmaf(d, __half2float(ssl[r * {gpr} + (pr >> 1)]), acc[r]);
+          const uint4 w = wsl[r * {units} + u];
+          const float d = ({c.dot}(w.x, reinterpret_cast<const half2*>(&x0))
+                           + {c.dot}(w.y, reinterpret_cast<const half2*>(&x1)))
+                          + ({c.dot}(w.z, reinterpret_cast<const half2*>(&x2))
+                             + {c.dot}(w.w, reinterpret_cast<const half2*>(&x3)));
+          acc[r] = fmaf(d, __half2float(ssl[r * {units} + u]), acc[r]);
         }}
       }}
     }}
-    {{
-      int mine = 0;
-{_reduce(rr)}
-    }}
-  }}
-  __syncthreads();
-  if (i > 0) {{
-{_finish(s, c, p, glu, "i - 1", "(i - 1) & 1")}
+{_store(s, c, p, glu)}
   }}
   return 0;
 }}
 """
-    return CudaKernel(name, body, launcher(name, buffers, (f"T.int64({p.grid})",), c.threads,
+    return CudaKernel(name, body, launcher(name, buffers, (f"T.int64({p.grid})",), 32 * c.warps,
                                            s.symbols))
