@@ -2,7 +2,7 @@
 
 Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
 
-    python benchmarks/cuda/gemv_sweep.py build .device/sweep [lean|lean2|lean3|glu|tcp|tcg|tcgp|stream]
+    python benchmarks/cuda/gemv_sweep.py build .device/sweep [lean|lean2|lean3|glu|tcp|tcg|tcgp|stream|dp2a]
     python benchmarks/cuda/gemv_sweep.py run .device/sweep $OUT/gemv_sweep.json
     python benchmarks/cuda/gemv_sweep.py profile .device/sweep VARIANT   # under ncu
     python benchmarks/cuda/gemv_sweep.py merge SWEEP.json mlcc/backends/cuda/gemv_tuning.json \
@@ -33,7 +33,8 @@ that scales after the mma (mlcc.backends.cuda.gemv_tcg; records of kind "tcg" / 
 the first of which a rule reads). The `stream` set times the streamed GEMV
 (mlcc.backends.cuda.gemv_stream: weights through a cp.async ring in shared memory) beside the
 database's pick for every shape, and its GLU mode beside the shipped GLU GEMV (records of kind
-"stream").
+"stream"). The `dp2a` set does the same for the persistent GEMV with the integer dot
+(gemv.DP2A; records of kind "persistent" with that dot).
 """
 
 from __future__ import annotations
@@ -325,7 +326,7 @@ def current_pick(n: int, k: int) -> dict:
         c = persistent_config(n, k)
         v = _persistent(n, k, (c.blocks_per_sm, c.warps, c.rows_per_warp, c.rotate),
                         pingpong=c.pingpong)
-        return dict(v, dot=c.dot, name=v["name"] + "_" + c.dot[13:])
+        return dict(v, dot=c.dot, name=v["name"] + "_" + (c.dot[13:] or c.dot[8:]))
     return _block(n, k)
 
 
@@ -340,27 +341,32 @@ def tcp_variants() -> list[dict]:
     return out
 
 
-# The streamed GEMV (mlcc.backends.cuda.gemv_stream): (blocks per SM, threads, output features
-# per chunk, ring stages), at most 48 KB of shared memory a block; GLU configs count output
-# features (two weight rows each). Validation only: partial last chunks, K = 11008's pairs
-# left over past the last full round of threads.
-STREAM_CONFIGS = {4096: [(2, 256, 4, 4), (3, 256, 4, 4), (4, 256, 4, 4), (4, 128, 4, 4),
-                         (2, 256, 8, 2), (3, 256, 2, 8), (6, 128, 4, 2), (4, 256, 2, 6)],
-                  11008: [(2, 256, 2, 3), (3, 256, 2, 3), (4, 256, 1, 6), (3, 256, 1, 7),
-                          (4, 128, 2, 3), (6, 128, 1, 4)]}
-STREAM_GLU = [(2, 256, 2, 4), (3, 256, 2, 4), (4, 256, 2, 4), (3, 256, 1, 8), (4, 256, 1, 6),
-              (2, 256, 4, 2)]
-STREAM_ODD = [(1001, 4096, (2, 256, 4, 4), False), (4100, 11008, (2, 256, 2, 3), False),
-              (2002, 4096, (2, 256, 2, 4), True)]
+# The streamed GEMV (mlcc.backends.cuda.gemv_stream): (blocks per SM, warps, output features
+# per chunk, ring stages per warp), at most 48 KB of shared memory a block and as many blocks
+# as fit an SM's 228 KB (1 KB reserved a block); GLU configs count output features (two weight
+# rows each). Validation only: partial last chunks, K = 11008's units left over past the last
+# full round of lanes.
+STREAM_CONFIGS = {4096: [(4, 2, 2, 4), (6, 2, 2, 3), (4, 1, 4, 4), (8, 1, 2, 4), (6, 2, 1, 6),
+                         (6, 3, 1, 4), (8, 2, 1, 4)],
+                  11008: [(5, 1, 1, 3), (4, 1, 1, 4), (4, 2, 1, 2), (4, 1, 2, 2)]}
+STREAM_GLU = [(4, 2, 1, 4), (6, 2, 1, 3), (8, 1, 1, 4), (4, 1, 2, 4), (6, 3, 1, 2),
+              (8, 2, 1, 2)]
+# the same with each lane's activations in registers (x_regs; K = 4096 only)
+STREAM_XR = [(22016, 4096, (8, 2, 1, 4)), (22016, 4096, (6, 2, 2, 3)), (12288, 4096, (8, 2, 1, 4)),
+             (12288, 4096, (6, 2, 2, 3)), (32000, 4096, (8, 2, 1, 4)), (4096, 4096, (8, 2, 1, 4))]
+STREAM_GLU_XR = [(8, 2, 1, 2), (6, 2, 1, 3), (8, 1, 1, 4), (10, 2, 1, 2)]
+STREAM_ODD = [(1001, 4096, (4, 2, 2, 4), False), (4100, 11008, (5, 1, 1, 3), False),
+              (2002, 4096, (4, 2, 1, 4), True)]
 
 
-def _stream(n: int, k: int, cfg: tuple, glu: bool = False) -> dict:
-    bps, threads, chunk_rows, stages = cfg
+def _stream(n: int, k: int, cfg: tuple, glu: bool = False, x_regs: bool = False) -> dict:
+    bps, warps, chunk_rows, stages = cfg
     prefix = "glu" if glu else "gemv"
     return {"n": n, "k": k, "rows": 1, "prologue": "none", "kind": "stream",
-            "blocks_per_sm": bps, "threads": threads, "chunk_rows": chunk_rows,
-            "stages": stages, "glu": glu,
-            "name": f"{prefix}_{n}_{k}_st_b{bps}_t{threads}_r{chunk_rows}_s{stages}"}
+            "blocks_per_sm": bps, "warps": warps, "chunk_rows": chunk_rows,
+            "stages": stages, "glu": glu, "x_regs": x_regs,
+            "name": f"{prefix}_{n}_{k}_st_b{bps}_w{warps}_r{chunk_rows}_s{stages}"
+                    + ("_xr" if x_regs else "")}
 
 
 def stream_variants() -> list[dict]:
@@ -376,8 +382,76 @@ def stream_variants() -> list[dict]:
     c = glu_gemv_config(n, k)
     out.append(_glu(n, k, (c.blocks_per_sm, c.warps, c.rows_per_warp, c.rotate), dot=c.dot))
     out += [_stream(n, k, cfg, glu=True) for cfg in STREAM_GLU]
+    out += [_stream(n, k, cfg, glu=True, x_regs=True) for cfg in STREAM_GLU_XR]
+    out += [_stream(n, k, cfg, x_regs=True) for n, k, cfg in STREAM_XR]
     out += [_stream(n, k, cfg, glu) for n, k, cfg, glu in STREAM_ODD]
     return out
+
+
+# The integer dot (gemv.DP2A: 16-bit activations per group, exact dp2a sums) in the persistent
+# GEMV and its GLU mode: (blocks per SM, warps, features per warp, rotate); validation only:
+# odd N, several rows, K = 11008's groups past the last full round of lanes.
+DP2A_PERSISTENT = {4096: [(2, 8, 1, True), (3, 8, 1, True), (3, 4, 2, True), (2, 4, 2, True),
+                          (4, 4, 1, True), (6, 4, 1, True)],
+                   11008: [(1, 8, 1, True), (2, 4, 1, True), (3, 4, 1, True), (4, 4, 1, True),
+                           (2, 8, 1, True)]}
+DP2A_GLU = [(2, 8, 1, True), (3, 8, 1, True), (2, 4, 1, True), (3, 4, 1, True), (4, 4, 1, True)]
+DP2A_ODD = [(1001, 4096, 1, (3, 4, 2, True)), (4100, 11008, 1, (2, 4, 1, True)),
+            (4096, 4096, 4, (2, 4, 2, True))]
+
+
+def dp2a_variants() -> list[dict]:
+    """The persistent GEMV with the integer dot beside the database's pick for every shape,
+    its GLU mode beside the shipped GLU GEMV on the 7B gate_up, then DP2A_ODD."""
+    from mlcc.backends.cuda.gemv import DP2A
+    from mlcc.backends.cuda.glu import glu_gemv_config
+
+    out = []
+    for n, k in SHAPES:
+        out.append(current_pick(n, k))
+        for c in DP2A_PERSISTENT[k]:
+            v = _persistent(n, k, c)
+            out.append(dict(v, dot=DP2A, name=v["name"] + "_dp2a"))
+    n, k = GLU_SHAPE
+    c = glu_gemv_config(n, k)
+    out.append(_glu(n, k, (c.blocks_per_sm, c.warps, c.rows_per_warp, c.rotate), dot=c.dot))
+    out += [dict(g, name=g["name"].rstrip("_") + "_dp2a")
+            for g in (_glu(n, k, cfg, dot=DP2A) for cfg in DP2A_GLU)]
+    for n, k, rows, c in DP2A_ODD:
+        v = _persistent(n, k, c, rows)
+        out.append(dict(v, dot=DP2A, name=v["name"] + "_dp2a"))
+    return out
+
+
+# Experiment: the persistent GEMV with a tile's rows spread over the matrix (row q of tile t is
+# t + q * tiles instead of t * rows_per_warp + q), as the GLU mode's gate and up rows are;
+# (n, k, (blocks per SM, warps, features per warp, rotate), dot).
+SPREAD = [(n, k, c, d) for n, k in SHAPES for c in ((3, 4, 2, True), (2, 4, 2, True))
+          for d in ("mlcc_q4_dp2a", "mlcc_q4_dot8_lop3_pairs")]
+SPREAD += [(n, k, (2, 4, 4, True), "mlcc_q4_dp2a") for n, k in SHAPES if k == 4096]
+
+
+def spread_variants() -> list[dict]:
+    out = []
+    for n, k in SHAPES:
+        out.append(current_pick(n, k))
+    for n, k, c, d in SPREAD:
+        v = _persistent(n, k, c)
+        out.append(dict(v, dot=d, spread=True, name=v["name"] + "_" + d[8:] + "_spread"))
+    return out
+
+
+def spread_rows(kernel, rows_per_warp: int, n: int):
+    """The kernel's source with tile t's row q at t + q * tiles (see SPREAD)."""
+    import dataclasses
+    import re
+
+    tiles = -(-n // rows_per_warp)
+    src = re.sub(rf"\(long long\)\(([^()]*)\) \* {rows_per_warp} \+ q",
+                 lambda m: f"(long long)({m.group(1)}) + q * {tiles}LL", kernel.device_source)
+    src = src.replace(f"(long long)tile * {rows_per_warp} + q", f"(long long)tile + q * {tiles}LL")
+    assert src.count(f"q * {tiles}LL") >= 2, "spread: the row expressions were not found"
+    return dataclasses.replace(kernel, device_source=src)
 
 
 def linear_spec(n: int, k: int, rows: int):
@@ -426,7 +500,8 @@ def kernel_of(v: dict):
         from mlcc.backends.cuda.gemv_stream import StreamConfig, gemv_q4_stream_kernel
         from mlcc.backends.cuda.glu import SILU_MUL
 
-        config = StreamConfig(v["blocks_per_sm"], v["threads"], v["chunk_rows"], v["stages"])
+        config = StreamConfig(v["blocks_per_sm"], v["warps"], v["chunk_rows"], v["stages"],
+                              x_regs=v.get("x_regs", False))
         return gemv_q4_stream_kernel(LinearShape(linear_spec(v["n"], v["k"], 1)), v["name"],
                                      config, glu=SILU_MUL if v["glu"] else None)
     if v["kind"] == "tcp":
@@ -465,9 +540,10 @@ def kernel_of(v: dict):
         return gemv_q4_persistent_kernel(s, v["name"], v["blocks_per_sm"], v["warps"],
                                          v["rows_per_warp"], dot=v["dot"], rotate=v["rotate"],
                                          pingpong=v["pingpong"], glu=SILU_MUL)
-    return gemv_q4_persistent_kernel(s, v["name"], v["blocks_per_sm"], v["warps"],
-                                     v["rows_per_warp"], dot=v["dot"], rotate=v["rotate"],
-                                     pingpong=v["pingpong"])
+    kernel = gemv_q4_persistent_kernel(s, v["name"], v["blocks_per_sm"], v["warps"],
+                                       v["rows_per_warp"], dot=v["dot"], rotate=v["rotate"],
+                                       pingpong=v["pingpong"])
+    return spread_rows(kernel, v["rows_per_warp"], v["n"]) if v.get("spread") else kernel
 
 
 def build(folder: Path, only: str = "all") -> None:
@@ -475,7 +551,8 @@ def build(folder: Path, only: str = "all") -> None:
 
     chosen = {"lean": lean_variants, "lean2": lean2_variants, "lean3": lean3_variants,
               "glu": glu_variants, "tcp": tcp_variants, "tcg": tcg_variants,
-              "tcgp": tcgp_variants, "stream": stream_variants}.get(
+              "tcgp": tcgp_variants, "stream": stream_variants,
+              "dp2a": dp2a_variants, "spread": spread_variants}.get(
         only, lambda: variants() + tc_variants())()
     kernels = [kernel_of(v) for v in chosen]
     folder.mkdir(parents=True, exist_ok=True)
@@ -547,7 +624,7 @@ def measure(torch, lib, v: dict, copies: list[tuple], dev, rng) -> dict:
 
 
 RECORD_KEYS = ("kind", "blocks_per_sm", "warps", "rows_per_warp", "rotate", "pingpong", "dot",
-               "tiles", "unroll", "depth", "fold", "cols", "threads", "chunk_rows", "stages",
+               "tiles", "unroll", "depth", "fold", "cols", "chunk_rows", "stages", "x_regs",
                "us", "gb_s")
 
 
@@ -629,23 +706,31 @@ def merge(sweep: Path, database: Path, exclude_dots: tuple[str, ...] = ()) -> No
     sweep timed, its fastest validated variant ("best") and each timed kind's fastest replace
     the database's (every sweep re-times the database's pick beside the candidates, so
     winners are compared within one run, never against a figure of another day); variants
-    whose dot is in `exclude_dots` are not candidates. The rows tables ("best_at_rows"), kinds
-    the sweep did not time and unmeasured shapes are kept. Each record notes its sweep."""
+    whose dot is in `exclude_dots` are not candidates. The persistent GLU-mode variants go to
+    their own table ("glu", read by tuning.glu_config), fastest per gate_up shape. The rows
+    tables ("best_at_rows"), kinds the sweep did not time and unmeasured shapes are kept. Each
+    record notes its sweep."""
     doc = json.loads(sweep.read_text())
     db = json.loads(database.read_text())
     source = {"date": doc["date"], "command": doc["command"], "device": doc["device"]}
     best: dict[str, dict] = {}
     by_kind: dict[str, dict[str, dict]] = {}
+    glu: dict[str, dict] = {}
     for row in doc["variants"]:
-        if ("us" not in row or row["rows"] != 1 or row["prologue"] != "none" or row.get("glu")
+        if ("us" not in row or row["rows"] != 1 or row["prologue"] != "none"
                 or (row["n"], row["k"]) not in SHAPES or row.get("dot") in exclude_dots):
             continue
         record = dict({key: row[key] for key in RECORD_KEYS if key in row}, source=source)
         key = f"{row['n']},{row['k']}"
+        if row.get("glu"):  # the GLU mode's own table (tuning.glu_config), persistent only
+            if row["kind"] == "persistent" and (key not in glu or row["us"] < glu[key]["us"]):
+                glu[key] = record
+            continue
         for table in (best, by_kind.setdefault(row["kind"], {})):
             if key not in table or row["us"] < table[key]["us"]:
                 table[key] = record
     db["best"].update(best)
+    db.setdefault("glu", {}).update(glu)
     for kind, table in by_kind.items():
         db.setdefault("best_by_kind", {}).setdefault(kind, {}).update(table)
     db["date"], db["command"] = doc["date"], doc["command"]

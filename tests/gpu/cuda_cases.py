@@ -9,6 +9,7 @@ once with transformers; stories260K is copied from ../shared.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -38,6 +39,34 @@ CASES += [(f"{arch}_q4f16_1_l2pf", arch, "q4f16_1", "O2;l2_prefetch=1")
 # batch_decode entries: four sequences, one token each per call
 CASES += [("llama_batch_q0f32", "llama", "q0f32", "O2"),
           ("mistral_batch_q4f16_1", "mistral", "q4f16_1", "O2")]
+# Every decode GEMV (and the GLU mode) on the persistent kernel with the integer dot
+# (gemv.DP2A), which the tuning database selects only for the 7B shapes it measured
+CASES += [(f"{arch}_q4f16_1_dp2a", arch, "q4f16_1", "O2") for arch in ("llama", "mistral")]
+CASES += [("mistral_batch_q4f16_1_dp2a", "mistral", "q4f16_1", "O2")]
+
+
+class _EveryShape(dict):
+    """A database table answering `record` for every shape."""
+
+    def __init__(self, record: dict) -> None:
+        super().__init__()
+        self.record = record
+
+    def get(self, key, default=None):
+        return self.record
+
+
+def forced_dp2a():
+    """A context in which the tuning database picks the persistent GEMV with the integer dot
+    for every decode shape, plain and GLU mode."""
+    from unittest import mock
+
+    from mlcc.backends.cuda import gemv, tuning
+
+    record = {"kind": "persistent", "blocks_per_sm": 2, "warps": 4, "rows_per_warp": 1,
+              "rotate": True, "dot": gemv.DP2A}
+    table = _EveryShape(record)
+    return mock.patch.object(tuning, "_database", lambda: {"best": table, "glu": table})
 
 
 def tiny_models(out: Path) -> dict[str, Path]:
@@ -85,8 +114,9 @@ def build_cases(out: Path, log=print) -> dict:
             chunk += ";max_batch_size=4"
         if not lib.is_file():
             log(f"building {name}")
-            compile_model(models[model], lib, quantization=quant, opt=opt, overrides=chunk,
-                          device="cuda")
+            with forced_dp2a() if name.endswith("_dp2a") else contextlib.nullcontext():
+                compile_model(models[model], lib, quantization=quant, opt=opt, overrides=chunk,
+                              device="cuda")
         manifest[name] = {"lib": str(lib.relative_to(out)), "model": str(
             models[model].relative_to(out)), "quantization": quant, "opt": opt}
     manifest["main_job"] = main_job(out / "main_job", stories, log)

@@ -137,7 +137,8 @@ def test_l2_prefetch_changes_no_value(cases, arch):
 PROMPTS = [[5, 17, 3, 99, 42, 7, 1, 8, 64], [11, 2], [33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43]]
 
 
-@pytest.mark.parametrize("name", ["llama_batch_q0f32", "mistral_batch_q4f16_1"])
+@pytest.mark.parametrize("name", ["llama_batch_q0f32", "mistral_batch_q4f16_1",
+                                  "mistral_batch_q4f16_1_dp2a"])
 def test_batch_decode_rows_equal_sequences_decoded_alone(cases, name):
     from mlcc.runtime_check.reference import ReferenceModel
 

@@ -47,7 +47,7 @@ import dataclasses
 
 from mlcc.backends.cuda import gemm
 from mlcc.backends.cuda.kernels import CudaKernel
-from mlcc.backends.cuda.tuning import PersistentConfig, persistent_config
+from mlcc.backends.cuda.tuning import PersistentConfig, glu_config, persistent_config
 from mlcc.backends.plan import EntryPlan, KernelCall, KernelSpec, fuse_adjacent
 from mlcc.errors import MlccError
 
@@ -126,9 +126,13 @@ def linear_spec(spec: KernelSpec) -> KernelSpec:
 
 
 def glu_gemv_config(n: int, k: int) -> PersistentConfig:
-    """The persistent GEMV launch of the GLU mode for a gate_up weight of N x K: the database's
+    """The persistent GEMV launch of the GLU mode for a gate_up weight of N x K: the GLU
+    mode's own database record when there is one (tuning.glu_config), else the plain GEMV's
     record for N x K with rows_per_warp // 2 output features (pairs) per tile, at least one,
     and blocks per SM cut where a tile's weight rows grow (see the module docstring)."""
+    measured = glu_config(n, k)
+    if measured is not None:
+        return measured
     config = persistent_config(n, k)
     pairs = max(1, config.rows_per_warp // 2)
     in_flight = config.blocks_per_sm * config.rows_per_warp  # weight rows per SM and warp slot

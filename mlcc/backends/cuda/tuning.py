@@ -14,7 +14,9 @@ kinds exist, told apart by a record's "kind":
                    `blocks_per_sm`, `warps`, `depth` (rounds of weight loads in flight)
 
 "best" holds the winner per shape (either kind); "best_by_kind" (optional) the winner of each
-kind, so the block rule keeps a measured shape when a persistent record wins. Shapes not in the
+kind, so the block rule keeps a measured shape when a persistent record wins; "glu" (optional)
+the persistent GEMV's GLU mode (decode gate_up + silu_mul, mlcc.backends.cuda.glu) per gate_up
+shape, `rows_per_warp` counting output features (gate/up pairs) per tile. Shapes not in the
 database get heuristics: for the block kind eight warps per block and as many features per
 warp as keep a lane's weight loads (issued together) at 16 or fewer; for the persistent kind
 two blocks of eight warps per SM, one feature per warp, the mlcc_q4_dot8_lop3_pairs dot.
@@ -42,7 +44,8 @@ class PersistentConfig:
     rotate: bool = True
     # mlcc_q4_dot8's rounding in fewer instructions; mlcc_q4_dot8_lop3 (products summed four
     # at a time in float16) is faster still but drifted past the GPU parity tests' 2e-2 on the
-    # tiny q4f16_1 models (benchmarks/results/2026-11-29-h200-b)
+    # tiny q4f16_1 models (benchmarks/results/2026-11-29-h200-b); the integer dot gemv.DP2A
+    # (exact products) is what the database picks where it measured faster
     dot: str = "mlcc_q4_dot8_lop3_pairs"
     pingpong: bool = False
 
@@ -87,6 +90,18 @@ def persistent_config(n: int, k: int) -> PersistentConfig:
     record = _record(n, k, PERSISTENT)
     if record is None:
         return PersistentConfig()
+    return PersistentConfig(int(record["blocks_per_sm"]), int(record["warps"]),
+                            int(record["rows_per_warp"]), bool(record.get("rotate", True)),
+                            str(record.get("dot", PersistentConfig.dot)),
+                            bool(record.get("pingpong", False)))
+
+
+def glu_config(n: int, k: int) -> PersistentConfig | None:
+    """The GLU mode's measured launch for a gate_up of N x K, or None when the database has
+    none (glu.glu_gemv_config then derives one from the plain GEMV's record)."""
+    record = _database().get("glu", {}).get(f"{n},{k}")
+    if record is None:
+        return None
     return PersistentConfig(int(record["blocks_per_sm"]), int(record["warps"]),
                             int(record["rows_per_warp"]), bool(record.get("rotate", True)),
                             str(record.get("dot", PersistentConfig.dot)),
