@@ -20,7 +20,6 @@ weights, float32 sums) within the GEMV parity tolerance, and GLU outputs against
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,7 +28,7 @@ from test_cuda_gemv_glu_emulated import run as run_host
 from test_cuda_gemv_persistent import q_linear_spec
 from test_cuda_gemv_tc_emulated import TC_HOST
 from test_cuda_gemv_tcg_emulated import SYNCWARP
-from test_cuda_gemv_tcp_emulated import launch_of
+from test_cuda_gemv_tcp_emulated import launch_of, write_inputs
 from test_cuda_glu_emulated import silu_mul, ulps
 
 from mlcc.backends.cuda import gemv, glu
@@ -60,19 +59,6 @@ def case_id(c) -> str:
             f"{config.tag}_sms{sms}")
 
 
-def inputs(tmp_path: Path, n: int, k: int, bias: bool, seed: int):
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((1, k)) * 2).astype(np.float16)
-    qw = rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32)
-    qs = (rng.random((n, k // 32)) * 0.05 + 0.001).astype(np.float16)
-    arrays = [x, qw, qs] + ([(rng.standard_normal(n) * 0.5).astype(np.float16)] if bias else [])
-    paths = []
-    for i, a in enumerate(arrays):
-        paths.append(tmp_path / f"in{i}.bin")
-        a.tofile(paths[-1])
-    return arrays, paths
-
-
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_streamed_gemv_on_host_threads_matches_the_persistent_gemv(tmp_path, case):
     n, k, ydt, bias, is_glu, config, sms = case
@@ -85,7 +71,7 @@ def test_streamed_gemv_on_host_threads_matches_the_persistent_gemv(tmp_path, cas
     assert p.chunks > p.launch_warps  # warps loop over several chunks
     binary = build_host(tmp_path, [streamed, core], s.buffers, TC_HOST + SYNCWARP, launch_of)
 
-    arrays, paths = inputs(tmp_path, n, k, bias, seed=n * k)
+    arrays, paths = write_inputs(tmp_path, n, k, 1, bias, seed=n * k)
     x, qw, qs = arrays[:3]
     out_n = n // 2 if is_glu else n
     got = run_host(binary, 0, paths, (1, out_n), ydt).astype(np.float64)
