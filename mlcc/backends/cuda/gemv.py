@@ -305,8 +305,8 @@ def stage_dp2a(s: LinearShape, warps: int) -> str:
     rounded to an integer fits 16 bits (|.| < 2^15; values within 16x of the largest are
     exact), stored per word as ((a_0, a_2), (a_4, a_6), (a_1, a_3), (a_5, a_7)); the group's
     7 x its integer sum (the codes' zero point) and factor 2^(E - 14) go to xg, read together
-    as one 8-byte word. A group
-    holding inf or NaN gets a NaN factor, so the output is NaN as a float dot would make it."""
+    as one 8-byte word. A group holding inf or NaN gets a NaN factor (and zero integers), so
+    the output is NaN as a float dot would make it."""
     groups = s.k // 32
     return f"""    for (int gi = threadIdx.x; gi < {groups}; gi += {warps * 32}) {{
       const uint4* src = reinterpret_cast<const uint4*>(x + r * {s.k}LL + gi * 32);
@@ -325,10 +325,10 @@ def stage_dp2a(s: LinearShape, warps: int) -> str:
       }}
       const float m = __half2float(__ushort_as_half((unsigned short)mb));
       const int ex = ((__float_as_int(m) >> 23) & 0xFF) - 127;  // floor(log2 m); m is normal
-      const float up = mb != 0u ? __int_as_float((127 + 14 - ex) << 23) : 0.f;
-      float factor = mb != 0u ? __int_as_float((127 - 14 + ex) << 23) : 0.f;
-      if (mb >= 0x7C00u) factor = __int_as_float(0x7FC00000);  // inf or NaN in the group
-      const float up_ok = mb >= 0x7C00u ? 0.f : up;
+      const bool finite = mb < 0x7C00u;  // no inf or NaN in the group
+      const float up = mb != 0u && finite ? __int_as_float((127 + 14 - ex) << 23) : 0.f;
+      const float factor = !finite ? __int_as_float(0x7FC00000)
+                           : mb != 0u ? __int_as_float((127 - 14 + ex) << 23) : 0.f;
       int total = 0;
       uint4* dst = reinterpret_cast<uint4*>(xs) + gi * 4;
       #pragma unroll
@@ -337,7 +337,7 @@ def stage_dp2a(s: LinearShape, warps: int) -> str:
         int a[8];
         #pragma unroll
         for (int e = 0; e < 8; ++e) {{
-          a[e] = __float2int_rn(__half2float(h[e]) * up_ok);
+          a[e] = __float2int_rn(__half2float(h[e]) * up);
           total += a[e];
         }}
         unsigned u[8];

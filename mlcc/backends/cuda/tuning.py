@@ -88,8 +88,10 @@ def gemv_config(n: int, k: int) -> tuple[int, int, str]:
 def persistent_config(n: int, k: int) -> PersistentConfig:
     """The persistent GEMV's launch shape for N x K: the database's, else the heuristic."""
     record = _record(n, k, PERSISTENT)
-    if record is None:
-        return PersistentConfig()
+    return PersistentConfig() if record is None else _persistent_of(record)
+
+
+def _persistent_of(record: dict) -> PersistentConfig:
     return PersistentConfig(int(record["blocks_per_sm"]), int(record["warps"]),
                             int(record["rows_per_warp"]), bool(record.get("rotate", True)),
                             str(record.get("dot", PersistentConfig.dot)),
@@ -100,12 +102,7 @@ def glu_config(n: int, k: int) -> PersistentConfig | None:
     """The GLU mode's measured launch for a gate_up of N x K, or None when the database has
     none (glu.glu_gemv_config then derives one from the plain GEMV's record)."""
     record = _database().get("glu", {}).get(f"{n},{k}")
-    if record is None:
-        return None
-    return PersistentConfig(int(record["blocks_per_sm"]), int(record["warps"]),
-                            int(record["rows_per_warp"]), bool(record.get("rotate", True)),
-                            str(record.get("dot", PersistentConfig.dot)),
-                            bool(record.get("pingpong", False)))
+    return None if record is None else _persistent_of(record)
 
 
 def tcp_config(n: int, k: int) -> tuple[int, int, int] | None:
