@@ -96,7 +96,7 @@ def _block(n: int, k: int, rows: int = 1, cfg: tuple | None = None) -> dict:
     from mlcc.backends.cuda.tuning import gemv_config
 
     warps, rpw, dot = cfg or gemv_config(n, k)
-    extra = ("" if rows == 1 else f"_m{rows}") + ("" if cfg is None else "_" + dot[13:])
+    extra = ("" if rows == 1 else f"_m{rows}") + ("" if cfg is None else "_" + dot_tag(dot))
     return {"n": n, "k": k, "rows": rows, "prologue": "none", "kind": "block", "warps": warps,
             "rows_per_warp": rpw, "dot": dot, "name": f"gemv_{n}_{k}_block_w{warps}_r{rpw}{extra}"}
 
@@ -144,9 +144,14 @@ GLU_PERSISTENT = [(2, 8, 1, True), (3, 8, 1, True), (4, 4, 1, True), (3, 4, 1, T
 GLU_ODD = [(22016, 4096, 4, 1), (2002, 4096, 3, 2), (96, 64, 2, 1)]
 
 
+def dot_tag(dot: str) -> str:
+    """A dot function's name in variant names: "lop3_pairs", "dp2a", ..."""
+    return dot[13:] or dot[8:]
+
+
 def _glu(n: int, k: int, cfg: tuple, dot: str = "mlcc_q4_dot8_lop3", rows: int = 1) -> dict:
     v = _persistent(n, k, cfg, rows)
-    tag = "" if dot == "mlcc_q4_dot8" else "_" + dot[13:]
+    tag = "" if dot == "mlcc_q4_dot8" else "_" + dot_tag(dot)
     return dict(v, glu=True, dot=dot, name=v["name"].replace("gemv_", "glu_", 1) + tag)
 
 
@@ -159,7 +164,7 @@ def glu_variants() -> list[dict]:
     c = persistent_config(n, k)
     plain = _persistent(n, k, (c.blocks_per_sm, c.warps, c.rows_per_warp, c.rotate),
                         pingpong=c.pingpong)
-    out = [_block(n, k), dict(plain, dot=c.dot, name=plain["name"] + "_" + c.dot[13:])]
+    out = [_block(n, k), dict(plain, dot=c.dot, name=plain["name"] + "_" + dot_tag(c.dot))]
     out += [_glu(n, k, cfg) for cfg in GLU_PERSISTENT]
     out.append(_glu(n, k, GLU_PERSISTENT[0], dot="mlcc_q4_dot8"))
     out += [_glu(n, k, (2, 8, pairs, True), rows=rows) for n, k, rows, pairs in GLU_ODD]
@@ -326,8 +331,17 @@ def current_pick(n: int, k: int) -> dict:
         c = persistent_config(n, k)
         v = _persistent(n, k, (c.blocks_per_sm, c.warps, c.rows_per_warp, c.rotate),
                         pingpong=c.pingpong)
-        return dict(v, dot=c.dot, name=v["name"] + "_" + (c.dot[13:] or c.dot[8:]))
+        return dict(v, dot=c.dot, name=v["name"] + "_" + dot_tag(c.dot))
     return _block(n, k)
+
+
+def current_glu_pick() -> dict:
+    """The GLU GEMV at the launch the database gives the 7B gate_up today."""
+    from mlcc.backends.cuda.glu import glu_gemv_config
+
+    n, k = GLU_SHAPE
+    c = glu_gemv_config(n, k)
+    return _glu(n, k, (c.blocks_per_sm, c.warps, c.rows_per_warp, c.rotate), dot=c.dot)
 
 
 def tcp_variants() -> list[dict]:
@@ -372,15 +386,12 @@ def _stream(n: int, k: int, cfg: tuple, glu: bool = False, x_regs: bool = False)
 def stream_variants() -> list[dict]:
     """The streamed GEMV beside the database's pick for every shape, its GLU mode beside the
     shipped GLU GEMV (glu.glu_gemv_config) on the 7B gate_up, then STREAM_ODD."""
-    from mlcc.backends.cuda.glu import glu_gemv_config
-
     out = []
     for n, k in SHAPES:
         out.append(current_pick(n, k))
         out += [_stream(n, k, c) for c in STREAM_CONFIGS[k]]
     n, k = GLU_SHAPE
-    c = glu_gemv_config(n, k)
-    out.append(_glu(n, k, (c.blocks_per_sm, c.warps, c.rows_per_warp, c.rotate), dot=c.dot))
+    out.append(current_glu_pick())
     out += [_stream(n, k, cfg, glu=True) for cfg in STREAM_GLU]
     out += [_stream(n, k, cfg, glu=True, x_regs=True) for cfg in STREAM_GLU_XR]
     out += [_stream(n, k, cfg, x_regs=True) for n, k, cfg in STREAM_XR]
@@ -404,7 +415,6 @@ def dp2a_variants() -> list[dict]:
     """The persistent GEMV with the integer dot beside the database's pick for every shape,
     its GLU mode beside the shipped GLU GEMV on the 7B gate_up, then DP2A_ODD."""
     from mlcc.backends.cuda.gemv import DP2A
-    from mlcc.backends.cuda.glu import glu_gemv_config
 
     out = []
     for n, k in SHAPES:
@@ -412,11 +422,8 @@ def dp2a_variants() -> list[dict]:
         for c in DP2A_PERSISTENT[k]:
             v = _persistent(n, k, c)
             out.append(dict(v, dot=DP2A, name=v["name"] + "_dp2a"))
-    n, k = GLU_SHAPE
-    c = glu_gemv_config(n, k)
-    out.append(_glu(n, k, (c.blocks_per_sm, c.warps, c.rows_per_warp, c.rotate), dot=c.dot))
-    out += [dict(g, name=g["name"].rstrip("_") + "_dp2a")
-            for g in (_glu(n, k, cfg, dot=DP2A) for cfg in DP2A_GLU)]
+    out.append(current_glu_pick())
+    out += [_glu(*GLU_SHAPE, cfg, dot=DP2A) for cfg in DP2A_GLU]
     for n, k, rows, c in DP2A_ODD:
         v = _persistent(n, k, c, rows)
         out.append(dict(v, dot=DP2A, name=v["name"] + "_dp2a"))
@@ -437,7 +444,7 @@ def spread_variants() -> list[dict]:
         out.append(current_pick(n, k))
     for n, k, c, d in SPREAD:
         v = _persistent(n, k, c)
-        out.append(dict(v, dot=d, spread=True, name=v["name"] + "_" + d[8:] + "_spread"))
+        out.append(dict(v, dot=d, spread=True, name=v["name"] + "_" + dot_tag(d) + "_spread"))
     return out
 
 
@@ -554,6 +561,8 @@ def build(folder: Path, only: str = "all") -> None:
               "tcgp": tcgp_variants, "stream": stream_variants,
               "dp2a": dp2a_variants, "spread": spread_variants}.get(
         only, lambda: variants() + tc_variants())()
+    # a candidate may be the database's pick already (same name, same kernel): built once
+    chosen = list({v["name"]: v for v in chosen}.values())
     kernels = [kernel_of(v) for v in chosen]
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
