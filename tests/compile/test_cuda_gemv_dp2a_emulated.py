@@ -20,15 +20,17 @@ bounded mostly by that definition's float16 rounding of each weight, which neith
 
 from __future__ import annotations
 
+import re
 import shutil
+from unittest import mock
 
 import numpy as np
 import pytest
 from test_cuda_gemv_glu_emulated import build, run
 from test_cuda_gemv_persistent import launched, q_linear_spec
-from test_cuda_glu_emulated import silu_mul
+from test_cuda_glu_emulated import c_expf, silu_mul
 
-from mlcc.backends.cuda import gemv, glu
+from mlcc.backends.cuda import gemv, glu, linear, tuning
 from mlcc.backends.cuda.linear import LinearShape
 from mlcc.backends.plan import KernelSpec
 from mlcc.errors import MlccError
@@ -187,3 +189,111 @@ def test_gpu_cases_force_the_integer_dot_on_every_decode_gemv():
     assert all("mlcc_q4_dp2a(" not in src for src in sources())
     with cases.forced_dp2a():
         assert all("mlcc_q4_dp2a(" in src for src in sources())
+
+
+def one_shot_launch(kernel) -> tuple[int, int]:
+    """(grid, warps) of a one-shot GEMV's launcher."""
+    grid = int(re.search(r"T\.thread_binding\(T\.int64\((\d+)\), thread=\"blockIdx\.x\"",
+                         kernel.launcher).group(1))
+    threads = int(re.search(r"T\.thread_binding\((\d+), thread=\"threadIdx\.x\"",
+                            kernel.launcher).group(1))
+    return grid, threads // 32
+
+
+# (N, K, rows, y dtype, warps, features per warp (per block with K split), K split over the
+# warps): partial last blocks (N = 40, 33, 30), K = 11008's groups past the last full round of
+# lanes (of a warp, and of four warps), two rows staged in turn, float32 logits
+ONE_SHOT_CASES = [
+    (40, 256, 1, "float16", 4, 2, False),
+    (24, 11008, 1, "float16", 4, 2, False),
+    (72, 4096, 2, "float32", 2, 4, False),
+    (33, 4096, 1, "float16", 8, 1, False),
+    (30, 11008, 1, "float16", 4, 4, True),
+    (40, 4096, 2, "float32", 8, 3, True),
+]
+
+
+@pytest.mark.parametrize("case", ONE_SHOT_CASES, ids=lambda c: f"n{c[0]}k{c[1]}m{c[2]}_w{c[4]}"
+                         f"_r{c[5]}" + ("_splitk" if c[6] else ""))
+def test_one_shot_integer_dot_equals_the_persistent_kernel(tmp_path, case):
+    """The one-shot GEMV with the integer dot (linear.gemv_q4_kernel, rotated activation reads)
+    stays within float32 rounding of the exact per-group reference and, without a K split,
+    gives the persistent kernel's bits (same group terms, summed in the same order)."""
+    n, k, rows, ydt, warps, rpw, split_k = case
+    s = LinearShape(q_linear_spec(rows, n, k, ydt=ydt))
+    one_shot = linear.gemv_q4_kernel(s, "once", warps, rpw, dot=gemv.DP2A, split_k=split_k)
+    persistent = gemv.gemv_q4_persistent_kernel(s, "pers", 2, 4, 1, dot=gemv.DP2A, sms=2)
+    assert "xq[rot]" in one_shot.device_source
+
+    def launch(kernel):
+        return one_shot_launch(kernel) if kernel is one_shot else launched(kernel)[:2]
+
+    binary = build(tmp_path, [one_shot, persistent], s.buffers, INT_HOST, launch)
+    rng = np.random.default_rng(7 * n + k + rows)
+    x = (rng.standard_normal((rows, k)) * 2).astype(np.float16)
+    x[:, 3] = -250.0
+    x[-1, 64:96] = 0.0  # an all-zero group
+    qw = rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32)
+    qs = (rng.random((n, k // 32)) * 0.05 + 0.001).astype(np.float16)
+    paths = []
+    for i, a in enumerate([x, qw, qs]):
+        paths.append(tmp_path / f"in{i}.bin")
+        a.tofile(paths[-1])
+    got = run(binary, 0, paths, (rows, n), ydt)
+    same = run(binary, 1, paths, (rows, n), ydt)
+    assert split_k or np.array_equal(got.view(np.uint8), same.view(np.uint8))
+
+    reference, magnitude = group_reference(x, qw, qs, k)
+    bound = (k / 32 + 2) * 2.0**-24 * magnitude
+    if ydt == "float16":
+        bound = bound + 2.0 ** (np.floor(np.log2(np.maximum(np.abs(reference), 2.0**-14))) - 11)
+    assert (np.abs(got.astype(np.float64) - reference) <= bound).all()
+
+
+def test_one_shot_integer_dot_refuses_prologues_and_fusion_falls_back():
+    from mlcc.backends.cuda import fusion
+
+    s = LinearShape(q_linear_spec(1, 16, 256))
+    with pytest.raises(MlccError, match=r"integer dot stages its own activations"):
+        linear.gemv_q4_kernel(s, "f", 2, 1, staging="xs[0] = 0;", dot=gemv.DP2A)
+    record = {"kind": "block", "warps": 4, "rows_per_warp": 2, "dot": gemv.DP2A}
+    with mock.patch.object(tuning, "_database", lambda: {"best": {"16,256": record}}):
+        assert tuning.gemv_config(16, 256) == (4, 2, gemv.DP2A)
+        assert fusion._prologue_config(s) == (4, 2, "mlcc_q4_dot8_lop3_pairs")
+
+
+# (I, K, rows, dot, warps, features per warp (per block with K split), K split): partial last
+# blocks (I = 20, 36), K = 11008 with groups past the last round of lanes
+ONE_SHOT_GLU_CASES = [
+    (20, 4096, 1, gemv.DP2A, 4, 2, False),
+    (36, 11008, 1, gemv.DP2A, 4, 4, True),
+    (20, 256, 2, "mlcc_q4_dot8_lop3_pairs", 2, 3, False),
+    (36, 4096, 1, "mlcc_q4_dot8_lop3_pairs", 4, 8, True),
+]
+
+
+@pytest.mark.parametrize("case", ONE_SHOT_GLU_CASES, ids=lambda c: f"i{c[0]}k{c[1]}m{c[2]}_"
+                         f"{c[3][8:]}_w{c[4]}_r{c[5]}" + ("_splitk" if c[6] else ""))
+def test_one_shot_glu_mode_equals_gemv_then_silu_mul(tmp_path, case):
+    """The one-shot GEMV's GLU mode = silu_mul of the same kernel's float16 gate_up, bit for bit
+    (in silu_mul's arithmetic, with the C library expf)."""
+    half_n, k, rows, dot, warps, rpw, split_k = case
+    s = LinearShape(q_linear_spec(rows, 2 * half_n, k))
+    fused = linear.gemv_q4_kernel(s, "fused", warps, rpw, dot=dot, split_k=split_k,
+                                  glu=glu.SILU_MUL)
+    # the plain kernel loads as many weight rows per warp (gate_up rows in order)
+    plain = linear.gemv_q4_kernel(s, "plain", warps, 2 * rpw, dot=dot, split_k=split_k)
+    binary = build(tmp_path, [fused, plain], s.buffers, INT_HOST, one_shot_launch)
+    rng = np.random.default_rng(half_n * k + rows)
+    x = (rng.standard_normal((rows, k)) * 2).astype(np.float16)
+    qw = rng.integers(0, 2**32, (2 * half_n, k // 8), dtype=np.uint32)
+    qs = (rng.random((2 * half_n, k // 32)) * 0.05 + 0.001).astype(np.float16)
+    paths = []
+    for i, a in enumerate([x, qw, qs]):
+        paths.append(tmp_path / f"in{i}.bin")
+        a.tofile(paths[-1])
+    gate_up = run(binary, 1, paths, (rows, 2 * half_n))
+    got = run(binary, 0, paths, (rows, half_n))
+    with np.errstate(over="ignore"):  # exp(-g) overflows for g << 0: silu is then 0
+        want = silu_mul(gate_up, c_expf())
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))

@@ -23,6 +23,7 @@ off unless asked (`library_parts(..., prologues=True)`).
 
 from __future__ import annotations
 
+from mlcc.backends.cuda.intdot import DP2A
 from mlcc.backends.cuda.kernels import CudaKernel, fp
 from mlcc.backends.cuda.linear import LinearShape, gemv_q4_applies, gemv_q4_kernel
 from mlcc.backends.cuda.tuning import gemv_config
@@ -71,13 +72,20 @@ def _permuted_store(values: str) -> str:
             f"xs[blk * 4 + j] = __halves2half2({values}[j], {values}[j + 4]);")
 
 
+def _prologue_config(lin: LinearShape) -> tuple[int, int, str]:
+    """The database's block GEMV launch for the linear; the integer dot stages its own row, so
+    a fused prologue takes the exact float16-pair dot in its place."""
+    warps, rows_per_warp, dot = gemv_config(lin.n, lin.k)
+    return warps, rows_per_warp, "mlcc_q4_dot8_lop3_pairs" if dot == DP2A else dot
+
+
 def gen_norm_q_linear(spec: KernelSpec, name: str) -> CudaKernel:
     attrs = dict(spec.attrs)
     residual = attrs["norm_op"] == "add_rms_norm"
     (shape, dt) = spec.inputs[0]
     k = shape[-1]
     lin = _linear_part(spec, 3 if residual else 2, shape)
-    warps, rows_per_warp, dot = gemv_config(lin.n, lin.k)
+    warps, rows_per_warp, dot = _prologue_config(lin)
     threads, stage = warps * 32, -(-(k // 8) // (warps * 32))
     names = ["x"] + (["res"] if residual else []) + ["nw"]
     buffers = [(n, shape if n != "nw" else (k,), dt) for n in names]
@@ -126,7 +134,7 @@ def gen_silu_mul_q_linear(spec: KernelSpec, name: str) -> CudaKernel:
     (shape, dt) = spec.inputs[0]
     k = shape[-1] // 2
     lin = _linear_part(spec, 1, shape[:-1] + (k,))
-    warps, rows_per_warp, dot = gemv_config(lin.n, lin.k)
+    warps, rows_per_warp, dot = _prologue_config(lin)
     threads, stage = warps * 32, -(-(k // 8) // (warps * 32))
     buffers = [("gu", shape, dt)] + lin.buffers[1:]
     staging = f"""    #pragma unroll

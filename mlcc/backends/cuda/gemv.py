@@ -58,6 +58,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from mlcc.backends.cuda.intdot import DP2A, DP2A_SOURCE, dp2a_group, stage_dp2a
 from mlcc.backends.cuda.kernels import GRID_WAIT, CudaKernel, launcher, signature
 from mlcc.backends.cuda.linear import LinearShape, gemv_q4_applies, stage_plain
 from mlcc.backends.cuda.tuning import PERSISTENT, PersistentConfig, persistent_config, selected_kind
@@ -67,26 +68,6 @@ from mlcc.errors import MlccError
 SMS = 132  # streaming multiprocessors of an H200
 SHARED_BYTES = 48 * 1024  # static shared memory of one block
 RED_BYTES = 32 * 4  # the reduction scratch `red` that fused prologues use
-# The integer dot (see DP2A_SOURCE): activations staged as 16-bit integers per group of 32
-DP2A = "mlcc_q4_dp2a"
-DP2A_SOURCE = r"""
-#ifndef MLCC_Q4_DP2A
-#define MLCC_Q4_DP2A
-// Integer products of one packed word: codes c_0..c_7 (nibble j = element j) times the staged
-// 16-bit activations of the word, xp = ((a_0, a_2), (a_4, a_6), (a_1, a_3), (a_5, a_7)); the
-// even and odd nibbles become bytes by one mask each, and dp2a multiplies two byte codes by
-// two 16-bit values and adds them to the running sum, exactly.
-__device__ __forceinline__ int mlcc_q4_dp2a(unsigned w, uint4 xp, int acc) {
-  const int lo = (int)(w & 0x0F0F0F0Fu), hi = (int)((w >> 4) & 0x0F0F0F0Fu);
-  acc = __dp2a_lo((int)xp.x, lo, acc);
-  acc = __dp2a_hi((int)xp.y, lo, acc);
-  acc = __dp2a_lo((int)xp.z, hi, acc);
-  return __dp2a_hi((int)xp.w, hi, acc);
-}
-#endif
-"""
-
-
 def tile_count(n: int, rows_per_warp: int) -> int:
     return -(-n // rows_per_warp)
 
@@ -178,8 +159,7 @@ def _compute(s: LinearShape, buf: str, rows_per_warp: int, iters: int, r0: int, 
     words = " + ".join(f"{dot}(v.{c}, reinterpret_cast<const half2*>(&x{j}))"
                        for j, c in enumerate("xyzw"))
     if dot == DP2A:  # exact integer sums of the group, zero point and factors in float32
-        words = ("(float)(mlcc_q4_dp2a(v.x, x0, mlcc_q4_dp2a(v.y, x1, 0)) + mlcc_q4_dp2a(v.z, "
-                 "x2, mlcc_q4_dp2a(v.w, x3, 0)) - zf.x) * __int_as_float(zf.y)")
+        words = dp2a_group("v", ("x0", "x1", "x2", "x3"), "zf")
     zf = "" if dot != DP2A else f"\n                const int2 zf = xg_rows[rr * {groups} + g];"
     store = (_store(s, rows_per_warp, r0, count) if glu is None
              else _glu_store(s, rows_per_warp, r0, count, glu))
@@ -299,57 +279,6 @@ def _factor_slots(s: LinearShape, dot: str) -> str:
     return f"\n      int2* const xg = xg_rows + slot * {s.k // 32};"
 
 
-def stage_dp2a(s: LinearShape, warps: int) -> str:
-    """Stage activation row r for the integer dot: thread t takes groups t, t + threads, ...
-    of 32 values; with E the exponent of the group's largest |x|, each value times 2^(14 - E)
-    rounded to an integer fits 16 bits (|.| < 2^15; values within 16x of the largest are
-    exact), stored per word as ((a_0, a_2), (a_4, a_6), (a_1, a_3), (a_5, a_7)); the group's
-    7 x its integer sum (the codes' zero point) and factor 2^(E - 14) go to xg, read together
-    as one 8-byte word. A group holding inf or NaN gets a NaN factor (and zero integers), so
-    the output is NaN as a float dot would make it."""
-    groups = s.k // 32
-    return f"""    for (int gi = threadIdx.x; gi < {groups}; gi += {warps * 32}) {{
-      const uint4* src = reinterpret_cast<const uint4*>(x + r * {s.k}LL + gi * 32);
-      uint4 raw[4];
-      unsigned mb = 0u;  // the largest |x| as float16 bits: ordered as the values, inf/NaN last
-      #pragma unroll
-      for (int j = 0; j < 4; ++j) {{
-        raw[j] = src[j];
-        const unsigned v[4] = {{raw[j].x, raw[j].y, raw[j].z, raw[j].w}};
-        #pragma unroll
-        for (int e = 0; e < 4; ++e) {{
-          const unsigned lo = v[e] & 0x7FFFu, hi = (v[e] >> 16) & 0x7FFFu;
-          mb = lo > mb ? lo : mb;
-          mb = hi > mb ? hi : mb;
-        }}
-      }}
-      const float m = __half2float(__ushort_as_half((unsigned short)mb));
-      const int ex = ((__float_as_int(m) >> 23) & 0xFF) - 127;  // floor(log2 m); m is normal
-      const bool finite = mb < 0x7C00u;  // no inf or NaN in the group
-      const float up = mb != 0u && finite ? __int_as_float((127 + 14 - ex) << 23) : 0.f;
-      const float factor = !finite ? __int_as_float(0x7FC00000)
-                           : mb != 0u ? __int_as_float((127 - 14 + ex) << 23) : 0.f;
-      int total = 0;
-      uint4* dst = reinterpret_cast<uint4*>(xs) + gi * 4;
-      #pragma unroll
-      for (int j = 0; j < 4; ++j) {{
-        const half* h = reinterpret_cast<const half*>(&raw[j]);
-        int a[8];
-        #pragma unroll
-        for (int e = 0; e < 8; ++e) {{
-          a[e] = __float2int_rn(__half2float(h[e]) * up);
-          total += a[e];
-        }}
-        unsigned u[8];
-        #pragma unroll
-        for (int e = 0; e < 8; ++e) u[e] = (unsigned)a[e] & 0xFFFFu;
-        dst[j] = make_uint4(u[0] | (u[2] << 16), u[4] | (u[6] << 16), u[1] | (u[3] << 16),
-                            u[5] | (u[7] << 16));
-      }}
-      xg[gi] = make_int2(7 * total, __float_as_int(factor));
-    }}"""
-
-
 def gemv_q4_persistent_kernel(s: LinearShape, name: str, blocks_per_sm: int, warps: int,
                               rows_per_warp: int, staging: str | None = None,
                               buffers: list | None = None, outputs: tuple[str, ...] = ("y",),
@@ -369,7 +298,7 @@ def gemv_q4_persistent_kernel(s: LinearShape, name: str, blocks_per_sm: int, war
                         f"groups of 32, float16 activations and scales and a static row count; "
                         f"got {s.spec.op} {s.spec.inputs}; use linear.gen_linear for this spec")
     if glu is not None:
-        _check_glu(s, name)
+        check_glu(s, name)
         buffers = buffers or glu_buffers(s)
         rows_per_warp *= 2  # weight rows per tile: the gate rows, then their up rows
     iters = -(-(s.k // 32) // 32)
@@ -377,7 +306,7 @@ def gemv_q4_persistent_kernel(s: LinearShape, name: str, blocks_per_sm: int, war
     if dot == DP2A and staging is not None:
         raise MlccError("compile", f"{name}: the integer dot stages its own activations; a "
                         f"fused prologue needs another dot (e.g. mlcc_q4_dot8_lop3_pairs)")
-    staging = staging or (stage_dp2a(s, warps) if dot == DP2A else stage_plain(s, warps))
+    staging = staging or (stage_dp2a(s.k, warps) if dot == DP2A else stage_plain(s, warps))
     grid = persistent_grid(s.n, rows_per_warp, blocks_per_sm, warps, sms)
     chunks = row_chunks(rows, s.k, dot)
     if rotate:
@@ -408,7 +337,7 @@ def glu_buffers(s: LinearShape) -> list[tuple]:
     return s.buffers[:-1] + [(name, tuple(shape[:-1]) + (s.n // 2,), dtype)]
 
 
-def _check_glu(s: LinearShape, name: str) -> None:
+def check_glu(s: LinearShape, name: str) -> None:
     if s.n % 2 or s.ydt != "float16":
         raise MlccError("compile", f"{name}: the GLU mode of the persistent GEMV needs an even "
                         f"number of gate_up features and float16 gate_up values; got N = {s.n}, "
