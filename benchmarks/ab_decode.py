@@ -1,6 +1,7 @@
 """Decode speed of several libraries of one model, interleaved round by round in one process.
 
     python benchmarks/ab_decode.py PARAMS LIB [LIB ...] [--rounds 12] [--steps 32] [--out F.md]
+        [--device cuda]
 
 Every round resets each library's engine, prefills the same 16-token prompt and times `steps`
 greedy-free decode calls (the same token each step); a round's figure is the median step. The
@@ -8,6 +9,8 @@ libraries take turns inside every round, so load that comes and goes on a shared
 on all of them alike, which separate runs (`python -m benchmarks run`) cannot promise: use this
 for a ratio between builds that differ by one knob. Prints (and with --out writes) a markdown
 table: per library the median over rounds, the range, and the ratio to the first library.
+On a GPU (`--device cuda`) each library runs as its metadata says (the CUDA graph from O2) and
+every step returns its logits row to the host, so a step's time is the GPU's plus one copy.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ import numpy as np
 PROMPT = list(range(1, 17))
 
 
-def measure(params: Path, libs: list[Path], rounds: int, steps: int) -> dict[str, list[float]]:
+def measure(params: Path, libs: list[Path], rounds: int, steps: int,
+            device: str = "cpu") -> dict[str, list[float]]:
     from mlcc.runtime_check.compiled import CompiledEngine
 
-    engines = {str(lib): CompiledEngine(lib, params) for lib in libs}
+    engines = {str(lib): CompiledEngine(lib, params, device=device) for lib in libs}
     rows: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(rounds):
         for name, engine in engines.items():
@@ -64,17 +68,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
     for path in [args.params, *args.libs]:
         if not path.exists():
             sys.exit(f"error: {path}: not found; build the libraries and weights first")
-    rows = measure(args.params, args.libs, args.rounds, args.steps)
+    rows = measure(args.params, args.libs, args.rounds, args.steps, args.device)
     text = table(rows)
     print(text)
     if args.out:
         when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         threads = os.environ.get("TVM_NUM_THREADS", f"all ({os.cpu_count()})")
-        head = (f"- Date: {when}\n- Machine: {platform.processor() or platform.machine()}, "
+        machine = platform.processor() or platform.machine()
+        if args.device != "cpu":
+            import torch
+
+            machine = f"{torch.cuda.get_device_name()} (host {machine})"
+        head = (f"- Date: {when}\n- Machine: {machine}, "
                 f"{os.cpu_count()} cores; TVM threads: {threads}\n- Load average at the end: "
                 f"{[round(v, 2) for v in os.getloadavg()]}\n- Command: `python "
                 f"{shlex.join(sys.argv)}`\n- Rounds: {args.rounds}, {args.steps} decode steps "

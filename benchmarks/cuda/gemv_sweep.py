@@ -450,44 +450,6 @@ def dp2a_block_variants() -> list[dict]:
     out += [_block(n, k, rows, cfg=(w, r, DP2A)) for n, k, rows, (w, r) in DP2A_BLOCK_ODD]
     return out
 
-# Round two of the one-shot integer dot: more features per warp at K = 4096, K split over a
-# block's warps (features per block, then), and the GLU mode; (warps, features, K split).
-DP2A_BLOCK2 = {4096: [(4, 4, False), (4, 3, False), (8, 4, False), (4, 6, False),
-                      (4, 8, True), (4, 16, True), (2, 8, True), (8, 16, True)],
-               11008: [(4, 4, True), (8, 4, True), (8, 8, True), (4, 6, True), (4, 8, True),
-                       (2, 4, True), (4, 2, True), (8, 2, True)]}
-DP2A_BLOCK2_SQUARE = [(4, 2, False), (4, 1, False), (4, 4, True), (4, 8, True), (2, 4, True),
-                      (8, 8, True), (4, 2, True)]
-DP2A_BLOCK2_GLU = [(4, 2, False), (4, 3, False), (8, 2, False), (4, 4, True), (4, 8, True),
-                   (2, 4, True)]
-DP2A_BLOCK2_ODD = [(1001, 4096, 1, (4, 8, True)), (4100, 11008, 2, (8, 4, True))]
-DP2A_BLOCK2_GLU_ODD = [(2002, 4096, 1, (4, 2, False)), (2002, 4096, 3, (4, 4, True))]
-
-
-def _block_dp2a(n: int, k: int, cfg: tuple, rows: int = 1, glu: bool = False) -> dict:
-    """The one-shot GEMV with the integer dot at cfg = (warps, features, K split)."""
-    from mlcc.backends.cuda.intdot import DP2A
-
-    warps, features, split_k = cfg
-    v = _block(n, k, rows, cfg=(warps, features, DP2A))
-    name = v["name"] + ("_splitk" if split_k else "")
-    if glu:
-        name = name.replace("gemv_", "glu_", 1)
-    return dict(v, split_k=split_k, glu=glu, name=name)
-
-
-def dp2a_block2_variants() -> list[dict]:
-    out = []
-    for n, k in SHAPES:
-        out.append(current_pick(n, k))
-        configs = DP2A_BLOCK2_SQUARE if (n, k) == (4096, 4096) else DP2A_BLOCK2[k]
-        out += [_block_dp2a(n, k, c) for c in configs]
-    out.append(current_glu_pick())
-    out += [_block_dp2a(*GLU_SHAPE, c, glu=True) for c in DP2A_BLOCK2_GLU]
-    out += [_block_dp2a(n, k, c, rows) for n, k, rows, c in DP2A_BLOCK2_ODD]
-    out += [_block_dp2a(n, k, c, rows, glu=True) for n, k, rows, c in DP2A_BLOCK2_GLU_ODD]
-    return out
-
 # Experiment: the persistent GEMV with a tile's rows spread over the matrix (row q of tile t is
 # t + q * tiles instead of t * rows_per_warp + q), as the GLU mode's gate and up rows are;
 # (n, k, (blocks per SM, warps, features per warp, rotate), dot).
@@ -598,11 +560,7 @@ def kernel_of(v: dict):
     if v["kind"] == "wmma":
         return gemm_wmma_rule(spec, v["name"])
     if v["kind"] == "block":
-        from mlcc.backends.cuda.glu import SILU_MUL
-
-        return gemv_q4_kernel(s, v["name"], v["warps"], v["rows_per_warp"], dot=v["dot"],
-                              split_k=v.get("split_k", False),
-                              glu=SILU_MUL if v.get("glu") else None)
+        return gemv_q4_kernel(s, v["name"], v["warps"], v["rows_per_warp"], dot=v["dot"])
     if v.get("glu"):
         from mlcc.backends.cuda.glu import SILU_MUL
 
@@ -622,7 +580,7 @@ def build(folder: Path, only: str = "all") -> None:
               "glu": glu_variants, "tcp": tcp_variants, "tcg": tcg_variants,
               "tcgp": tcgp_variants, "stream": stream_variants,
               "dp2a": dp2a_variants, "spread": spread_variants,
-              "dp2a_block": dp2a_block_variants, "dp2a_block2": dp2a_block2_variants}.get(
+              "dp2a_block": dp2a_block_variants}.get(
         only, lambda: variants() + tc_variants())()
     # a candidate may be the database's pick already (same name, same kernel): built once
     chosen = list({v["name"]: v for v in chosen}.values())
@@ -695,8 +653,7 @@ def measure(torch, lib, v: dict, copies: list[tuple], dev, rng) -> dict:
     return row
 
 
-RECORD_KEYS = ("kind", "blocks_per_sm", "warps", "rows_per_warp", "split_k", "rotate", "pingpong",
-               "dot",
+RECORD_KEYS = ("kind", "blocks_per_sm", "warps", "rows_per_warp", "rotate", "pingpong", "dot",
                "tiles", "unroll", "depth", "fold", "cols", "chunk_rows", "stages", "x_regs",
                "us", "gb_s")
 

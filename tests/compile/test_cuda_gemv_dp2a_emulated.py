@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from test_cuda_gemv_glu_emulated import build, run
 from test_cuda_gemv_persistent import launched, q_linear_spec
-from test_cuda_glu_emulated import c_expf, silu_mul
+from test_cuda_glu_emulated import silu_mul
 
 from mlcc.backends.cuda import gemv, glu, linear, tuning
 from mlcc.backends.cuda.linear import LinearShape
@@ -167,7 +167,8 @@ def test_integer_dot_propagates_nan_and_refuses_prologues(tmp_path):
 
 def test_gpu_cases_force_the_integer_dot_on_every_decode_gemv():
     """tests/gpu/cuda_cases.py builds its *_dp2a cases under forced_dp2a: there the rules
-    hand tiny decode linears and the GLU pair to the persistent GEMV with the integer dot."""
+    hand tiny decode linears and the GLU pair to the persistent GEMV with the integer dot, and
+    for *_dp2a_block the plain linears to the one-shot GEMV with it."""
     import importlib.util
     from pathlib import Path
 
@@ -189,6 +190,12 @@ def test_gpu_cases_force_the_integer_dot_on_every_decode_gemv():
     assert all("mlcc_q4_dp2a(" not in src for src in sources())
     with cases.forced_dp2a():
         assert all("mlcc_q4_dp2a(" in src for src in sources())
+        assert "xq[rot]" not in sources()[0]  # the persistent kernel
+    assert {"llama_q4f16_1_dp2a_block", "mistral_q4f16_1_dp2a_block"} <= {c[0] for c in cases.CASES}
+    with cases.case_database("llama_q4f16_1_dp2a_block"):
+        plain, gated = sources()
+        assert "mlcc_q4_dp2a(" in plain and "xq[rot]" in plain  # the one-shot kernel
+        assert "mlcc_q4_dp2a(" in gated
 
 
 def one_shot_launch(kernel) -> tuple[int, int]:
@@ -200,28 +207,26 @@ def one_shot_launch(kernel) -> tuple[int, int]:
     return grid, threads // 32
 
 
-# (N, K, rows, y dtype, warps, features per warp (per block with K split), K split over the
-# warps): partial last blocks (N = 40, 33, 30), K = 11008's groups past the last full round of
-# lanes (of a warp, and of four warps), two rows staged in turn, float32 logits
+# (N, K, rows, y dtype, warps, features per warp): partial last blocks (N = 40, 33), K = 11008's
+# groups past the last full round of lanes, two rows staged in turn, float32 logits
 ONE_SHOT_CASES = [
-    (40, 256, 1, "float16", 4, 2, False),
-    (24, 11008, 1, "float16", 4, 2, False),
-    (72, 4096, 2, "float32", 2, 4, False),
-    (33, 4096, 1, "float16", 8, 1, False),
-    (30, 11008, 1, "float16", 4, 4, True),
-    (40, 4096, 2, "float32", 8, 3, True),
+    (40, 256, 1, "float16", 4, 2),
+    (24, 11008, 1, "float16", 4, 2),
+    (72, 4096, 2, "float32", 2, 4),
+    (33, 4096, 1, "float16", 8, 1),
+    (60, 4096, 1, "float16", 4, 4),  # the 7B qkv GEMV's launch
 ]
 
 
-@pytest.mark.parametrize("case", ONE_SHOT_CASES, ids=lambda c: f"n{c[0]}k{c[1]}m{c[2]}_w{c[4]}"
-                         f"_r{c[5]}" + ("_splitk" if c[6] else ""))
+@pytest.mark.parametrize("case", ONE_SHOT_CASES,
+                         ids=lambda c: f"n{c[0]}k{c[1]}m{c[2]}_w{c[4]}_r{c[5]}")
 def test_one_shot_integer_dot_equals_the_persistent_kernel(tmp_path, case):
     """The one-shot GEMV with the integer dot (linear.gemv_q4_kernel, rotated activation reads)
-    stays within float32 rounding of the exact per-group reference and, without a K split,
-    gives the persistent kernel's bits (same group terms, summed in the same order)."""
-    n, k, rows, ydt, warps, rpw, split_k = case
+    gives the persistent kernel's bits (same group terms, summed in the same order) and stays
+    within float32 rounding of the exact per-group reference."""
+    n, k, rows, ydt, warps, rpw = case
     s = LinearShape(q_linear_spec(rows, n, k, ydt=ydt))
-    one_shot = linear.gemv_q4_kernel(s, "once", warps, rpw, dot=gemv.DP2A, split_k=split_k)
+    one_shot = linear.gemv_q4_kernel(s, "once", warps, rpw, dot=gemv.DP2A)
     persistent = gemv.gemv_q4_persistent_kernel(s, "pers", 2, 4, 1, dot=gemv.DP2A, sms=2)
     assert "xq[rot]" in one_shot.device_source
 
@@ -241,7 +246,7 @@ def test_one_shot_integer_dot_equals_the_persistent_kernel(tmp_path, case):
         a.tofile(paths[-1])
     got = run(binary, 0, paths, (rows, n), ydt)
     same = run(binary, 1, paths, (rows, n), ydt)
-    assert split_k or np.array_equal(got.view(np.uint8), same.view(np.uint8))
+    assert np.array_equal(got.view(np.uint8), same.view(np.uint8))
 
     reference, magnitude = group_reference(x, qw, qs, k)
     bound = (k / 32 + 2) * 2.0**-24 * magnitude
@@ -261,39 +266,3 @@ def test_one_shot_integer_dot_refuses_prologues_and_fusion_falls_back():
         assert tuning.gemv_config(16, 256) == (4, 2, gemv.DP2A)
         assert fusion._prologue_config(s) == (4, 2, "mlcc_q4_dot8_lop3_pairs")
 
-
-# (I, K, rows, dot, warps, features per warp (per block with K split), K split): partial last
-# blocks (I = 20, 36), K = 11008 with groups past the last round of lanes
-ONE_SHOT_GLU_CASES = [
-    (20, 4096, 1, gemv.DP2A, 4, 2, False),
-    (36, 11008, 1, gemv.DP2A, 4, 4, True),
-    (20, 256, 2, "mlcc_q4_dot8_lop3_pairs", 2, 3, False),
-    (36, 4096, 1, "mlcc_q4_dot8_lop3_pairs", 4, 8, True),
-]
-
-
-@pytest.mark.parametrize("case", ONE_SHOT_GLU_CASES, ids=lambda c: f"i{c[0]}k{c[1]}m{c[2]}_"
-                         f"{c[3][8:]}_w{c[4]}_r{c[5]}" + ("_splitk" if c[6] else ""))
-def test_one_shot_glu_mode_equals_gemv_then_silu_mul(tmp_path, case):
-    """The one-shot GEMV's GLU mode = silu_mul of the same kernel's float16 gate_up, bit for bit
-    (in silu_mul's arithmetic, with the C library expf)."""
-    half_n, k, rows, dot, warps, rpw, split_k = case
-    s = LinearShape(q_linear_spec(rows, 2 * half_n, k))
-    fused = linear.gemv_q4_kernel(s, "fused", warps, rpw, dot=dot, split_k=split_k,
-                                  glu=glu.SILU_MUL)
-    # the plain kernel loads as many weight rows per warp (gate_up rows in order)
-    plain = linear.gemv_q4_kernel(s, "plain", warps, 2 * rpw, dot=dot, split_k=split_k)
-    binary = build(tmp_path, [fused, plain], s.buffers, INT_HOST, one_shot_launch)
-    rng = np.random.default_rng(half_n * k + rows)
-    x = (rng.standard_normal((rows, k)) * 2).astype(np.float16)
-    qw = rng.integers(0, 2**32, (2 * half_n, k // 8), dtype=np.uint32)
-    qs = (rng.random((2 * half_n, k // 32)) * 0.05 + 0.001).astype(np.float16)
-    paths = []
-    for i, a in enumerate([x, qw, qs]):
-        paths.append(tmp_path / f"in{i}.bin")
-        a.tofile(paths[-1])
-    gate_up = run(binary, 1, paths, (rows, 2 * half_n))
-    got = run(binary, 0, paths, (rows, half_n))
-    with np.errstate(over="ignore"):  # exp(-g) overflows for g << 0: silu is then 0
-        want = silu_mul(gate_up, c_expf())
-    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))

@@ -43,6 +43,8 @@ CASES += [("llama_batch_q0f32", "llama", "q0f32", "O2"),
 # (gemv.DP2A), which the tuning database selects only for the 7B shapes it measured
 CASES += [(f"{arch}_q4f16_1_dp2a", arch, "q4f16_1", "O2") for arch in ("llama", "mistral")]
 CASES += [("mistral_batch_q4f16_1_dp2a", "mistral", "q4f16_1", "O2")]
+# ... and on the one-shot GEMV with the integer dot (the 7B qkv and logits pick)
+CASES += [(f"{arch}_q4f16_1_dp2a_block", arch, "q4f16_1", "O2") for arch in ("llama", "mistral")]
 
 
 class _EveryShape(dict):
@@ -56,17 +58,28 @@ class _EveryShape(dict):
         return self.record
 
 
-def forced_dp2a():
+def forced_dp2a(block: bool = False):
     """A context in which the tuning database picks the persistent GEMV with the integer dot
-    for every decode shape, plain and GLU mode."""
+    for every decode shape, plain and GLU mode; with `block` the plain GEMVs take the one-shot
+    GEMV with the integer dot instead (the GLU mode has no one-shot form)."""
     from unittest import mock
 
     from mlcc.backends.cuda import gemv, tuning
 
     record = {"kind": "persistent", "blocks_per_sm": 2, "warps": 4, "rows_per_warp": 1,
               "rotate": True, "dot": gemv.DP2A}
-    table = _EveryShape(record)
-    return mock.patch.object(tuning, "_database", lambda: {"best": table, "glu": table})
+    plain = {"kind": "block", "warps": 4, "rows_per_warp": 4, "dot": gemv.DP2A} if block \
+        else record
+    database = {"best": _EveryShape(plain), "glu": _EveryShape(record)}
+    return mock.patch.object(tuning, "_database", lambda: database)
+
+
+def case_database(name: str):
+    """The tuning database a case is built under: forced onto the integer dot for *_dp2a and
+    *_dp2a_block, the shipped one otherwise."""
+    if name.endswith("_dp2a_block"):
+        return forced_dp2a(block=True)
+    return forced_dp2a() if name.endswith("_dp2a") else contextlib.nullcontext()
 
 
 def tiny_models(out: Path) -> dict[str, Path]:
@@ -114,7 +127,7 @@ def build_cases(out: Path, log=print) -> dict:
             chunk += ";max_batch_size=4"
         if not lib.is_file():
             log(f"building {name}")
-            with forced_dp2a() if name.endswith("_dp2a") else contextlib.nullcontext():
+            with case_database(name):
                 compile_model(models[model], lib, quantization=quant, opt=opt, overrides=chunk,
                               device="cuda")
         manifest[name] = {"lib": str(lib.relative_to(out)), "model": str(

@@ -31,17 +31,14 @@ a float32 sum of float16 values, and four of them add up exactly in float32 in n
 (tests/compile/test_cuda_gemv_persistent.py emulates both orders). Activations are read from
 shared memory 16 bytes at a time.
 
-The integer dot (`dot=DP2A`, "mlcc_q4_dp2a") stages the activations differently (stage_dp2a):
-per group of 32, each value times 2^(14 - E), E the exponent of the group's largest |x|,
-rounded to a 16-bit integer (exact for every value within 16x of that largest one), with the
-group's factor 2^(E - 14) and seven times its integer sum (the codes' zero point). A lane's
-group of a feature is then sixteen dp2a (two byte codes times two 16-bit values, added to an
-int32) over its four words, exact; (sum - zero point) x factor x scale is the group's one
-float32 rounding. That is 7 instructions a packed word for the products against ~20 for the
-float16 dots, and more precise than either (each float16 dot rounds its products): on the
-H200 the 7B decode gate_up + silu_mul takes 15.1 us instead of 17.9, the float32 logits
-projection 21.9 instead of 22.6 with 20x smaller errors against the float32 reference
-(benchmarks/results/2026-11-29-h200-g); the tuning database picks it per shape.
+The integer dot (`dot=DP2A`, mlcc.backends.cuda.intdot) stages the activations differently
+(stage_dp2a: 16-bit integers per group of 32, with the group's factor and zero-point sum); a
+lane's group of a feature is then sixteen exact dp2a over its four words and one float32
+rounding. That is 7 instructions a packed word for the products against ~20 for the float16
+dots, and more precise than either: on the H200 the 7B decode gate_up + silu_mul takes 15.1 us
+instead of 17.9 (benchmarks/results/2026-11-29-h200-g); the tuning database picks it per shape
+(for the qkv and logits GEMVs in the one-shot kernel of mlcc.backends.cuda.linear, which
+stages while all its weight loads are in flight: benchmarks/results/2026-11-29-h200-h).
 
 Rows that do not fit in 48 KB of static shared memory at once are processed in chunks (the
 tile loop runs once per chunk and re-reads the weights), so any static row count compiles; a
@@ -298,7 +295,7 @@ def gemv_q4_persistent_kernel(s: LinearShape, name: str, blocks_per_sm: int, war
                         f"groups of 32, float16 activations and scales and a static row count; "
                         f"got {s.spec.op} {s.spec.inputs}; use linear.gen_linear for this spec")
     if glu is not None:
-        check_glu(s, name)
+        _check_glu(s, name)
         buffers = buffers or glu_buffers(s)
         rows_per_warp *= 2  # weight rows per tile: the gate rows, then their up rows
     iters = -(-(s.k // 32) // 32)
@@ -337,7 +334,7 @@ def glu_buffers(s: LinearShape) -> list[tuple]:
     return s.buffers[:-1] + [(name, tuple(shape[:-1]) + (s.n // 2,), dtype)]
 
 
-def check_glu(s: LinearShape, name: str) -> None:
+def _check_glu(s: LinearShape, name: str) -> None:
     if s.n % 2 or s.ydt != "float16":
         raise MlccError("compile", f"{name}: the GLU mode of the persistent GEMV needs an even "
                         f"number of gate_up features and float16 gate_up values; got N = {s.n}, "

@@ -25,7 +25,9 @@ and stores through mlcc_put, which rounds to y's dtype: float32 logits of a floa
                      memory latency overlaps the staging. Nibbles become half2 by the 0x6400
                      exponent trick (mlcc_q4_dot8: no int->float conversions), products are
                      summed in pairs in half2, then in float32, and the group's scale is applied
-                     once.
+                     once; or, where the database picks the integer dot (mlcc.backends.cuda.intdot:
+                     the 7B qkv and logits GEMVs), the row is staged as 16-bit integers meanwhile
+                     and each group's products are exact dp2a sums.
     gemv_rule        few static rows, any weight: a warp per output feature, lanes over k.
     gemm_tc_rule     (mlcc.backends.cuda.gemm) the prefill GEMM: 128-row tiles on mma.sync
                      tensor cores, cp.async activation ring, int4 weights loaded ahead into
@@ -175,8 +177,7 @@ def stage_plain(s: LinearShape, warps: int) -> str:
 
 def gemv_q4_kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
                    buffers: list | None = None, staging: str | None = None,
-                   outputs: tuple[str, ...] = ("y",), dot: str = "mlcc_q4_dot8",
-                   split_k: bool = False, glu: str | None = None) -> CudaKernel:
+                   outputs: tuple[str, ...] = ("y",), dot: str = "mlcc_q4_dot8") -> CudaKernel:
     """The q4 decode GEMV with `warps` warps per block, each owning `rows_per_warp` features;
     `staging` (C++ filling xs from row r) replaces the plain copy for fused prologues.
 
@@ -185,28 +186,11 @@ def gemv_q4_kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
     group's four activation words starting at word (lane / 2) % 4 (the weight words rotated to
     match), so a quarter warp's 16-byte reads fall in distinct banks; the group sums are exact
     integers, so the rotation changes no bit and the result equals the persistent GEMV's.
-
-    With `split_k` a block owns `rows_per_warp` features and its warps split K instead: warp w
-    takes groups lane + 32 w, then + 32 warps, ... of every feature, so a lane holds a
-    `warps`-th of the weight registers it would at long K; the warps' sums meet in shared
-    memory and are added in warp order (deterministic).
-
-    `glu` (a C++ expression of float16-rounded `{g}` and `{u}`, such as glu.SILU_MUL) turns on
-    the GLU mode of the persistent GEMV (mlcc.backends.cuda.gemv) here too: `s` is a gate_up of
-    N = 2I weight rows, a feature f loads gate row f and up row I + f, and y[r, f] = glu(g, u)."""
-    if glu is not None:
-        from mlcc.backends.cuda.gemv import check_glu, glu_buffers
-
-        check_glu(s, name)
-        buffers = buffers or glu_buffers(s)
-    features = s.n // 2 if glu is not None else s.n
-    loaded = 2 * rows_per_warp if glu is not None else rows_per_warp  # weight rows a warp loads
+    (K split over a block's warps and a GLU mode were measured here and won nowhere:
+    benchmarks/results/2026-11-29-h200-h.)"""
     groups = s.k // 32
-    lanes = 32 * warps if split_k else 32  # lanes sharing a feature's groups
-    iters = -(-groups // lanes)  # groups per lane and feature
-    per_block = rows_per_warp if split_k else warps * rows_per_warp
-    group = "lane + warp * 32 + it * " + str(lanes) if split_k else "lane + it * 32"
-    own = "" if split_k else f" + warp * {rows_per_warp}"
+    iters = -(-groups // 32)  # groups per lane and feature
+    per_block = warps * rows_per_warp
     buffers = buffers or s.buffers
     integer = dot == DP2A
     if integer and staging is not None:
@@ -215,26 +199,20 @@ def gemv_q4_kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
     staging = staging or (stage_dp2a(s.k, warps) if integer else stage_plain(s, warps))
     factors = f"\n  __shared__ int2 xg[{groups}];" if integer else ""
     rotation = ("\n  const int rot = (lane >> 1) & 3;" if integer else "")
-    partials = f"\n  __shared__ float part[{warps}][{loaded}];" if split_k else ""
-    if glu is None:
-        row = f"const long long n = n0 + q < {s.n} ? n0 + q : {s.n - 1};"
-    else:  # gate rows of the warp's features, then their up rows
-        row = (f"const long long f = n0 + q % {rows_per_warp};\n    const long long n = "
-               f"(f < {features} ? f : {features - 1}) + (q < {rows_per_warp} ? 0 : {features});")
     body = f"""{DP2A_SOURCE if integer else ""}{signature(name, buffers, outputs, s.symbols)} {{
   __shared__ __align__(16) half2 xs[{s.k // 2}];{factors}
-  __shared__ float red[32];{partials}
+  __shared__ float red[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;{rotation}
-  const long long n0 = (long long)blockIdx.x * {per_block}{own};
-  uint4 w[{loaded}][{iters}];
-  half sc[{loaded}][{iters}];
+  const long long n0 = (long long)blockIdx.x * {per_block} + warp * {rows_per_warp};
+  uint4 w[{rows_per_warp}][{iters}];
+  half sc[{rows_per_warp}][{iters}];
   #pragma unroll
-  for (int q = 0; q < {loaded}; ++q) {{
-    {row}
+  for (int q = 0; q < {rows_per_warp}; ++q) {{
+    const long long n = n0 + q < {s.n} ? n0 + q : {s.n - 1};
     const uint4* row = reinterpret_cast<const uint4*>(qw + n * {s.words}LL);
     #pragma unroll
     for (int it = 0; it < {iters}; ++it) {{
-      const int g = {group};
+      const int g = lane + it * 32;
       w[q][it] = g < {groups} ? __ldg(row + g) : make_uint4(0u, 0u, 0u, 0u);
       sc[q][it] = g < {groups} ? qs[n * {s.groups}LL + g] : __float2half(0.f);
     }}
@@ -244,70 +222,28 @@ def gemv_q4_kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
     __syncthreads();
 {staging}
     __syncthreads();
-    float acc[{loaded}];
+    float acc[{rows_per_warp}];
     #pragma unroll
-    for (int q = 0; q < {loaded}; ++q) acc[q] = 0.f;
+    for (int q = 0; q < {rows_per_warp}; ++q) acc[q] = 0.f;
     #pragma unroll
     for (int it = 0; it < {iters}; ++it) {{
-      const int g = {group};
+      const int g = lane + it * 32;
       if (g < {groups}) {{
-{_integer_group(loaded) if integer else _float_group(dot, loaded)}
+{_integer_group(rows_per_warp) if integer else _float_group(dot, rows_per_warp)}
       }}
     }}
-{_sums(warps, loaded, split_k)}
-{_one_shot_store(s, rows_per_warp, glu)}
+    #pragma unroll
+    for (int q = 0; q < {rows_per_warp}; ++q) {{
+      const float total = mlcc_warp_sum(acc[q]);
+      const long long n = n0 + q;
+      if (lane == 0 && n < {s.n}) mlcc_put(y, r * {s.n}LL + n, total{s.bias_term("n")});
+    }}
   }}
   return 0;
 }}
 """
-    grid = f"T.int64({-(-features // per_block)})"
+    grid = f"T.int64({-(-s.n // per_block)})"
     return CudaKernel(name, body, launcher(name, buffers, (grid,), warps * 32, s.symbols))
-
-
-def _sums(warps: int, loaded: int, split_k: bool) -> str:
-    """`float sum[q]` of each loaded weight row, valid in lane 0 (and with `split_k` in thread
-    q < loaded of the block, from the warps' sums added in warp order)."""
-    if not split_k:
-        return f"""    float sum[{loaded}];
-    #pragma unroll
-    for (int q = 0; q < {loaded}; ++q) sum[q] = mlcc_warp_sum(acc[q]);
-    const bool owner = lane == 0;"""
-    return f"""    #pragma unroll
-    for (int q = 0; q < {loaded}; ++q) {{
-      const float total = mlcc_warp_sum(acc[q]);
-      if (lane == 0) part[warp][q] = total;
-    }}
-    __syncthreads();
-    float sum[{loaded}];
-    #pragma unroll
-    for (int q = 0; q < {loaded}; ++q) {{
-      sum[q] = part[0][q];
-      #pragma unroll
-      for (int v = 1; v < {warps}; ++v) sum[q] += part[v][q];
-    }}
-    const bool owner = threadIdx.x == 0;"""
-
-
-def _one_shot_store(s: LinearShape, features: int, glu: str | None) -> str:
-    """The owner thread stores the warp's (block's, with a K split) features of row r."""
-    if glu is None:
-        return f"""    #pragma unroll
-    for (int q = 0; q < {features}; ++q) {{
-      const long long n = n0 + q;
-      if (owner && n < {s.n}) mlcc_put(y, r * {s.n}LL + n, sum[q]{s.bias_term("n")});
-    }}"""
-    out_n = s.n // 2
-    # float16 first: the unfused GEMV stores g and u as float16 and silu_mul reads them back
-    gate = f"__half2float(__float2half(sum[q]{s.bias_term('f')}))"
-    up = f"__half2float(__float2half(sum[q + {features}]{s.bias_term(f'f + {out_n}')}))"
-    return f"""    #pragma unroll
-    for (int q = 0; q < {features}; ++q) {{
-      const long long f = n0 + q;
-      if (owner && f < {out_n}) {{
-        const float g = {gate}, u = {up};
-        mlcc_put(y, r * {out_n}LL + f, {glu.format(g="g", u="u")});
-      }}
-    }}"""
 
 
 def _float_group(dot: str, rows_per_warp: int) -> str:
