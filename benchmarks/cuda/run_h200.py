@@ -8,8 +8,10 @@ lib.so`). Steps, all in one process:
    32 heads, vocab 32000) made with transformers on the GPU and saved as safetensors;
 2. the peer: HF transformers fp16 (eager) on the same weights: decode of 128 tokens after a
    32-token prompt, and one 512-token prefill;
-3. `convert_weight` q4f16_1 on the GPU, then the library: the same decode and prefill, with and
-   without the CUDA graph, and decode of 64 tokens after 960 and after 3,968 with the graph;
+3. `convert_weight` q4f16_1 on the GPU, then the library: the same decode (greedy, through
+   engine.decode_greedy: with the graph the GPU runs a step ahead of the host; also timed with
+   the host reading each token before the next step) and prefill, with and without the CUDA
+   graph, and decode of 64 tokens after 960 and after 3,968 with the graph;
    peak GPU memory;
    with max_batch_size=16 in the library, batch decode of all 16 sequences (128 steps);
 4. a per-kernel time breakdown of one decode step (torch profiler, CUPTI) with the achieved
@@ -97,9 +99,19 @@ def engine_numbers(engine, cudagraph: bool) -> dict:
     prompt = rng.integers(0, HF_CONFIG["vocab_size"], PROMPT).tolist()
     engine.cudagraph = cudagraph
     engine._graphs.clear()
+    engine._greedy.clear()
 
     def decode_run(prompt: list[int], steps: int) -> float:
-        # greedy, the next token picked on the GPU (one int32 back per step)
+        # greedy through engine.decode_greedy: with the graph the GPU runs a step ahead of the
+        # host (one int32 back per step, read while the next step runs)
+        engine.reset()
+        first = engine.append(prompt, on_device=True).argmax()
+        start = time.perf_counter()
+        engine.decode_greedy(first, steps)
+        return time.perf_counter() - start
+
+    def host_loop_run(prompt: list[int], steps: int) -> float:
+        # the host picks up each step's token (argmax on the GPU) before it starts the next
         engine.reset()
         logits = engine.append(prompt, on_device=True)
         start = time.perf_counter()
@@ -109,11 +121,16 @@ def engine_numbers(engine, cudagraph: bool) -> dict:
 
     decode_run(prompt, DECODE)
     decode_s = min(decode_run(prompt, DECODE) for _ in range(2))
+    host_loop_s = min(host_loop_run(prompt, DECODE) for _ in range(2))
     long_prompt = rng.integers(0, HF_CONFIG["vocab_size"], PREFILL).tolist()
     engine.prefill_logits(long_prompt)
     prefill_s = min(_timed(lambda: engine.prefill_logits(long_prompt)) for _ in range(3))
-    numbers = {"decode_tok_s": DECODE / decode_s, "prefill_tok_s": PREFILL / prefill_s}
+    numbers = {"decode_tok_s": DECODE / decode_s, "prefill_tok_s": PREFILL / prefill_s,
+               "decode_host_loop_tok_s": DECODE / host_loop_s}
     numbers.update(fingerprint(engine, prompt))
+    # the pipelined greedy loop must pick the tokens the plain loop picks
+    numbers["greedy_loop_tokens_equal"] = (
+        engine.generate_greedy(prompt, FINGERPRINT) == numbers["greedy_tokens"])
     if cudagraph:
         for key, length in (("decode_mid_tok_s", MID_PROMPT), ("decode_long_tok_s", LONG_PROMPT)):
             far = rng.integers(0, HF_CONFIG["vocab_size"], length).tolist()
@@ -228,6 +245,17 @@ def batch_rows(r: dict) -> list[str]:
     return [f"| batch-{n} decode tok/s (all sequences) | {r[f'batch{n}_decode_tok_s']:.0f} | |"]
 
 
+def host_loop_rows(r: dict) -> list[str]:
+    """Decode with the graph when the host reads each token before starting the next step, and
+    whether the pipelined loop (the decode figure above it) picked the same tokens."""
+    if "decode_host_loop_tok_s_cudagraph" not in r:
+        return []
+    same = "same tokens" if r.get("greedy_loop_tokens_equal_cudagraph") else "TOKENS DIFFER"
+    row = (f"| decode tok/s (128 after 32), CUDA graph, host loop per token | "
+           f"{r['decode_host_loop_tok_s_cudagraph']:.1f} ({same}) | |")
+    return [row]
+
+
 def fingerprint_rows(r: dict) -> list[str]:
     if "final_logits_md5_cudagraph" not in r:
         return []
@@ -243,6 +271,7 @@ def report(r: dict) -> str:
              "| metric | mlcc | HF transformers fp16 (peer) |", "|---|---|---|",
              (f"| decode tok/s (128 after 32), CUDA graph | {r['decode_tok_s_cudagraph']:.1f} | "
               f"{r.get('peer_decode_tok_s', float('nan')):.1f} |"),
+             *host_loop_rows(r),
              f"| decode tok/s, no graph | {r['decode_tok_s_no_graph']:.1f} | |",
              *long_rows(r),
              (f"| prefill(512) tok/s | {r['prefill_tok_s']:.0f} | "

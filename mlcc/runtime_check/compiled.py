@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +122,71 @@ class DecodeGraph:
         self.graph = graph
 
 
+class GreedyGraph:
+    """Greedy decoding with no host round trip between steps: the decode entry, the argmax of its
+    logits written back as the next step's token, and the position advanced, captured as one
+    CUDA graph (through torch). Step i also leaves its token in slot (position % 2) of a
+    two-slot history; the host reads it on a side stream once step i is done, while step i + 1,
+    queued before the read, runs. The first step runs the body normally, then captures it
+    without running it again (as DecodeGraph)."""
+
+    def __init__(self, entry, argmax_fn, page_table, kv_pool, params, logits, workspace,
+                 device) -> None:
+        import torch
+        import tvm
+
+        self.torch = torch
+        self.entry, self.argmax_fn, self.logits = entry, argmax_fn, logits
+        self.tokens = tvm.runtime.empty((1,), "int32", device)
+        self.seq_info = tvm.runtime.empty((2,), "int32", device)
+        self.args = (self.tokens, self.seq_info, page_table, kv_pool, *params, logits, workspace)
+        self.t_tokens = torch.from_dlpack(self.tokens)
+        self.t_seq = torch.from_dlpack(self.seq_info)
+        self.history = torch.zeros(2, dtype=torch.int32, device=self.t_tokens.device)
+        self.host = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        self.side = torch.cuda.Stream(device=self.t_tokens.device)
+        self.graph = None
+
+    def _body(self) -> None:
+        torch = self.torch
+        self.entry(*self.args)
+        self.argmax_fn(self.logits, self.tokens)
+        slot = torch.remainder(self.t_seq[:1], 2).long()
+        self.history.index_copy_(0, slot, self.t_tokens)
+        self.t_seq[:1] += 1
+
+    def start(self, token_id: int, position: int) -> None:
+        """The first token and its position, for the next `launch`."""
+        self.tokens.copyfrom(np.array([token_id], np.int32))
+        self.seq_info.copyfrom(np.array([position, 0], np.int32))
+
+    def launch(self):
+        """Queue one step; returns an event recorded after it."""
+        import tvm_ffi
+
+        torch = self.torch
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._body()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with tvm_ffi.use_torch_stream(torch.cuda.graph(graph)):
+                self._body()
+            self.graph = graph
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def token(self, event, position: int) -> int:
+        """The token of the step at `position`, once its event has passed."""
+        event.synchronize()
+        slot = position % 2
+        with self.torch.cuda.stream(self.side):
+            self.host.copy_(self.history[slot:slot + 1], non_blocking=True)
+        self.side.synchronize()
+        return int(self.host[0])
+
 class CompiledEngine(EngineHelpers, LibraryInfo):
     """The engine contract on top of a compiled library."""
 
@@ -169,6 +234,7 @@ class CompiledEngine(EngineHelpers, LibraryInfo):
         self.sequence = 0  # the sequence that reset/append/decode work on
         # CUDA graph of the decode step, one per sequence (each has its own page table row).
         self._graphs: dict[int, DecodeGraph] = {}
+        self._greedy: dict[int, GreedyGraph] = {}  # the greedy loop's graphs, likewise
         if cudagraph is None:
             # The library's opt level asks for it; capture needs torch, else decode runs plain.
             cudagraph = "cudagraph" in str(self.metadata.get("opt", "")) and _has_torch()
@@ -290,6 +356,61 @@ class CompiledEngine(EngineHelpers, LibraryInfo):
             self._graphs[self.sequence] = graph
         graph.step(token_id, self.lengths[self.sequence])
         self.lengths[self.sequence] += 1
+
+    def generate_greedy(self, token_ids: Sequence[int], n: int) -> list[int]:
+        """`n` tokens, each the argmax of the logits before it, after `token_ids` (the decode
+        steps through decode_greedy)."""
+        self.reset()
+        logits = self.append(token_ids, on_device=True)
+        if n <= 0:
+            return []
+        first = logits.argmax() if isinstance(logits, DeviceLogits) else int(np.argmax(logits))
+        return [first] + self.decode_greedy(first, n - 1)
+
+    def decode_greedy(self, token_id: int, steps: int,
+                      stop_ids: Collection[int] = ()) -> list[int]:
+        """Greedy tokens after `token_id`: decode it and take the argmax, decode that, ... for
+        `steps` tokens or until one of `stop_ids` (included). The same tokens and engine state
+        as that loop over `decode`: the returned last token is not yet in the cache. With the
+        CUDA graph and the GPU sampler the loop runs on the GPU a step ahead of the host
+        (GreedyGraph); a step queued past a stop token only writes a cache slot that the next
+        append or decode overwrites."""
+        if steps < 0:
+            raise MlccError(STAGE, f"decode_greedy needs steps >= 0, got {steps}")
+        if not 0 <= int(token_id) < self.vocab_size:
+            raise MlccError(STAGE, f"token id {token_id} is outside [0, {self.vocab_size})")
+        if steps == 0:
+            return []
+        self._check_room(self.sequence, steps)
+        stops = {int(t) for t in stop_ids}
+        out: list[int] = []
+        if not (self.cudagraph and self.device_sampler is not None):
+            token = int(token_id)
+            for _ in range(steps):
+                logits = self.decode(token, on_device=True)
+                token = (logits.argmax() if isinstance(logits, DeviceLogits)
+                         else int(np.argmax(logits)))
+                out.append(token)
+                if token in stops:
+                    break
+            return out
+        graph = self._greedy.get(self.sequence)
+        if graph is None:
+            graph = GreedyGraph(self._decode, self.device_sampler.argmax_fn,
+                                self._tables[self.sequence], self.kv_pool, self.params,
+                                self.logits, self.workspace, self.device)
+            self._greedy[self.sequence] = graph
+        start = self.lengths[self.sequence]
+        graph.start(int(token_id), start)
+        event = graph.launch()
+        for i in range(steps):
+            following = graph.launch() if i + 1 < steps else None
+            out.append(graph.token(event, start + i))
+            event = following
+            if out[-1] in stops:
+                break
+        self.lengths[self.sequence] = start + len(out)
+        return out
 
     def batch_decode(self, token_ids: Sequence[int]) -> np.ndarray:
         """One step of sequences 0..B-1 at once (token i goes to sequence i): f32[B, vocab]."""

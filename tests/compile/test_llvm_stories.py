@@ -105,3 +105,31 @@ def test_overflow_is_refused(fp32_engine):
     fp32_engine.prefill_logits([1] * 500)
     with pytest.raises(MlccError, match="context window of 512"):
         fp32_engine.append([1] * 13)
+
+
+def test_decode_greedy_is_the_decode_loop(fp32_engine):
+    """On the CPU decode_greedy is the plain loop: the same tokens, stop ids included, and the
+    same engine state (the next decode's logits) as decode + argmax by hand."""
+    prompt = CASES[0]["prompt_token_ids"]
+    fp32_engine.reset()
+    first = int(np.argmax(fp32_engine.append(prompt)))
+    by_hand, token = [], first
+    for _ in range(6):
+        token = int(np.argmax(fp32_engine.decode(token)))
+        by_hand.append(token)
+    after = fp32_engine.decode(by_hand[-1])
+
+    fp32_engine.reset()
+    fp32_engine.append(prompt)
+    assert fp32_engine.decode_greedy(first, 6) == by_hand
+    assert fp32_engine.total_tokens == len(prompt) + 6
+    np.testing.assert_array_equal(fp32_engine.decode(by_hand[-1]), after)
+
+    fp32_engine.reset()
+    fp32_engine.append(prompt)
+    kept = by_hand[:by_hand.index(by_hand[2]) + 1]
+    assert fp32_engine.decode_greedy(first, 6, stop_ids={by_hand[2]}) == kept
+    assert fp32_engine.total_tokens == len(prompt) + len(kept)
+    assert fp32_engine.decode_greedy(first, 0) == []
+    with pytest.raises(MlccError, match="outside"):
+        fp32_engine.decode_greedy(-1, 3)

@@ -123,6 +123,37 @@ def test_cuda_graph_decode_equals_plain_decode(cases, name):
     assert graph._graphs[0].graph is not None, "the decode step was not captured"
 
 
+@pytest.mark.parametrize("name", ["llama_q4f16_1", "mistral_q4f16_1"])
+def test_greedy_graph_equals_the_host_loop(cases, name):
+    """decode_greedy with the CUDA graph (the GPU a step ahead of the host) picks the tokens
+    the plain loop picks, stops at a stop id, and leaves the engine where that loop does: the
+    next decode's logits are the same bits. Mistral's window of 8 wraps during the run."""
+    pytest.importorskip("torch")
+    plain, _ = _engine(cases, name, cudagraph=False)
+    graph, _ = _engine(cases, name, cudagraph=True)
+    ids = np.random.default_rng(11).integers(0, 120, 7).tolist()
+    first = int(np.argmax(plain.prefill_logits(ids)))
+    by_hand, token = [], first
+    for _ in range(12):
+        token = int(np.argmax(plain.decode(token)))
+        by_hand.append(token)
+    after = plain.decode(by_hand[-1])
+
+    graph.prefill_logits(ids)
+    assert graph.decode_greedy(first, 12) == by_hand
+    assert graph._greedy[0].graph is not None, "the greedy step was not captured"
+    np.testing.assert_array_equal(graph.decode(by_hand[-1]), after)
+
+    stop = by_hand[5]
+    kept = by_hand[:by_hand.index(stop) + 1]
+    graph.prefill_logits(ids)
+    assert graph.decode_greedy(first, 12, stop_ids=[stop]) == kept
+    assert graph.total_tokens == len(ids) + len(kept)
+    plain.prefill_logits(ids)
+    for token in [first] + kept[:-1]:
+        plain.decode(token)
+    np.testing.assert_array_equal(graph.decode(kept[-1]), plain.decode(kept[-1]))
+
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_l2_prefetch_changes_no_value(cases, arch):
     """Prefetching weights into L2 is a hint: the decode logits are bit for bit the same."""
