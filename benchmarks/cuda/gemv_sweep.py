@@ -94,12 +94,15 @@ def _persistent(n: int, k: int, cfg: tuple, rows: int = 1, prologue: str = "none
 
 def _block(n: int, k: int, rows: int = 1, cfg: tuple | None = None) -> dict:
     """The block GEMV at the database's pick, or at cfg = (warps, rows per warp, dot)."""
-    from mlcc.backends.cuda.tuning import gemv_config
+    from mlcc.backends.cuda.tuning import block_min_blocks, gemv_config
 
     warps, rpw, dot = cfg or gemv_config(n, k)
+    blocks = 0 if cfg is not None else block_min_blocks(n, k)
     extra = ("" if rows == 1 else f"_m{rows}") + ("" if cfg is None else "_" + dot_tag(dot))
+    extra += f"_mb{blocks}" if blocks else ""
     return {"n": n, "k": k, "rows": rows, "prologue": "none", "kind": "block", "warps": warps,
-            "rows_per_warp": rpw, "dot": dot, "name": f"gemv_{n}_{k}_block_w{warps}_r{rpw}{extra}"}
+            "rows_per_warp": rpw, "dot": dot, "min_blocks": blocks,
+            "name": f"gemv_{n}_{k}_block_w{warps}_r{rpw}{extra}"}
 
 
 # The nibble dot functions of kernels.py with fewer instructions per packed word than
@@ -450,6 +453,31 @@ def dp2a_block_variants() -> list[dict]:
     out += [_block(n, k, rows, cfg=(w, r, DP2A)) for n, k, rows, (w, r) in DP2A_BLOCK_ODD]
     return out
 
+# The one-shot GEMV with its launch bound asking for blocks per SM (ptxas then caps the
+# registers: 167 -> 128 a thread for the integer dot at K = 11008, four features a warp, two
+# blocks of 8 or four of 4 warps an SM: one wave of blocks); (warps, features, dot, blocks).
+BOUNDED = {11008: [(4, 2, "mlcc_q4_dp2a", 4), (8, 2, "mlcc_q4_dp2a", 2),
+                   (8, 2, "mlcc_q4_dp2a", 3), (4, 2, "mlcc_q4_dot8_lop3_pairs", 4),
+                   (4, 2, "mlcc_q4_dot8_lop3_pairs", 6), (4, 2, "mlcc_q4_dp2a", 3)],
+           4096: [(4, 4, "mlcc_q4_dp2a", 4), (4, 4, "mlcc_q4_dp2a", 5), (4, 2, "mlcc_q4_dp2a", 6),
+                  (4, 2, "mlcc_q4_dot8", 6), (8, 4, "mlcc_q4_dp2a", 2)]}
+BOUNDED_ODD = [(4100, 11008, 1, (4, 2, "mlcc_q4_dp2a", 4)),
+               (4096, 4096, 4, (4, 4, "mlcc_q4_dp2a", 4))]
+
+
+def bounded_variants() -> list[dict]:
+    """The one-shot GEMV under launch bounds beside the database's pick for every shape."""
+    out = []
+    for n, k in SHAPES:
+        out.append(current_pick(n, k))
+        for warps, rpw, dot, blocks in BOUNDED[k]:
+            v = _block(n, k, cfg=(warps, rpw, dot))
+            out.append(dict(v, min_blocks=blocks, name=f"{v['name']}_mb{blocks}"))
+    for n, k, rows, (warps, rpw, dot, blocks) in BOUNDED_ODD:
+        v = _block(n, k, rows, cfg=(warps, rpw, dot))
+        out.append(dict(v, min_blocks=blocks, name=f"{v['name']}_mb{blocks}"))
+    return out
+
 # Experiment: the persistent GEMV with a tile's rows spread over the matrix (row q of tile t is
 # t + q * tiles instead of t * rows_per_warp + q), as the GLU mode's gate and up rows are;
 # (n, k, (blocks per SM, warps, features per warp, rotate), dot).
@@ -560,7 +588,8 @@ def kernel_of(v: dict):
     if v["kind"] == "wmma":
         return gemm_wmma_rule(spec, v["name"])
     if v["kind"] == "block":
-        return gemv_q4_kernel(s, v["name"], v["warps"], v["rows_per_warp"], dot=v["dot"])
+        return gemv_q4_kernel(s, v["name"], v["warps"], v["rows_per_warp"], dot=v["dot"],
+                              min_blocks=v.get("min_blocks", 0))
     if v.get("glu"):
         from mlcc.backends.cuda.glu import SILU_MUL
 
@@ -580,7 +609,7 @@ def build(folder: Path, only: str = "all") -> None:
               "glu": glu_variants, "tcp": tcp_variants, "tcg": tcg_variants,
               "tcgp": tcgp_variants, "stream": stream_variants,
               "dp2a": dp2a_variants, "spread": spread_variants,
-              "dp2a_block": dp2a_block_variants}.get(
+              "dp2a_block": dp2a_block_variants, "bounded": bounded_variants}.get(
         only, lambda: variants() + tc_variants())()
     # a candidate may be the database's pick already (same name, same kernel): built once
     chosen = list({v["name"]: v for v in chosen}.values())
@@ -653,7 +682,8 @@ def measure(torch, lib, v: dict, copies: list[tuple], dev, rng) -> dict:
     return row
 
 
-RECORD_KEYS = ("kind", "blocks_per_sm", "warps", "rows_per_warp", "rotate", "pingpong", "dot",
+RECORD_KEYS = ("kind", "blocks_per_sm", "warps", "rows_per_warp", "min_blocks", "rotate",
+               "pingpong", "dot",
                "tiles", "unroll", "depth", "fold", "cols", "chunk_rows", "stages", "x_regs",
                "us", "gb_s")
 

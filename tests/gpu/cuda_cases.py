@@ -61,15 +61,16 @@ class _EveryShape(dict):
 def forced_dp2a(block: bool = False):
     """A context in which the tuning database picks the persistent GEMV with the integer dot
     for every decode shape, plain and GLU mode; with `block` the plain GEMVs take the one-shot
-    GEMV with the integer dot instead (the GLU mode has no one-shot form)."""
+    GEMV with the integer dot instead, under a launch bound of four blocks an SM (the GLU mode
+    has no one-shot form)."""
     from unittest import mock
 
     from mlcc.backends.cuda import gemv, tuning
 
     record = {"kind": "persistent", "blocks_per_sm": 2, "warps": 4, "rows_per_warp": 1,
               "rotate": True, "dot": gemv.DP2A}
-    plain = {"kind": "block", "warps": 4, "rows_per_warp": 4, "dot": gemv.DP2A} if block \
-        else record
+    plain = {"kind": "block", "warps": 4, "rows_per_warp": 4, "dot": gemv.DP2A,
+             "min_blocks": 4} if block else record
     database = {"best": _EveryShape(plain), "glu": _EveryShape(record)}
     return mock.patch.object(tuning, "_database", lambda: database)
 

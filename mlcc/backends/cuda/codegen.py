@@ -176,8 +176,9 @@ def compile_library(built: list[CudaKernel], host_source: str, cpu_source: str, 
     keep = os.environ.get("MLCC_CUDA_KEEP_SOURCE")
     self_waiting = frozenset([f"{k.name}_dev" for k in built if GRID_WAIT in k.device_source]
                              + [name for k in built for name in k.self_waiting])
+    min_blocks = {f"{k.name}_kernel": k.min_blocks for k in built if k.min_blocks}
     install_hooks(device_source(built), archs, Path(keep) if keep else None, pdl, self_waiting,
-                  early)
+                  early, min_blocks)
     target, host = cuda_target(archs[0]), host_target()
     funcs = {}
     gpu_source = "\n\n".join([k.launcher for k in built] + ([host_source] if host_source else []))

@@ -168,6 +168,9 @@ class CudaKernel:
     # Device functions, besides `name`_dev, that place GRID_WAIT themselves (with pdl the
     # build adds no wait at the top of a kernel calling them).
     self_waiting: tuple[str, ...] = ()
+    # Blocks that must fit an SM at once (0: no demand): the kernel's launch bound gets it as
+    # its second argument, so ptxas keeps the registers a thread uses within that budget.
+    min_blocks: int = 0
 
     def single_block(self) -> bool:
         """Whether the launcher starts exactly one block (one nest, a grid of T.int64(1))."""

@@ -54,7 +54,7 @@ from mlcc.backends.cuda.kernels import (
     signature,
     symbols_of,
 )
-from mlcc.backends.cuda.tuning import gemv_config
+from mlcc.backends.cuda.tuning import block_min_blocks, gemv_config
 from mlcc.backends.plan import KernelSpec
 from mlcc.errors import MlccError
 from mlcc.ir.types import Sym
@@ -152,7 +152,8 @@ def gemv_q4_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
     if not gemv_q4_applies(s):
         return None
     warps, rows_per_warp, dot = gemv_config(s.n, s.k)
-    return gemv_q4_kernel(s, name, warps, rows_per_warp, dot=dot)
+    return gemv_q4_kernel(s, name, warps, rows_per_warp, dot=dot,
+                          min_blocks=block_min_blocks(s.n, s.k))
 
 
 def stage_plain(s: LinearShape, warps: int) -> str:
@@ -177,9 +178,11 @@ def stage_plain(s: LinearShape, warps: int) -> str:
 
 def gemv_q4_kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
                    buffers: list | None = None, staging: str | None = None,
-                   outputs: tuple[str, ...] = ("y",), dot: str = "mlcc_q4_dot8") -> CudaKernel:
+                   outputs: tuple[str, ...] = ("y",), dot: str = "mlcc_q4_dot8",
+                   min_blocks: int = 0) -> CudaKernel:
     """The q4 decode GEMV with `warps` warps per block, each owning `rows_per_warp` features;
-    `staging` (C++ filling xs from row r) replaces the plain copy for fused prologues.
+    `staging` (C++ filling xs from row r) replaces the plain copy for fused prologues;
+    `min_blocks` > 0 asks ptxas to fit that many blocks on an SM (CudaKernel.min_blocks).
 
     With the integer dot (`dot=intdot.DP2A`) each block stages its row as 16-bit integers and
     group factors (intdot.stage_dp2a) while its weight loads are in flight, and a lane reads its
@@ -243,7 +246,8 @@ def gemv_q4_kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
 }}
 """
     grid = f"T.int64({-(-s.n // per_block)})"
-    return CudaKernel(name, body, launcher(name, buffers, (grid,), warps * 32, s.symbols))
+    return CudaKernel(name, body, launcher(name, buffers, (grid,), warps * 32, s.symbols),
+                      min_blocks=min_blocks)
 
 
 def _float_group(dot: str, rows_per_warp: int) -> str:

@@ -36,6 +36,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from mlcc.backends.cuda.kernels import GRID_WAIT
@@ -175,14 +176,28 @@ def register_pdl_pipeline() -> str:
     return PDL_PIPELINE
 
 
+def with_min_blocks(code: str, min_blocks: Mapping[str, int]) -> str:
+    """TVM's `__launch_bounds__(threads)` of each kernel named in `min_blocks` (declaration and
+    definition) as `__launch_bounds__(threads, blocks)`."""
+    for kernel, blocks in min_blocks.items():
+        code, found = re.subn(rf"__launch_bounds__\((\d+)\) {re.escape(kernel)}\(",
+                              rf"__launch_bounds__(\1, {int(blocks)}) {kernel}(", code)
+        if not found:
+            raise MlccError(STAGE, f"kernel {kernel}: no __launch_bounds__ in TVM's source to "
+                            "add its minimum blocks per SM to; the CUDA codegen changed")
+    return code
+
+
 def install_hooks(device_source: str, archs: tuple[str, ...], keep_source: Path | None,
                   pdl: bool = False, self_waiting: frozenset[str] = frozenset(),
-                  early: frozenset[str] = frozenset()) -> None:
+                  early: frozenset[str] = frozenset(),
+                  min_blocks: Mapping[str, int] | None = None) -> None:
     """Register the postproc (insert our device code) and compile (nvcc -> fatbin) callbacks.
 
     With `pdl` every kernel wrapper waits for the kernel before it (with_pdl_prologue), except
     those calling a device function named in `self_waiting`; `early` names the device
-    functions whose kernels release the next one at their start."""
+    functions whose kernels release the next one at their start. `min_blocks` maps kernel
+    names (TVM's `{launcher}_kernel`) to the blocks per SM their launch bound asks for."""
     import tvm_ffi
 
     nvcc = find_nvcc()
@@ -193,6 +208,8 @@ def install_hooks(device_source: str, archs: tuple[str, ...], keep_source: Path 
         head, kernels = code[:at], code[at:]
         if pdl:
             kernels = with_pdl_prologue(kernels, self_waiting, early)
+        if min_blocks:
+            kernels = with_min_blocks(kernels, min_blocks)
         code = head + (PDL_DEFINE if pdl else "") + device_source + "\n" + kernels
         if keep_source is not None:
             keep_source.write_text(code)

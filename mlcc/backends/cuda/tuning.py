@@ -6,7 +6,8 @@ against a reference; it records the device, the date and every variant's time. T
 kinds exist, told apart by a record's "kind":
 
     "block"        (or no "kind")  the one-shot GEMV of mlcc.backends.cuda.linear: `warps`,
-                   `rows_per_warp`, `dot`
+                   `rows_per_warp`, `dot`, optionally `min_blocks` (blocks per SM the kernel's
+                   launch bound asks ptxas to fit)
     "persistent"   the persistent GEMV of mlcc.backends.cuda.gemv: also `blocks_per_sm`,
                    `rotate` (per-lane rotation of the activation reads) and `pingpong`
                    (register buffers used in turn instead of moved)
@@ -83,6 +84,12 @@ def gemv_config(n: int, k: int) -> tuple[int, int, str]:
         return heuristic(n, k)
     return (int(record["warps"]), int(record["rows_per_warp"]),
             str(record.get("dot", "mlcc_q4_dot8")))
+
+
+def block_min_blocks(n: int, k: int) -> int:
+    """Blocks per SM the block GEMV's record asks ptxas to fit (its "min_blocks"; 0: none)."""
+    record = _record(n, k, BLOCK)
+    return 0 if record is None else int(record.get("min_blocks", 0))
 
 
 def persistent_config(n: int, k: int) -> PersistentConfig:
