@@ -2,7 +2,7 @@
 
 Build here (TVM compiler + nvcc), run on the GPU machine (TVM runtime + torch):
 
-    python benchmarks/cuda/gemv_sweep.py build .device/sweep [lean|...|stream|dp2a|dp2a_block]
+    python benchmarks/cuda/gemv_sweep.py build .device/sweep [lean|...|dp2a|dp2a_block|bounded]
     python benchmarks/cuda/gemv_sweep.py run .device/sweep $OUT/gemv_sweep.json
     python benchmarks/cuda/gemv_sweep.py profile .device/sweep VARIANT   # under ncu
     python benchmarks/cuda/gemv_sweep.py merge SWEEP.json mlcc/backends/cuda/gemv_tuning.json \
@@ -35,7 +35,8 @@ the first of which a rule reads). The `stream` set times the streamed GEMV
 database's pick for every shape, and its GLU mode beside the shipped GLU GEMV (records of kind
 "stream"). The `dp2a` set does the same for the persistent GEMV with the integer dot
 (gemv.DP2A; records of kind "persistent" with that dot), `dp2a_block` for the one-shot GEMV
-with it (records of kind "block" with that dot).
+with it (records of kind "block" with that dot), `bounded` for the one-shot GEMV under a launch
+bound of some blocks per SM (records with "min_blocks").
 """
 
 from __future__ import annotations

@@ -187,6 +187,7 @@ class GreedyGraph:
         self.side.synchronize()
         return int(self.host[0])
 
+
 class CompiledEngine(EngineHelpers, LibraryInfo):
     """The engine contract on top of a compiled library."""
 

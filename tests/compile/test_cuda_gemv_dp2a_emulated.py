@@ -73,6 +73,34 @@ def group_reference(x: np.ndarray, qw: np.ndarray, qs: np.ndarray, k: int):
     return terms.sum(axis=2), np.abs(terms).sum(axis=2)
 
 
+def random_inputs(tmp_path, seed: int, rows: int, n: int, k: int, scale: float,
+                  large: tuple[int, float], zero: tuple[int, int]):
+    """x (one large column, one all-zero group), random codes and scales, written to files."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, k)) * scale).astype(np.float16)
+    x[:, large[0]] = large[1]  # the rest of its group keeps fewer bits, as designed
+    x[zero[0], zero[1]:zero[1] + 32] = 0.0
+    qw = rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32)
+    qs = (rng.random((n, k // 32)) * 0.05 + 0.001).astype(np.float16)
+    return x, qw, qs, write_inputs(tmp_path, [x, qw, qs])
+
+
+def write_inputs(tmp_path, arrays) -> list:
+    paths = []
+    for i, a in enumerate(arrays):
+        paths.append(tmp_path / f"in{i}.bin")
+        a.tofile(paths[-1])
+    return paths
+
+
+def rounding_bound(reference: np.ndarray, magnitude: np.ndarray, k: int, ydt: str) -> np.ndarray:
+    """float32 rounding of the group terms' sum (module docstring), plus half a float16 step
+    for float16 outputs."""
+    bound = (k / 32 + 2) * 2.0**-24 * magnitude
+    if ydt == "float16":
+        bound = bound + 2.0 ** (np.floor(np.log2(np.maximum(np.abs(reference), 2.0**-14))) - 11)
+    return bound
+
 # (N, K, rows, y dtype, GLU, blocks per SM, warps, features per warp): SMS = 2 in the
 # emulation, so warps loop over several tiles; K = 11008 has groups past the last full round
 # of lanes; 5 rows at K = 4096 stage in two passes
@@ -106,23 +134,12 @@ def test_integer_dot_gemv_on_host_threads_is_exact_per_group(tmp_path, case):
     assert stride < gemv.tile_count(n, 2 * rpw if is_glu else rpw)  # several tiles a warp
     binary = build(tmp_path, [exact_dot, plain, pairs], s.buffers, INT_HOST)
 
-    rng = np.random.default_rng(n * k + rows)
-    x = (rng.standard_normal((rows, k)) * 3).astype(np.float16)
-    x[:, 5] = 300.0  # one large value: the rest of its group keeps fewer bits, as designed
-    x[0, 32:64] = 0.0  # an all-zero group
-    qw = rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32)
-    qs = (rng.random((n, k // 32)) * 0.05 + 0.001).astype(np.float16)
-    paths = []
-    for i, a in enumerate([x, qw, qs]):
-        paths.append(tmp_path / f"in{i}.bin")
-        a.tofile(paths[-1])
+    x, qw, qs, paths = random_inputs(tmp_path, n * k + rows, rows, n, k, 3, (5, 300.0), (0, 32))
     linear = run(binary, 1, paths, (rows, n), ydt).astype(np.float64)
     float_dot = run(binary, 2, paths, (rows, n), ydt).astype(np.float64)
 
     reference, magnitude = group_reference(x, qw, qs, k)
-    bound = (k / 32 + 2) * 2.0**-24 * magnitude
-    if ydt == "float16":
-        bound = bound + 2.0 ** (np.floor(np.log2(np.maximum(np.abs(reference), 2.0**-14))) - 11)
+    bound = rounding_bound(reference, magnitude, k, ydt)
     gap = np.abs(linear - reference)
     assert (gap <= bound).all(), f"{int((gap > bound).sum())} outputs beyond float32 rounding"
 
@@ -149,10 +166,7 @@ def test_integer_dot_propagates_nan_and_refuses_prologues(tmp_path):
     x[0, 40] = np.nan
     qw = np.full((16, 32), 0x77777778, np.uint32)
     qs = np.full((16, 8), 0.5, np.float16)
-    paths = []
-    for i, a in enumerate([x, qw, qs]):
-        paths.append(tmp_path / f"in{i}.bin")
-        a.tofile(paths[-1])
+    paths = write_inputs(tmp_path, [x, qw, qs])
     out = binary.with_suffix(".y0.bin")
     np.zeros((1, 16), np.float16).tofile(out)
     import subprocess
@@ -234,24 +248,14 @@ def test_one_shot_integer_dot_equals_the_persistent_kernel(tmp_path, case):
         return one_shot_launch(kernel) if kernel is one_shot else launched(kernel)[:2]
 
     binary = build(tmp_path, [one_shot, persistent], s.buffers, INT_HOST, launch)
-    rng = np.random.default_rng(7 * n + k + rows)
-    x = (rng.standard_normal((rows, k)) * 2).astype(np.float16)
-    x[:, 3] = -250.0
-    x[-1, 64:96] = 0.0  # an all-zero group
-    qw = rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32)
-    qs = (rng.random((n, k // 32)) * 0.05 + 0.001).astype(np.float16)
-    paths = []
-    for i, a in enumerate([x, qw, qs]):
-        paths.append(tmp_path / f"in{i}.bin")
-        a.tofile(paths[-1])
+    x, qw, qs, paths = random_inputs(tmp_path, 7 * n + k + rows, rows, n, k, 2, (3, -250.0),
+                                     (rows - 1, 64))
     got = run(binary, 0, paths, (rows, n), ydt)
     same = run(binary, 1, paths, (rows, n), ydt)
     assert np.array_equal(got.view(np.uint8), same.view(np.uint8))
 
     reference, magnitude = group_reference(x, qw, qs, k)
-    bound = (k / 32 + 2) * 2.0**-24 * magnitude
-    if ydt == "float16":
-        bound = bound + 2.0 ** (np.floor(np.log2(np.maximum(np.abs(reference), 2.0**-14))) - 11)
+    bound = rounding_bound(reference, magnitude, k, ydt)
     assert (np.abs(got.astype(np.float64) - reference) <= bound).all()
 
 

@@ -37,7 +37,7 @@ lane's group of a feature is then sixteen exact dp2a over its four words and one
 rounding. That is 7 instructions a packed word for the products against ~20 for the float16
 dots, and more precise than either: on the H200 the 7B decode gate_up + silu_mul takes 15.1 us
 instead of 17.9 (benchmarks/results/2026-11-29-h200-g); the tuning database picks it per shape
-(for the qkv and logits GEMVs in the one-shot kernel of mlcc.backends.cuda.linear, which
+(for the plain 7B decode GEMVs in the one-shot kernel of mlcc.backends.cuda.linear, which
 stages while all its weight loads are in flight: benchmarks/results/2026-11-29-h200-h).
 
 Rows that do not fit in 48 KB of static shared memory at once are processed in chunks (the

@@ -15,8 +15,9 @@ and stores through mlcc_put, which rounds to y's dtype: float32 logits of a floa
                      single-row winner for the shape has kind "tcp".
     gemv_q4_tuned_rule (mlcc.backends.cuda.gemv) the persistent GEMV for the decode shapes
                      where the tuning database measured it fastest, and for shapes it never
-                     measured (the 7B shapes on an H200, 2026-11-29: 16-24% faster than the
-                     one-shot kernel below with the mlcc_q4_dot8_lop3 dot, all but 4096 x 4096).
+                     measured (on an H200 it beat the one-shot kernel below with the float16
+                     dots by 16-24% on the 7B shapes; the one-shot kernel with the integer dot
+                     now beats it on all of them: benchmarks/results/2026-11-29-h200-h).
     gemv_q4_rule     few static rows, 4-bit weights in groups of 32, float16 activations: the
                      one-shot decode GEMV. Each warp owns up to four output features; a lane reads
                      one group (four packed words) per feature with one 128-bit load, and all of
@@ -26,8 +27,9 @@ and stores through mlcc_put, which rounds to y's dtype: float32 logits of a floa
                      exponent trick (mlcc_q4_dot8: no int->float conversions), products are
                      summed in pairs in half2, then in float32, and the group's scale is applied
                      once; or, where the database picks the integer dot (mlcc.backends.cuda.intdot:
-                     the 7B qkv and logits GEMVs), the row is staged as 16-bit integers meanwhile
-                     and each group's products are exact dp2a sums.
+                     the 7B decode GEMVs), the row is staged as 16-bit integers meanwhile and each
+                     group's products are exact dp2a sums; a record's min_blocks becomes the
+                     kernel's launch bound (one wave of blocks at K = 11008).
     gemv_rule        few static rows, any weight: a warp per output feature, lanes over k.
     gemm_tc_rule     (mlcc.backends.cuda.gemm) the prefill GEMM: 128-row tiles on mma.sync
                      tensor cores, cp.async activation ring, int4 weights loaded ahead into
