@@ -132,9 +132,13 @@ class GreedyGraph:
 
     def __init__(self, entry, argmax_fn, page_table, kv_pool, params, logits, workspace,
                  device) -> None:
-        import torch
         import tvm
 
+        try:
+            import torch
+        except ImportError:
+            raise MlccError(STAGE, "cudagraph=1 needs torch (CUDA build) to capture the greedy "
+                            "decode step; install it or run with cudagraph off") from None
         self.torch = torch
         self.entry, self.argmax_fn, self.logits = entry, argmax_fn, logits
         self.tokens = tvm.runtime.empty((1,), "int32", device)
