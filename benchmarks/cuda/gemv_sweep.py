@@ -93,12 +93,13 @@ def _persistent(n: int, k: int, cfg: tuple, rows: int = 1, prologue: str = "none
             "pingpong": pingpong, "dot": "mlcc_q4_dot8", "name": f"gemv_{n}_{k}_{tag}{extra}"}
 
 
-def _block(n: int, k: int, rows: int = 1, cfg: tuple | None = None) -> dict:
-    """The block GEMV at the database's pick, or at cfg = (warps, rows per warp, dot)."""
+def _block(n: int, k: int, rows: int = 1, cfg: tuple | None = None, blocks: int = 0) -> dict:
+    """The block GEMV at the database's pick (its min_blocks included), or at cfg = (warps,
+    rows per warp, dot) under a launch bound of `blocks` per SM (0: none)."""
     from mlcc.backends.cuda.tuning import block_min_blocks, gemv_config
 
     warps, rpw, dot = cfg or gemv_config(n, k)
-    blocks = 0 if cfg is not None else block_min_blocks(n, k)
+    blocks = blocks if cfg is not None else block_min_blocks(n, k)
     extra = ("" if rows == 1 else f"_m{rows}") + ("" if cfg is None else "_" + dot_tag(dot))
     extra += f"_mb{blocks}" if blocks else ""
     return {"n": n, "k": k, "rows": rows, "prologue": "none", "kind": "block", "warps": warps,
@@ -454,6 +455,7 @@ def dp2a_block_variants() -> list[dict]:
     out += [_block(n, k, rows, cfg=(w, r, DP2A)) for n, k, rows, (w, r) in DP2A_BLOCK_ODD]
     return out
 
+
 # The one-shot GEMV with its launch bound asking for blocks per SM (ptxas then caps the
 # registers: 167 -> 128 a thread for the integer dot at K = 11008, four features a warp, two
 # blocks of 8 or four of 4 warps an SM: one wave of blocks); (warps, features, dot, blocks).
@@ -471,13 +473,11 @@ def bounded_variants() -> list[dict]:
     out = []
     for n, k in SHAPES:
         out.append(current_pick(n, k))
-        for warps, rpw, dot, blocks in BOUNDED[k]:
-            v = _block(n, k, cfg=(warps, rpw, dot))
-            out.append(dict(v, min_blocks=blocks, name=f"{v['name']}_mb{blocks}"))
-    for n, k, rows, (warps, rpw, dot, blocks) in BOUNDED_ODD:
-        v = _block(n, k, rows, cfg=(warps, rpw, dot))
-        out.append(dict(v, min_blocks=blocks, name=f"{v['name']}_mb{blocks}"))
+        out += [_block(n, k, cfg=(w, r, dot), blocks=b) for w, r, dot, b in BOUNDED[k]]
+    out += [_block(n, k, rows, cfg=(w, r, dot), blocks=b)
+            for n, k, rows, (w, r, dot, b) in BOUNDED_ODD]
     return out
+
 
 # Experiment: the persistent GEMV with a tile's rows spread over the matrix (row q of tile t is
 # t + q * tiles instead of t * rows_per_warp + q), as the GLU mode's gate and up rows are;
@@ -684,9 +684,8 @@ def measure(torch, lib, v: dict, copies: list[tuple], dev, rng) -> dict:
 
 
 RECORD_KEYS = ("kind", "blocks_per_sm", "warps", "rows_per_warp", "min_blocks", "rotate",
-               "pingpong", "dot",
-               "tiles", "unroll", "depth", "fold", "cols", "chunk_rows", "stages", "x_regs",
-               "us", "gb_s")
+               "pingpong", "dot", "tiles", "unroll", "depth", "fold", "cols", "chunk_rows",
+               "stages", "x_regs", "us", "gb_s")
 
 
 def run(folder: Path, out: Path) -> None:

@@ -43,7 +43,7 @@ CASES += [("llama_batch_q0f32", "llama", "q0f32", "O2"),
 # (gemv.DP2A), which the tuning database selects only for the 7B shapes it measured
 CASES += [(f"{arch}_q4f16_1_dp2a", arch, "q4f16_1", "O2") for arch in ("llama", "mistral")]
 CASES += [("mistral_batch_q4f16_1_dp2a", "mistral", "q4f16_1", "O2")]
-# ... and on the one-shot GEMV with the integer dot (the 7B qkv and logits pick)
+# ... and on the one-shot GEMV with the integer dot (the 7B decode GEMVs' pick)
 CASES += [(f"{arch}_q4f16_1_dp2a_block", arch, "q4f16_1", "O2") for arch in ("llama", "mistral")]
 
 
