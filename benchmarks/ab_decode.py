@@ -1,9 +1,10 @@
 """Decode speed of several libraries of one model, interleaved round by round in one process.
 
     python benchmarks/ab_decode.py PARAMS LIB [LIB ...] [--rounds 12] [--steps 32] [--out F.md]
-        [--device cuda]
+        [--device cuda] [--prompt 16]
 
-Every round resets each library's engine, prefills the same 16-token prompt and times `steps`
+Every round resets each library's engine, prefills the same `--prompt`-token prompt (16 unless
+given; longer ones time decode over a longer context) and times `steps`
 greedy-free decode calls (the same token each step); a round's figure is the median step. The
 libraries take turns inside every round, so load that comes and goes on a shared machine falls
 on all of them alike, which separate runs (`python -m benchmarks run`) cannot promise: use this
@@ -26,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-PROMPT = list(range(1, 17))
+def prompt_ids(tokens: int) -> list[int]:
+    return [1 + i % 30000 for i in range(tokens)]
 
 
 def measure(params: Path, libs: list[Path], rounds: int, steps: int,
-            device: str = "cpu") -> dict[str, list[float]]:
+            device: str = "cpu", prompt: int = 16) -> dict[str, list[float]]:
     from mlcc.runtime_check.compiled import CompiledEngine
 
     engines = {str(lib): CompiledEngine(lib, params, device=device) for lib in libs}
@@ -38,7 +40,7 @@ def measure(params: Path, libs: list[Path], rounds: int, steps: int,
     for _ in range(rounds):
         for name, engine in engines.items():
             engine.reset()
-            engine.prefill_logits(PROMPT)
+            engine.prefill_logits(prompt_ids(prompt))
             times = []
             for _ in range(steps):
                 start = time.perf_counter()
@@ -69,11 +71,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--prompt", type=int, default=16, help="prompt tokens before decode")
     args = parser.parse_args()
     for path in [args.params, *args.libs]:
         if not path.exists():
             sys.exit(f"error: {path}: not found; build the libraries and weights first")
-    rows = measure(args.params, args.libs, args.rounds, args.steps, args.device)
+    rows = measure(args.params, args.libs, args.rounds, args.steps, args.device, args.prompt)
     text = table(rows)
     print(text)
     if args.out:
@@ -88,7 +91,7 @@ def main() -> None:
                 f"{os.cpu_count()} cores; TVM threads: {threads}\n- Load average at the end: "
                 f"{[round(v, 2) for v in os.getloadavg()]}\n- Command: `python "
                 f"{shlex.join(sys.argv)}`\n- Rounds: {args.rounds}, {args.steps} decode steps "
-                f"each after a {len(PROMPT)}-token prompt, libraries in turn within a round\n\n")
+                f"each after a {args.prompt}-token prompt, libraries in turn within a round\n\n")
         args.out.write_text(head + text + "\n")
 
 
