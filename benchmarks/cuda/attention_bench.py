@@ -33,11 +33,11 @@ op; 32 layers make the model's share.
 
 Decode (one row, DECODE_CASES): `*_decode`, the shipped one-launch kernel of
 mlcc.backends.cuda.decode_attention (positions split over blocks, the last block merges),
-`*_decode_split` the same without its one-block range for short contexts (SOLO),
-`*_decode_c16` / `*_decode_c64` the same with at least 16 / 64 positions per split instead of
-its CHUNK (32), `*_decode_s128` with one block per head up to 128 positions instead of SOLO
-(64), `*_decode_m64` / `*_decode_m128` with up to 64 / 128 blocks per head instead of
-MAX_SPLITS (32), against `*_decode_two`, append + the CUDA-core attend kernel it replaces.
+against the same kernel under the block shapes of DECODE_SHAPES (`*_decode_w16_u8`: sixteen
+warps, eight positions a lane group a round, one block per head up to 256 positions, ...) and
+`*_decode_two`, append + the CUDA-core attend kernel it replaces. (The split knobs alone,
+CHUNK, SOLO and MAX_SPLITS, were measured with this script on 2026-11-29: see
+benchmarks/results/2026-11-29-h200-d.)
 Validated the same way (the new row's key and value in the pool, the output against float32
 attention), then timed over LAYERS copies of the pool, one per call in turn (a decode step's
 32 layers: the keys and values come from HBM, not L2), 32 calls per graph: microseconds per
@@ -96,8 +96,14 @@ DECODE_CASES = [  # (name, config, position of the one new token)
     ("gqa_32_8_decode_at_2000", "gqa", 2000),
     ("window_256_sinks_4_decode_at_1500", "window", 1500),  # the ring has wrapped
 ]
-DECODE_VARIANTS = ("decode", "decode_s128", "decode_m64", "decode_m128", "decode_split",
-                   "decode_c16", "decode_c64", "decode_two")
+DECODE_SHAPES = {  # variant: gen_decode_attention knobs (the rest as shipped)
+    "decode_w8": {"warps": 8, "solo": 128},
+    "decode_w16": {"warps": 16, "solo": 256},
+    "decode_w8_u8": {"warps": 8, "unroll": 8, "solo": 256},
+    "decode_w16_u8": {"warps": 16, "unroll": 8, "solo": 256},
+    "decode_w16_u8_s512": {"warps": 16, "unroll": 8, "solo": 512, "wide": 512},
+}
+DECODE_VARIANTS = ("decode", *DECODE_SHAPES, "decode_two")
 LAYERS = 32
 
 
@@ -150,15 +156,8 @@ def build(folder: Path) -> None:
         kernels += knob_kernels(spec, config)
         one = attention_spec(config, rows=1)
         kernels.append(gen_decode_attention(one, f"{config}_decode"))
-        # split from the first CHUNK positions on (no one-block range for short contexts)
-        kernels.append(gen_decode_attention(one, f"{config}_decode_split", solo=0))
-        for chunk in (16, 64):  # fewer and more positions per split than the shipped CHUNK
-            kernels.append(gen_decode_attention(one, f"{config}_decode_c{chunk}", chunk=chunk))
-        # one block per head up to 128 positions instead of SOLO (64)
-        kernels.append(gen_decode_attention(one, f"{config}_decode_s128", solo=128))
-        for splits in (64, 128):  # more blocks per head than MAX_SPLITS (32) on long contexts
-            kernels.append(gen_decode_attention(one, f"{config}_decode_m{splits}",
-                                                max_splits=splits))
+        for variant, knobs in DECODE_SHAPES.items():
+            kernels.append(gen_decode_attention(one, f"{config}_{variant}", **knobs))
         kernels.append(gen_qkv_attention(one, f"{config}_decode_two", flash=False))
         tables[config] = inv_freq_table(spec).astype(np.float32).tolist()
     folder.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ from mlcc.backends.cuda.decode_attention import (
     static_splits,
     use_decode,
 )
-from mlcc.backends.cuda.kernels import C_TYPES
+from mlcc.backends.cuda.kernels import C_TYPES, GRID_WAIT
 from mlcc.backends.llvm.fallback import inv_freq_table
 from mlcc.backends.plan import KernelSpec
 
@@ -141,7 +141,8 @@ def decode_spec(hq: int, hkv: int, d: int, rows: int, window: int = -1, sinks: i
          ("ring", window > 0), ("sinks", sinks), ("window", window)))
 
 
-def driver(spec: KernelSpec, arrays: dict, tmp_path, seed: int, splits: int) -> str:
+def driver(spec: KernelSpec, arrays: dict, tmp_path, seed: int, splits: int,
+           warps: int = WARPS) -> str:
     kv = dict(spec.kv)
     rows, hq, hkv, d = spec.inputs[0][0][0], spec.attr("num_q_heads"), kv["kv_heads"], kv[
         "head_dim"]
@@ -157,7 +158,7 @@ int main() {{
 {reads}  pool_append = pool;
   run_grid({append_threads}, shuffled({rows * hkv}, {seed}),
            [] {{ a0_qkv_attention_append({args.format(pool="pool_append")}); }});
-  run_grid({WARPS * 32}, shuffled({rows * hq * splits}, {seed + 1}),
+  run_grid({warps * 32}, shuffled({rows * hq * splits}, {seed + 1}),
            [] {{ k0_qkv_attention_decode({args.format(pool="pool")}); }});
   save(y.data(), y.size(), "{tmp_path}/y.out");
   save(pool.data(), pool.size(), "{tmp_path}/pool.out");
@@ -177,7 +178,7 @@ def run_emulated(tmp_path, spec: KernelSpec, arrays: dict, seed: int, **options)
     append = gen_qkv_attention(spec, "a0_qkv_attention", flash=False).device_source
     append = append[:append.index("__device__ __forceinline__ int a0_qkv_attention_attend")]
     source = (SHIM + append + kernel.device_source + RUNNER
-              + driver(spec, arrays, tmp_path, seed, splits))
+              + driver(spec, arrays, tmp_path, seed, splits, options.get("warps", WARPS)))
     (tmp_path / "k.cpp").write_text(source)
     done = subprocess.run(["g++", "-std=c++20", "-O1", "-w", "-pthread", "-o",
                            str(tmp_path / "k"), str(tmp_path / "k.cpp")],
@@ -253,6 +254,12 @@ CASES = [  # (id, hq, hkv, d, rows, window, sinks, capacity, start, dtype, optio
     ("empty_split", 4, 2, 64, 2, -1, 0, 64, 8, "float16",
      {"chunk": 1, "max_splits": 4, "solo": 0}),
     ("partial_rotary_d32", 4, 4, 32, 1, -1, 0, 512, 45, "float16", {}, 8),  # as GPT-NeoX
+    # sixteen warps, eight positions a lane group a round: 150 positions in one block's round
+    ("7b_at_150_16_warps_solo", 32, 32, 128, 1, -1, 0, 1040, 150, "float16",
+     {"warps": 16, "unroll": 8, "solo": 256}),
+    # eight warps over splits of 64 positions, two rows
+    ("gqa_2_rows_at_300_8_warps", 8, 2, 128, 2, -1, 0, 1040, 300, "float16",
+     {"warps": 8, "chunk": 64, "solo": 128}),
 ]
 
 
@@ -315,6 +322,21 @@ def test_splits_follow_the_static_context_and_the_position():
     assert len(split_ranges(WIDE, MAX_SPLITS)) == WIDE // (2 * CHUNK)
     assert len(split_ranges(301, MAX_SPLITS)) == 5 and len(split_ranges(1001, MAX_SPLITS)) == 16
     assert len(split_ranges(2049, MAX_SPLITS)) == MAX_SPLITS
+
+
+def test_cached_positions_are_loaded_before_the_wait_and_nothing_else():
+    # with pdl the kernel starts while the qkv GEMV ahead of it finishes: the first round's
+    # pool rows (written by earlier launches) may be loaded, the chunk's rows may not
+    kernel = gen_decode_attention(decode_spec(32, 32, 128, 1, capacity=4096), "k0")
+    assert kernel.self_waiting == ("k0_decode",)
+    body = kernel.device_source[kernel.device_source.index("int k0_decode("):]
+    body = body[body.index("{"):]
+    assert body.count(GRID_WAIT) == 1
+    before = body[:body.index(GRID_WAIT)]
+    assert "pool + k0_row(page_table, j, 0, g)" in before
+    assert before.count("reinterpret_cast<const uint4*>") == 2  # a key and a value word
+    for later in ("qkv", "kv_s[0][0] +", "mlcc_put(", "__syncthreads", "q_s[c", "_ws +"):
+        assert later not in before, later
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")

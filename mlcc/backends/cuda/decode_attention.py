@@ -17,12 +17,20 @@ block per (row, query head, split):
    with twice the chunk from `wide` visible positions on, or one block while count <= `solo`
    (a merge costs more than it saves on short contexts),
    computed on the GPU from seq_info, so the step replays from a CUDA graph unchanged.
-   Blocks past `active` return at once. In a block, each warp takes UNROLL x (32 / lanes)
-   positions a round: a group of `lanes` lanes per position, each lane loading 16-byte words
-   of the key and value, every load of the round issued before any is used. Each lane group
+   Blocks past `active` return at once. A block has `warps` warps (WARPS), each taking
+   `unroll` (UNROLL) x (32 / lanes) positions a round: a group of `lanes` lanes per position,
+   each lane loading 16-byte words of the key and value, every load of the round issued
+   before any is used. Each lane group
    keeps an online softmax (running max, sum, weighted values in float32); the groups merge in
    shared memory.
-3. With more than one active split, each block writes (max, sum, weighted values) to a
+3. With pdl (mlcc.backends.cuda.toolchain) the block issues its first round's loads of cached
+   positions (the pool rows before the chunk, written by earlier launches) before it waits for
+   the kernel ahead, the qkv GEMV, whose output only the rotation and the chunk's rows need:
+   on the H200 the step's attention then costs a round trip less (decode +2%,
+   benchmarks/results/2026-11-29-h200-i). The pool rows of the chunk are written after the
+   wait, and no cached position the block reads shares a slot with them (a ring holds the
+   window, the sinks and a chunk).
+4. With more than one active split, each block writes (max, sum, weighted values) to a
    `__device__` scratch array, fences, and counts itself in on a per-(row, head) counter; the
    block that arrives last merges the partial states, writes the output and sets the counter
    back to 0, so the next layer, step or graph replay starts clean.
@@ -44,11 +52,24 @@ from __future__ import annotations
 import numpy as np
 
 from mlcc.backends.cuda.attention import DECODE_ROWS, _rope, page_helpers
-from mlcc.backends.cuda.kernels import C_TYPES, CudaKernel, fp, launcher_nests, signature
+from mlcc.backends.cuda.kernels import (
+    C_TYPES,
+    GRID_WAIT,
+    CudaKernel,
+    fp,
+    launcher_nests,
+    signature,
+)
 from mlcc.backends.plan import KernelSpec
 
+# Larger blocks walk more positions a round but fill the grid's blocks per head (MAX_SPLITS,
+# most of which return at once on short contexts) more slowly: on an H200
+# (benchmarks/results/2026-11-29-h200-i, attention_bench.json) 16 warps with eight positions a
+# lane group took 6.8 us a layer at 160 positions against 8.4, but 6.1 against 4.5 at 32 and
+# twice the time from 700 on; in the 7B decode, 8 warps x 8 gained 1-2% less than 4 x 4.
 WARPS = 4
 UNROLL = 4  # positions per lane group whose loads are in flight together
+RESIDENT_THREADS = 1024  # an SM's threads of this kernel the launch bound asks room for
 CHUNK = 32  # fewest visible positions per split: one round of four warps at d = 128
 MAX_SPLITS = 32  # at most this many blocks per (row, query head)
 # Up to this many visible positions one block per (row, head) walks them all: on an H200
@@ -118,35 +139,44 @@ def _unpack(kv_dt: str, vec: int) -> str:
 }}"""
 
 
-def _prologue(spec: KernelSpec, name: str, rows: int, splits: int) -> str:
-    """Shared state, block coordinates, the split's range, the rotated query and the chunk's
-    keys and values (and the one pool write per (row, KV head))."""
+def _coords(spec: KernelSpec, rows: int, splits: int) -> str:
+    """Shared state, block coordinates and the split's range (from seq_info alone)."""
     kv = dict(spec.kv)
-    hq, hkv, d, page = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"], kv["page_size"]
-    group, width = hq // hkv, (hq + 2 * hkv) * d
+    hq, hkv, d = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"]
+    group = hq // hkv
     window, sinks = kv["window"], kv["sinks"]
-    first = f"(pos - {window - 1} > 0 ? pos - {window - 1} : 0LL)" if window > 0 else "0LL"
+    first = f"(pos - {window - 1} > 0 ? pos - {window - 1} : 0)" if window > 0 else "0"
     return f"""  __shared__ float q_s[{d}];
   __shared__ __align__(16) T_KV kv_s[2][{rows}][{d}];  // the chunk's keys, values
   __shared__ int last_s;
   // split-major: the blocks that may have work come first and spread over the SMs
   const int split = blockIdx.x / {rows * hq};
   const int h = blockIdx.x % {hq}, g = h / {group};
-  const long long i = blockIdx.x / {hq} % {rows};
-  const long long start = seq_info[0], pos = start + i;
-  const long long lo = {first};
-  const long long sinks_end = {sinks} < lo ? {sinks} : lo;
+  const int i = blockIdx.x / {hq} % {rows};
+  // positions as int (32-bit registers); pool offsets are 64-bit (page_helpers)
+  const int start = seq_info[0], pos = start + i;
+  const int lo = {first};
+  const int sinks_end = {sinks} < lo ? {sinks} : lo;
   // visible: [0, sinks_end) then [lo, pos], walked as one index range
-  const long long count = sinks_end + (pos - lo + 1);
+  const int count = sinks_end + (pos - lo + 1);
   // divisions by constants (shifts for a power-of-two chunk), not by a variable
-  long long active = count <= SOLO_ ? 1 : count < WIDE_ ? (count + CHUNK_ - 1) / CHUNK_
+  int active = count <= SOLO_ ? 1 : count < WIDE_ ? (count + CHUNK_ - 1) / CHUNK_
                                                          : (count + 2 * CHUNK_ - 1) / (2 * CHUNK_);
   active = active < SPLITS ? active : SPLITS;
   if (split >= active) return 0;
-  const long long per = (count + active - 1) / active;
-  const long long t_begin = split * per;
-  const long long t_end = t_begin + per < count ? t_begin + per : count;
-  for (int c = threadIdx.x; c < {d // 2}; c += blockDim.x)
+  const int per = (count + active - 1) / active;
+  const int t_begin = split * per;
+  const int t_end = t_begin + per < count ? t_begin + per : count;
+""".replace("SPLITS", str(splits))
+
+
+def _stage(spec: KernelSpec, name: str, rows: int) -> str:
+    """The rotated query and the chunk's keys and values in shared memory (and the one pool
+    write per (row, KV head)): everything that reads the kernel ahead's output."""
+    kv = dict(spec.kv)
+    hq, hkv, d, page = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"], kv["page_size"]
+    group, width = hq // hkv, (hq + 2 * hkv) * d
+    return f"""  for (int c = threadIdx.x; c < {d // 2}; c += blockDim.x)
     {name}_rope2(qkv + i * {width}LL + h * {d}, c, pos, &q_s[c], &q_s[c + {d // 2}]);
   const bool writer = split == 0 && h % {group} == 0;
   const long long wrow = writer ? {name}_row(page_table, pos, 0, g) : 0;
@@ -168,20 +198,62 @@ def _prologue(spec: KernelSpec, name: str, rows: int, splits: int) -> str:
     }}
   }}
   __syncthreads();
-""".replace("SPLITS", str(splits))
+"""
 
 
-def _walk(spec: KernelSpec, name: str, rows: int) -> str:
-    """Each lane group's online softmax over its positions of the split's range."""
+def _loads(spec: KernelSpec, name: str, rows: int, warps: int, unroll: int, which: str,
+           base: str = "base") -> str:
+    """The loads of the round at `base` into kw, vw: `which` is "pool" (positions before the
+    chunk, cached by earlier launches), "chunk" (the chunk's rows, from shared memory) or
+    "all"."""
     kv = dict(spec.kv)
     hkv, d, page = kv["kv_heads"], kv["head_dim"], kv["page_size"]
     vec, lanes, per_lane = _geometry(spec)
     step = 32 // lanes  # positions a warp takes side by side
-    scale = spec.attr("scale") if spec.attr("scale") is not None else 1.0 / np.sqrt(d)
-    n = per_lane * vec
+    pool = f"kp = pool + {name}_row(page_table, j, 0, g); vp = kp + {hkv * page * d}LL;"
+    # a chunk row's value follows its key by one shared row, a pool row's by one kind
+    chunk = f"kp = kv_s[0][0] + (j - start) * {d}; vp = kp + {rows * d}LL;"
+    pick = {"pool": f"if (j >= start) continue;\n      {pool}",
+            "chunk": f"if (j < start) continue;\n      {chunk}",
+            "all": f"if (j >= start) {{ {chunk} }} else {{ {pool} }}"}[which]
+    return f"""    #pragma unroll
+    for (int u = 0; u < {unroll}; ++u) {{
+      const int t = {base} + (warp * {unroll} + u) * {step} + grp;
+      const int tc = t < t_end ? t : t_end - 1;
+      const int j = tc < sinks_end ? tc : lo + (tc - sinks_end);
+      const T_KV *kp, *vp;
+      {pick}
+      #pragma unroll
+      for (int e = 0; e < {per_lane}; ++e) {{
+        kw[u][e] = *reinterpret_cast<const uint4*>(kp + (e * {lanes} + sub) * {vec});
+        vw[u][e] = *reinterpret_cast<const uint4*>(vp + (e * {lanes} + sub) * {vec});
+      }}
+    }}
+"""
+
+
+def _first_loads(spec: KernelSpec, name: str, rows: int, warps: int, unroll: int) -> str:
+    """Lane coordinates and the first round's loads of cached positions: they need nothing
+    from the kernel ahead, so they are issued before the block waits for it."""
+    _, lanes, per_lane = _geometry(spec)
     return f"""  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int sub = lane % {lanes}, grp = lane / {lanes};
-  float qr[{n}], acc[{n}], m = -1.0e30f, l = 0.f;
+  uint4 kw[{unroll}][{per_lane}], vw[{unroll}][{per_lane}];
+  {{
+{_loads(spec, name, rows, warps, unroll, "pool", "t_begin")}  }}
+"""
+
+
+def _walk(spec: KernelSpec, name: str, rows: int, warps: int, unroll: int) -> str:
+    """Each lane group's online softmax over its positions of the split's range: `unroll`
+    positions a lane group a round, every load of the round issued before any is used (the
+    first round's cached positions by `_first_loads`)."""
+    d = dict(spec.kv)["head_dim"]
+    vec, lanes, per_lane = _geometry(spec)
+    step = 32 // lanes  # positions a warp takes side by side
+    scale = spec.attr("scale") if spec.attr("scale") is not None else 1.0 / np.sqrt(d)
+    n = per_lane * vec
+    return f"""  float qr[{n}], acc[{n}], m = -1.0e30f, l = 0.f;
   #pragma unroll
   for (int e = 0; e < {per_lane}; ++e)
     #pragma unroll
@@ -189,27 +261,13 @@ def _walk(spec: KernelSpec, name: str, rows: int) -> str:
       qr[e * {vec} + k] = q_s[(e * {lanes} + sub) * {vec} + k];
       acc[e * {vec} + k] = 0.f;
     }}
-  for (long long base = t_begin; base < t_end; base += {WARPS * UNROLL * step}) {{
-    uint4 kw[{UNROLL}][{per_lane}], vw[{UNROLL}][{per_lane}];
+  for (int base = t_begin; base < t_end; base += {warps * unroll * step}) {{
+    if (base == t_begin) {{
+{_loads(spec, name, rows, warps, unroll, "chunk")}    }} else {{
+{_loads(spec, name, rows, warps, unroll, "all")}    }}
+    float s[{unroll}], m_new = m;
     #pragma unroll
-    for (int u = 0; u < {UNROLL}; ++u) {{
-      const long long t = base + (warp * {UNROLL} + u) * {step} + grp;
-      const long long tc = t < t_end ? t : t_end - 1;
-      const long long j = tc < sinks_end ? tc : lo + (tc - sinks_end);
-      const T_KV* kp = kv_s[0][0];
-      if (j >= start) kp += (j - start) * {d};
-      else kp = pool + {name}_row(page_table, j, 0, g);
-      // a chunk row's value follows its key by one shared row, a pool row's by one kind
-      const T_KV* vp = kp + (j >= start ? {rows * d}LL : {hkv * page * d}LL);
-      #pragma unroll
-      for (int e = 0; e < {per_lane}; ++e) {{
-        kw[u][e] = *reinterpret_cast<const uint4*>(kp + (e * {lanes} + sub) * {vec});
-        vw[u][e] = *reinterpret_cast<const uint4*>(vp + (e * {lanes} + sub) * {vec});
-      }}
-    }}
-    float s[{UNROLL}], m_new = m;
-    #pragma unroll
-    for (int u = 0; u < {UNROLL}; ++u) {{
+    for (int u = 0; u < {unroll}; ++u) {{
       float dot = 0.f, f[{vec}];
       #pragma unroll
       for (int e = 0; e < {per_lane}; ++e) {{
@@ -219,7 +277,7 @@ def _walk(spec: KernelSpec, name: str, rows: int) -> str:
       }}
       #pragma unroll
       for (int o = {lanes // 2}; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-      const bool live = base + (warp * {UNROLL} + u) * {step} + grp < t_end;
+      const bool live = base + (warp * {unroll} + u) * {step} + grp < t_end;
       s[u] = live ? dot * {fp(scale)} : -1.0e30f;
       m_new = fmaxf(m_new, s[u]);
     }}
@@ -228,8 +286,8 @@ def _walk(spec: KernelSpec, name: str, rows: int) -> str:
     #pragma unroll
     for (int k = 0; k < {n}; ++k) acc[k] *= keep;
     #pragma unroll
-    for (int u = 0; u < {UNROLL}; ++u) {{
-      const bool live = base + (warp * {UNROLL} + u) * {step} + grp < t_end;
+    for (int u = 0; u < {unroll}; ++u) {{
+      const bool live = base + (warp * {unroll} + u) * {step} + grp < t_end;
       const float wgt = live ? expf(s[u] - m_new) : 0.f;
       l += wgt;
       float f[{vec}];
@@ -245,13 +303,13 @@ def _walk(spec: KernelSpec, name: str, rows: int) -> str:
 """
 
 
-def _merge(spec: KernelSpec, name: str, splits: int) -> str:
+def _merge(spec: KernelSpec, name: str, splits: int, warps: int) -> str:
     """Lane groups merge in shared memory; with one active split the block writes the output,
     otherwise the last block to arrive merges the splits' states from the scratch array."""
     kv = dict(spec.kv)
     hq, d = spec.attr("num_q_heads"), kv["head_dim"]
     vec, lanes, per_lane = _geometry(spec)
-    groups = WARPS * (32 // lanes)
+    groups = warps * (32 // lanes)
     stride = d + 2
     return f"""  __shared__ float part_m[{groups}], part_l[{groups}], part_acc[{groups}][{d}];
   const int gi = warp * {32 // lanes} + grp;
@@ -268,7 +326,7 @@ def _merge(spec: KernelSpec, name: str, splits: int) -> str:
   #pragma unroll
   for (int w = 0; w < {groups}; ++w) total += part_l[w] * expf(part_m[w] - top);
   float* ws = {name}_ws + (i * {hq} + h) * {splits * stride}LL;
-  const long long out_at = i * {hq * d}LL + h * {d};
+  const long long out_at = (long long)i * {hq * d}LL + h * {d};
   for (int c = threadIdx.x; c < {d}; c += blockDim.x) {{
     float out = 0.f;
     #pragma unroll
@@ -301,12 +359,25 @@ def _merge(spec: KernelSpec, name: str, splits: int) -> str:
 """
 
 
-def gen_decode_attention(spec: KernelSpec, name: str, chunk: int = CHUNK,
-                         max_splits: int = MAX_SPLITS, solo: int = SOLO,
-                         wide: int = WIDE) -> CudaKernel:
+def gen_decode_attention(spec: KernelSpec, name: str, chunk: int | None = None,
+                         max_splits: int | None = None, solo: int | None = None,
+                         wide: int | None = None, warps: int | None = None,
+                         unroll: int | None = None) -> CudaKernel:
     """`{name}_decode` for a `use_decode` spec: one launch of rows x query heads x splits
-    blocks. `chunk`, `max_splits`, `solo` and `wide` set the split count (see
-    `split_ranges`)."""
+    blocks of `warps` warps. `chunk`, `max_splits`, `solo` and `wide` set the split count (see
+    `split_ranges`), `unroll` the positions a lane group loads at once. Each left out is the
+    module's constant of that name as it is at the call.
+
+    Up to four positions a lane group, the launch bound asks for RESIDENT_THREADS threads an
+    SM (64 registers a thread): the first round's early loads would otherwise take the 7B
+    kernel to 72 registers and 6 blocks of 4 warps an SM, fewer than its 1,024 blocks need
+    to be placed at once (decode after 3,968 positions 2% slower on the H200)."""
+    chunk = CHUNK if chunk is None else chunk
+    max_splits = MAX_SPLITS if max_splits is None else max_splits
+    solo = SOLO if solo is None else solo
+    wide = WIDE if wide is None else wide
+    warps = WARPS if warps is None else warps
+    unroll = UNROLL if unroll is None else unroll
     kv = dict(spec.kv)
     (qkv_shape, dt), (out_shape, _) = spec.inputs[0], spec.outputs[0]
     hq, hkv, d, page = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"], kv["page_size"]
@@ -325,11 +396,15 @@ def gen_decode_attention(spec: KernelSpec, name: str, chunk: int = CHUNK,
 __device__ float {name}_ws[{rows * hq * splits * (d + 2)}];
 __device__ unsigned int {name}_cnt[{rows * hq}];  // blocks done per (row, head)
 {head} {{
-{_prologue(spec, name, rows, splits)}{_walk(spec, name, rows)}{_merge(spec, name, splits)}}}
+{_coords(spec, rows, splits)}{_first_loads(spec, name, rows, warps, unroll)}  {GRID_WAIT}
+{_stage(spec, name, rows)}{_walk(spec, name, rows, warps, unroll)}\
+{_merge(spec, name, splits, warps)}}}
 """
     source = source.replace("T_QKV", C_TYPES[dt]).replace("T_KV", C_TYPES[kv["dtype"]])
     source = source.replace("CHUNK_", str(chunk)).replace("SOLO_", str(solo))
     source = source.replace("WIDE_", str(wide))
     grid = (f"T.int64({rows * hq * splits})",)
     return CudaKernel(name, source,
-                      launcher_nests(name, buffers, [(f"{name}_decode", grid, WARPS * 32)], []))
+                      launcher_nests(name, buffers, [(f"{name}_decode", grid, warps * 32)], []),
+                      self_waiting=(f"{name}_decode",),
+                      min_blocks=RESIDENT_THREADS // (warps * 32) if unroll <= 4 else 0)
