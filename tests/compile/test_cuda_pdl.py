@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 
 from mlcc.backends.cuda import toolchain
-from mlcc.backends.cuda.codegen import early_release, kernel_for, kernel_names, library_parts
+from mlcc.backends.cuda.codegen import (
+    early_release,
+    kernel_for,
+    kernel_names,
+    library_parts,
+    wait_release,
+)
 from mlcc.backends.cuda.kernels import GRID_WAIT
 from mlcc.backends.plan import KernelSpec
 from mlcc.passes import parse_opt
@@ -38,15 +44,20 @@ def test_prologue_goes_into_wrappers_but_not_prototypes_or_self_waiting_kernels(
             '  a_dev(x);\n}\n\n'
             'extern "C" __global__ void b_kernel(half* x) {\n  b_dev(x, 2);\n}\n'
             'extern "C" __global__ void c_kernel(half* x) {\n  c_dev(x);\n}\n'
-            'extern "C" __global__ void d_kernel(half* x) {\n  d_dev(x);\n}\n')
+            'extern "C" __global__ void d_kernel(half* x) {\n  d_dev(x);\n}\n'
+            'extern "C" __global__ void e_kernel(half* x) {\n  e_dev(x);\n}\n'
+            'extern "C" __global__ void f_kernel(half* x) {\n  b_dev(x, 3);\n}\n')
     out = toolchain.with_pdl_prologue(code, frozenset({"b_dev", "d_dev"}),
-                                      frozenset({"c_dev", "d_dev"}))
+                                      frozenset({"c_dev", "d_dev"}), frozenset({"e_dev", "b_dev"}))
     wait, release = GRID_WAIT, toolchain.EARLY_RELEASE
     assert 'a_kernel(half* x);\n' in out  # the prototype is left alone
     assert f"a_kernel(half* x) {{\n  {wait}\n  a_dev(x);" in out
     assert "b_kernel(half* x) {\n  b_dev(x, 2);" in out
     assert f"c_kernel(half* x) {{\n  {release}\n  {wait}\n  c_dev(x);" in out
     assert f"d_kernel(half* x) {{\n  {release}\n  d_dev(x);" in out
+    assert f"e_kernel(half* x) {{\n  {wait}\n  {release}\n  e_dev(x);" in out
+    # a kernel that waits itself has no wrapper wait to release after
+    assert "f_kernel(half* x) {\n  b_dev(x, 3);" in out
 
 
 def test_early_release_only_ahead_of_single_block_kernels():
@@ -66,6 +77,22 @@ def test_early_release_only_ahead_of_single_block_kernels():
         for here, after in zip(seq, seq[1:] + [None]):
             if f"{here}_dev" in early:
                 assert after in single, (here, after)
+
+
+def test_single_block_kernels_release_after_their_wait():
+    from test_cuda_codegen import lowered
+
+    built, plans, _, _ = library_parts(lowered("llama2_7b", "q4f16_1"),
+                                       {"params": [], "model_config": {"vocab_size": 32000}},
+                                       fuse_glu=True)
+    early = early_release(plans, built)
+    late = wait_release(built, early)
+    ops = {name.removesuffix("_dev").split("_", 1)[1] for name in late}
+    # the one-row norms and the token pickers; the embedding releases early instead
+    assert ops == {"rms_norm", "add_rms_norm", "argmax", "sample"}, ops
+    assert not late & early
+    single = {f"{k.name}_dev" for k in built if k.single_block()}
+    assert late | early >= single and late <= single
 
 
 def test_pdl_needs_sm_90_for_every_architecture():
@@ -113,7 +140,7 @@ def test_pdl_library_tags_every_kernel_and_waits_in_each(tmp_path, monkeypatch):
     assert waiting, "the decode GEMVs wait themselves"
     # The light kernels before the decode GEMVs prefetch, then wait (mlcc.backends.cuda.prefetch).
     assert any(name.endswith("_pf") for name in waiting)
-    released = 0
+    released = after_wait = 0
     for body in wrappers:
         calls = set(re.findall(r"\b(\w+)\s*\(", body))
         head = body.lstrip()
@@ -121,7 +148,10 @@ def test_pdl_library_tags_every_kernel_and_waits_in_each(tmp_path, monkeypatch):
             released += 1
             head = head[len(toolchain.EARLY_RELEASE):].lstrip()
         assert head.startswith(GRID_WAIT) != bool(calls & waiting), body
+        if head.startswith(GRID_WAIT + "\n  " + toolchain.EARLY_RELEASE):
+            after_wait += 1
     assert released >= 2  # the decode o_proj and down GEMVs, ahead of a one-row norm
+    assert after_wait >= 2  # the one-row norms, the argmax
     assert pdl.index(toolchain.PDL_DEFINE) < pdl.index("mlcc_grid_wait() {")
     assert toolchain.PDL_DEFINE not in plain
     plain_wrappers = re.findall(r'extern "C" __global__[^;{]*\{(.*?)\n\}', plain, re.DOTALL)
@@ -142,7 +172,7 @@ def test_pdl_library_tags_every_kernel_and_waits_in_each(tmp_path, monkeypatch):
         assert ("griddepcontrol.wait" in ptx) == expect
         if expect:
             assert ptx.count("griddepcontrol.wait") >= len(wrappers)
-            assert ptx.count("griddepcontrol.launch_dependents") >= released
+            assert ptx.count("griddepcontrol.launch_dependents") >= released + after_wait
 
 
 def test_sm_80_build_leaves_pdl_off(tmp_path, monkeypatch):
@@ -153,15 +183,16 @@ def test_sm_80_build_leaves_pdl_off(tmp_path, monkeypatch):
 
     calls, logged = {}, []
     monkeypatch.setattr(codegen, "compile_library",
-                        lambda built, host, cpu, output, archs, pdl=False, early=frozenset():
-                        calls.update(pdl=pdl, early=len(early)))
+                        lambda built, host, cpu, output, archs, pdl=False, early=frozenset(),
+                        after_wait=frozenset():
+                        calls.update(pdl=pdl, early=len(early), after_wait=len(after_wait)))
     arch, config, quant, _ = load_model_config(STORIES, "q4f16_1", None)
     passes = build_pipeline(parse_opt("O2"), get_scheme(quant).model_dtype, quant,
                             config.prefill_chunk_size)
     module = run_passes(arch.build_module(config), passes).module
     codegen.build(module, tmp_path / "x.so", {"params": []}, ("sm_90", "sm_80"), logged.append,
                   pdl=True)
-    assert calls == {"pdl": False, "early": 0}
+    assert calls == {"pdl": False, "early": 0, "after_wait": 0}
     assert any(line.startswith("pdl off") for line in logged)
     codegen.build(module, tmp_path / "x.so", {"params": []}, ("sm_90",), logged.append, pdl=True)
-    assert calls["pdl"] is True and calls["early"] > 0
+    assert calls["pdl"] is True and calls["early"] > 0 and calls["after_wait"] > 0

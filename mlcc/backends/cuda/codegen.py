@@ -93,6 +93,12 @@ def early_release(plans: list[EntryPlan], built: list[CudaKernel]) -> frozenset[
     return frozenset(f"{name}_dev" for name, ok in verdict.items() if ok)
 
 
+def wait_release(built: list[CudaKernel], early: frozenset[str]) -> frozenset[str]:
+    """Device functions of the single-block kernels not in `early`: with pdl they release the
+    next kernel once their own wait returns (mlcc.backends.cuda.toolchain)."""
+    return frozenset(f"{k.name}_dev" for k in built if k.single_block()) - early
+
+
 def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
                   fuse_glu: bool = False, l2_prefetch: int = 0,
                   ) -> tuple[list[CudaKernel], list[EntryPlan], str, str]:
@@ -161,15 +167,17 @@ def build(module: ir.Module, output: Path, metadata: dict,
         log(f"pdl off: programmatic dependent launch needs sm_90 or newer ({', '.join(archs)})")
         pdl = False
     early = early_release(plans, built) if pdl else frozenset()
-    compile_library(built, entries, meta, output, archs, pdl, early)
+    after_wait = wait_release(built, early) if pdl else frozenset()
+    compile_library(built, entries, meta, output, archs, pdl, early, after_wait)
     return counts
 
 
 def compile_library(built: list[CudaKernel], host_source: str, cpu_source: str, output: Path,
                     archs: tuple[str, ...] = DEFAULT_ARCHS, pdl: bool = False,
-                    early: frozenset[str] = frozenset()) -> None:
+                    early: frozenset[str] = frozenset(),
+                    after_wait: frozenset[str] = frozenset()) -> None:
     """Compile kernels + host functions (cuda target) + CPU-only functions into `output`;
-    `pdl` and `early` as in mlcc.backends.cuda.toolchain.install_hooks."""
+    `pdl`, `early` and `after_wait` as in mlcc.backends.cuda.toolchain.install_hooks."""
     import tvm
 
     enable_cuda_codegen()
@@ -178,7 +186,7 @@ def compile_library(built: list[CudaKernel], host_source: str, cpu_source: str, 
                              + [name for k in built for name in k.self_waiting])
     min_blocks = {f"{k.name}_kernel": k.min_blocks for k in built if k.min_blocks}
     install_hooks(device_source(built), archs, Path(keep) if keep else None, pdl, self_waiting,
-                  early, min_blocks)
+                  early, min_blocks, after_wait)
     target, host = cuda_target(archs[0]), host_target()
     funcs = {}
     gpu_source = "\n\n".join([k.launcher for k in built] + ([host_source] if host_source else []))

@@ -17,8 +17,12 @@ completed, and it waits (`griddepcontrol.wait`) before its first read of an acti
 write: that returns once the kernel ahead has finished and its writes are visible, so the order
 of all reads and writes stays as before. The decode GEMVs issue their weight loads before the
 wait. A kernel is released to run early when every block of the kernel ahead has exited, or
-sooner where that kernel says so (`griddepcontrol.launch_dependents`): only kernels whose next
-kernel is a single block (the decode GEMVs ahead of a one-row norm) say so, at their start.
+sooner where that kernel says so (`griddepcontrol.launch_dependents`): kernels whose next
+kernel is a single block (the decode GEMVs ahead of a one-row norm) say so at their start, and
+single-block kernels (the one-row norms, the argmax) right after their own wait returns: the
+kernel ahead has finished by then, so the next one is placed on an idle GPU and its weight
+loads overlap the one block's work (decode +1-3% interleaved on the H200, with the decode
+attention's early loads +5%; benchmarks/results/2026-11-29-h200-i).
 Letting every kernel go at its start was slower on the H200 (decode 454 against 522 tok/s,
 prefill 15.2k against 17.2k; benchmarks/results/2026-11-29-h200-c): a grid placed while the one
 ahead still holds SMs lands unevenly, several blocks on the SMs that freed first, which costs
@@ -130,16 +134,21 @@ def pdl_supported(archs: tuple[str, ...]) -> bool:
 
 
 def with_pdl_prologue(code: str, self_waiting: frozenset[str] = frozenset(),
-                      early: frozenset[str] = frozenset()) -> str:
+                      early: frozenset[str] = frozenset(),
+                      after_wait: frozenset[str] = frozenset()) -> str:
     """TVM's kernel wrappers with the wait at the top of each body, except those calling a
     device function of `self_waiting` (which waits where it should); those calling one of
-    `early` release the next kernel first."""
+    `early` release the next kernel first, those calling one of `after_wait` right after the
+    wait."""
 
     def opened(match: re.Match) -> str:
         body = code[match.end():code.find("\n}", match.end())]
         called = set(re.findall(r"\b(\w+)\s*\(", body))
-        lines = ([EARLY_RELEASE] if early & called else []) + \
-            ([] if self_waiting & called else [GRID_WAIT])
+        lines = [] if self_waiting & called else [GRID_WAIT]
+        if early & called:
+            lines = [EARLY_RELEASE] + lines
+        elif after_wait & called and lines:
+            lines = lines + [EARLY_RELEASE]
         return match.group(1) + "".join("\n  " + line for line in lines)
 
     return _KERNEL_OPEN.sub(opened, code)
@@ -191,13 +200,15 @@ def with_min_blocks(code: str, min_blocks: Mapping[str, int]) -> str:
 def install_hooks(device_source: str, archs: tuple[str, ...], keep_source: Path | None,
                   pdl: bool = False, self_waiting: frozenset[str] = frozenset(),
                   early: frozenset[str] = frozenset(),
-                  min_blocks: Mapping[str, int] | None = None) -> None:
+                  min_blocks: Mapping[str, int] | None = None,
+                  after_wait: frozenset[str] = frozenset()) -> None:
     """Register the postproc (insert our device code) and compile (nvcc -> fatbin) callbacks.
 
     With `pdl` every kernel wrapper waits for the kernel before it (with_pdl_prologue), except
     those calling a device function named in `self_waiting`; `early` names the device
-    functions whose kernels release the next one at their start. `min_blocks` maps kernel
-    names (TVM's `{launcher}_kernel`) to the blocks per SM their launch bound asks for."""
+    functions whose kernels release the next one at their start, `after_wait` those that
+    release it right after their wait. `min_blocks` maps kernel names (TVM's
+    `{launcher}_kernel`) to the blocks per SM their launch bound asks for."""
     import tvm_ffi
 
     nvcc = find_nvcc()
@@ -207,7 +218,7 @@ def install_hooks(device_source: str, archs: tuple[str, ...], keep_source: Path 
         at = marker if marker >= 0 else len(code)
         head, kernels = code[:at], code[at:]
         if pdl:
-            kernels = with_pdl_prologue(kernels, self_waiting, early)
+            kernels = with_pdl_prologue(kernels, self_waiting, early, after_wait)
         if min_blocks:
             kernels = with_min_blocks(kernels, min_blocks)
         code = head + (PDL_DEFINE if pdl else "") + device_source + "\n" + kernels
