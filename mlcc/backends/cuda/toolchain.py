@@ -21,8 +21,9 @@ sooner where that kernel says so (`griddepcontrol.launch_dependents`): kernels w
 kernel is a single block (the decode GEMVs ahead of a one-row norm) say so at their start, and
 single-block kernels (the one-row norms, the argmax) right after their own wait returns: the
 kernel ahead has finished by then, so the next one is placed on an idle GPU and its weight
-loads overlap the one block's work (decode +1-3% interleaved on the H200, with the decode
-attention's early loads +5%; benchmarks/results/2026-11-29-h200-i).
+loads overlap the one block's work (decode 1.01x interleaved on the H200; 1.01x in two more
+calls together with the decode attention's early loads, at 16 to 3,968 positions;
+benchmarks/results/2026-11-29-h200-i).
 Letting every kernel go at its start was slower on the H200 (decode 454 against 522 tok/s,
 prefill 15.2k against 17.2k; benchmarks/results/2026-11-29-h200-c): a grid placed while the one
 ahead still holds SMs lands unevenly, several blocks on the SMs that freed first, which costs
