@@ -26,10 +26,10 @@ block per (row, query head, split):
 3. With pdl (mlcc.backends.cuda.toolchain) the block issues its first round's loads of cached
    positions (the pool rows before the chunk, written by earlier launches) before it waits for
    the kernel ahead, the qkv GEMV, whose output only the rotation and the chunk's rows need,
-   so those loads overlap the GEMV's last blocks and the wait (decode 1.02x interleaved on the
-   H200 in one call, 1.01x with the norms' later release in two more; under the launch bound
-   below at every context from 16 to 3,968 positions; benchmarks/results/2026-11-29-h200-i).
-   The pool rows of the chunk are written after the
+   so those loads overlap the wait for its completion and the rotation (decode 1.02x
+   interleaved on the H200 in one call, 1.01x with the norms' later release in two more,
+   under the launch bound below at every context from 16 to 3,968 positions;
+   benchmarks/results/2026-11-29-h200-i). The pool rows of the chunk are written after the
    wait, and no cached position the block reads shares a slot with them (a ring holds the
    window, the sinks and a chunk).
 4. With more than one active split, each block writes (max, sum, weighted values) to a
