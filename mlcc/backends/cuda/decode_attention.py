@@ -20,9 +20,8 @@ block per (row, query head, split):
    Blocks past `active` return at once. A block has `warps` warps (WARPS), each taking
    `unroll` (UNROLL) x (32 / lanes) positions a round: a group of `lanes` lanes per position,
    each lane loading 16-byte words of the key and value, every load of the round issued
-   before any is used. Each lane group
-   keeps an online softmax (running max, sum, weighted values in float32); the groups merge in
-   shared memory.
+   before any is used. Each lane group keeps an online softmax (running max, sum, weighted
+   values in float32); the groups merge in shared memory.
 3. With pdl (mlcc.backends.cuda.toolchain) the block issues its first round's loads of cached
    positions (the pool rows before the chunk, written by earlier launches) before it waits for
    the kernel ahead, the qkv GEMV, whose output only the rotation and the chunk's rows need,
@@ -203,7 +202,7 @@ def _stage(spec: KernelSpec, name: str, rows: int) -> str:
 """
 
 
-def _loads(spec: KernelSpec, name: str, rows: int, warps: int, unroll: int, which: str,
+def _loads(spec: KernelSpec, name: str, rows: int, unroll: int, which: str,
            base: str = "base") -> str:
     """The loads of the round at `base` into kw, vw: `which` is "pool" (positions before the
     chunk, cached by earlier launches), "chunk" (the chunk's rows, from shared memory) or
@@ -234,7 +233,7 @@ def _loads(spec: KernelSpec, name: str, rows: int, warps: int, unroll: int, whic
 """
 
 
-def _first_loads(spec: KernelSpec, name: str, rows: int, warps: int, unroll: int) -> str:
+def _first_loads(spec: KernelSpec, name: str, rows: int, unroll: int) -> str:
     """Lane coordinates and the first round's loads of cached positions: they need nothing
     from the kernel ahead, so they are issued before the block waits for it."""
     _, lanes, per_lane = _geometry(spec)
@@ -242,7 +241,7 @@ def _first_loads(spec: KernelSpec, name: str, rows: int, warps: int, unroll: int
   const int sub = lane % {lanes}, grp = lane / {lanes};
   uint4 kw[{unroll}][{per_lane}], vw[{unroll}][{per_lane}];
   {{
-{_loads(spec, name, rows, warps, unroll, "pool", "t_begin")}  }}
+{_loads(spec, name, rows, unroll, "pool", "t_begin")}  }}
 """
 
 
@@ -265,8 +264,8 @@ def _walk(spec: KernelSpec, name: str, rows: int, warps: int, unroll: int) -> st
     }}
   for (int base = t_begin; base < t_end; base += {warps * unroll * step}) {{
     if (base == t_begin) {{
-{_loads(spec, name, rows, warps, unroll, "chunk")}    }} else {{
-{_loads(spec, name, rows, warps, unroll, "all")}    }}
+{_loads(spec, name, rows, unroll, "chunk")}    }} else {{
+{_loads(spec, name, rows, unroll, "all")}    }}
     float s[{unroll}], m_new = m;
     #pragma unroll
     for (int u = 0; u < {unroll}; ++u) {{
@@ -398,7 +397,7 @@ def gen_decode_attention(spec: KernelSpec, name: str, chunk: int | None = None,
 __device__ float {name}_ws[{rows * hq * splits * (d + 2)}];
 __device__ unsigned int {name}_cnt[{rows * hq}];  // blocks done per (row, head)
 {head} {{
-{_coords(spec, rows, splits)}{_first_loads(spec, name, rows, warps, unroll)}  {GRID_WAIT}
+{_coords(spec, rows, splits)}{_first_loads(spec, name, rows, unroll)}  {GRID_WAIT}
 {_stage(spec, name, rows)}{_walk(spec, name, rows, warps, unroll)}\
 {_merge(spec, name, splits, warps)}}}
 """

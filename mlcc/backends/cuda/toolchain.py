@@ -16,7 +16,7 @@ attribute that lets the driver start it before the kernel ahead of it in the str
 completed, and it waits (`griddepcontrol.wait`) before its first read of an activation or any
 write: that returns once the kernel ahead has finished and its writes are visible, so the order
 of all reads and writes stays as before. The decode GEMVs issue their weight loads before the
-wait. A kernel is released to run early when every block of the kernel ahead has exited, or
+wait, the decode attention its first cached keys and values. A kernel is released to run early when every block of the kernel ahead has exited, or
 sooner where that kernel says so (`griddepcontrol.launch_dependents`): kernels whose next
 kernel is a single block (the decode GEMVs ahead of a one-row norm) say so at their start, and
 single-block kernels (the one-row norms, the argmax) right after their own wait returns: the
@@ -28,7 +28,8 @@ Letting every kernel go at its start was slower on the H200 (decode 454 against 
 prefill 15.2k against 17.2k; benchmarks/results/2026-11-29-h200-c): a grid placed while the one
 ahead still holds SMs lands unevenly, several blocks on the SMs that freed first, which costs
 the persistent and one-wave kernels more than the overlap saves. Even the one-row norms
-releasing the GEMV after them cost decode 12% (476 against 540 tok/s). GEMVs that claim their
+releasing the GEMV after them at their start, while the GEMV ahead of them still ran, cost
+decode 12% (476 against 540 tok/s). GEMVs that claim their
 tiles from counters, so that placement does not matter, were still 10% slower released early
 (benchmarks/results/2026-11-29-h200-f).
 """
