@@ -4,12 +4,14 @@
         [--device cuda] [--prompt 16]
 
 Every round resets each library's engine, prefills the same `--prompt`-token prompt (16 unless
-given; longer ones time decode over a longer context) and times `steps`
-greedy-free decode calls (the same token each step); a round's figure is the median step. The
-libraries take turns inside every round, so load that comes and goes on a shared machine falls
-on all of them alike, which separate runs (`python -m benchmarks run`) cannot promise: use this
-for a ratio between builds that differ by one knob. Prints (and with --out writes) a markdown
-table: per library the median over rounds, the range, and the ratio to the first library.
+given; longer ones time decode over a longer context) and times `steps` greedy-free decode
+calls (the same token each step); a round's figure is the median step. The libraries take turns
+inside every round, each round starting one library further along, so load that comes and goes
+on a shared machine falls on all of them alike, which separate runs (`python -m benchmarks
+run`) cannot promise: use this for a ratio between builds that differ by one knob. Prints (and
+with --out writes) a markdown table: per library the median and mean over rounds, the range,
+and the ratio of medians to the first library (a spread of rounds that is wide against that
+ratio asks for more rounds or another call).
 On a GPU (`--device cuda`) each library runs as its metadata says (the CUDA graph from O2) and
 every step returns its logits row to the host, so a step's time is the GPU's plus one copy.
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 def prompt_ids(tokens: int) -> list[int]:
     return [1 + i % 30000 for i in range(tokens)]
 
@@ -37,8 +40,11 @@ def measure(params: Path, libs: list[Path], rounds: int, steps: int,
 
     engines = {str(lib): CompiledEngine(lib, params, device=device) for lib in libs}
     rows: dict[str, list[float]] = {name: [] for name in engines}
-    for _ in range(rounds):
-        for name, engine in engines.items():
+    names = list(engines)
+    for r in range(rounds):
+        # each round starts with the next library, so none always runs first or after another
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            engine = engines[name]
             engine.reset()
             engine.prefill_logits(prompt_ids(prompt))
             times = []
@@ -51,15 +57,17 @@ def measure(params: Path, libs: list[Path], rounds: int, steps: int,
 
 
 def table(rows: dict[str, list[float]]) -> str:
-    lines = ["| library | decode ms/token (median of rounds) | range | tok/s | ratio to first |",
-             "|---|---|---|---|---|"]
+    head = ("| library | decode ms/token (median of rounds) | mean | range | tok/s | "
+            "ratio to first |")
+    lines = [head, "|---|---|---|---|---|---|"]
     base = None
     for name, values in rows.items():
         ms = np.array(values) * 1e3
         median = float(np.median(ms))
         base = base or median
-        lines.append(f"| {Path(name).name} | {median:.2f} | {ms.min():.2f}-{ms.max():.2f} | "
-                     f"{1e3 / median:.1f} | {base / median:.2f}x |")
+        lines.append(f"| {Path(name).name} | {median:.2f} | {ms.mean():.2f} | "
+                     f"{ms.min():.2f}-{ms.max():.2f} | {1e3 / median:.1f} | "
+                     f"{base / median:.2f}x |")
     return "\n".join(lines)
 
 

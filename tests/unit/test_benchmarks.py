@@ -423,3 +423,35 @@ def test_gpu_summary_takes_medians_and_the_roofline_fraction():
     assert o0["roofline_fraction"] == pytest.approx(450.0 * 3.72e9 / HBM_BYTES_PER_S)
     assert o0["peer_float16_compiled_decode_tok_s"] == 120.0
     assert o0["peer_float16_decode_tok_s"] is None
+
+
+def test_ab_decode_rotates_the_first_library_and_tables_every_round(monkeypatch):
+    import benchmarks.ab_decode as ab
+    from mlcc.runtime_check import compiled
+
+    calls: list[tuple[str, str]] = []
+
+    class Engine:
+        def __init__(self, lib, params, device):
+            self.name = str(lib)
+
+        def reset(self):
+            calls.append(("reset", self.name))
+
+        def prefill_logits(self, ids):
+            assert ids == ab.prompt_ids(40) and len(set(ids)) == 40
+            calls.append(("prefill", self.name))
+
+        def decode(self, token):
+            calls.append(("decode", self.name))
+
+    monkeypatch.setattr(compiled, "CompiledEngine", Engine)
+    rows = ab.measure("params", ["a.so", "b.so", "c.so"], rounds=4, steps=2, prompt=40)
+    firsts = [name for (kind, name) in calls if kind == "reset"][::3]
+    assert firsts == ["a.so", "b.so", "c.so", "a.so"]
+    assert sum(kind == "decode" for kind, _ in calls) == 4 * 3 * 2
+    assert {name: len(v) for name, v in rows.items()} == {"a.so": 4, "b.so": 4, "c.so": 4}
+    text = ab.table({"x/a.so": [2e-3, 4e-3, 3e-3], "x/b.so": [1e-3, 1e-3, 4e-3]})
+    a_row, b_row = text.splitlines()[2:]
+    assert a_row == "| a.so | 3.00 | 3.00 | 2.00-4.00 | 333.3 | 1.00x |"
+    assert b_row == "| b.so | 1.00 | 2.00 | 1.00-4.00 | 1000.0 | 3.00x |"
