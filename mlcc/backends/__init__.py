@@ -29,8 +29,9 @@ def build_model_library(module, output: Path, metadata: dict,
         from mlcc.backends.cuda.prefetch import DEFAULT_BUDGET
 
         l2 = DEFAULT_BUDGET if opt is None or opt.enabled("l2_prefetch") else 0
+        fold = opt is not None and opt.enabled("fold_norms")
         return build_cuda(module, Path(output), metadata, archs, log, fuse_glu=fuse_glu, pdl=pdl,
-                          l2_prefetch=l2)
+                          l2_prefetch=l2, fold_norms=fold)
     if device != "llvm":
         from mlcc.errors import MlccError
 

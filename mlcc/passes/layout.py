@@ -111,6 +111,13 @@ def nbytes_upper(t: TensorType, bounds: dict[str, int]) -> int:
 FUSABLE_PAIRS = frozenset({("linear", "silu_mul"), ("q_linear", "silu_mul"),
                            ("rms_norm", "q_linear"), ("add_rms_norm", "q_linear"),
                            ("silu_mul", "q_linear")})
+# The folded norms of mlcc.backends.cuda.norm_fold (decode GEMVs: rows known at compile time)
+# keep partial sums in the bytes of the GEMV result an add_rms_norm reads until the call after
+# the norm has run, the fused GLU included, and read the norm's sum there. Where the rows are
+# static, an add_rms_norm's inputs and outputs are therefore alive one pair further when its
+# consumer heads a pair too, and (q_linear, add_rms_norm) keeps that GEMV's input apart from
+# the sum it now writes. (Prefill keeps its plan: there these would only cost workspace.)
+STATIC_PAIRS = frozenset({("q_linear", "add_rms_norm")})
 
 
 def _pair_end(fn: Function) -> dict[int, int]:
@@ -120,16 +127,30 @@ def _pair_end(fn: Function) -> dict[int, int]:
     index = {id(node): i for i, node in enumerate(fn.nodes)}
     ends = {}
     for i, node in enumerate(fn.nodes):
-        if not any(node.op == a for a, _ in FUSABLE_PAIRS):
+        if not any(node.op == a for a, _ in FUSABLE_PAIRS | STATIC_PAIRS):
             continue
         value = node.outputs[0]
         readers = users.get(id(value), [])
         while len(readers) == 1 and readers[0].op in VIEW_OPS:
             value = readers[0].output
             readers = users.get(id(value), [])
-        if len(readers) == 1 and (node.op, readers[0].op) in FUSABLE_PAIRS:
+        pairs = FUSABLE_PAIRS | (STATIC_PAIRS if _static(value) else frozenset())
+        if len(readers) == 1 and (node.op, readers[0].op) in pairs:
             ends[i] = index[id(readers[0])]
+    for i in sorted(ends):
+        if _folds(fn.nodes[i]):
+            ends[i] = ends.get(ends[i], ends[i])
     return ends
+
+
+def _static(value) -> bool:
+    return isinstance(value.type, TensorType) and not any(isinstance(d, Sym)
+                                                          for d in value.type.shape)
+
+
+def _folds(node) -> bool:
+    """An add_rms_norm that norm_fold may split between the GEMVs around it."""
+    return node.op == "add_rms_norm" and _static(node.outputs[0])
 
 
 def plan_function(fn: Function, bounds: dict[str, int]) -> Function:
@@ -146,6 +167,8 @@ def plan_function(fn: Function, bounds: dict[str, int]) -> Function:
             index_of_def[id(v)] = i
             values[id(v)] = v
             root[id(v)] = id(v)
+            if _folds(node) and i in pair_end:  # the sum, read by a folded consumer
+                last_use[id(v)] = max(last_use.get(id(v), -1), pair_end[i])
         if node.op in VIEW_OPS and id(node.inputs[0]) in root:
             root[id(node.output)] = root[id(node.inputs[0])]
     returned = {id(v) for v in fn.outputs}

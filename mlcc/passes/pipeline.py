@@ -33,6 +33,8 @@ KNOBS: dict[str, tuple[int, str]] = {
     # Opt-in: slower on an H200 (mlcc.backends.cuda.prefetch, results 2026-11-29-h200-e).
     "l2_prefetch": (OPT_IN, ("backend (CUDA, sm_90+): the light kernel before each decode "
                              "GEMV prefetches that GEMV's first weights into L2")),
+    "fold_norms": (OPT_IN, ("backend (CUDA): each decode add_rms_norm split between the GEMVs "
+                            "around it (the one ahead adds the residual, the next normalizes)")),
     "pdl": (2, ("backend (CUDA, sm_90+): programmatic dependent launch: each kernel starts "
                 "while the one before it finishes")),
 }

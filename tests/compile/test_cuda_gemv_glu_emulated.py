@@ -98,15 +98,21 @@ def common_helpers() -> str:
     return "\n".join(lines)
 
 
-def driver(kernels: list, buffers: list[tuple], launch=None) -> str:
-    """main(argv): kernel index, then one file per buffer (y last, read and written back).
-    `launch(kernel)` gives (grid, warps); the persistent GEMV's launcher by default."""
+def driver(kernels: list, buffers: list[tuple], launch=None,
+           written: tuple[str, ...] = ("y",)) -> str:
+    """main(argv): kernel index, then one file per buffer; the `written` buffers (y by
+    default, the last) are written back to their files. `launch(kernel)` gives (grid, warps);
+    the persistent GEMV's launcher by default."""
     launch = launch or (lambda kernel: launched(kernel)[:2])
     reads = [f"std::vector<{C_HOST[dt]}> {b}_v = load<{C_HOST[dt]}>(argv[{i + 2}]);"
              for i, (b, _, dt) in enumerate(buffers)]
     spans = [f"g_buffers.emplace_back((const char*){b}_v.data(), "
              f"(const char*)({b}_v.data() + {b}_v.size()));" for b, _, _ in buffers]
     args = ", ".join(f"{b}_v.data()" for b, _, _ in buffers)
+    names = [b for b, _, _ in buffers]
+    write_back = [f'  {{ FILE* f = fopen(argv[{names.index(b) + 2}], "wb"); '
+                  f'fwrite({b}_v.data(), sizeof({b}_v[0]), {b}_v.size(), f); fclose(f); }}'
+                  for b in written]
     runs = []
     for i, kernel in enumerate(kernels):
         grid, warps = launch(kernel)
@@ -138,18 +144,18 @@ int main(int argc, char** argv) {{
   {" ".join(reads)}
   {" ".join(spans)}
 {chr(10).join(runs)}
-  FILE* f = fopen(argv[{len(buffers) + 1}], "wb");
-  fwrite(y_v.data(), sizeof(y_v[0]), y_v.size(), f); fclose(f);
+{chr(10).join(write_back)}
   return 0;
 }}
 """
 
 
 def build(tmp_path: Path, kernels: list, buffers: list[tuple], prelude: str = "",
-          launch=None) -> Path:
+          launch=None, written: tuple[str, ...] = ("y",)) -> Path:
     """The host program running `kernels` (after `prelude`, more host stand-ins)."""
     source = (SHIM + HALF2 + common_helpers() + "\n" + prelude
-              + "".join(k.device_source for k in kernels) + driver(kernels, buffers, launch))
+              + "".join(k.device_source for k in kernels)
+              + driver(kernels, buffers, launch, written))
     (tmp_path / "gemv.cpp").write_text(source)
     done = subprocess.run(["g++", "-std=c++20", "-O1", "-fno-strict-aliasing", "-w", "-pthread",
                            "-o", str(tmp_path / "gemv"), str(tmp_path / "gemv.cpp")],

@@ -45,6 +45,9 @@ CASES += [(f"{arch}_q4f16_1_dp2a", arch, "q4f16_1", "O2") for arch in ("llama", 
 CASES += [("mistral_batch_q4f16_1_dp2a", "mistral", "q4f16_1", "O2")]
 # ... and on the one-shot GEMV with the integer dot (the 7B decode GEMVs' pick)
 CASES += [(f"{arch}_q4f16_1_dp2a_block", arch, "q4f16_1", "O2") for arch in ("llama", "mistral")]
+# ... with the opt-in folded norms (mlcc.backends.cuda.norm_fold), which need those GEMVs
+CASES += [(f"{arch}_q4f16_1_fold_dp2a_block", arch, "q4f16_1", "O2;fold_norms=1")
+          for arch in ("llama", "mistral")]
 
 
 class _EveryShape(dict):

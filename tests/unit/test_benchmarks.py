@@ -455,3 +455,41 @@ def test_ab_decode_rotates_the_first_library_and_tables_every_round(monkeypatch)
     a_row, b_row = text.splitlines()[2:]
     assert a_row == "| a.so | 3.00 | 3.00 | 2.00-4.00 | 333.3 | 1.00x |"
     assert b_row == "| b.so | 1.00 | 2.00 | 1.00-4.00 | 1000.0 | 3.00x |"
+
+
+class _TableEngine:
+    """A decode engine whose logits are a fixed table: row i after the prompt and i tokens."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows, self.at = rows, 0
+
+    def reset(self):
+        self.at = 0
+
+    def append(self, ids):
+        self.at = 0
+        return self.rows[0]
+
+    def decode(self, token):
+        self.at += 1
+        return self.rows[self.at]
+
+
+def test_compare_libs_reports_differences_flips_and_free_running_agreement():
+    from benchmarks.cuda.compare_libs import compare
+
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((6, 50)).astype(np.float32)
+    same = compare(_TableEngine(rows), _TableEngine(rows.copy()), [1, 2], 5, log=lambda s: None)
+    assert same["worst"] == 0.0 and same["flips"] == [] and same["agree"] == 5
+    assert same["tokens"] == [int(np.argmax(r)) for r in rows[:5]]
+    moved = rows.copy()
+    top = np.argsort(rows[3])[-2:]
+    moved[3, top[0]] = rows[3, top[1]] + 0.5  # step 3's runner-up becomes the argmax
+    found = compare(_TableEngine(rows), _TableEngine(moved), [1, 2], 5, log=lambda s: None)
+    gap = rows[3, top[1]] - rows[3, top[0]]
+    assert found["flips"] == [f"step 3 (gap {gap:.4f})"] and found["agree"] == 3
+    assert found["worst"] == pytest.approx((gap + 0.5) / np.abs(rows[3]).max(), rel=1e-5)
+    moved[4, 0] = np.nan
+    with pytest.raises(ValueError, match="step 4: the candidate's logits are not finite"):
+        compare(_TableEngine(rows), _TableEngine(moved), [1, 2], 5, log=lambda s: None)

@@ -16,7 +16,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlcc import ir
-from mlcc.backends.cuda import attention, fusion, glu, kernels, linear, moe, prefetch, sampling
+from mlcc.backends.cuda import (
+    attention,
+    fusion,
+    glu,
+    kernels,
+    linear,
+    moe,
+    norm_fold,
+    prefetch,
+    sampling,
+)
 from mlcc.backends.cuda.kernels import COMMON_SOURCE, GRID_WAIT, CudaKernel
 from mlcc.backends.cuda.toolchain import (
     DEFAULT_ARCHS,
@@ -57,6 +67,7 @@ GENERATORS: dict[str, Generator] = {
     glu.OP: glu.gen_linear_silu_mul,
     "last_row": kernels.gen_last, "last_logits": kernels.gen_last,
     **moe.MOE_GENERATORS,
+    **norm_fold.GENERATORS,
 }
 
 
@@ -100,7 +111,7 @@ def wait_release(built: list[CudaKernel], early: frozenset[str]) -> frozenset[st
 
 
 def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
-                  fuse_glu: bool = False, l2_prefetch: int = 0,
+                  fuse_glu: bool = False, l2_prefetch: int = 0, fold_norms: bool = False,
                   ) -> tuple[list[CudaKernel], list[EntryPlan], str, str]:
     """Kernels (one per distinct spec), entry plans, host TVMScript, metadata TVMScript.
 
@@ -110,11 +121,15 @@ def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
     (mlcc.backends.cuda.glu); the compile command sets it from the `fuse_glu_gemm` knob.
     `l2_prefetch` (bytes, 0 for none) lets the light kernel before each decode GEMV prefetch
     that many bytes of its weights into L2 (mlcc.backends.cuda.prefetch).
+    `fold_norms` splits each decode add_rms_norm between the GEMVs around it
+    (mlcc.backends.cuda.norm_fold; after the GLU fusion, whose calls it folds into).
     """
     metadata = with_tensor_parallel(module, metadata)
     plans = [plan_entry(fn, module) for fn in module.functions]
     if fuse_glu:
         plans = [glu.fuse_glu(plan) for plan in plans]
+    if fold_norms:
+        plans = [norm_fold.fold_norms(plan) for plan in plans]
     if prologues:
         plans = [fusion.fuse_prologues(plan) for plan in plans]
     if l2_prefetch:
@@ -148,7 +163,8 @@ def device_source(built: list[CudaKernel]) -> str:
 def build(module: ir.Module, output: Path, metadata: dict,
           archs: tuple[str, ...] = DEFAULT_ARCHS,
           log: Callable[[str], None] = lambda s: None, prologues: bool = False,
-          fuse_glu: bool = False, pdl: bool = False, l2_prefetch: int = 0) -> dict[str, int]:
+          fuse_glu: bool = False, pdl: bool = False, l2_prefetch: int = 0,
+          fold_norms: bool = False) -> dict[str, int]:
     """Build `module` into the shared library `output` (written under a temporary name).
 
     `pdl` launches every kernel with programmatic dependent launch (mlcc.backends.cuda.
@@ -157,7 +173,7 @@ def build(module: ir.Module, output: Path, metadata: dict,
     if output.suffix != ".so":
         raise MlccError(STAGE, f"-o {output}: the CUDA backend writes a shared library; use .so")
     built, plans, entries, meta = library_parts(module, metadata, prologues, fuse_glu,
-                                                l2_prefetch)
+                                                l2_prefetch, fold_norms)
     counts: dict[str, int] = {}
     for k in built:
         op = k.name if k.name.startswith("mlcc_") else k.name.split("_", 1)[1]

@@ -54,6 +54,7 @@ GEMV stores them), applies the GLU expression and stores y[r, f] ([rows, I]).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from mlcc.backends.cuda.intdot import DP2A, DP2A_SOURCE, dp2a_group, stage_dp2a
 from mlcc.backends.cuda.kernels import GRID_WAIT, CudaKernel, launcher, signature
@@ -61,6 +62,9 @@ from mlcc.backends.cuda.linear import LinearShape, gemv_q4_applies, stage_plain
 from mlcc.backends.cuda.tuning import PERSISTENT, PersistentConfig, persistent_config, selected_kind
 from mlcc.backends.plan import KernelSpec
 from mlcc.errors import MlccError
+
+if TYPE_CHECKING:
+    from mlcc.backends.cuda.norm_fold import RowNorm
 
 SMS = 132  # streaming multiprocessors of an H200
 SHARED_BYTES = 48 * 1024  # static shared memory of one block
@@ -281,14 +285,18 @@ def gemv_q4_persistent_kernel(s: LinearShape, name: str, blocks_per_sm: int, war
                               buffers: list | None = None, outputs: tuple[str, ...] = ("y",),
                               dot: str = "mlcc_q4_dot8", rotate: bool = True,
                               sms: int = SMS, pingpong: bool = False,
-                              glu: str | None = None) -> CudaKernel:
+                              glu: str | None = None, norm: RowNorm | None = None) -> CudaKernel:
     """The persistent q4 GEMV of `s` (see the module docstring). `staging` (C++ filling xs from
     row r with warps * 32 threads) replaces the plain copy; `buffers`/`outputs` name the fused
     kernels' parameters; `pingpong` alternates the two register buffers instead of moving.
 
     `glu` (a C++ expression of float16-rounded `{g}` and `{u}`, such as glu.SILU_MUL) turns on
     the GLU mode: `s` is a gate_up linear of N = 2I features and y[r, f] = glu(g_f, u_f) for
-    f < I; a tile then holds `rows_per_warp` output features, i.e. twice as many weight rows."""
+    f < I; a tile then holds `rows_per_warp` output features, i.e. twice as many weight rows.
+
+    `norm` (the integer dot only; mlcc.backends.cuda.norm_fold) stages the RMS-normalized row
+    of a residual sum; `buffers` then name the sum x, its partial sums of squares and the
+    norm's weight ahead of the linear's."""
     rows = s.static_rows
     if rows is None or not gemv_q4_applies_any_rows(s):
         raise MlccError("compile", f"{name}: the persistent q4 GEMV needs 4-bit weights in "
@@ -303,7 +311,9 @@ def gemv_q4_persistent_kernel(s: LinearShape, name: str, blocks_per_sm: int, war
     if dot == DP2A and staging is not None:
         raise MlccError("compile", f"{name}: the integer dot stages its own activations; a "
                         f"fused prologue needs another dot (e.g. mlcc_q4_dot8_lop3_pairs)")
-    staging = staging or (stage_dp2a(s.k, warps) if dot == DP2A else stage_plain(s, warps))
+    if norm is not None and dot != DP2A:
+        raise MlccError("compile", f"{name}: a folded norm is staged by the integer dot only")
+    staging = staging or (stage_dp2a(s.k, warps, norm) if dot == DP2A else stage_plain(s, warps))
     grid = persistent_grid(s.n, rows_per_warp, blocks_per_sm, warps, sms)
     chunks = row_chunks(rows, s.k, dot)
     if rotate:

@@ -11,6 +11,11 @@ float16 nibble dots of kernels.py, and more precise than either.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlcc.backends.cuda.norm_fold import RowNorm
+
 # The integer dot (see DP2A_SOURCE): activations staged as 16-bit integers per group of 32
 DP2A = "mlcc_q4_dp2a"
 DP2A_SOURCE = r"""
@@ -31,22 +36,32 @@ __device__ __forceinline__ int mlcc_q4_dp2a(unsigned w, uint4 xp, int acc) {
 """
 
 
-def stage_dp2a(k: int, warps: int) -> str:
+def stage_dp2a(k: int, warps: int, norm: RowNorm | None = None) -> str:
     """Stage activation row r for the integer dot: thread t takes groups t, t + threads, ...
     of 32 values; with E the exponent of the group's largest |x|, each value times 2^(14 - E)
     rounded to an integer fits 16 bits (|.| < 2^15; values within 16x of the largest are
     exact), stored per word as ((a_0, a_2), (a_4, a_6), (a_1, a_3), (a_5, a_7)); the group's
     7 x its integer sum (the codes' zero point) and factor 2^(E - 14) go to xg, read together
     as one 8-byte word. A group holding inf or NaN gets a NaN factor (and zero integers), so
-    the output is NaN as a float dot would make it."""
+    the output is NaN as a float dot would make it.
+
+    With `norm` (mlcc.backends.cuda.norm_fold) x holds a residual sum and each value is first
+    RMS-normalized as the one-row norm kernel would store it (float16), with the row's inverse
+    RMS taken from the partial sums of squares that the GEMV ahead wrote."""
     groups = k // 32
-    return f"""    for (int gi = threadIdx.x; gi < {groups}; gi += {warps * 32}) {{
+    prelude, load = "", "raw[j] = src[j];"
+    if norm is not None:
+        prelude = norm.prelude(groups)
+        load = f"""const uint4 wv = gi == threadIdx.x ? first_w[j]
+                        : reinterpret_cast<const uint4*>(nw + gi * 32)[j];
+        raw[j] = gi == threadIdx.x ? first_x[j] : src[j];{norm.apply("raw[j]", "wv")}"""
+    return f"""{prelude}    for (int gi = threadIdx.x; gi < {groups}; gi += {warps * 32}) {{
       const uint4* src = reinterpret_cast<const uint4*>(x + r * {k}LL + gi * 32);
       uint4 raw[4];
       unsigned mb = 0u;  // the largest |x| as float16 bits: ordered as the values, inf/NaN last
       #pragma unroll
       for (int j = 0; j < 4; ++j) {{
-        raw[j] = src[j];
+        {load}
         const unsigned v[4] = {{raw[j].x, raw[j].y, raw[j].z, raw[j].w}};
         #pragma unroll
         for (int e = 0; e < 4; ++e) {{

@@ -45,6 +45,7 @@ and stores through mlcc_put, which rounds to y's dtype: float32 logits of a floa
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from mlcc.backends.cuda.intdot import DP2A, DP2A_SOURCE, dp2a_group, stage_dp2a
 from mlcc.backends.cuda.kernels import (
@@ -60,6 +61,9 @@ from mlcc.backends.cuda.tuning import block_min_blocks, gemv_config
 from mlcc.backends.plan import KernelSpec
 from mlcc.errors import MlccError
 from mlcc.ir.types import Sym
+
+if TYPE_CHECKING:
+    from mlcc.backends.cuda.norm_fold import RowNorm
 
 GEMV_MAX_ROWS = 4
 
@@ -181,10 +185,16 @@ def stage_plain(s: LinearShape, warps: int) -> str:
 def gemv_q4_kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
                    buffers: list | None = None, staging: str | None = None,
                    outputs: tuple[str, ...] = ("y",), dot: str = "mlcc_q4_dot8",
-                   min_blocks: int = 0) -> CudaKernel:
+                   min_blocks: int = 0, norm: RowNorm | None = None,
+                   residual: bool = False) -> CudaKernel:
     """The q4 decode GEMV with `warps` warps per block, each owning `rows_per_warp` features;
     `staging` (C++ filling xs from row r) replaces the plain copy for fused prologues;
     `min_blocks` > 0 asks ptxas to fit that many blocks on an SM (CudaKernel.min_blocks).
+
+    The folded norms of mlcc.backends.cuda.norm_fold: with `residual` the kernel adds the
+    residual `res` to its (float16) results and stores the sum `sum_out` instead of y, plus
+    each block's float32 sum of squares of its stored sums at ssq[r * blocks + block]; with
+    `norm` (the integer dot only) it stages the RMS-normalized row of such a sum.
 
     With the integer dot (`dot=intdot.DP2A`) each block stages its row as 16-bit integers and
     group factors (intdot.stage_dp2a) while its weight loads are in flight, and a lane reads its
@@ -201,7 +211,9 @@ def gemv_q4_kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
     if integer and staging is not None:
         raise MlccError("compile", f"{name}: the integer dot stages its own activations; a "
                         f"fused prologue needs another dot (e.g. mlcc_q4_dot8_lop3_pairs)")
-    staging = staging or (stage_dp2a(s.k, warps) if integer else stage_plain(s, warps))
+    if norm is not None and not integer:
+        raise MlccError("compile", f"{name}: a folded norm is staged by the integer dot only")
+    staging = staging or (stage_dp2a(s.k, warps, norm) if integer else stage_plain(s, warps))
     factors = f"\n  __shared__ int2 xg[{groups}];" if integer else ""
     rotation = ("\n  const int rot = (lane >> 1) & 3;" if integer else "")
     body = f"""{DP2A_SOURCE if integer else ""}{signature(name, buffers, outputs, s.symbols)} {{
@@ -224,7 +236,7 @@ def gemv_q4_kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
   }}
   {GRID_WAIT}  // the weights above need nothing from the kernel before
   for (int r = 0; r < {s.static_rows}; ++r) {{
-    __syncthreads();
+    __syncthreads();{_residual_loads(s, rows_per_warp) if residual else ""}
 {staging}
     __syncthreads();
     float acc[{rows_per_warp}];
@@ -237,12 +249,7 @@ def gemv_q4_kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
 {_integer_group(rows_per_warp) if integer else _float_group(dot, rows_per_warp)}
       }}
     }}
-    #pragma unroll
-    for (int q = 0; q < {rows_per_warp}; ++q) {{
-      const float total = mlcc_warp_sum(acc[q]);
-      const long long n = n0 + q;
-      if (lane == 0 && n < {s.n}) mlcc_put(y, r * {s.n}LL + n, total{s.bias_term("n")});
-    }}
+{_residual_store(s, rows_per_warp, warps) if residual else _store(s, rows_per_warp)}
   }}
   return 0;
 }}
@@ -250,6 +257,49 @@ def gemv_q4_kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
     grid = f"T.int64({-(-s.n // per_block)})"
     return CudaKernel(name, body, launcher(name, buffers, (grid,), warps * 32, s.symbols),
                       min_blocks=min_blocks)
+
+
+def _store(s: LinearShape, rows_per_warp: int) -> str:
+    return f"""    #pragma unroll
+    for (int q = 0; q < {rows_per_warp}; ++q) {{
+      const float total = mlcc_warp_sum(acc[q]);
+      const long long n = n0 + q;
+      if (lane == 0 && n < {s.n}) mlcc_put(y, r * {s.n}LL + n, total{s.bias_term("n")});
+    }}"""
+
+
+def _residual_loads(s: LinearShape, rows_per_warp: int) -> str:
+    """Lane 0 loads the residual of its features for row r (in flight while the row stages)."""
+    return f"""
+    half rv[{rows_per_warp}];
+    #pragma unroll
+    for (int q = 0; q < {rows_per_warp}; ++q)
+      rv[q] = lane == 0 && n0 + q < {s.n} ? res[r * {s.n}LL + n0 + q] : __float2half(0.f);"""
+
+
+def _residual_store(s: LinearShape, rows_per_warp: int, warps: int) -> str:
+    """sum_out = float16(float16(result) + residual), as add_rms_norm rounds it; then the
+    block's float32 sum of squares of its stored sums goes to ssq[r * blocks + block]."""
+    return f"""    float sq = 0.f;
+    #pragma unroll
+    for (int q = 0; q < {rows_per_warp}; ++q) {{
+      const float total = mlcc_warp_sum(acc[q]);
+      const long long n = n0 + q;
+      if (lane == 0 && n < {s.n}) {{
+        const half result = __float2half(total{s.bias_term("n")});
+        const half sum = __float2half(__half2float(result) + __half2float(rv[q]));
+        sum_out[r * {s.n}LL + n] = sum;
+        sq += __half2float(sum) * __half2float(sum);
+      }}
+    }}
+    if (lane == 0) red[warp] = sq;
+    __syncthreads();
+    if (threadIdx.x == 0) {{
+      float part = 0.f;
+      #pragma unroll
+      for (int v = 0; v < {warps}; ++v) part += red[v];
+      ssq[r * {-(-s.n // (warps * rows_per_warp))}LL + blockIdx.x] = part;
+    }}"""
 
 
 def _float_group(dot: str, rows_per_warp: int) -> str:
