@@ -26,6 +26,13 @@ call's output would share bytes with one of its inputs.
 Results differ from the three kernels only in the order of the sum of squares (the norm
 kernel reduces over its block's threads), so a normalized value may move by one float16 ulp.
 
+Measured on an H200 (benchmarks/results/2026-11-30-h200): correct (5.4e-3 of the logits'
+scale from the unfolded library over 65 steps, the same logits run to run) but 5-8% slower in
+the 7B decode. The one-row norm is where the next GEMV's blocks are placed and load their
+weights (the norm releases that GEMV once its own wait returns), so its latency-bound work was
+hidden; folded, that work sits on every consumer block's path after its wait (the consumers
+took 3.6-5.5 us longer, the producers no longer). The `fold_norms` knob is therefore opt-in.
+
     fold_norms(plan)     the plan with every foldable (GEMV, add_rms_norm, GEMV) replaced
     GENERATORS           the kernels of the two new call kinds
 """
