@@ -1,8 +1,8 @@
 """Folded norms: the one-row add_rms_norm kernels of a decode step split between the GEMVs.
 
 A Llama layer's decode step runs two one-row norms (residual add, then RMSNorm), each a kernel
-of one block between two GEMVs: 63 of the 7B step's ~200 kernels, each a launch, a wait for
-the GEMV ahead and a round trip through memory. The earlier prologue fusion
+of one block between two GEMVs: 64 of the 7B step's 228 kernel calls, each a launch, a wait
+for the GEMV ahead and a round trip through memory. The earlier prologue fusion
 (mlcc.backends.cuda.fusion) made every block of the next GEMV redo the whole norm, reduction
 included, and lost. Here the norm's work is split so that no block repeats a reduction:
 
@@ -17,11 +17,11 @@ included, and lost. Here the norm's work is split so that no block repeats a red
   block has the same inverse RMS, and while staging its row for the integer dot normalizes
   each value as the norm kernel stores it (float16 of s * inv * (w + offset)).
 
-h is never written. The partial sums take the bytes of d (A's result, no longer stored): the
-memory plan keeps d alive until C has run (mlcc.passes.layout.FUSABLE_PAIRS chains the pairs
-(q_linear, add_rms_norm), (add_rms_norm, q_linear) and (q_linear, silu_mul)), and the fold is
-declined where ssq would share bytes with another buffer of the two calls, or where a fused
-call's output would share bytes with one of its inputs.
+h is never written. The partial sums take the bytes of d (A's result, no longer stored): where
+rows are static the memory plan keeps d and s alive until C has run, the fused GLU included,
+and A's input apart from s (mlcc.passes.layout.STATIC_PAIRS); the fold is declined where ssq
+would share bytes with another buffer of the two calls, or where a fused call's output would
+share bytes with one of its inputs.
 
 Results differ from the three kernels only in the order of the sum of squares (the norm
 kernel reduces over its block's threads), so a normalized value may move by one float16 ulp.
