@@ -1,18 +1,6 @@
 set -x
-export PYTHONPATH=$PWD/.device/site:$PWD TVM_USE_RUNTIME_LIB=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > $OUT/env.txt
-B=.device/bench
-W=/tmp/mlcc-bench
-python3 - <<'PY'
-from pathlib import Path
-import sys
-sys.path.insert(0, "benchmarks/cuda")
-from run_h200 import make_checkpoint
-from mlcc.interface.convert_weight import convert_weight
-w = Path("/tmp/mlcc-bench")
-make_checkpoint(w / "hf", 32)
-convert_weight(w / "hf", "q4f16_1", w / "params", device="cuda", progress=False)
-PY
+. "$(dirname "$0")/env.sh"
+python3 "$S/make_params.py" "$W"
 python3 benchmarks/ab_decode.py $W/params $B/n_bounded.so $B/nostage_down.so $B/nostage_all.so --device cuda --rounds 30 --steps 128 --out $OUT/ab_nostage.md
-python3 .device/breakdown.py $W/params $B/n_bounded.so $B/nostage_all.so > $OUT/breakdown.txt 2>&1
+python3 $S/breakdown.py $W/params $B/n_bounded.so $B/nostage_all.so > $OUT/breakdown.txt 2>&1
 grep -v Warn $OUT/breakdown.txt | head -30

@@ -1,9 +1,5 @@
 set -x
-export PYTHONPATH=$PWD/.device/site:$PWD TVM_USE_RUNTIME_LIB=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > $OUT/env.txt
-python3 -c "import torch; print(torch.__version__)" >> $OUT/env.txt
-B=.device/bench
-W=/tmp/mlcc-bench
+. "$(dirname "$0")/env.sh"
 python3 benchmarks/cuda/determinism_probe.py $B/fold.so --work $W > $OUT/det_fold.log 2>&1
 tail -3 $OUT/det_fold.log
 python3 benchmarks/cuda/compare_libs.py $W/params $B/n_bounded.so $B/fold.so > $OUT/cmp_fold.log 2>&1
