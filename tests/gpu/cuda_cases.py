@@ -48,6 +48,11 @@ CASES += [(f"{arch}_q4f16_1_dp2a_block", arch, "q4f16_1", "O2") for arch in ("ll
 # ... with the opt-in folded norms (mlcc.backends.cuda.norm_fold), which need those GEMVs
 CASES += [(f"{arch}_q4f16_1_fold_dp2a_block", arch, "q4f16_1", "O2;fold_norms=1")
           for arch in ("llama", "mistral")]
+# The opt-in persistent decode chain (mlcc.backends.cuda.chain): hidden and intermediate sizes
+# of whole 256-value blocks, which the tiny models lack; llama64 also without it, to compare
+CASES += [(f"{arch}_q4f16_1_chain", arch, "q4f16_1", "O2;decode_chain=1")
+          for arch in ("llama64", "mistral64")]
+CASES += [("llama64_q4f16_1", "llama64", "q4f16_1", "O2")]
 
 
 class _EveryShape(dict):

@@ -18,6 +18,7 @@ from pathlib import Path
 from mlcc import ir
 from mlcc.backends.cuda import (
     attention,
+    chain,
     fusion,
     glu,
     kernels,
@@ -68,6 +69,7 @@ GENERATORS: dict[str, Generator] = {
     "last_row": kernels.gen_last, "last_logits": kernels.gen_last,
     **moe.MOE_GENERATORS,
     **norm_fold.GENERATORS,
+    **chain.GENERATORS,
 }
 
 
@@ -97,7 +99,10 @@ def early_release(plans: list[EntryPlan], built: list[CudaKernel]) -> frozenset[
     single = {k.name for k in built if k.single_block()}
     verdict: dict[str, bool] = {}
     for plan in plans:
-        kernels = [names.get(call.spec) for call in plan.calls]
+        # A decode chain never releases the next kernel at its start: every one of its blocks
+        # must find an SM (it releases the next kernel itself once they all have).
+        kernels = [None if call.spec.op == chain.OP else names.get(call.spec)
+                   for call in plan.calls]
         for here, after in zip(kernels, kernels[1:] + [None]):
             if here is not None:
                 verdict[here] = verdict.get(here, True) and after in single
@@ -112,6 +117,7 @@ def wait_release(built: list[CudaKernel], early: frozenset[str]) -> frozenset[st
 
 def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
                   fuse_glu: bool = False, l2_prefetch: int = 0, fold_norms: bool = False,
+                  decode_chain: bool = False,
                   ) -> tuple[list[CudaKernel], list[EntryPlan], str, str]:
     """Kernels (one per distinct spec), entry plans, host TVMScript, metadata TVMScript.
 
@@ -123,11 +129,15 @@ def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
     that many bytes of its weights into L2 (mlcc.backends.cuda.prefetch).
     `fold_norms` splits each decode add_rms_norm between the GEMVs around it
     (mlcc.backends.cuda.norm_fold; after the GLU fusion, whose calls it folds into).
+    `decode_chain` runs each one-row layer from o_proj to the next GEMV as one persistent
+    kernel (mlcc.backends.cuda.chain; sm_90 and newer, after the GLU fusion, before the fold).
     """
     metadata = with_tensor_parallel(module, metadata)
     plans = [plan_entry(fn, module) for fn in module.functions]
     if fuse_glu:
         plans = [glu.fuse_glu(plan) for plan in plans]
+    if decode_chain:
+        plans = [chain.fuse_chain(plan) for plan in plans]
     if fold_norms:
         plans = [norm_fold.fold_norms(plan) for plan in plans]
     if prologues:
@@ -164,7 +174,7 @@ def build(module: ir.Module, output: Path, metadata: dict,
           archs: tuple[str, ...] = DEFAULT_ARCHS,
           log: Callable[[str], None] = lambda s: None, prologues: bool = False,
           fuse_glu: bool = False, pdl: bool = False, l2_prefetch: int = 0,
-          fold_norms: bool = False) -> dict[str, int]:
+          fold_norms: bool = False, decode_chain: bool = False) -> dict[str, int]:
     """Build `module` into the shared library `output` (written under a temporary name).
 
     `pdl` launches every kernel with programmatic dependent launch (mlcc.backends.cuda.
@@ -172,8 +182,11 @@ def build(module: ir.Module, output: Path, metadata: dict,
     (with a log line) otherwise."""
     if output.suffix != ".so":
         raise MlccError(STAGE, f"-o {output}: the CUDA backend writes a shared library; use .so")
+    if decode_chain and not pdl_supported(archs):
+        log(f"decode_chain off: its bulk copies need sm_90 or newer ({', '.join(archs)})")
+        decode_chain = False
     built, plans, entries, meta = library_parts(module, metadata, prologues, fuse_glu,
-                                                l2_prefetch, fold_norms)
+                                                l2_prefetch, fold_norms, decode_chain)
     counts: dict[str, int] = {}
     for k in built:
         op = k.name if k.name.startswith("mlcc_") else k.name.split("_", 1)[1]
