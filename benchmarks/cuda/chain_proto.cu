@@ -696,31 +696,29 @@ static std::vector<float> rms(const std::vector<float>& x, const std::vector<flo
   return y;
 }
 
-static void launch(const Layer& L, const Bufs& B, int sms, cudaStream_t st, bool pdl) {
+// Launches `kernel` on `st`, allowed to start while the kernel before it finishes with `pdl`.
+template <typename Kernel, typename... Args>
+static void launch_on(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+                      bool pdl, Args... args) {
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(sms);
-  cfg.blockDim = dim3(THREADS);
-  cfg.dynamicSmemBytes = SMEM;
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
   cfg.stream = st;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  CK(cudaLaunchKernelEx(&cfg, chain_kernel, L, B));
+  CK(cudaLaunchKernelEx(&cfg, kernel, args...));
+}
+
+static void launch(const Layer& L, const Bufs& B, int sms, cudaStream_t st, bool pdl) {
+  launch_on(chain_kernel, dim3(sms), dim3(THREADS), SMEM, st, pdl, L, B);
 }
 
 static void launch_stub(const Bufs& B, cudaStream_t st, bool pdl) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(H / 128);
-  cfg.blockDim = dim3(128);
-  cfg.stream = st;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  CK(cudaLaunchKernelEx(&cfg, attn_stub, (const half*)B.qkv, (half*)B.a));
+  launch_on(attn_stub, dim3(H / 128), dim3(128), 0, st, pdl, (const half*)B.qkv, (half*)B.a);
 }
 
 int main(int argc, char** argv) {

@@ -28,16 +28,6 @@ from mlcc.passes import parse_opt
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 
 
-@pytest.fixture(scope="module")
-def llama7b():
-    return lowered("llama2_7b", "q4f16_1")
-
-
-@pytest.fixture(scope="module")
-def decode7b(llama7b):
-    return glu.fuse_glu(plans(llama7b)["decode"])
-
-
 def test_every_decode_layer_becomes_one_chain(decode7b):
     chained = chain.fuse_chain(decode7b)
     counts = Counter(c.spec.op for c in chained.calls)

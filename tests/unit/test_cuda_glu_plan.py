@@ -54,11 +54,6 @@ def plans(module) -> dict[str, EntryPlan]:
     return {fn.name: plan_entry(fn, module) for fn in module.functions}
 
 
-@pytest.fixture(scope="module")
-def llama7b():
-    return lowered("llama2_7b", "q4f16_1")
-
-
 def ops(plan: EntryPlan) -> list[str]:
     return [c.spec.op for c in plan.calls]
 

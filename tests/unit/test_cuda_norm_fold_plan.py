@@ -29,16 +29,6 @@ from mlcc.passes import parse_opt
 TESTS = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def llama7b():
-    return lowered("llama2_7b", "q4f16_1")
-
-
-@pytest.fixture(scope="module")
-def decode7b(llama7b):
-    return glu.fuse_glu(plans(llama7b)["decode"])
-
-
 def ops(plan) -> Counter:
     return Counter(c.spec.op for c in plan.calls)
 
