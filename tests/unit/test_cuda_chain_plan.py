@@ -170,3 +170,18 @@ def test_the_standalone_study_compiles(tmp_path):
                                str(tmp_path / "chain"), str(source)], capture_output=True,
                               text=True, check=False)
         assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_below_sm_90_the_builder_turns_the_chain_off(tmp_path, monkeypatch):
+    """The chain's bulk copies and mbarriers need sm_90: for other architectures the build says
+    so in one log line and makes the kernels it would make without the knob."""
+    module = lowered(tiny_config(tmp_path, "llama64"), "q4f16_1", "prefill_chunk_size=128")
+    monkeypatch.setattr(codegen, "compile_library", lambda *args, **kwargs: None)
+    logs: list[str] = []
+    counts = codegen.build(module, tmp_path / "lib.so", {}, archs=("sm_80",), log=logs.append,
+                           fuse_glu=True, decode_chain=True)
+    assert any(line.startswith("decode_chain off") and "sm_80" in line for line in logs)
+    assert chain.OP not in counts
+    counts = codegen.build(module, tmp_path / "lib.so", {}, log=logs.append, fuse_glu=True,
+                           decode_chain=True)
+    assert counts[chain.OP] == 2
