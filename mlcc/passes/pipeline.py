@@ -35,7 +35,7 @@ KNOBS: dict[str, tuple[int, str]] = {
                              "GEMV prefetches that GEMV's first weights into L2")),
     "fold_norms": (OPT_IN, ("backend (CUDA): each decode add_rms_norm split between the GEMVs "
                             "around it (the one ahead adds the residual, the next normalizes)")),
-    # Opt-in until measured in the 7B decode (mlcc.backends.cuda.chain).
+    # Opt-in: 0.99x in the 7B decode on an H200 (mlcc.backends.cuda.chain, 2026-11-30-h200-b).
     "decode_chain": (OPT_IN, ("backend (CUDA, sm_90+): each one-row decode layer from o_proj "
                               "to the next GEMV as one persistent kernel")),
     "pdl": (2, ("backend (CUDA, sm_90+): programmatic dependent launch: each kernel starts "

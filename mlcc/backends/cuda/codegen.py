@@ -99,8 +99,8 @@ def early_release(plans: list[EntryPlan], built: list[CudaKernel]) -> frozenset[
     single = {k.name for k in built if k.single_block()}
     verdict: dict[str, bool] = {}
     for plan in plans:
-        # A decode chain never releases the next kernel at its start: every one of its blocks
-        # must find an SM (it releases the next kernel itself once they all have).
+        # A decode chain never releases the next kernel early: every one of its blocks must
+        # find an SM first, and the next kernel's waiting blocks would hold SMs beside it.
         kernels = [None if call.spec.op == chain.OP else names.get(call.spec)
                    for call in plan.calls]
         for here, after in zip(kernels, kernels[1:] + [None]):
