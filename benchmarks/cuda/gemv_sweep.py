@@ -560,6 +560,12 @@ def kernel_of(v: dict):
                               x_regs=v.get("x_regs", False))
         return gemv_q4_stream_kernel(LinearShape(linear_spec(v["n"], v["k"], 1)), v["name"],
                                      config, glu=SILU_MUL if v["glu"] else None)
+    if v["kind"] == "tma":
+        from mlcc.backends.cuda.gemv_tma import TmaConfig, gemv_tma_kernel
+
+        return gemv_tma_kernel(LinearShape(linear_spec(v["n"], v["k"], 1)), v["name"],
+                               TmaConfig(v["ks"], v["teams"], v["chunk"], v["early"],
+                                         v.get("timing_only", False)))
     if v["kind"] == "tcp":
         from mlcc.backends.cuda.gemv_tcp import TcpConfig, gemv_q4_tcp_kernel
 
@@ -590,7 +596,8 @@ def kernel_of(v: dict):
         return gemm_wmma_rule(spec, v["name"])
     if v["kind"] == "block":
         return gemv_q4_kernel(s, v["name"], v["warps"], v["rows_per_warp"], dot=v["dot"],
-                              min_blocks=v.get("min_blocks", 0))
+                              min_blocks=v.get("min_blocks", 0),
+                              row_first=v.get("row_first", False))
     if v.get("glu"):
         from mlcc.backends.cuda.glu import SILU_MUL
 
@@ -603,6 +610,66 @@ def kernel_of(v: dict):
     return spread_rows(kernel, v["rows_per_warp"], v["n"]) if v.get("spread") else kernel
 
 
+def _tma(n: int, k: int, cfg: tuple) -> dict:
+    ks, teams, chunk, early = cfg
+    tag = f"tma_{n}x{k}_s{ks}_t{teams}_c{chunk}" + ("" if early is None else f"_e{early}")
+    return {"n": n, "k": k, "rows": 1, "prologue": "none", "kind": "tma", "ks": ks,
+            "teams": teams, "chunk": chunk, "early": early, "name": tag}
+
+
+def tma_variants() -> list[dict]:
+    """The TMA GEMV (mlcc.backends.cuda.gemv_tma) beside the database's pick for the three
+    7B decode shapes whose slice fits a block's shared memory."""
+    from mlcc.backends.cuda.gemv_tma import TmaConfig, fits
+    from mlcc.backends.cuda.linear import LinearShape
+
+    configs = {4096: [(1, 8, 16, None), (1, 8, 8, None), (1, 4, 8, None), (2, 4, 8, None),
+                      (1, 16, 16, None), (1, 8, 16, 2)],
+               11008: [(4, 2, 8, None), (4, 4, 8, None), (8, 1, 8, None), (8, 2, 8, None),
+                       (4, 2, 4, None), (4, 2, 8, 2)]}
+    out = []
+    for n, k in ((4096, 4096), (12288, 4096), (4096, 11008)):
+        out.append(current_pick(n, k))
+        for cfg in configs[k]:
+            if fits(LinearShape(linear_spec(n, k, 1)), TmaConfig(*cfg)):
+                out.append(_tma(n, k, cfg))
+    return out
+
+
+def tma_stream_variants() -> list[dict]:
+    """Timing probes (wrong results, timed anyway): the TMA GEMV's bulk copies alone, all
+    chunks issued at once, at 16 and 4 features a chunk, for the three shapes it takes."""
+    out = []
+    for n, k in ((4096, 4096), (12288, 4096), (4096, 11008)):
+        ks = 1 if k == 4096 else 4
+        for chunk in (16, 4):
+            v = _tma(n, k, (ks, 8 // ks, chunk, None))
+            out.append(dict(v, name=v["name"] + "_stream", timing_only=True))
+    return out
+
+
+def row_first_variants() -> list[dict]:
+    """The one-shot GEMV with the integer dot loading its activation row ahead of its weights
+    (linear.gemv_q4_kernel's row_first) beside the database's pick, for the 7B decode shapes;
+    and at a few other launches for the two whose kernel ahead does not release them early."""
+    out = []
+    for n, k in ((4096, 4096), (4096, 11008), (12288, 4096)):
+        pick = current_pick(n, k)
+        out.append(pick)
+        if pick["kind"] != "block":
+            continue
+        configs = [(pick["warps"], pick["rows_per_warp"], pick.get("min_blocks", 0))]
+        if (n, k) == (4096, 4096):
+            configs += [(4, 2, 4), (8, 2, 2), (4, 4, 0)]
+        if (n, k) == (4096, 11008):
+            configs += [(8, 1, 2), (4, 2, 4), (8, 2, 0), (16, 1, 1)]
+        for warps, rpw, blocks in configs:
+            v = _block(n, k, 1, (warps, rpw, pick["dot"]), blocks)
+            out.append(v)
+            out.append(dict(v, name=v["name"] + "_rf", row_first=True))
+    return out
+
+
 def build(folder: Path, only: str = "all") -> None:
     from mlcc.backends.cuda.codegen import compile_library
 
@@ -610,7 +677,9 @@ def build(folder: Path, only: str = "all") -> None:
               "glu": glu_variants, "tcp": tcp_variants, "tcg": tcg_variants,
               "tcgp": tcgp_variants, "stream": stream_variants,
               "dp2a": dp2a_variants, "spread": spread_variants,
-              "dp2a_block": dp2a_block_variants, "bounded": bounded_variants}.get(
+              "dp2a_block": dp2a_block_variants, "bounded": bounded_variants,
+              "tma": tma_variants, "row_first": row_first_variants,
+              "tma_stream": tma_stream_variants}.get(
         only, lambda: variants() + tc_variants())()
     # a candidate may be the database's pick already (same name, same kernel): built once
     chosen = list({v["name"]: v for v in chosen}.values())
@@ -677,7 +746,7 @@ def measure(torch, lib, v: dict, copies: list[tuple], dev, rng) -> dict:
     err = float(np.abs(y_dev.numpy().astype(np.float32) - expected).max() /
                 np.abs(expected).max())
     row = dict(v, rel_err=err)
-    if err < 1e-2:
+    if err < 1e-2 or v.get("timing_only"):
         row["us"] = time_variant(torch, f, lead_dev, copies, y_dev)
         row["gb_s"] = (n * k // 2 + n * k // 16) / (row["us"] * 1e-6) / 1e9
     return row
@@ -709,7 +778,7 @@ def run(folder: Path, out: Path) -> None:
             print(f"{v['name']:44s} err {row['rel_err']:.1e} " +
                   (f"{row['us']:7.2f} us {row['gb_s']:6.0f} GB/s" if "us" in row else "FAILED"))
             if ("us" not in row or v["prologue"] != "none" or (n, k) not in SHAPES
-                    or v.get("glu")):
+                    or v.get("glu") or v["kind"] == "tma"):
                 continue
             record = {key: row[key] for key in RECORD_KEYS if key in row}
             key = f"{n},{k}"

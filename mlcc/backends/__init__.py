@@ -31,8 +31,9 @@ def build_model_library(module, output: Path, metadata: dict,
         l2 = DEFAULT_BUDGET if opt is None or opt.enabled("l2_prefetch") else 0
         fold = opt is not None and opt.enabled("fold_norms")
         chain = opt is not None and opt.enabled("decode_chain")
+        tma = opt is not None and opt.enabled("tma_gemv")
         return build_cuda(module, Path(output), metadata, archs, log, fuse_glu=fuse_glu, pdl=pdl,
-                          l2_prefetch=l2, fold_norms=fold, decode_chain=chain)
+                          l2_prefetch=l2, fold_norms=fold, decode_chain=chain, tma_gemv=tma)
     if device != "llvm":
         from mlcc.errors import MlccError
 

@@ -270,3 +270,31 @@ def test_one_shot_integer_dot_refuses_prologues_and_fusion_falls_back():
         assert tuning.gemv_config(16, 256) == (4, 2, gemv.DP2A)
         assert fusion._prologue_config(s) == (4, 2, "mlcc_q4_dot8_lop3_pairs")
 
+
+
+@pytest.mark.parametrize("case", [c for c in ONE_SHOT_CASES if c[2] == 1],
+                         ids=lambda c: f"n{c[0]}k{c[1]}_w{c[4]}_r{c[5]}")
+def test_row_first_gives_the_one_shot_bits(tmp_path, case):
+    """row_first (the activation row's loads issued ahead of the weights', then staged from
+    registers) stages the same integers and factors, so the output is the one-shot kernel's,
+    bit for bit; two threads' groups each at K = 11008 with 128 threads."""
+    n, k, _, ydt, warps, rpw = case
+    s = LinearShape(q_linear_spec(1, n, k, ydt=ydt))
+    plain = linear.gemv_q4_kernel(s, "once", warps, rpw, dot=gemv.DP2A)
+    first = linear.gemv_q4_kernel(s, "first", warps, rpw, dot=gemv.DP2A, row_first=True)
+    body = first.device_source[first.device_source.index("first_dev("):]
+    assert body.index("mlcc_grid_wait();") < body.index("sraw[i][j] =") < body.index("__ldg(")
+    binary = build(tmp_path, [plain, first], s.buffers, INT_HOST, one_shot_launch)
+    x, qw, qs, paths = random_inputs(tmp_path, 5 * n + k, 1, n, k, 2, (0, -250.0), (0, 64))
+    got = run(binary, 1, paths, (1, n), ydt)
+    assert np.array_equal(got.view(np.uint8), run(binary, 0, paths, (1, n), ydt).view(np.uint8))
+    reference, magnitude = group_reference(x, qw, qs, k)
+    assert (np.abs(got.astype(np.float64) - reference)
+            <= rounding_bound(reference, magnitude, k, ydt)).all()
+
+
+def test_row_first_takes_one_plain_row_with_the_integer_dot():
+    for rows, dot in ((2, gemv.DP2A), (1, "mlcc_q4_dot8")):
+        s = LinearShape(q_linear_spec(rows, 16, 256))
+        with pytest.raises(MlccError, match=r"row_first needs the integer dot on one plain row"):
+            linear.gemv_q4_kernel(s, "f", 2, 1, dot=dot, row_first=True)

@@ -141,6 +141,31 @@ def test_decode_chain_equals_the_kernels_it_replaces(cases, arch):
     assert graph._graphs[0].graph is not None, "the decode step was not captured"
 
 
+@pytest.mark.parametrize("arch", ["llama64", "mistral64"])
+def test_tma_gemv_equals_the_gemvs_it_replaces(cases, arch):
+    """The opt-in TMA GEMV (knob tma_gemv: every one-row q4 GEMV of these models, the logits of
+    prefill's last row included) against the same model's library without it: prefill and 12
+    decode steps after a 37-token prompt within 1% of the logits' scale (its exact integer
+    dots against the library's float16 pair dots, the bound of the chain test above), and the
+    same bits replayed from a CUDA graph (mbarriers and copies are set up anew by every
+    launch)."""
+    pytest.importorskip("torch")
+    engine, _ = _engine(cases, f"{arch}_q4f16_1_tma", cudagraph=False)
+    graph, _ = _engine(cases, f"{arch}_q4f16_1_tma", cudagraph=True)
+    plain, _ = _engine(cases, f"{arch}_q4f16_1", cudagraph=False)
+    ids = np.random.default_rng(17).integers(0, 120, 49).tolist()
+    got = [engine.prefill_logits(ids[:37])] + [engine.decode(t) for t in ids[37:]]
+    expected = [plain.prefill_logits(ids[:37])] + [plain.decode(t) for t in ids[37:]]
+    for step, (a, b) in enumerate(zip(expected, got)):
+        assert np.isfinite(b).all(), f"{arch} step {step}: non-finite logits"
+        np.testing.assert_allclose(b, a, atol=1e-2 * float(np.abs(a).max()), rtol=0,
+                                   err_msg=f"{arch} step {step}")
+    np.testing.assert_array_equal(graph.prefill_logits(ids[:37]), got[0])
+    for step, token in enumerate(ids[37:]):
+        np.testing.assert_array_equal(graph.decode(token), got[step + 1])
+    assert graph._graphs[0].graph is not None, "the decode step was not captured"
+
+
 @pytest.mark.parametrize("name", ["llama_q0f16", "mistral_q4f16_1"])
 def test_cuda_graph_decode_equals_plain_decode(cases, name):
     pytest.importorskip("torch")

@@ -20,6 +20,7 @@ from mlcc.backends.cuda import (
     attention,
     chain,
     fusion,
+    gemv_tma,
     glu,
     kernels,
     linear,
@@ -117,7 +118,7 @@ def wait_release(built: list[CudaKernel], early: frozenset[str]) -> frozenset[st
 
 def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
                   fuse_glu: bool = False, l2_prefetch: int = 0, fold_norms: bool = False,
-                  decode_chain: bool = False,
+                  decode_chain: bool = False, tma_gemv: bool = False,
                   ) -> tuple[list[CudaKernel], list[EntryPlan], str, str]:
     """Kernels (one per distinct spec), entry plans, host TVMScript, metadata TVMScript.
 
@@ -131,6 +132,8 @@ def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
     (mlcc.backends.cuda.norm_fold; after the GLU fusion, whose calls it folds into).
     `decode_chain` runs each one-row layer from o_proj to the next GEMV as one persistent
     kernel (mlcc.backends.cuda.chain; sm_90 and newer, after the GLU fusion, before the fold).
+    `tma_gemv` gives the one-row q4 GEMVs that fit the kernel of mlcc.backends.cuda.gemv_tma
+    (sm_90 and newer).
     """
     metadata = with_tensor_parallel(module, metadata)
     plans = [plan_entry(fn, module) for fn in module.functions]
@@ -144,6 +147,8 @@ def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
         plans = [fusion.fuse_prologues(plan) for plan in plans]
     if l2_prefetch:
         plans = [prefetch.attach_prefetch(plan, l2_prefetch) for plan in plans]
+    if tma_gemv:
+        plans = [gemv_tma.mark(plan) for plan in plans]
     names = kernel_names(plans)
     built = [kernel_for(spec, name) for spec, name in names.items()]
     # The next token picked on the GPU (mlcc.backends.cuda.sampling) from the logits row.
@@ -174,7 +179,8 @@ def build(module: ir.Module, output: Path, metadata: dict,
           archs: tuple[str, ...] = DEFAULT_ARCHS,
           log: Callable[[str], None] = lambda s: None, prologues: bool = False,
           fuse_glu: bool = False, pdl: bool = False, l2_prefetch: int = 0,
-          fold_norms: bool = False, decode_chain: bool = False) -> dict[str, int]:
+          fold_norms: bool = False, decode_chain: bool = False,
+          tma_gemv: bool = False) -> dict[str, int]:
     """Build `module` into the shared library `output` (written under a temporary name).
 
     `pdl` launches every kernel with programmatic dependent launch (mlcc.backends.cuda.
@@ -185,8 +191,12 @@ def build(module: ir.Module, output: Path, metadata: dict,
     if decode_chain and not pdl_supported(archs):
         log(f"decode_chain off: its bulk copies need sm_90 or newer ({', '.join(archs)})")
         decode_chain = False
+    if tma_gemv and not pdl_supported(archs):
+        log(f"tma_gemv off: its bulk copies need sm_90 or newer ({', '.join(archs)})")
+        tma_gemv = False
     built, plans, entries, meta = library_parts(module, metadata, prologues, fuse_glu,
-                                                l2_prefetch, fold_norms, decode_chain)
+                                                l2_prefetch, fold_norms, decode_chain,
+                                                tma_gemv)
     counts: dict[str, int] = {}
     for k in built:
         op = k.name if k.name.startswith("mlcc_") else k.name.split("_", 1)[1]

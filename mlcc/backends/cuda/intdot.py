@@ -36,7 +36,24 @@ __device__ __forceinline__ int mlcc_q4_dp2a(unsigned w, uint4 xp, int acc) {
 """
 
 
-def stage_dp2a(k: int, warps: int, norm: RowNorm | None = None) -> str:
+def row_loads(k: int, warps: int, row: str = "r") -> str:
+    """Issue the loads of activation row `row` that stage_dp2a(..., preloaded=True) stages:
+    thread t's groups t, t + threads, ... into sraw (four 16-byte words a group)."""
+    groups, threads = k // 32, warps * 32
+    per = -(-groups // threads)
+    return f"""    uint4 sraw[{per}][4];
+    #pragma unroll
+    for (int i = 0; i < {per}; ++i) {{
+      const int gi = threadIdx.x + i * {threads};
+      #pragma unroll
+      for (int j = 0; j < 4; ++j)
+        sraw[i][j] = gi < {groups} ? reinterpret_cast<const uint4*>(x + ({row}) * {k}LL + gi * 32)[j]
+                                   : make_uint4(0u, 0u, 0u, 0u);
+    }}"""
+
+
+def stage_dp2a(k: int, warps: int, norm: RowNorm | None = None,
+               preloaded: bool = False) -> str:
     """Stage activation row r for the integer dot: thread t takes groups t, t + threads, ...
     of 32 values; with E the exponent of the group's largest |x|, each value times 2^(14 - E)
     rounded to an integer fits 16 bits (|.| < 2^15; values within 16x of the largest are
@@ -47,15 +64,26 @@ def stage_dp2a(k: int, warps: int, norm: RowNorm | None = None) -> str:
 
     With `norm` (mlcc.backends.cuda.norm_fold) x holds a residual sum and each value is first
     RMS-normalized as the one-row norm kernel would store it (float16), with the row's inverse
-    RMS taken from the partial sums of squares that the GEMV ahead wrote."""
+    RMS taken from the partial sums of squares that the GEMV ahead wrote.
+
+    With `preloaded` the row's words come from registers that row_loads filled (sraw)."""
     groups = k // 32
     prelude, load = "", "raw[j] = src[j];"
+    loop = f"for (int gi = threadIdx.x; gi < {groups}; gi += {warps * 32}) {{"
+    if preloaded:
+        if norm is not None:
+            raise ValueError("a preloaded row is staged without a folded norm")
+        per = -(-groups // (warps * 32))
+        load = "raw[j] = sraw[i][j];"
+        loop = (f"#pragma unroll\n    for (int i = 0; i < {per}; ++i) {{\n"
+                f"      const int gi = threadIdx.x + i * {warps * 32};\n"
+                f"      if (gi >= {groups}) break;")
     if norm is not None:
         prelude = norm.prelude(groups)
         load = f"""const uint4 wv = gi == threadIdx.x ? first_w[j]
                         : reinterpret_cast<const uint4*>(nw + gi * 32)[j];
         raw[j] = gi == threadIdx.x ? first_x[j] : src[j];{norm.apply("raw[j]", "wv")}"""
-    return f"""{prelude}    for (int gi = threadIdx.x; gi < {groups}; gi += {warps * 32}) {{
+    return f"""{prelude}    {loop}
       const uint4* src = reinterpret_cast<const uint4*>(x + r * {k}LL + gi * 32);
       uint4 raw[4];
       unsigned mb = 0u;  // the largest |x| as float16 bits: ordered as the values, inf/NaN last

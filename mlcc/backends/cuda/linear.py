@@ -4,6 +4,10 @@ Rules, first match wins (each returns None when it does not apply). Every rule s
 and stores through mlcc_put, which rounds to y's dtype: float32 logits of a float16 model
 (out_dtype="float32" on the output projection) are stored unrounded.
 
+    gemv_tma_rule    (mlcc.backends.cuda.gemv_tma) one-row q4 GEMVs marked by the opt-in
+                     `tma_gemv` knob: the block's whole weight slice bulk-copied into shared
+                     memory before the grid wait.
+
     gemv_q4_tcg_rule (mlcc.backends.cuda.gemv_tcg) one row, 4-bit weights, K % 128 == 0: the
                      tensor-core GEMV with the scales applied after the mma, only where the
                      GEMV database's single-row winner has kind "tcg" (none today).
@@ -47,7 +51,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from mlcc.backends.cuda.intdot import DP2A, DP2A_SOURCE, dp2a_group, stage_dp2a
+from mlcc.backends.cuda.intdot import DP2A, DP2A_SOURCE, dp2a_group, row_loads, stage_dp2a
 from mlcc.backends.cuda.kernels import (
     GRID_WAIT,
     CudaKernel,
@@ -186,7 +190,7 @@ def gemv_q4_kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
                    buffers: list | None = None, staging: str | None = None,
                    outputs: tuple[str, ...] = ("y",), dot: str = "mlcc_q4_dot8",
                    min_blocks: int = 0, norm: RowNorm | None = None,
-                   residual: bool = False) -> CudaKernel:
+                   residual: bool = False, row_first: bool = False) -> CudaKernel:
     """The q4 decode GEMV with `warps` warps per block, each owning `rows_per_warp` features;
     `staging` (C++ filling xs from row r) replaces the plain copy for fused prologues;
     `min_blocks` > 0 asks ptxas to fit that many blocks on an SM (CudaKernel.min_blocks).
@@ -202,7 +206,12 @@ def gemv_q4_kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
     match), so a quarter warp's 16-byte reads fall in distinct banks; the group sums are exact
     integers, so the rotation changes no bit and the result equals the persistent GEMV's.
     (K split over a block's warps and a GLU mode were measured here and won nowhere:
-    benchmarks/results/2026-11-29-h200-h.)"""
+    benchmarks/results/2026-11-29-h200-h.)
+
+    `row_first` (the integer dot, one row, no fused prologue or residual) waits first, then
+    issues the activation row's loads ahead of the weight loads, so that the staging does
+    not queue behind them: for a GEMV that the kernel ahead does not release early, whose
+    wait returns at its start anyway."""
     groups = s.k // 32
     iters = -(-groups // 32)  # groups per lane and feature
     per_block = warps * rows_per_warp
@@ -213,14 +222,24 @@ def gemv_q4_kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
                         f"fused prologue needs another dot (e.g. mlcc_q4_dot8_lop3_pairs)")
     if norm is not None and not integer:
         raise MlccError("compile", f"{name}: a folded norm is staged by the integer dot only")
+    if row_first and not (integer and staging is None and norm is None and not residual
+                          and s.static_rows == 1):
+        raise MlccError("compile", f"{name}: row_first needs the integer dot on one plain row")
+    if row_first:
+        staging = stage_dp2a(s.k, warps, preloaded=True)
     staging = staging or (stage_dp2a(s.k, warps, norm) if integer else stage_plain(s, warps))
     factors = f"\n  __shared__ int2 xg[{groups}];" if integer else ""
     rotation = ("\n  const int rot = (lane >> 1) & 3;" if integer else "")
+    head, wait = "", f"{GRID_WAIT}  // the weights above need nothing from the kernel before"
+    if row_first:
+        head = (f"\n  {GRID_WAIT}  // then the row's loads, ahead of the weights'\n"
+                f"{row_loads(s.k, warps, row='0')}")
+        wait = "// (the row was loaded above)"
     body = f"""{DP2A_SOURCE if integer else ""}{signature(name, buffers, outputs, s.symbols)} {{
   __shared__ __align__(16) half2 xs[{s.k // 2}];{factors}
   __shared__ float red[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;{rotation}
-  const long long n0 = (long long)blockIdx.x * {per_block} + warp * {rows_per_warp};
+  const long long n0 = (long long)blockIdx.x * {per_block} + warp * {rows_per_warp};{head}
   uint4 w[{rows_per_warp}][{iters}];
   half sc[{rows_per_warp}][{iters}];
   #pragma unroll
@@ -234,7 +253,7 @@ def gemv_q4_kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
       sc[q][it] = g < {groups} ? qs[n * {s.groups}LL + g] : __float2half(0.f);
     }}
   }}
-  {GRID_WAIT}  // the weights above need nothing from the kernel before
+  {wait}
   for (int r = 0; r < {s.static_rows}; ++r) {{
     __syncthreads();{_residual_loads(s, rows_per_warp) if residual else ""}
 {staging}
@@ -468,9 +487,10 @@ from mlcc.backends.cuda.gemv import gemv_q4_tuned_rule  # noqa: E402 - and gemv.
 from mlcc.backends.cuda.gemv_tc import gemv_q4_tc_rule  # noqa: E402 - and gemv_tc.py
 from mlcc.backends.cuda.gemv_tcg import gemv_q4_tcg_rule  # noqa: E402 - and gemv_tcg.py
 from mlcc.backends.cuda.gemv_tcp import gemv_q4_tcp_rule  # noqa: E402 - and gemv_tcp.py
+from mlcc.backends.cuda.gemv_tma import gemv_tma_rule  # noqa: E402 - and gemv_tma.py
 
 LINEAR_RULES: tuple[Callable[[KernelSpec, str], CudaKernel | None], ...] = (
-    gemv_q4_tcg_rule, gemv_q4_tc_rule, gemv_q4_tcp_rule, gemv_q4_tuned_rule, gemv_q4_rule,
+    gemv_tma_rule, gemv_q4_tcg_rule, gemv_q4_tc_rule, gemv_q4_tcp_rule, gemv_q4_tuned_rule, gemv_q4_rule,
     gemv_rule, gemm_tc_rule, gemm_wmma_rule,
 )
 

@@ -1,0 +1,256 @@
+"""Decode GEMV whose whole weight slice is copied into shared memory before the grid wait.
+
+One block per SM (`ceil(N / SMS)` consecutive output features a block, and at least half an
+SM's shared memory, so that no SM gets two however the grid is placed) and, before the kernel
+waits for the one ahead (GRID_WAIT), one thread of each block issues bulk copies
+(`cp.async.bulk`, sm_90: one instruction moves kilobytes, no register or load slot held while
+in flight) of the block's packed weights and scales into dynamic shared memory, a chunk of
+`chunk` features per mbarrier. So the weight stream starts when the block is placed, runs while
+the kernel ahead finishes, and does not compete with the activation row for the SM's load
+slots: the one-shot GEMV of mlcc.backends.cuda.linear issues all its weight loads into
+registers before it stages the row, and at K = 11008 its staging waits behind them (2.3 us of
+the down GEMV's 10.3 in a 7B decode step: benchmarks/results/2026-11-30-h200).
+
+After the wait the block stages the row for the integer dot (intdot.stage_dp2a), each lane
+copies the staged words of its groups into registers once, and the warps take the chunks as
+they land: warp w = (slice, team) multiplies the groups of K slice `slice` (of `ks`) with the
+features `team`, `team + teams`, ... of the chunk; with `ks` > 1 the slices' warp sums meet in
+shared memory and one thread a feature adds them in a fixed order. Arithmetic and rounding are
+the one-shot GEMV's with the integer dot: a group's products are an exact integer sum, then
+one float32 term; the features' sums differ only in the order their group terms are added.
+
+Only one-row q4 GEMVs (groups of 32, float16 activations and scales) whose slice and staged
+row fit in a block's shared memory (232,448 bytes on sm_90) with at most SMS blocks; others
+keep their kernels. Opt-in (knob `tma_gemv`), sm_90 and newer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlcc.backends.cuda.chain import HELPERS
+from mlcc.backends.cuda.gemv import SMS
+from mlcc.backends.cuda.intdot import DP2A_SOURCE, dp2a_group, stage_dp2a
+from mlcc.backends.cuda.kernels import GRID_WAIT, CudaKernel, launcher, signature
+from mlcc.backends.cuda.linear import LinearShape, gemv_q4_applies
+from mlcc.backends.plan import EntryPlan, KernelCall, KernelSpec
+
+ATTR = "tma_gemv"
+MAX_SMEM = 232448  # dynamic shared memory one block may have on sm_90
+ONE_PER_SM = MAX_SMEM // 2 + 1024  # shared memory that leaves no room for a second block
+MAX_LANE_GROUPS = 4  # groups whose staged activations a lane keeps in registers
+
+
+@dataclass(frozen=True)
+class TmaConfig:
+    """`ks` K slices x `teams` feature teams = warps; `chunk` features a copy (a multiple of
+    `teams`); `early` chunks issued before the grid wait (None: all)."""
+
+    ks: int = 1
+    teams: int = 8
+    chunk: int = 16
+    early: int | None = None
+    stream_only: bool = False  # a timing probe: copy the weights and stop (wrong results)
+
+    @property
+    def warps(self) -> int:
+        return self.ks * self.teams
+
+
+def default_config(k: int) -> TmaConfig:
+    """The fewest K slices (of 1, 2, 4, 8) that keep a lane's groups within MAX_LANE_GROUPS;
+    8 warps; chunks of 16 features with one slice, else 8."""
+    groups = k // 32
+    for ks in (1, 2, 4, 8):
+        if groups % ks == 0 and -(-groups // ks // 32) <= MAX_LANE_GROUPS:
+            return TmaConfig(ks, 8 // ks, 16 if ks == 1 else 8)
+    return TmaConfig(8, 1, 8)
+
+
+@dataclass(frozen=True)
+class Layout:
+    rows: int  # features a block
+    weights: int  # byte offsets in dynamic shared memory
+    scales: int
+    xs: int
+    xg: int
+    red: int
+    bars: int
+    total: int
+
+
+def _align(v: int, a: int = 16) -> int:
+    return -(-v // a) * a
+
+
+def layout(s: LinearShape, cfg: TmaConfig, sms: int = SMS) -> Layout:
+    rows = -(-s.n // sms)
+    w_row, s_row = s.words * 4, s.groups * 2
+    weights = 0
+    scales = _align(weights + rows * w_row)
+    xs = _align(scales + rows * s_row)
+    xg = _align(xs + s.k * 2)
+    red = _align(xg + s.groups * 8)
+    bars = _align(red + (rows * cfg.ks * 4 if cfg.ks > 1 else 0), 8)
+    chunks = -(-rows // cfg.chunk)
+    # at least half an SM's shared memory: one block an SM, wherever the grid is placed
+    return Layout(rows, weights, scales, xs, xg, red, bars,
+                  max(bars + chunks * 8, ONE_PER_SM))
+
+
+def fits(s: LinearShape, cfg: TmaConfig | None = None) -> bool:
+    """Whether the TMA GEMV applies to `s` (a one-row q4 GEMV whose slice fits a block)."""
+    if not gemv_q4_applies(s) or s.static_rows != 1:
+        return False
+    cfg = cfg or default_config(s.k)
+    groups = s.k // 32
+    if groups % cfg.ks or cfg.chunk % cfg.teams or -(-groups // cfg.ks // 32) > MAX_LANE_GROUPS:
+        return False
+    # bulk copies move multiples of 16 bytes from 16-byte aligned addresses
+    if (s.words * 4) % 16 or (s.groups * 2) % 16:
+        return False
+    return layout(s, cfg).total <= MAX_SMEM
+
+
+def mark(plan: EntryPlan) -> EntryPlan:
+    """The plan with every one-row q4 GEMV that fits marked for this kernel."""
+    calls = []
+    for call in plan.calls:
+        spec = call.spec
+        if spec.op == "q_linear" and ATTR not in dict(spec.attrs) and fits(LinearShape(spec)):
+            spec = KernelSpec(spec.op, spec.inputs, spec.outputs, spec.attrs + ((ATTR, 1),),
+                              spec.kv)
+            call = KernelCall(spec, call.buffers)
+        calls.append(call)
+    return EntryPlan(plan.name, plan.args, calls, plan.workspace_bytes, plan.symbols,
+                     plan.bounds)
+
+
+def gemv_tma_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
+    if spec.op != "q_linear" or not dict(spec.attrs).get(ATTR):
+        return None
+    s = LinearShape(spec)
+    return gemv_tma_kernel(s, name) if fits(s) else None
+
+
+def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> CudaKernel:
+    cfg = cfg or default_config(s.k)
+    lay = layout(s, cfg)
+    groups, words = s.k // 32, s.words
+    gs = groups // cfg.ks  # groups of a K slice
+    it_n = -(-gs // 32)
+    chunks = -(-lay.rows // cfg.chunk)
+    early = chunks if cfg.early is None else min(cfg.early, chunks)
+    per_team = cfg.chunk // cfg.teams
+    threads = cfg.warps * 32
+    w_row, s_row = words * 4, s.groups * 2
+
+    def issue(first: str, last: str) -> str:
+        return f"""    for (int c = {first}; c < {last}; ++c) {{
+      const int f0 = c * {cfg.chunk}, rows = min({cfg.chunk}, nrows - f0);
+      const unsigned bar = bars + 8 * c;
+      mlcc_chain_expect(bar, (unsigned)rows * {w_row + s_row}u);
+      mlcc_chain_copy(mlcc_chain_smem(smem + {lay.weights} + (size_t)f0 * {w_row}),
+                      qw + (n0 + f0) * {words}LL, (unsigned)rows * {w_row}u, bar);
+      mlcc_chain_copy(mlcc_chain_smem(smem + {lay.scales} + (size_t)f0 * {s_row}),
+                      qs + (n0 + f0) * {s.groups}LL, (unsigned)rows * {s_row}u, bar);
+    }}"""
+
+    late = ""
+    if early < chunks:
+        late = f"""
+  if (threadIdx.x == 0) {{
+{issue(str(early), "nchunks")}
+  }}"""
+    if cfg.ks == 1:
+        emit = f"""        if (lane == 0 && f < nrows) mlcc_put(y, n0 + f, total{s.bias_term("n0 + f")});"""
+        finish = ""
+    else:
+        emit = """        if (lane == 0) red[f * KS + slice] = total;"""
+        finish = f"""
+  __syncthreads();
+  for (int f = threadIdx.x; f < nrows; f += {threads}) {{
+    float total = 0.f;
+    #pragma unroll
+    for (int t = 0; t < KS; ++t) total += red[f * KS + t];
+    mlcc_put(y, n0 + f, total{s.bias_term("n0 + f")});
+  }}"""
+    probe = ""
+    if cfg.stream_only:
+        probe = f"""
+  {late.strip()}
+  for (int c = 0; c < nchunks; ++c) mlcc_chain_wait(bars + 8 * c, 0u);
+  return 0;"""
+    sig = signature(name, s.buffers, ("y",), s.symbols)
+    sig = sig[:-1] + ", unsigned char* __restrict__ smem)"
+    body = f"""{DP2A_SOURCE}{HELPERS}{sig} {{
+  constexpr int KS = {cfg.ks};
+  half2* xs = reinterpret_cast<half2*>(smem + {lay.xs});
+  int2* xg = reinterpret_cast<int2*>(smem + {lay.xg});
+  float* red = reinterpret_cast<float*>(smem + {lay.red});
+  const uint4* wsm = reinterpret_cast<const uint4*>(smem + {lay.weights});
+  const half* ssm = reinterpret_cast<const half*>(smem + {lay.scales});
+  const unsigned bars = mlcc_chain_smem(smem + {lay.bars});
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int slice = warp % KS, team = warp / KS;
+  const long long n0 = (long long)blockIdx.x * {lay.rows};
+  const int nrows = (int)min((long long){lay.rows}, {s.n}LL - n0);
+  const int nchunks = (nrows + {cfg.chunk - 1}) / {cfg.chunk};
+  (void)red;
+  if (threadIdx.x == 0) {{
+    for (int c = 0; c < nchunks; ++c)
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bars + 8 * c) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+{issue("0", f"min(nchunks, {early})")}
+  }}
+  {GRID_WAIT}  // the weights above need nothing from the kernel before{probe}
+  const int r = 0;
+{stage_dp2a(s.k, cfg.warps)}
+  __syncthreads();{late}
+  uint4 xa[{it_n}][4];
+  int2 zf[{it_n}];
+  #pragma unroll
+  for (int it = 0; it < {it_n}; ++it) {{
+    const int gl = lane + 32 * it;
+    const int g = slice * {gs} + gl;
+    #pragma unroll
+    for (int j = 0; j < 4; ++j)
+      xa[it][j] = gl < {gs} ? reinterpret_cast<const uint4*>(xs)[g * 4 + j]
+                            : make_uint4(0u, 0u, 0u, 0u);
+    zf[it] = gl < {gs} ? xg[g] : make_int2(0, 0);
+  }}
+  for (int c = 0; c < nchunks; ++c) {{
+    mlcc_chain_wait(bars + 8 * c, 0u);
+    #pragma unroll
+    for (int q = 0; q < {per_team}; ++q) {{
+      const int f = c * {cfg.chunk} + team + {cfg.teams} * q;
+      float acc = 0.f;
+      if (f < nrows) {{
+        const uint4* wr = wsm + (size_t)f * {groups};
+        const half* sr = ssm + (size_t)f * {s.groups};
+        #pragma unroll
+        for (int it = 0; it < {it_n}; ++it) {{
+          const int gl = lane + 32 * it;
+          if (gl < {gs}) {{
+            const int g = slice * {gs} + gl;
+            const uint4 v = wr[g];
+            acc += ({dp2a_group("v", tuple(f"xa[it][{j}]" for j in range(4)), "zf[it]")})
+                   * __half2float(sr[g]);
+          }}
+        }}
+      }}
+      const float total = mlcc_warp_sum(acc);
+{emit}
+    }}
+  }}{finish}
+  return 0;
+}}
+"""
+    grid = f"T.int64({-(-s.n // lay.rows)})"
+    text = launcher(name, s.buffers, (grid,), threads, s.symbols)
+    call = f'T.evaluate(T.call_extern("int32", "{name}_dev", '
+    head, sep, rest = text.rpartition(call)
+    indent = head[head.rfind("\n") + 1:]
+    text = (head + f'smem = T.alloc_buffer(({lay.total},), "uint8", scope="shared.dyn")\n'
+            + indent + sep + rest.replace("))", ", smem.data))", 1))
+    return CudaKernel(name, body, text, min_blocks=1)
