@@ -38,6 +38,8 @@ KNOBS: dict[str, tuple[int, str]] = {
     # Opt-in: 0.99x in the 7B decode on an H200 (mlcc.backends.cuda.chain, 2026-11-30-h200-b).
     "decode_chain": (OPT_IN, ("backend (CUDA, sm_90+): each one-row decode layer from o_proj "
                               "to the next GEMV as one persistent kernel")),
+    # Opt-in: 0.89-0.95x in the 7B decode on an H200 (mlcc.backends.cuda.gemv_tma,
+    # benchmarks/results/2026-11-30-h200-c).
     "tma_gemv": (OPT_IN, ("backend (CUDA, sm_90+): each one-row decode GEMV whose weight "
                           "slice fits copies it whole into shared memory before its wait")),
     "pdl": (2, ("backend (CUDA, sm_90+): programmatic dependent launch: each kernel starts "

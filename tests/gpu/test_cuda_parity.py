@@ -121,8 +121,8 @@ def test_decode_chain_equals_the_kernels_it_replaces(cases, arch):
     in the tiny models (the chain's exact integer dots against the library's float16 pair
     dots differ by up to 0.034 on logits of scale 6 on an H200; one mistral64 logit of the
     chain was 1.6% of the scale from ReferenceModel at step 5, within 1% of the library
-    without the chain); a wrong row, norm or residual is off by whole units. The same bits replayed from a CUDA graph (each launch leaves the grid
-    barrier's counts at zero)."""
+    without the chain); a wrong row, norm or residual is off by whole units. The same bits
+    replayed from a CUDA graph (each launch leaves the grid barrier's counts at zero)."""
     pytest.importorskip("torch")
     engine, _ = _engine(cases, f"{arch}_q4f16_1_chain", cudagraph=False)
     graph, _ = _engine(cases, f"{arch}_q4f16_1_chain", cudagraph=True)

@@ -4,9 +4,10 @@ GEMV, and what its text and launch carry.
 On the Llama-2-7B decode plan it takes the one-row q4 GEMVs whose slice fits a block's shared
 memory: qkv, o_proj and down in every layer, not the output projection (32000 rows) nor the
 fused gate_up + silu_mul; prefill, batch decode and models whose scale rows are not whole
-16-byte units keep their kernels (the tiny GPU-test models at K = 256 run it everywhere). The kernel's values were checked on an H200 against a
-float32 reference and against the shipped library (benchmarks/results/2026-11-30-h200-c);
-here one build compiles the three 7B kernels with nvcc.
+16-byte units keep their kernels (the tiny GPU-test models at K = 256 run it everywhere).
+The kernel's values were checked on an H200 against a float32 reference and against the
+shipped library (benchmarks/results/2026-11-30-h200-c); here one build compiles the three 7B
+kernels with nvcc.
 """
 
 from __future__ import annotations

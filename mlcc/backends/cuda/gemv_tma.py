@@ -22,6 +22,14 @@ one float32 term; the features' sums differ only in the order their group terms 
 Only one-row q4 GEMVs (groups of 32, float16 activations and scales) whose slice and staged
 row fit in a block's shared memory (232,448 bytes on sm_90) with at most SMS blocks; others
 keep their kernels. Opt-in (knob `tma_gemv`), sm_90 and newer.
+
+Status: slower, so no level turns it on. Measured on an H200 (benchmarks/results/
+2026-11-30-h200-c): bulk copies read the 7B shapes no faster than 128-bit loads (3.7-8.3 us,
+the read ceiling's times); with every chunk issued at once the chunks land together and the
+arithmetic runs after the stream (qkv 11.9 us standalone against the one-shot GEMV's 9.1); in
+the decode step the qkv GEMV read at 4.2 TB/s while the norm ahead of it ran, but that norm
+took 4.3 us longer a call, its loads queued behind the copies: decode 0.95x with qkv alone on
+this kernel, 0.89-0.90x with qkv, o_proj and down.
 """
 
 from __future__ import annotations
@@ -163,7 +171,8 @@ def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> 
 {issue(str(early), "nchunks")}
   }}"""
     if cfg.ks == 1:
-        emit = f"""        if (lane == 0 && f < nrows) mlcc_put(y, n0 + f, total{s.bias_term("n0 + f")});"""
+        bias = s.bias_term("n0 + f")
+        emit = f"""        if (lane == 0 && f < nrows) mlcc_put(y, n0 + f, total{bias});"""
         finish = ""
     else:
         emit = """        if (lane == 0) red[f * KS + slice] = total;"""

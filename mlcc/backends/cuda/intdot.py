@@ -45,10 +45,9 @@ def row_loads(k: int, warps: int, row: str = "r") -> str:
     #pragma unroll
     for (int i = 0; i < {per}; ++i) {{
       const int gi = threadIdx.x + i * {threads};
+      const uint4* src = reinterpret_cast<const uint4*>(x + ({row}) * {k}LL + gi * 32);
       #pragma unroll
-      for (int j = 0; j < 4; ++j)
-        sraw[i][j] = gi < {groups} ? reinterpret_cast<const uint4*>(x + ({row}) * {k}LL + gi * 32)[j]
-                                   : make_uint4(0u, 0u, 0u, 0u);
+      for (int j = 0; j < 4; ++j) sraw[i][j] = gi < {groups} ? src[j] : make_uint4(0u, 0u, 0u, 0u);
     }}"""
 
 

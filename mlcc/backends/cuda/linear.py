@@ -210,8 +210,10 @@ def gemv_q4_kernel(s: LinearShape, name: str, warps: int, rows_per_warp: int,
 
     `row_first` (the integer dot, one row, no fused prologue or residual) waits first, then
     issues the activation row's loads ahead of the weight loads, so that the staging does
-    not queue behind them: for a GEMV that the kernel ahead does not release early, whose
-    wait returns at its start anyway."""
+    not queue behind them: meant for a GEMV that the kernel ahead does not release early,
+    whose wait returns at its start anyway. Same bits; slower on an H200 at K = 11008 and in
+    the 7B decode (0.92-0.93x: benchmarks/results/2026-11-30-h200-c), so nothing selects it
+    (gemv_sweep.py's `row_first` set times it)."""
     groups = s.k // 32
     iters = -(-groups // 32)  # groups per lane and feature
     per_block = warps * rows_per_warp
@@ -490,8 +492,8 @@ from mlcc.backends.cuda.gemv_tcp import gemv_q4_tcp_rule  # noqa: E402 - and gem
 from mlcc.backends.cuda.gemv_tma import gemv_tma_rule  # noqa: E402 - and gemv_tma.py
 
 LINEAR_RULES: tuple[Callable[[KernelSpec, str], CudaKernel | None], ...] = (
-    gemv_tma_rule, gemv_q4_tcg_rule, gemv_q4_tc_rule, gemv_q4_tcp_rule, gemv_q4_tuned_rule, gemv_q4_rule,
-    gemv_rule, gemm_tc_rule, gemm_wmma_rule,
+    gemv_tma_rule, gemv_q4_tcg_rule, gemv_q4_tc_rule, gemv_q4_tcp_rule, gemv_q4_tuned_rule,
+    gemv_q4_rule, gemv_rule, gemm_tc_rule, gemm_wmma_rule,
 )
 
 
