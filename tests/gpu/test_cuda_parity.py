@@ -111,59 +111,53 @@ def test_long_prefill_on_tensor_cores_equals_reference(cases, name):
         np.testing.assert_allclose(b, a, atol=tol, rtol=0, err_msg=f"{name} step {step}")
 
 
-@pytest.mark.parametrize("arch", ["llama64", "mistral64"])
-def test_decode_chain_equals_the_kernels_it_replaces(cases, arch):
-    """The persistent decode chain (opt-in knob decode_chain) against the same model's library
-    without it (which test_long_prefill_on_tensor_cores_equals_reference holds to
-    ReferenceModel): the same prefill logits (the chain runs in decode only), then 12 decode
-    steps after a 37-token prompt (mistral's window of 40 wraps) within 1% of the logits'
-    scale. The bound is the long prefill test's: at these sizes float16 drifts further than
-    in the tiny models (the chain's exact integer dots against the library's float16 pair
-    dots differ by up to 0.034 on logits of scale 6 on an H200; one mistral64 logit of the
-    chain was 1.6% of the scale from ReferenceModel at step 5, within 1% of the library
-    without the chain); a wrong row, norm or residual is off by whole units. The same bits
-    replayed from a CUDA graph (each launch leaves the grid barrier's counts at zero)."""
+def _against_plain(cases, arch: str, knob_case: str, seed: int, same_prefill: bool) -> None:
+    """The library of case `knob_case` (an opt-in knob on) against the same model's library
+    without it: prefill logits (the same bits with `same_prefill`, else within the decode bound)
+    and 12 decode steps after a 37-token prompt (mistral's window of 40 wraps) within 1% of the
+    logits' scale; then the same bits replayed from a CUDA graph."""
     pytest.importorskip("torch")
-    engine, _ = _engine(cases, f"{arch}_q4f16_1_chain", cudagraph=False)
-    graph, _ = _engine(cases, f"{arch}_q4f16_1_chain", cudagraph=True)
+    engine, _ = _engine(cases, knob_case, cudagraph=False)
+    graph, _ = _engine(cases, knob_case, cudagraph=True)
     plain, _ = _engine(cases, f"{arch}_q4f16_1", cudagraph=False)
-    ids = np.random.default_rng(13).integers(0, 120, 49).tolist()
+    ids = np.random.default_rng(seed).integers(0, 120, 49).tolist()
     got = [engine.prefill_logits(ids[:37])] + [engine.decode(t) for t in ids[37:]]
-    np.testing.assert_array_equal(got[0], plain.prefill_logits(ids[:37]))
-    for step, token in enumerate(ids[37:]):
-        b, a = got[step + 1], plain.decode(token)
-        assert np.isfinite(b).all(), f"{arch} step {step}: non-finite logits"
+    expected = [plain.prefill_logits(ids[:37])] + [plain.decode(t) for t in ids[37:]]
+    if same_prefill:
+        np.testing.assert_array_equal(got[0], expected[0])
+    for step, (a, b) in enumerate(zip(expected, got)):
+        assert np.isfinite(b).all(), f"{knob_case} step {step}: non-finite logits"
         np.testing.assert_allclose(b, a, atol=1e-2 * float(np.abs(a).max()), rtol=0,
-                                   err_msg=f"{arch} step {step}")
+                                   err_msg=f"{knob_case} step {step}")
     np.testing.assert_array_equal(graph.prefill_logits(ids[:37]), got[0])
     for step, token in enumerate(ids[37:]):
         np.testing.assert_array_equal(graph.decode(token), got[step + 1])
     assert graph._graphs[0].graph is not None, "the decode step was not captured"
+
+
+@pytest.mark.parametrize("arch", ["llama64", "mistral64"])
+def test_decode_chain_equals_the_kernels_it_replaces(cases, arch):
+    """The persistent decode chain (opt-in knob decode_chain) against the same model's library
+    without it (which test_long_prefill_on_tensor_cores_equals_reference holds to
+    ReferenceModel), by _against_plain: the same prefill logits (the chain runs in decode
+    only), decode within 1% of the scale. The bound is the long prefill test's: at these sizes
+    float16 drifts further than in the tiny models (the chain's exact integer dots against the
+    library's float16 pair dots differ by up to 0.034 on logits of scale 6 on an H200; one
+    mistral64 logit of the chain was 1.6% of the scale from ReferenceModel at step 5, within 1%
+    of the library without the chain); a wrong row, norm or residual is off by whole units.
+    The graph replays give the same bits (each launch leaves the grid barrier's counts at
+    zero)."""
+    _against_plain(cases, arch, f"{arch}_q4f16_1_chain", 13, same_prefill=True)
 
 
 @pytest.mark.parametrize("arch", ["llama64", "mistral64"])
 def test_tma_gemv_equals_the_gemvs_it_replaces(cases, arch):
     """The opt-in TMA GEMV (knob tma_gemv: every one-row q4 GEMV of these models, the logits of
-    prefill's last row included) against the same model's library without it: prefill and 12
-    decode steps after a 37-token prompt within 1% of the logits' scale (its exact integer
-    dots against the library's float16 pair dots, the bound of the chain test above), and the
-    same bits replayed from a CUDA graph (mbarriers and copies are set up anew by every
-    launch)."""
-    pytest.importorskip("torch")
-    engine, _ = _engine(cases, f"{arch}_q4f16_1_tma", cudagraph=False)
-    graph, _ = _engine(cases, f"{arch}_q4f16_1_tma", cudagraph=True)
-    plain, _ = _engine(cases, f"{arch}_q4f16_1", cudagraph=False)
-    ids = np.random.default_rng(17).integers(0, 120, 49).tolist()
-    got = [engine.prefill_logits(ids[:37])] + [engine.decode(t) for t in ids[37:]]
-    expected = [plain.prefill_logits(ids[:37])] + [plain.decode(t) for t in ids[37:]]
-    for step, (a, b) in enumerate(zip(expected, got)):
-        assert np.isfinite(b).all(), f"{arch} step {step}: non-finite logits"
-        np.testing.assert_allclose(b, a, atol=1e-2 * float(np.abs(a).max()), rtol=0,
-                                   err_msg=f"{arch} step {step}")
-    np.testing.assert_array_equal(graph.prefill_logits(ids[:37]), got[0])
-    for step, token in enumerate(ids[37:]):
-        np.testing.assert_array_equal(graph.decode(token), got[step + 1])
-    assert graph._graphs[0].graph is not None, "the decode step was not captured"
+    prefill's last row included) against the same model's library without it, by
+    _against_plain: prefill too within 1% of the scale (its exact integer dots against the
+    library's float16 pair dots, the chain test's bound); the graph replays give the same bits
+    (mbarriers and copies are set up anew by every launch)."""
+    _against_plain(cases, arch, f"{arch}_q4f16_1_tma", 17, same_prefill=False)
 
 
 @pytest.mark.parametrize("name", ["llama_q0f16", "mistral_q4f16_1"])
