@@ -121,11 +121,13 @@ def test_tcg_applies_to_one_row_q4_with_whole_iterations_only():
 def test_tcg_rule_follows_the_database(monkeypatch):
     """gemv_q4_tcg_rule takes a shape only where the database's single-row winner has kind
     "tcg", with that record's config (the shipped database has none, so nothing changes)."""
-    from mlcc.backends.cuda import gemv_tc, gemv_tcg, linear
+    from mlcc.backends.cuda import gemv_tc, gemv_tcg, gemv_tma, linear
 
     spec = q_linear_spec(1, 4096, 11008)
     assert gemv_tcg.gemv_q4_tcg_rule(spec, "k") is None  # the shipped database
-    assert linear.LINEAR_RULES[0] is gemv_tcg.gemv_q4_tcg_rule
+    # first after the TMA rule, which takes only the specs the opt-in tma_gemv knob marked
+    assert linear.LINEAR_RULES[:2] == (gemv_tma.gemv_tma_rule, gemv_tcg.gemv_q4_tcg_rule)
+    assert gemv_tma.gemv_tma_rule(spec, "k") is None
     record = {"kind": "tcg", "warps": 16, "depth": 1, "fold": False, "cols": True, "us": 11.0}
     monkeypatch.setattr(gemv_tc, "_database", lambda: {"best": {"4096,11008": record}})
     kernel = linear.gen_linear(spec, "k")
