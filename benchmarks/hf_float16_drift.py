@@ -65,16 +65,18 @@ def measure() -> list[dict]:
 
 
 def report(rows: list[dict], seconds: float) -> str:
-    lines = ["", "## transformers' own float16 model against its float32 model "
-             f"({time.strftime('%Y-%m-%d')})", "",
+    title = ("## transformers' own float16 model against its float32 model "
+             f"({time.strftime('%Y-%m-%d')})")
+    header = ("| mode | first-step max abs difference per prompt (vs float32 on the same "
+              "weights) | % of scale, largest | vs the float32 model (q0f16) | greedy tokens "
+              "equal, per prompt |")
+    lines = ["", title, "",
              f"Produced by `{COMMAND}` in {seconds:.0f} s (CPU; torch {torch.__version__}).",
              "Both runs use the mode's weights (tests/unit/group_reference.py); the q0f16 row also",
              "gives the float16 run against the float32 model on the original weights, the",
              "quantity of issue 4's q0f16 bound. Greedy: tokens of the float16 run equal to the",
              "float32 run's before the first difference (and the float32 run's top-two gap there).",
-             "", "| mode | first-step max abs difference per prompt (vs float32 on the same "
-             "weights) | % of scale, largest | vs the float32 model (q0f16) | greedy tokens "
-             "equal, per prompt |", "| --- | --- | ---: | --- | --- |"]
+             "", header, "| --- | --- | ---: | --- | --- |"]
     for row in rows:
         ps = row["prompts"]
         firsts = " ".join(f"{p['first_step_vs_same_weights']:.4f}" for p in ps)
