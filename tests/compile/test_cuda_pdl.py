@@ -25,7 +25,7 @@ from mlcc.backends.cuda.codegen import (
     wait_release,
 )
 from mlcc.backends.cuda.kernels import GRID_WAIT
-from mlcc.backends.plan import KernelSpec
+from mlcc.backends.plan import EntryPlan, KernelSpec
 from mlcc.passes import parse_opt
 
 STORIES = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "stories260K"
@@ -77,6 +77,31 @@ def test_early_release_only_ahead_of_single_block_kernels():
         for here, after in zip(seq, seq[1:] + [None]):
             if f"{here}_dev" in early:
                 assert after in single, (here, after)
+
+
+def test_early_release_names_the_function_a_kernel_launches_last():
+    # The decode attention's device function is `{name}_decode` and the prefill attention runs
+    # `_append` then `_flash`: followed by a one-block kernel, the function of the kernel's last
+    # launch is the one released early, whatever its name.
+    from test_cuda_codegen import lowered
+
+    built, plans, _, _ = library_parts(lowered("llama2_7b", "q4f16_1"), {"params": []},
+                                       fuse_glu=True)
+    names = kernel_names(plans)
+    by_name = {k.name: k for k in built}
+    calls = {p.name: p.calls for p in plans}
+    attention = {p: next(c for c in calls[p] if c.spec.op == "qkv_attention")
+                 for p in ("prefill", "decode")}
+    norm = next(c for c in calls["decode"] if by_name[names[c.spec]].single_block())
+    assert by_name[names[attention["decode"].spec]].device_functions() == (
+        f"{names[attention['decode'].spec]}_decode",)
+    assert len(by_name[names[attention["prefill"].spec]].device_functions()) == 2
+    for entry, call in attention.items():
+        fake = [EntryPlan(entry, [], [call, norm])]
+        fake_built = [kernel_for(spec, name) for spec, name in kernel_names(fake).items()]
+        launched = fake_built[0].device_functions()
+        early = early_release(fake, fake_built)
+        assert early == {launched[-1]}, (entry, early)
 
 
 def test_single_block_kernels_release_after_their_wait():

@@ -107,13 +107,15 @@ def early_release(plans: list[EntryPlan], built: list[CudaKernel]) -> frozenset[
         for here, after in zip(kernels, kernels[1:] + [None]):
             if here is not None:
                 verdict[here] = verdict.get(here, True) and after in single
-    return frozenset(f"{name}_dev" for name, ok in verdict.items() if ok)
+    # the device function of a kernel's last launch (a call may run several, in order)
+    last = {k.name: k.device_functions()[-1] for k in built}
+    return frozenset(last[name] for name, ok in verdict.items() if ok)
 
 
 def wait_release(built: list[CudaKernel], early: frozenset[str]) -> frozenset[str]:
     """Device functions of the single-block kernels not in `early`: with pdl they release the
     next kernel once their own wait returns (mlcc.backends.cuda.toolchain)."""
-    return frozenset(f"{k.name}_dev" for k in built if k.single_block()) - early
+    return frozenset(f for k in built if k.single_block() for f in k.device_functions()) - early
 
 
 def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,

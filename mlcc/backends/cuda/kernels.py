@@ -172,6 +172,10 @@ class CudaKernel:
     # its second argument, so ptxas keeps the registers a thread uses within that budget.
     min_blocks: int = 0
 
+    def device_functions(self) -> tuple[str, ...]:
+        """The device functions the launcher's nests call, in order (usually `name`_dev)."""
+        return tuple(re.findall(r'T\.call_extern\("int32", "(\w+)"', self.launcher))
+
     def single_block(self) -> bool:
         """Whether the launcher starts exactly one block (one nest, a grid of T.int64(1))."""
         grids = re.findall(r'T\.thread_binding\(([^,]+), thread="blockIdx\.\w"\)', self.launcher)
