@@ -565,7 +565,7 @@ def kernel_of(v: dict):
 
         return gemv_tma_kernel(LinearShape(linear_spec(v["n"], v["k"], 1)), v["name"],
                                TmaConfig(v["ks"], v["teams"], v["chunk"], v["early"],
-                                         v.get("timing_only", False)))
+                                         v.get("timing_only", False), v.get("depth", 0)))
     if v["kind"] == "tcp":
         from mlcc.backends.cuda.gemv_tcp import TcpConfig, gemv_q4_tcp_kernel
 
@@ -611,10 +611,11 @@ def kernel_of(v: dict):
 
 
 def _tma(n: int, k: int, cfg: tuple) -> dict:
-    ks, teams, chunk, early = cfg
-    tag = f"tma_{n}x{k}_s{ks}_t{teams}_c{chunk}" + ("" if early is None else f"_e{early}")
+    ks, teams, chunk, early, depth = (*cfg, 0)[:5]
+    tag = (f"tma_{n}x{k}_s{ks}_t{teams}_c{chunk}" + ("" if early is None else f"_e{early}")
+           + (f"_d{depth}" if depth else ""))
     return {"n": n, "k": k, "rows": 1, "prologue": "none", "kind": "tma", "ks": ks,
-            "teams": teams, "chunk": chunk, "early": early, "name": tag}
+            "teams": teams, "chunk": chunk, "early": early, "depth": depth, "name": tag}
 
 
 def tma_variants() -> list[dict]:
@@ -633,6 +634,26 @@ def tma_variants() -> list[dict]:
         for cfg in configs[k]:
             if fits(LinearShape(linear_spec(n, k, 1)), TmaConfig(*cfg)):
                 out.append(_tma(n, k, cfg))
+    return out
+
+
+def tma_depth_variants() -> list[dict]:
+    """The TMA GEMV with a producer warp keeping at most `depth` chunks a block in flight
+    (TmaConfig.depth) beside the database's pick, for the three 7B shapes it takes."""
+    from mlcc.backends.cuda.gemv_tma import TmaConfig, fits
+    from mlcc.backends.cuda.linear import LinearShape
+
+    out = []
+    for n, k in ((4096, 4096), (12288, 4096), (4096, 11008)):
+        out.append(current_pick(n, k))
+        # (K slices, teams, features a chunk: a multiple of teams) with 8 warps, then depths
+        splits = ((1, 8, 8), (2, 4, 4), (4, 2, 2)) if k == 4096 else ((4, 2, 8), (4, 2, 4),
+                                                                       (4, 2, 2))
+        for ks, teams, chunk in splits:
+            for depth in {8: (2, 3, 4), 4: (3, 4, 6), 2: (6, 8)}[chunk]:
+                cfg = (ks, teams, chunk, None, depth)
+                if fits(LinearShape(linear_spec(n, k, 1)), TmaConfig(*cfg[:4], False, depth)):
+                    out.append(_tma(n, k, cfg))
     return out
 
 
@@ -678,7 +699,8 @@ def build(folder: Path, only: str = "all") -> None:
               "tcgp": tcgp_variants, "stream": stream_variants,
               "dp2a": dp2a_variants, "spread": spread_variants,
               "dp2a_block": dp2a_block_variants, "bounded": bounded_variants,
-              "tma": tma_variants, "row_first": row_first_variants,
+              "tma": tma_variants, "tma_depth": tma_depth_variants,
+              "row_first": row_first_variants,
               "tma_stream": tma_stream_variants}.get(
         only, lambda: variants() + tc_variants())()
     # a candidate may be the database's pick already (same name, same kernel): built once

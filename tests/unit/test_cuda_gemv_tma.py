@@ -97,5 +97,27 @@ def test_the_three_7b_kernels_compile(tmp_path, decode7b):
     kernels = [gemv_tma.gemv_tma_rule(spec, f"k{i}_q_linear") for i, spec in enumerate(specs)]
     probe = gemv_tma.gemv_tma_kernel(LinearShape(next(iter(specs))), "probe",
                                      gemv_tma.TmaConfig(stream_only=True))
-    codegen.compile_library(kernels + [probe], "", "", tmp_path / "tma.so")
+    # with a producer warp: 2 (K = 4096) or 4 K slices, chunks of 4 features, 4 in flight
+    depth = []
+    for i, spec in enumerate(specs):
+        ks = 2 if LinearShape(spec).k == 4096 else 4
+        cfg = gemv_tma.TmaConfig(ks, 8 // ks, 4, depth=4)
+        depth.append(gemv_tma.gemv_tma_kernel(LinearShape(spec), f"d{i}", cfg))
+    codegen.compile_library(kernels + [probe] + depth, "", "", tmp_path / "tma.so")
     assert (tmp_path / "tma.so").stat().st_size > 0
+
+
+def test_a_producer_warp_keeps_depth_chunks_in_flight(decode7b):
+    """With depth, an extra warp issues the copies (chunk c after chunk c - depth landed) and
+    never waits for the kernel ahead; the consumers meet on a named barrier without it."""
+    spec = next(c.spec for c in gemv_tma.mark(decode7b).calls
+                if dict(c.spec.attrs).get(gemv_tma.ATTR))
+    cfg = gemv_tma.TmaConfig(2, 4, 4, depth=3)
+    kernel = gemv_tma.gemv_tma_kernel(LinearShape(spec), "k1", cfg)
+    body = kernel.device_source[kernel.device_source.index("k1_dev("):]
+    producer = body[body.index("if (warp == 8)"):body.index("mlcc_grid_wait();")]
+    assert "mlcc_chain_wait(bars + 8 * (c - 3), 0u);" in producer
+    assert producer.index("mlcc_chain_wait(") < producer.index("mlcc_chain_copy(")
+    assert "return 0;" in producer and "__syncthreads" not in body[body.index("if (warp"):]
+    assert body.count("mlcc_chain_sync(1, 256);") == 2  # after the staging, before the sums
+    assert 'thread="threadIdx.x"' in kernel.launcher and "T.thread_binding(288" in kernel.launcher

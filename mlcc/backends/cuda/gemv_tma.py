@@ -29,7 +29,9 @@ the read ceiling's times); with every chunk issued at once the chunks land toget
 arithmetic runs after the stream (qkv 11.9 us standalone against the one-shot GEMV's 9.1); in
 the decode step the qkv GEMV read at 4.2 TB/s while the norm ahead of it ran, but that norm
 took 4.3 us longer a call, its loads queued behind the copies: decode 0.95x with qkv alone on
-this kernel, 0.89-0.90x with qkv, o_proj and down.
+this kernel, 0.89-0.90x with qkv, o_proj and down. With a producer warp keeping 3 chunks of
+8 features in flight (TmaConfig.depth; 2026-11-30-h200-d) the norm's delay fell to 1.4 us a
+call and the qkv GEMV's gain to 1.2: decode 1.00-1.01x, the two still cancelling.
 """
 
 from __future__ import annotations
@@ -52,13 +54,16 @@ MAX_LANE_GROUPS = 4  # groups whose staged activations a lane keeps in registers
 @dataclass(frozen=True)
 class TmaConfig:
     """`ks` K slices x `teams` feature teams = warps; `chunk` features a copy (a multiple of
-    `teams`); `early` chunks issued before the grid wait (None: all)."""
+    `teams`); `early` chunks issued before the grid wait (None: all). With `depth` > 0 an extra
+    warp issues the copies instead, never waiting for the kernel ahead: chunk c once chunk
+    c - depth has landed, so at most `depth` chunks a block are in flight (`early` unused)."""
 
     ks: int = 1
     teams: int = 8
     chunk: int = 16
     early: int | None = None
     stream_only: bool = False  # a timing probe: copy the weights and stop (wrong results)
+    depth: int = 0
 
     @property
     def warps(self) -> int:
@@ -149,14 +154,19 @@ def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> 
     it_n = -(-gs // 32)
     chunks = -(-lay.rows // cfg.chunk)
     early = chunks if cfg.early is None else min(cfg.early, chunks)
+    if cfg.depth:
+        early = 0
     per_team = cfg.chunk // cfg.teams
     threads = cfg.warps * 32
+    # the consumers' barrier: a named one when the producer warp does not take part
+    sync = f"mlcc_chain_sync(1, {threads});" if cfg.depth else "__syncthreads();"
     w_row, s_row = words * 4, s.groups * 2
 
-    def issue(first: str, last: str) -> str:
-        return f"""    for (int c = {first}; c < {last}; ++c) {{
-      const int f0 = c * {cfg.chunk}, rows = min({cfg.chunk}, nrows - f0);
-      const unsigned bar = bars + 8 * c;
+    def copy(c: str) -> str:
+        """The bulk copies of chunk `c` (a C++ expression), completing on its mbarrier."""
+        return f"""{{
+      const int f0 = {c} * {cfg.chunk}, rows = min({cfg.chunk}, nrows - f0);
+      const unsigned bar = bars + 8 * ({c});
       mlcc_chain_expect(bar, (unsigned)rows * {w_row + s_row}u);
       mlcc_chain_copy(mlcc_chain_smem(smem + {lay.weights} + (size_t)f0 * {w_row}),
                       qw + (n0 + f0) * {words}LL, (unsigned)rows * {w_row}u, bar);
@@ -164,8 +174,11 @@ def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> 
                       qs + (n0 + f0) * {s.groups}LL, (unsigned)rows * {s_row}u, bar);
     }}"""
 
+    def issue(first: str, last: str) -> str:
+        return f"""    for (int c = {first}; c < {last}; ++c) {copy("c")}"""
+
     late = ""
-    if early < chunks:
+    if early < chunks and not cfg.depth:
         late = f"""
   if (threadIdx.x == 0) {{
 {issue(str(early), "nchunks")}
@@ -177,7 +190,7 @@ def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> 
     else:
         emit = """        if (lane == 0) red[f * KS + slice] = total;"""
         finish = f"""
-  __syncthreads();
+  {sync}
   for (int f = threadIdx.x; f < nrows; f += {threads}) {{
     float total = 0.f;
     #pragma unroll
@@ -188,6 +201,23 @@ def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> 
     if cfg.stream_only:
         probe = f"""
   {late.strip()}
+  for (int c = 0; c < nchunks; ++c) mlcc_chain_wait(bars + 8 * c, 0u);
+  return 0;"""
+    producer = ""
+    if cfg.depth:
+        producer = f"""
+  __syncthreads();  // the barriers are initialized
+  if (warp == {cfg.warps}) {{  // the producer: the weights need nothing from the kernel before
+    if (lane == 0) {{
+      for (int c = 0; c < nchunks; ++c) {{
+        if (c >= {cfg.depth}) mlcc_chain_wait(bars + 8 * (c - {cfg.depth}), 0u);
+        {copy("c")}
+      }}
+    }}
+    return 0;
+  }}"""
+        if cfg.stream_only:
+            probe = """
   for (int c = 0; c < nchunks; ++c) mlcc_chain_wait(bars + 8 * c, 0u);
   return 0;"""
     sig = signature(name, s.buffers, ("y",), s.symbols)
@@ -211,11 +241,11 @@ def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> 
       asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bars + 8 * c) : "memory");
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 {issue("0", f"min(nchunks, {early})")}
-  }}
+  }}{producer}
   {GRID_WAIT}  // the weights above need nothing from the kernel before{probe}
   const int r = 0;
 {stage_dp2a(s.k, cfg.warps)}
-  __syncthreads();{late}
+  {sync}{late}
   uint4 xa[{it_n}][4];
   int2 zf[{it_n}];
   #pragma unroll
@@ -256,7 +286,7 @@ def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> 
 }}
 """
     grid = f"T.int64({-(-s.n // lay.rows)})"
-    text = launcher(name, s.buffers, (grid,), threads, s.symbols)
+    text = launcher(name, s.buffers, (grid,), threads + (32 if cfg.depth else 0), s.symbols)
     call = f'T.evaluate(T.call_extern("int32", "{name}_dev", '
     head, sep, rest = text.rpartition(call)
     indent = head[head.rfind("\n") + 1:]
