@@ -24,14 +24,14 @@ def build_model_library(module, output: Path, metadata: dict,
 
         # "cuda-sm_90,sm_80": a fatbin for each listed architecture
         archs = tuple(device.split("-", 1)[1].split(",")) if "-" in device else DEFAULT_ARCHS
-        fuse_glu = True if opt is None else opt.enabled("fuse_glu_gemm")
-        pdl = True if opt is None else opt.enabled("pdl")
         from mlcc.backends.cuda.prefetch import DEFAULT_BUDGET
+        from mlcc.passes.pipeline import OptConfig
 
-        l2 = DEFAULT_BUDGET if opt is None or opt.enabled("l2_prefetch") else 0
-        fold = opt is not None and opt.enabled("fold_norms")
-        chain = opt is not None and opt.enabled("decode_chain")
-        tma = opt is not None and opt.enabled("tma_gemv")
+        opt = opt or OptConfig()  # no options: the default level's knobs
+        fuse_glu, pdl = opt.enabled("fuse_glu_gemm"), opt.enabled("pdl")
+        l2 = DEFAULT_BUDGET if opt.enabled("l2_prefetch") else 0
+        fold, chain = opt.enabled("fold_norms"), opt.enabled("decode_chain")
+        tma = opt.enabled("tma_gemv")
         return build_cuda(module, Path(output), metadata, archs, log, fuse_glu=fuse_glu, pdl=pdl,
                           l2_prefetch=l2, fold_norms=fold, decode_chain=chain, tma_gemv=tma)
     if device != "llvm":

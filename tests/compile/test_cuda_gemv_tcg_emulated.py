@@ -125,7 +125,7 @@ def test_tcg_rule_follows_the_database(monkeypatch):
 
     spec = q_linear_spec(1, 4096, 11008)
     assert gemv_tcg.gemv_q4_tcg_rule(spec, "k") is None  # the shipped database
-    # first after the TMA rule, which takes only the specs the opt-in tma_gemv knob marked
+    # first after the TMA rule, which takes only the specs the tma_gemv knob marked
     assert linear.LINEAR_RULES[:2] == (gemv_tma.gemv_tma_rule, gemv_tcg.gemv_q4_tcg_rule)
     assert gemv_tma.gemv_tma_rule(spec, "k") is None
     record = {"kind": "tcg", "warps": 16, "depth": 1, "fold": False, "cols": True, "us": 11.0}

@@ -111,15 +111,17 @@ def test_long_prefill_on_tensor_cores_equals_reference(cases, name):
         np.testing.assert_allclose(b, a, atol=tol, rtol=0, err_msg=f"{name} step {step}")
 
 
-def _against_plain(cases, arch: str, knob_case: str, seed: int, same_prefill: bool) -> None:
-    """The library of case `knob_case` (an opt-in knob on) against the same model's library
-    without it: prefill logits (the same bits with `same_prefill`, else within the decode bound)
-    and 12 decode steps after a 37-token prompt (mistral's window of 40 wraps) within 1% of the
-    logits' scale; then the same bits replayed from a CUDA graph."""
+def _against_plain(cases, arch: str, knob_case: str, seed: int, same_prefill: bool,
+                   plain_case: str | None = None) -> None:
+    """The library of case `knob_case` (a knob on) against the same model's library without it
+    (`plain_case`, by default the model's O2 case): prefill logits (the same bits with
+    `same_prefill`, else within the decode bound) and 12 decode steps after a 37-token prompt
+    (mistral's window of 40 wraps) within 1% of the logits' scale; then the same bits replayed
+    from a CUDA graph."""
     pytest.importorskip("torch")
     engine, _ = _engine(cases, knob_case, cudagraph=False)
     graph, _ = _engine(cases, knob_case, cudagraph=True)
-    plain, _ = _engine(cases, f"{arch}_q4f16_1", cudagraph=False)
+    plain, _ = _engine(cases, plain_case or f"{arch}_q4f16_1", cudagraph=False)
     ids = np.random.default_rng(seed).integers(0, 120, 49).tolist()
     got = [engine.prefill_logits(ids[:37])] + [engine.decode(t) for t in ids[37:]]
     expected = [plain.prefill_logits(ids[:37])] + [plain.decode(t) for t in ids[37:]]
@@ -152,12 +154,14 @@ def test_decode_chain_equals_the_kernels_it_replaces(cases, arch):
 
 @pytest.mark.parametrize("arch", ["llama64", "mistral64"])
 def test_tma_gemv_equals_the_gemvs_it_replaces(cases, arch):
-    """The opt-in TMA GEMV (knob tma_gemv: every one-row q4 GEMV of these models, the logits of
-    prefill's last row included) against the same model's library without it, by
-    _against_plain: prefill too within 1% of the scale (its exact integer dots against the
-    library's float16 pair dots, the chain test's bound); the graph replays give the same bits
-    (mbarriers and copies are set up anew by every launch)."""
-    _against_plain(cases, arch, f"{arch}_q4f16_1_tma", 17, same_prefill=False)
+    """The TMA GEMV (knob tma_gemv, on at O2: every one-row q4 GEMV of these models behind a
+    norm or the decode attention, the logits of prefill's last row included) against the same
+    model's library with the knob off, by _against_plain: prefill too within 1% of the scale
+    (its exact integer dots against the library's float16 pair dots, the chain test's bound);
+    the graph replays give the same bits (mbarriers and copies are set up anew by every
+    launch, and the producer warp waits for no other kernel)."""
+    _against_plain(cases, arch, f"{arch}_q4f16_1", 17, same_prefill=False,
+                   plain_case=f"{arch}_q4f16_1_notma")
 
 
 @pytest.mark.parametrize("name", ["llama_q0f16", "mistral_q4f16_1"])

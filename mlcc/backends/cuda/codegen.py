@@ -94,10 +94,14 @@ def kernel_names(plans: list[EntryPlan]) -> dict[KernelSpec, str]:
 
 
 def early_release(plans: list[EntryPlan], built: list[CudaKernel]) -> frozenset[str]:
-    """Device functions of the kernels whose every call is followed by a one-block kernel: with
-    pdl they release that kernel at their start (mlcc.backends.cuda.toolchain)."""
+    """Device functions of the kernels whose every call is followed by a one-block kernel, or
+    (for a kernel of several blocks) by a TMA GEMV (mlcc.backends.cuda.gemv_tma, one block an
+    SM, copying its weights until its wait): with pdl they release that kernel at their start
+    (mlcc.backends.cuda.toolchain). A one-block kernel ahead of a TMA GEMV releases it after
+    its own wait, as ahead of any other."""
     names = kernel_names(plans)
     single = {k.name for k in built if k.single_block()}
+    tma = {name for spec, name in names.items() if gemv_tma.marked(spec)}
     verdict: dict[str, bool] = {}
     for plan in plans:
         # A decode chain never releases the next kernel early: every one of its blocks must
@@ -106,7 +110,8 @@ def early_release(plans: list[EntryPlan], built: list[CudaKernel]) -> frozenset[
                    for call in plan.calls]
         for here, after in zip(kernels, kernels[1:] + [None]):
             if here is not None:
-                verdict[here] = verdict.get(here, True) and after in single
+                ok = after in single or (after in tma and here not in single)
+                verdict[here] = verdict.get(here, True) and ok
     # the device function of a kernel's last launch (a call may run several, in order)
     last = {k.name: k.device_functions()[-1] for k in built}
     return frozenset(last[name] for name, ok in verdict.items() if ok)
@@ -134,8 +139,8 @@ def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
     (mlcc.backends.cuda.norm_fold; after the GLU fusion, whose calls it folds into).
     `decode_chain` runs each one-row layer from o_proj to the next GEMV as one persistent
     kernel (mlcc.backends.cuda.chain; sm_90 and newer, after the GLU fusion, before the fold).
-    `tma_gemv` gives the one-row q4 GEMVs that fit the kernel of mlcc.backends.cuda.gemv_tma
-    (sm_90 and newer).
+    `tma_gemv` gives the one-row q4 GEMVs that fit and follow a latency-bound kernel the
+    kernel of mlcc.backends.cuda.gemv_tma (sm_90 and newer, with pdl).
     """
     metadata = with_tensor_parallel(module, metadata)
     plans = [plan_entry(fn, module) for fn in module.functions]
@@ -195,6 +200,9 @@ def build(module: ir.Module, output: Path, metadata: dict,
         decode_chain = False
     if tma_gemv and not pdl_supported(archs):
         log(f"tma_gemv off: its bulk copies need sm_90 or newer ({', '.join(archs)})")
+        tma_gemv = False
+    if tma_gemv and not pdl:
+        log("tma_gemv off: its copies overlap the kernel ahead through pdl, which is off")
         tma_gemv = False
     built, plans, entries, meta = library_parts(module, metadata, prologues, fuse_glu,
                                                 l2_prefetch, fold_norms, decode_chain,

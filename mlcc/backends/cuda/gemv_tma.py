@@ -1,37 +1,36 @@
-"""Decode GEMV whose whole weight slice is copied into shared memory before the grid wait.
+"""Decode GEMV fed by bulk copies of its weight slice into shared memory, started before its wait.
 
 One block per SM (`ceil(N / SMS)` consecutive output features a block, and at least half an
-SM's shared memory, so that no SM gets two however the grid is placed) and, before the kernel
-waits for the one ahead (GRID_WAIT), one thread of each block issues bulk copies
-(`cp.async.bulk`, sm_90: one instruction moves kilobytes, no register or load slot held while
-in flight) of the block's packed weights and scales into dynamic shared memory, a chunk of
-`chunk` features per mbarrier. So the weight stream starts when the block is placed, runs while
-the kernel ahead finishes, and does not compete with the activation row for the SM's load
-slots: the one-shot GEMV of mlcc.backends.cuda.linear issues all its weight loads into
-registers before it stages the row, and at K = 11008 its staging waits behind them (2.3 us of
-the down GEMV's 10.3 in a 7B decode step: benchmarks/results/2026-11-30-h200).
+SM's shared memory, so that no SM gets two however the grid is placed). Before the kernel waits
+for the one ahead (GRID_WAIT), its packed weights and scales start moving into dynamic shared
+memory by bulk copies (`cp.async.bulk`, sm_90: one instruction moves kilobytes, no register or
+load slot held while in flight), a chunk of `chunk` features per mbarrier. With `depth` (the
+default) an extra producer warp issues them, chunk c once chunk c - depth has landed, and never
+waits for the kernel ahead; without it one thread issues `early` chunks (all by default) before
+the wait and the rest after the staging.
 
-After the wait the block stages the row for the integer dot (intdot.stage_dp2a), each lane
-copies the staged words of its groups into registers once, and the warps take the chunks as
-they land: warp w = (slice, team) multiplies the groups of K slice `slice` (of `ks`) with the
+After the wait the consumer warps stage the row for the integer dot (intdot.stage_dp2a), each
+lane copies the staged words of its groups into registers once, and the warps take the chunks
+as they land: warp w = (slice, team) multiplies the groups of K slice `slice` (of `ks`) with the
 features `team`, `team + teams`, ... of the chunk; with `ks` > 1 the slices' warp sums meet in
 shared memory and one thread a feature adds them in a fixed order. Arithmetic and rounding are
 the one-shot GEMV's with the integer dot: a group's products are an exact integer sum, then
-one float32 term; the features' sums differ only in the order their group terms are added.
+one float32 term; the features' sums differ only in the order their group terms are added (with
+one K slice the 7B qkv and o_proj logits come out bit for bit the one-shot GEMV's).
 
-Only one-row q4 GEMVs (groups of 32, float16 activations and scales) whose slice and staged
-row fit in a block's shared memory (232,448 bytes on sm_90) with at most SMS blocks; others
-keep their kernels. Opt-in (knob `tma_gemv`), sm_90 and newer.
+Where it runs (`mark`, knob `tma_gemv`, on from O2 with pdl, sm_90 and newer): one-row q4 GEMVs
+(groups of 32, float16 activations and scales) whose slice and staged row fit a block's shared
+memory (232,448 bytes on sm_90), and only behind a latency-bound kernel: a one-row norm, which
+releases the GEMV once its own wait returns, or the decode attention, which then releases it at
+its start (codegen.early_release). Their copies run while that kernel does its few round trips.
+Behind a weight-streaming kernel (the down GEMV after the GLU) the copies only queue beside its
+stream and it was slower (0.97x with down included).
 
-Status: slower, so no level turns it on. Measured on an H200 (benchmarks/results/
-2026-11-30-h200-c): bulk copies read the 7B shapes no faster than 128-bit loads (3.7-8.3 us,
-the read ceiling's times); with every chunk issued at once the chunks land together and the
-arithmetic runs after the stream (qkv 11.9 us standalone against the one-shot GEMV's 9.1); in
-the decode step the qkv GEMV read at 4.2 TB/s while the norm ahead of it ran, but that norm
-took 4.3 us longer a call, its loads queued behind the copies: decode 0.95x with qkv alone on
-this kernel, 0.89-0.90x with qkv, o_proj and down. With a producer warp keeping 3 chunks of
-8 features in flight (TmaConfig.depth; 2026-11-30-h200-d) the norm's delay fell to 1.4 us a
-call and the qkv GEMV's gain to 1.2: decode 1.00-1.01x, the two still cancelling.
+Measured on an H200 (benchmarks/results/2026-11-30-h200-c and -d): bulk copies read the 7B
+shapes no faster than 128-bit loads; issued all at once, the qkv GEMV's 28 MB delayed the norm
+ahead of it by 4.3 us a call (its loads queued behind them) for 2.2 us saved, 0.95x. With 3
+chunks of 8 features in flight (depth 3) for qkv and 2 for o_proj, released at the attention's
+start: 1.02x in two interleaved A/Bs of 16 rounds, the logits identical to the one-shot GEMVs'.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mlcc.backends.cuda.chain import HELPERS
+from mlcc.backends.cuda.decode_attention import use_decode
 from mlcc.backends.cuda.gemv import SMS
 from mlcc.backends.cuda.intdot import DP2A_SOURCE, dp2a_group, stage_dp2a
 from mlcc.backends.cuda.kernels import GRID_WAIT, CudaKernel, launcher, signature
@@ -70,14 +70,17 @@ class TmaConfig:
         return self.ks * self.teams
 
 
-def default_config(k: int) -> TmaConfig:
+def default_config(s: LinearShape, sms: int = SMS) -> TmaConfig:
     """The fewest K slices (of 1, 2, 4, 8) that keep a lane's groups within MAX_LANE_GROUPS;
-    8 warps; chunks of 16 features with one slice, else 8."""
-    groups = k // 32
+    8 warps and a producer; chunks of 8 features, 3 in flight, 2 where a block has at most 48
+    features (the 7B o_proj's 32: 5.18 us standalone against 5.47 with 3; qkv's 94: 9.31
+    against 9.53 with 2; benchmarks/results/2026-11-30-h200-d)."""
+    groups = s.k // 32
+    depth = 3 if -(-s.n // sms) > 48 else 2
     for ks in (1, 2, 4, 8):
         if groups % ks == 0 and -(-groups // ks // 32) <= MAX_LANE_GROUPS:
-            return TmaConfig(ks, 8 // ks, 16 if ks == 1 else 8)
-    return TmaConfig(8, 1, 8)
+            return TmaConfig(ks, 8 // ks, 8, depth=depth)
+    return TmaConfig(8, 1, 8, depth=depth)
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ def fits(s: LinearShape, cfg: TmaConfig | None = None) -> bool:
     """Whether the TMA GEMV applies to `s` (a one-row q4 GEMV whose slice fits a block)."""
     if not gemv_q4_applies(s) or s.static_rows != 1:
         return False
-    cfg = cfg or default_config(s.k)
+    cfg = cfg or default_config(s)
     groups = s.k // 32
     if groups % cfg.ks or cfg.chunk % cfg.teams or -(-groups // cfg.ks // 32) > MAX_LANE_GROUPS:
         return False
@@ -125,18 +128,33 @@ def fits(s: LinearShape, cfg: TmaConfig | None = None) -> bool:
     return layout(s, cfg).total <= MAX_SMEM
 
 
+# Calls whose kernel is latency-bound and reads no weight matrix: a GEMV behind one is marked.
+LIGHT_AHEAD = frozenset({"rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm"})
+
+
+def light(spec: KernelSpec) -> bool:
+    """Whether a GEMV behind this call gets the TMA kernel: a one-row norm, or the decode
+    attention (whose kernel then releases the GEMV at its start: codegen.early_release)."""
+    return spec.op in LIGHT_AHEAD or (spec.op == "qkv_attention" and use_decode(spec))
+
+
 def mark(plan: EntryPlan) -> EntryPlan:
-    """The plan with every one-row q4 GEMV that fits marked for this kernel."""
+    """The plan with every one-row q4 GEMV that fits and follows a `light` call marked."""
     calls = []
-    for call in plan.calls:
+    for i, call in enumerate(plan.calls):
         spec = call.spec
-        if spec.op == "q_linear" and ATTR not in dict(spec.attrs) and fits(LinearShape(spec)):
+        if (spec.op == "q_linear" and ATTR not in dict(spec.attrs) and i > 0
+                and light(plan.calls[i - 1].spec) and fits(LinearShape(spec))):
             spec = KernelSpec(spec.op, spec.inputs, spec.outputs, spec.attrs + ((ATTR, 1),),
                               spec.kv)
             call = KernelCall(spec, call.buffers)
         calls.append(call)
     return EntryPlan(plan.name, plan.args, calls, plan.workspace_bytes, plan.symbols,
                      plan.bounds)
+
+
+def marked(spec: KernelSpec) -> bool:
+    return bool(dict(spec.attrs).get(ATTR))
 
 
 def gemv_tma_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
@@ -147,7 +165,7 @@ def gemv_tma_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
 
 
 def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> CudaKernel:
-    cfg = cfg or default_config(s.k)
+    cfg = cfg or default_config(s)
     lay = layout(s, cfg)
     groups, words = s.k // 32, s.words
     gs = groups // cfg.ks  # groups of a K slice
@@ -203,6 +221,7 @@ def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> 
   {late.strip()}
   for (int c = 0; c < nchunks; ++c) mlcc_chain_wait(bars + 8 * c, 0u);
   return 0;"""
+    first = "\n" + issue("0", f"min(nchunks, {early})") if early else ""
     producer = ""
     if cfg.depth:
         producer = f"""
@@ -239,8 +258,7 @@ def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> 
   if (threadIdx.x == 0) {{
     for (int c = 0; c < nchunks; ++c)
       asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bars + 8 * c) : "memory");
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-{issue("0", f"min(nchunks, {early})")}
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");{first}
   }}{producer}
   {GRID_WAIT}  // the weights above need nothing from the kernel before{probe}
   const int r = 0;
