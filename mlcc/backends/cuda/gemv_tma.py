@@ -154,11 +154,12 @@ def mark(plan: EntryPlan) -> EntryPlan:
 
 
 def marked(spec: KernelSpec) -> bool:
+    """Whether `mark` gave this call's spec the TMA GEMV."""
     return bool(dict(spec.attrs).get(ATTR))
 
 
 def gemv_tma_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
-    if spec.op != "q_linear" or not dict(spec.attrs).get(ATTR):
+    if spec.op != "q_linear" or not marked(spec):
         return None
     s = LinearShape(spec)
     return gemv_tma_kernel(s, name) if fits(s) else None
