@@ -657,6 +657,24 @@ def tma_depth_variants() -> list[dict]:
     return out
 
 
+def tma_shape_variants() -> list[dict]:
+    """The default TMA GEMV (gemv_tma.default_config) at the one-row shapes other presets give
+    it, beside the database's pick: qkv and o_proj of Mistral-7B (GQA), of Llama-2-7B on 2
+    shards, of Llama-2-13B and of phi-2 (K = 2560: scale rows of 160 bytes)."""
+    from mlcc.backends.cuda.gemv_tma import default_config, fits
+    from mlcc.backends.cuda.linear import LinearShape
+
+    out = []
+    for n, k in ((6144, 4096), (4096, 2048), (15360, 5120), (5120, 5120), (7680, 2560),
+                 (2560, 2560)):
+        s = LinearShape(linear_spec(n, k, 1))
+        if not fits(s):
+            continue
+        cfg = default_config(s)
+        out += [current_pick(n, k), _tma(n, k, (cfg.ks, cfg.teams, cfg.chunk, None, cfg.depth))]
+    return out
+
+
 def tma_stream_variants() -> list[dict]:
     """Timing probes (wrong results, timed anyway): the TMA GEMV's bulk copies alone, all
     chunks issued at once, at 16 and 4 features a chunk, for the three shapes it takes."""
@@ -700,6 +718,7 @@ def build(folder: Path, only: str = "all") -> None:
               "dp2a": dp2a_variants, "spread": spread_variants,
               "dp2a_block": dp2a_block_variants, "bounded": bounded_variants,
               "tma": tma_variants, "tma_depth": tma_depth_variants,
+              "tma_shapes": tma_shape_variants,
               "row_first": row_first_variants,
               "tma_stream": tma_stream_variants}.get(
         only, lambda: variants() + tc_variants())()
