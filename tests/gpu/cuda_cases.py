@@ -30,7 +30,7 @@ CASES += [("llama_q0f32_O0", "llama", "q0f32", "O0")]
 # 64-key tiles, a partial tile, and (mistral) a sliding window whose ring wraps during prefill.
 WIDE = {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
         "intermediate_size": 256, "max_position_embeddings": 512}
-WIDE_CHUNK = {"llama64": 128, "mistral64": 64}
+WIDE_CHUNK = {"llama64": 128, "mistral64": 64, "qwen64": 128}
 CASES += [("llama64_q0f16", "llama64", "q0f16", "O2"),
           ("mistral64_q4f16_1", "mistral64", "q4f16_1", "O2")]
 # The opt-in L2 prefetch of the decode GEMVs' weights (mlcc.backends.cuda.prefetch)
@@ -56,7 +56,9 @@ CASES += [("llama64_q4f16_1", "llama64", "q4f16_1", "O2")]
 # The TMA GEMV (mlcc.backends.cuda.gemv_tma, on at O2: scale rows of whole 16-byte units, as
 # K = 256 gives) against the same models without it
 CASES += [(f"{arch}_q4f16_1_notma", arch, "q4f16_1", "O2;tma_gemv=0")
-          for arch in ("llama64", "mistral64")]
+          for arch in ("llama64", "mistral64", "qwen64")]
+# ... with a bias on the qkv projection (Qwen2), which the TMA GEMV adds as it stores
+CASES += [("qwen64_q4f16_1", "qwen64", "q4f16_1", "O2")]
 
 
 class _EveryShape(dict):
@@ -112,6 +114,8 @@ def tiny_models(out: Path) -> dict[str, Path]:
         transformers.LlamaConfig(**{**TINY, **WIDE}))
     makers["mistral64"] = lambda: transformers.MistralForCausalLM(
         transformers.MistralConfig(**{**TINY, **WIDE}, sliding_window=40))
+    makers["qwen64"] = lambda: transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(**{**TINY, **WIDE}))
     dirs = {}
     for name, make in makers.items():
         torch.manual_seed(sum(map(ord, name)))

@@ -92,7 +92,7 @@ def test_tiny_models_equal_reference(cases, name):
         np.testing.assert_allclose(b, a, atol=tol, rtol=0, err_msg=f"{name} step {step}")
 
 
-@pytest.mark.parametrize("name", ["llama64_q0f16", "mistral64_q4f16_1"])
+@pytest.mark.parametrize("name", ["llama64_q0f16", "mistral64_q4f16_1", "qwen64_q4f16_1"])
 def test_long_prefill_on_tensor_cores_equals_reference(cases, name):
     """~200-token prompts over several chunks: the tensor-core prefill attention with many key
     tiles, a partial query tile and (mistral) a wrapped sliding-window ring."""
@@ -152,7 +152,7 @@ def test_decode_chain_equals_the_kernels_it_replaces(cases, arch):
     _against_plain(cases, arch, f"{arch}_q4f16_1_chain", 13, same_prefill=True)
 
 
-@pytest.mark.parametrize("arch", ["llama64", "mistral64"])
+@pytest.mark.parametrize("arch", ["llama64", "mistral64", "qwen64"])
 def test_tma_gemv_equals_the_gemvs_it_replaces(cases, arch):
     """The TMA GEMV (knob tma_gemv, on at O2: every one-row q4 GEMV of these models behind a
     norm or the decode attention, the logits of prefill's last row included) against the same
