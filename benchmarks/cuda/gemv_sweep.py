@@ -552,6 +552,12 @@ def kernel_of(v: dict):
                     else fusion.gen_norm_q_linear)
         with mock.patch.object(fusion, "gemv_q4_kernel", fusion_gemv(config)):
             return generate(fused_spec(v), v["name"])
+    if v["kind"] == "tma_glu":
+        from mlcc.backends.cuda.gemv_tma import gemv_tma_glu_kernel
+        from mlcc.backends.cuda.glu import SILU_MUL
+
+        return gemv_tma_glu_kernel(LinearShape(linear_spec(v["n"], v["k"], 1)), v["name"],
+                                   SILU_MUL, v["depth"], v.get("timing_only", False))
     if v["kind"] == "stream":
         from mlcc.backends.cuda.gemv_stream import StreamConfig, gemv_q4_stream_kernel
         from mlcc.backends.cuda.glu import SILU_MUL
@@ -675,6 +681,18 @@ def tma_shape_variants() -> list[dict]:
     return out
 
 
+def tma_glu_variants() -> list[dict]:
+    """The TMA GEMV's GLU mode (gemv_tma.gemv_tma_glu_kernel) on the 7B gate_up at 2 to 5
+    chunks in flight beside the shipped GLU GEMV, and its copies alone (a timing probe)."""
+    n, k = GLU_SHAPE
+    out = [current_glu_pick()]
+    for depth in (2, 3, 4, 5):
+        out.append({"n": n, "k": k, "rows": 1, "prologue": "none", "kind": "tma_glu",
+                    "glu": True, "depth": depth, "name": f"tma_glu_{n}x{k}_d{depth}"})
+    out.append(dict(out[2], name=out[2]["name"] + "_stream", timing_only=True))
+    return out
+
+
 def tma_stream_variants() -> list[dict]:
     """Timing probes (wrong results, timed anyway): the TMA GEMV's bulk copies alone, all
     chunks issued at once, at 16 and 4 features a chunk, for the three shapes it takes."""
@@ -718,7 +736,7 @@ def build(folder: Path, only: str = "all") -> None:
               "dp2a": dp2a_variants, "spread": spread_variants,
               "dp2a_block": dp2a_block_variants, "bounded": bounded_variants,
               "tma": tma_variants, "tma_depth": tma_depth_variants,
-              "tma_shapes": tma_shape_variants,
+              "tma_shapes": tma_shape_variants, "tma_glu": tma_glu_variants,
               "row_first": row_first_variants,
               "tma_stream": tma_stream_variants}.get(
         only, lambda: variants() + tc_variants())()

@@ -2,10 +2,11 @@
 decode GEMV, and what its text and launch carry.
 
 On the Llama-2-7B decode plan it takes the one-row q4 GEMVs whose slice fits a block's shared
-memory and whose kernel ahead is latency-bound: qkv (behind a norm) and o_proj (behind the
-decode attention, which then releases it at its start), not down (behind the GLU's weight
-stream) nor the output projection (32000 rows); prefill, batch decode and models whose scale
-rows are not whole 16-byte units keep their kernels. The kernel's values were checked on an
+memory, or the gate_up + silu_mul GEMV whose ring of slots fits, and whose kernel ahead is
+latency-bound: qkv and gate_up (behind a norm) and o_proj (behind the decode attention, which
+then releases it at its start), not down (behind the GLU's weight stream) nor the output
+projection (32000 rows); prefill, batch decode and models whose scale rows are not whole
+16-byte units keep their kernels. The kernel's values were checked on an
 H200 against a float32 reference and against the one-shot GEMVs (benchmarks/results/
 2026-11-30-h200-c and -d, the 7B logits bit for bit); here builds compile the 7B kernels with
 nvcc.
@@ -19,7 +20,7 @@ from collections import Counter
 import pytest
 from test_cuda_glu_plan import lowered, plans, tiny_config
 
-from mlcc.backends.cuda import codegen, gemv_tma
+from mlcc.backends.cuda import codegen, gemv_tma, glu
 from mlcc.backends.cuda.linear import LinearShape
 from mlcc.backends.plan import KernelSpec
 from mlcc.passes import parse_opt
@@ -27,14 +28,21 @@ from mlcc.passes import parse_opt
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 
 
+def shape(spec) -> LinearShape:
+    """The linear of a q_linear or a linear_silu_mul spec."""
+    return LinearShape(glu.linear_spec(spec) if spec.op == glu.OP else spec)
+
+
 def marked(plan) -> Counter:
-    return Counter((LinearShape(c.spec).n, LinearShape(c.spec).k) for c in plan.calls
+    return Counter((c.spec.op, shape(c.spec).n, shape(c.spec).k) for c in plan.calls
                    if gemv_tma.marked(c.spec))
 
 
-def test_the_7b_decode_gemvs_behind_light_kernels_are_marked(decode7b):
+def test_the_7b_decode_gemvs_behind_light_kernels_are_marked(decode7b, monkeypatch):
     tma = gemv_tma.mark(decode7b)
-    assert marked(tma) == {(12288, 4096): 32, (4096, 4096): 32}  # qkv, o_proj; not down
+    # qkv, o_proj and the gate_up + silu_mul GEMV; not down, behind the GLU
+    assert marked(tma) == {("q_linear", 12288, 4096): 32, ("q_linear", 4096, 4096): 32,
+                           (glu.OP, 22016, 4096): 32}
     ahead = {c.spec.op for c, d in zip(tma.calls, tma.calls[1:]) if gemv_tma.marked(d.spec)}
     assert ahead == {"rms_norm", "add_rms_norm", "qkv_attention"}
     module = lowered("llama2_7b", "q4f16_1", "max_batch_size=4")
@@ -43,6 +51,8 @@ def test_the_7b_decode_gemvs_behind_light_kernels_are_marked(decode7b):
     assert not any(marked(gemv_tma.mark(plan)) for plan in others.values())
     again = gemv_tma.mark(gemv_tma.mark(decode7b))
     assert all(len([a for a in c.spec.attrs if a[0] == gemv_tma.ATTR]) <= 1 for c in again.calls)
+    monkeypatch.setattr(gemv_tma, "TMA_GLU", False)
+    assert glu.OP not in {op for op, _, _ in marked(gemv_tma.mark(decode7b))}
 
 
 def test_the_attention_releases_the_o_proj_gemv_at_its_start(decode7b):
@@ -61,7 +71,7 @@ def test_the_attention_releases_the_o_proj_gemv_at_its_start(decode7b):
 
 def test_slices_fit_one_block_an_sm(decode7b):
     for call in gemv_tma.mark(decode7b).calls:
-        if not gemv_tma.marked(call.spec):
+        if not gemv_tma.marked(call.spec) or call.spec.op == glu.OP:
             continue
         s = LinearShape(call.spec)
         lay = gemv_tma.layout(s, gemv_tma.default_config(s))
@@ -79,6 +89,28 @@ def test_slices_fit_one_block_an_sm(decode7b):
     assert config(12288, 4096) == gemv_tma.TmaConfig(1, 8, 8, depth=3)
     assert config(4096, 4096) == gemv_tma.TmaConfig(1, 8, 8, depth=2)
     assert config(4096, 11008) == gemv_tma.TmaConfig(4, 2, 8, depth=2)
+
+
+def test_the_glu_mode_streams_through_a_ring_of_slots(decode7b):
+    """The 7B gate_up (84 features a block) through 6 slots of 8 features (their gate and up
+    rows), 2 in flight: the producer refills a slot once its 8 consumer warps have released it;
+    each consumer warp takes one feature of a chunk and releases the slot after its sums."""
+    spec = next(c.spec for c in gemv_tma.mark(decode7b).calls
+                if c.spec.op == glu.OP and gemv_tma.marked(c.spec))
+    lay = gemv_tma.glu_layout(shape(spec))
+    assert (lay.rows, lay.slots) == (84, 6) and lay.total <= gemv_tma.MAX_SMEM
+    assert lay.slot == 8 * 2 * (2048 + 256)
+    kernel = glu.gen_linear_silu_mul(spec, "k1")
+    body = kernel.device_source[kernel.device_source.index("k1_dev("):]
+    producer = body[body.index("if (warp == 8)"):body.index("mlcc_grid_wait();")]
+    assert producer.index("mlcc_chain_wait(empty") < producer.index("mlcc_chain_wait(full") \
+        < producer.index("mlcc_chain_copy(")
+    assert "(c - 2)" in producer and producer.count("mlcc_chain_copy(") == 4
+    consumers = body[body.index("mlcc_grid_wait();"):]
+    assert consumers.index("mlcc_chain_wait(full") < consumers.index("mlcc_chain_arrive(empty") \
+        < consumers.index("mlcc_put(y, fb + f,")
+    assert "expf(" in consumers  # silu_mul of the float16-rounded g and u
+    assert "T.thread_binding(288" in kernel.launcher and "(1, 11008)" in kernel.launcher
 
 
 def test_the_kernel_copies_before_its_wait_and_stages_after(decode7b):
@@ -111,9 +143,10 @@ def test_small_models_run_it_where_scale_rows_are_whole_units(tmp_path):
         return [k.name for k in built if "mbarrier.init" in k.device_source]
 
     assert tma_kernels("llama") == []
-    # qkv (512 x 256), o_proj (256 x 256) and the decode logits (120 x 256), each behind a norm
-    # or the attention; down (256 x 256 too) runs behind the GLU and keeps its GEMV
-    assert len(tma_kernels("llama64")) == 3
+    # qkv (512 x 256), o_proj (256 x 256), the gate_up + silu_mul GEMV and the decode logits
+    # (120 x 256), each behind a norm or the attention; down (256 x 256 too) runs behind the
+    # GLU and keeps its GEMV
+    assert len(tma_kernels("llama64")) == 4
     assert parse_opt("O2").enabled("tma_gemv") and parse_opt("O3").enabled("tma_gemv")
     assert not parse_opt("O1").enabled("tma_gemv")
     assert not parse_opt("O2;tma_gemv=0").enabled("tma_gemv")
@@ -133,10 +166,13 @@ def test_below_sm_90_the_builder_turns_it_off(tmp_path, monkeypatch):
 
 
 @needs_nvcc
-def test_the_three_7b_kernels_compile(tmp_path, decode7b):
-    specs = {c.spec for c in gemv_tma.mark(decode7b).calls
-             if dict(c.spec.attrs).get(gemv_tma.ATTR)}
+def test_the_7b_kernels_compile(tmp_path, decode7b):
+    marked_specs = {c.spec for c in gemv_tma.mark(decode7b).calls if gemv_tma.marked(c.spec)}
+    specs = {spec for spec in marked_specs if spec.op == "q_linear"}
     kernels = [gemv_tma.gemv_tma_rule(spec, f"k{i}_q_linear") for i, spec in enumerate(specs)]
+    kernels += [glu.gen_linear_silu_mul(spec, "g0") for spec in marked_specs - specs]
+    kernels.append(gemv_tma.gemv_tma_glu_kernel(shape(next(iter(marked_specs - specs))), "g1",
+                                                glu.SILU_MUL, depth=4, stream_only=True))
     probe = gemv_tma.gemv_tma_kernel(LinearShape(next(iter(specs))), "probe",
                                      gemv_tma.TmaConfig(stream_only=True))
     # with a producer warp: 2 (K = 4096) or 4 K slices, chunks of 4 features, 4 in flight

@@ -18,19 +18,29 @@ the one-shot GEMV's with the integer dot: a group's products are an exact intege
 one float32 term; the features' sums differ only in the order their group terms are added (with
 one K slice the 7B qkv and o_proj logits come out bit for bit the one-shot GEMV's).
 
+The GLU mode (`gemv_tma_glu_kernel`, the decode linear_silu_mul of mlcc.backends.cuda.glu)
+takes a gate_up weight whose slice does not fit: the producer streams chunks of GLU_CHUNK
+features (their gate rows f and up rows I + f) through a ring of slots, refilling a slot once
+the consumer warps have released it (an mbarrier per slot for each direction); each consumer
+warp takes one feature of a chunk, rounds g and u to float16 as the unfused GEMV stores them
+and stores silu(g) * u (glu.SILU_MUL).
+
 Where it runs (`mark`, knob `tma_gemv`, on from O2 with pdl, sm_90 and newer): one-row q4 GEMVs
 (groups of 32, float16 activations and scales) whose slice and staged row fit a block's shared
-memory (232,448 bytes on sm_90), and only behind a latency-bound kernel: a one-row norm, which
-releases the GEMV once its own wait returns, or the decode attention, which then releases it at
-its start (codegen.early_release). Their copies run while that kernel does its few round trips.
-Behind a weight-streaming kernel (the down GEMV after the GLU) the copies only queue beside its
-stream and it was slower (0.97x with down included).
+memory (232,448 bytes on sm_90), or gate_up + silu_mul GEMVs whose ring fits, and only behind a
+latency-bound kernel: a one-row norm, which releases the GEMV once its own wait returns, or the
+decode attention, which then releases it at its start (codegen.early_release). Their copies run
+while that kernel does its few round trips. Behind a weight-streaming kernel (the down GEMV
+after the GLU) the copies only queue beside its stream and it was slower (0.97x with down).
 
 Measured on an H200 (benchmarks/results/2026-11-30-h200-c and -d): bulk copies read the 7B
 shapes no faster than 128-bit loads; issued all at once, the qkv GEMV's 28 MB delayed the norm
 ahead of it by 4.3 us a call (its loads queued behind them) for 2.2 us saved, 0.95x. With 3
 chunks of 8 features in flight (depth 3) for qkv and 2 for o_proj, released at the attention's
-start: 1.02x in two interleaved A/Bs of 16 rounds, the logits identical to the one-shot GEMVs'.
+start: 1.02x in three interleaved A/Bs; with the GLU mode too (2 chunks in flight; 3 gave
+1.00x): 1.05x (1.03x over the two alone) in two, 658.9 against 627.9 tok/s in run_h200.py. The
+7B logits are bit for bit the shipped GEMVs' (one K slice adds the same integer terms in the
+same order).
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from mlcc.backends.cuda.intdot import DP2A_SOURCE, dp2a_group, stage_dp2a
 from mlcc.backends.cuda.kernels import GRID_WAIT, CudaKernel, launcher, signature
 from mlcc.backends.cuda.linear import LinearShape, gemv_q4_applies
 from mlcc.backends.plan import EntryPlan, KernelCall, KernelSpec
+from mlcc.errors import MlccError
 
 ATTR = "tma_gemv"
 MAX_SMEM = 232448  # dynamic shared memory one block may have on sm_90
@@ -138,13 +149,27 @@ def light(spec: KernelSpec) -> bool:
     return spec.op in LIGHT_AHEAD or (spec.op == "qkv_attention" and use_decode(spec))
 
 
+# Whether the gate_up + silu_mul GEMV behind a norm takes the GLU mode (off: the persistent GEMV)
+TMA_GLU = True
+
+
+def takes(spec: KernelSpec) -> bool:
+    """Whether this call's kernel can be the TMA GEMV (plain, or the GLU mode with TMA_GLU)."""
+    from mlcc.backends.cuda import glu
+
+    if spec.op == "q_linear":
+        return fits(LinearShape(spec))
+    return (TMA_GLU and spec.op == glu.OP and dict(spec.attrs).get(glu.WEIGHTS_ATTR) == "q4"
+            and glu_fits(LinearShape(glu.linear_spec(spec))))
+
+
 def mark(plan: EntryPlan) -> EntryPlan:
     """The plan with every one-row q4 GEMV that fits and follows a `light` call marked."""
     calls = []
     for i, call in enumerate(plan.calls):
         spec = call.spec
-        if (spec.op == "q_linear" and ATTR not in dict(spec.attrs) and i > 0
-                and light(plan.calls[i - 1].spec) and fits(LinearShape(spec))):
+        if (ATTR not in dict(spec.attrs) and i > 0 and light(plan.calls[i - 1].spec)
+                and takes(spec)):
             spec = KernelSpec(spec.op, spec.inputs, spec.outputs, spec.attrs + ((ATTR, 1),),
                               spec.kv)
             call = KernelCall(spec, call.buffers)
@@ -306,6 +331,183 @@ def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> 
 """
     grid = f"T.int64({-(-s.n // lay.rows)})"
     text = launcher(name, s.buffers, (grid,), threads + (32 if cfg.depth else 0), s.symbols)
+    call = f'T.evaluate(T.call_extern("int32", "{name}_dev", '
+    head, sep, rest = text.rpartition(call)
+    indent = head[head.rfind("\n") + 1:]
+    text = (head + f'smem = T.alloc_buffer(({lay.total},), "uint8", scope="shared.dyn")\n'
+            + indent + sep + rest.replace("))", ", smem.data))", 1))
+    return CudaKernel(name, body, text, min_blocks=1)
+
+
+# --- GLU mode: gate_up + silu_mul through a ring of slots ------------------------------------
+
+GLU_CHUNK = 8  # features a chunk (their gate and up rows): one a consumer warp
+GLU_DEPTH = 2  # chunks a block in flight (2: 14.19 us standalone against 14.55 with 3)
+
+
+@dataclass(frozen=True)
+class GluLayout:
+    rows: int  # features a block
+    slots: int
+    slot: int  # bytes of a slot: gate rows, up rows, gate scales, up scales
+    xs: int
+    xg: int
+    full: int
+    empty: int
+    total: int
+
+
+def glu_layout(s: LinearShape, sms: int = SMS) -> GluLayout:
+    """As many slots of GLU_CHUNK features as fit beside the staged row, at most 8."""
+    rows = -(-(s.n // 2) // sms)
+    w_row, s_row = s.words * 4, s.groups * 2
+    slot = GLU_CHUNK * 2 * (w_row + s_row)
+    tail = _align(s.k * 2) + _align(s.groups * 8) + 16 * 8
+    slots = min(8, (MAX_SMEM - tail) // slot)
+    xs = slots * slot
+    xg = _align(xs + s.k * 2)
+    full = _align(xg + s.groups * 8, 8)
+    empty = full + slots * 8
+    return GluLayout(rows, slots, slot, xs, xg, full, empty, max(empty + slots * 8, ONE_PER_SM))
+
+
+def glu_fits(s: LinearShape) -> bool:
+    """Whether the GLU mode applies: a one-row q4 gate_up (N = 2I, float16 values) whose K
+    puts a lane's groups in registers with one K slice, with room for GLU_DEPTH slots."""
+    if not gemv_q4_applies(s) or s.static_rows != 1 or s.n % 2 or s.ydt != "float16":
+        return False
+    if -(-(s.k // 32) // 32) > MAX_LANE_GROUPS or (s.words * 4) % 16 or (s.groups * 2) % 16:
+        return False
+    return glu_layout(s).slots >= GLU_DEPTH
+
+
+def gemv_tma_glu_kernel(s: LinearShape, name: str, glu: str, depth: int = GLU_DEPTH,
+                        stream_only: bool = False) -> CudaKernel:
+    """y[f] = glu(g_f, u_f) for the gate rows f and up rows I + f of a q4 gate_up weight: a
+    producer warp streams each block's chunks (the gate and up rows of GLU_CHUNK features)
+    through a ring of shared-memory slots, at most `depth` in flight, never waiting for the
+    kernel ahead; each consumer warp takes one feature of a chunk (the integer dot, as the
+    plain mode with one K slice), rounds g and u to float16 as the unfused GEMV stores them,
+    and releases the slot."""
+    from mlcc.backends.cuda.gemv import glu_buffers
+
+    lay = glu_layout(s)
+    if not glu_fits(s) or not 1 <= depth <= lay.slots:
+        raise MlccError("compile", f"{name}: the TMA GEMV's GLU mode does not take a gate_up "
+                        f"of {s.n} x {s.k} with {depth} chunks in flight")
+    warps, threads = GLU_CHUNK, GLU_CHUNK * 32
+    groups, words, half_n = s.k // 32, s.words, s.n // 2
+    it_n = -(-groups // 32)
+    w_row, s_row = words * 4, s.groups * 2
+    buffers = glu_buffers(s)
+    gate = f"__half2float(__float2half(g{s.bias_term('fb + f')}))"
+    up = f"__half2float(__float2half(u{s.bias_term(f'fb + f + {half_n}')}))"
+    probe = """
+  for (int c = 0; c < nchunks; ++c) {  // the copies alone: take each chunk, free its slot
+    mlcc_chain_wait(full + 8 * (c % SLOTS), (c / SLOTS) & 1);
+    __syncwarp();
+    if (lane == 0) mlcc_chain_arrive(empty + 8 * (c % SLOTS));
+  }
+  return 0;""" if stream_only else ""
+    sig = signature(name, buffers, ("y",), s.symbols)
+    sig = sig[:-1] + ", unsigned char* __restrict__ smem)"
+    body = f"""{DP2A_SOURCE}{HELPERS}{sig} {{
+  constexpr int SLOTS = {lay.slots}, SLOT = {lay.slot}, CHUNK = {GLU_CHUNK};
+  half2* xs = reinterpret_cast<half2*>(smem + {lay.xs});
+  int2* xg = reinterpret_cast<int2*>(smem + {lay.xg});
+  const unsigned full = mlcc_chain_smem(smem + {lay.full});
+  const unsigned empty = mlcc_chain_smem(smem + {lay.empty});
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const long long fb = (long long)blockIdx.x * {lay.rows};  // the block's first feature
+  const int nrows = (int)min((long long){lay.rows}, {half_n}LL - fb);
+  const int nchunks = (nrows + CHUNK - 1) / CHUNK;
+  if (threadIdx.x == 0) {{
+    for (int i = 0; i < SLOTS; ++i) {{
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(full + 8 * i) : "memory");
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], {warps};" ::"r"(empty + 8 * i)
+                   : "memory");
+    }}
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }}
+  __syncthreads();  // the barriers are initialized
+  if (warp == {warps}) {{  // the producer: the weights need nothing from the kernel before
+    if (lane == 0) {{
+      for (int c = 0; c < nchunks; ++c) {{
+        const int slot = c % SLOTS, round = c / SLOTS;
+        if (round > 0) mlcc_chain_wait(empty + 8 * slot, (round - 1) & 1);
+        if (c >= {depth}) mlcc_chain_wait(full + 8 * ((c - {depth}) % SLOTS),
+                                          ((c - {depth}) / SLOTS) & 1);
+        const int f0 = c * CHUNK, rows = min(CHUNK, nrows - f0);
+        const unsigned bar = full + 8 * slot, dst = mlcc_chain_smem(smem + (size_t)slot * SLOT);
+        mlcc_chain_expect(bar, (unsigned)rows * {2 * (w_row + s_row)}u);
+        mlcc_chain_copy(dst, qw + (fb + f0) * {words}LL, (unsigned)rows * {w_row}u, bar);
+        mlcc_chain_copy(dst + CHUNK * {w_row}, qw + ({half_n}LL + fb + f0) * {words}LL,
+                        (unsigned)rows * {w_row}u, bar);
+        mlcc_chain_copy(dst + 2 * CHUNK * {w_row}, qs + (fb + f0) * {s.groups}LL,
+                        (unsigned)rows * {s_row}u, bar);
+        mlcc_chain_copy(dst + 2 * CHUNK * {w_row} + CHUNK * {s_row},
+                        qs + ({half_n}LL + fb + f0) * {s.groups}LL, (unsigned)rows * {s_row}u,
+                        bar);
+      }}
+    }}
+    return 0;
+  }}
+  {GRID_WAIT}  // the weights above need nothing from the kernel before{probe}
+  const int r = 0;
+{stage_dp2a(s.k, warps)}
+  mlcc_chain_sync(1, {threads});
+  uint4 xa[{it_n}][4];
+  int2 zf[{it_n}];
+  #pragma unroll
+  for (int it = 0; it < {it_n}; ++it) {{
+    const int g = lane + 32 * it;
+    #pragma unroll
+    for (int j = 0; j < 4; ++j)
+      xa[it][j] = g < {groups} ? reinterpret_cast<const uint4*>(xs)[g * 4 + j]
+                               : make_uint4(0u, 0u, 0u, 0u);
+    zf[it] = g < {groups} ? xg[g] : make_int2(0, 0);
+  }}
+  for (int c = 0; c < nchunks; ++c) {{
+    const int slot = c % SLOTS;
+    mlcc_chain_wait(full + 8 * slot, (c / SLOTS) & 1);
+    const unsigned char* base = smem + (size_t)slot * SLOT;
+    const int f = c * CHUNK + warp;
+    float g = 0.f, u = 0.f;
+    if (f < nrows) {{
+      const uint4* wg = reinterpret_cast<const uint4*>(base) + (size_t)warp * {groups};
+      const uint4* wu = reinterpret_cast<const uint4*>(base + CHUNK * {w_row})
+                        + (size_t)warp * {groups};
+      const half* sg = reinterpret_cast<const half*>(base + 2 * CHUNK * {w_row}) + warp * {s.groups};
+      const half* su = reinterpret_cast<const half*>(base + 2 * CHUNK * {w_row} + CHUNK * {s_row})
+                       + warp * {s.groups};
+      #pragma unroll
+      for (int it = 0; it < {it_n}; ++it) {{
+        const int gi = lane + 32 * it;
+        if (gi < {groups}) {{
+          const uint4 vg = wg[gi], vu = wu[gi];
+          g += ({dp2a_group("vg", tuple(f"xa[it][{j}]" for j in range(4)), "zf[it]")})
+               * __half2float(sg[gi]);
+          u += ({dp2a_group("vu", tuple(f"xa[it][{j}]" for j in range(4)), "zf[it]")})
+               * __half2float(su[gi]);
+        }}
+      }}
+    }}
+    g = mlcc_warp_sum(g);
+    u = mlcc_warp_sum(u);
+    __syncwarp();
+    if (lane == 0) {{
+      mlcc_chain_arrive(empty + 8 * slot);
+      if (f < nrows) {{
+        const float gr = {gate}, ur = {up};
+        mlcc_put(y, fb + f, {glu.format(g="gr", u="ur")});
+      }}
+    }}
+  }}
+  return 0;
+}}
+"""
+    grid = f"T.int64({-(-half_n // lay.rows)})"
+    text = launcher(name, buffers, (grid,), threads + 32, s.symbols)
     call = f'T.evaluate(T.call_extern("int32", "{name}_dev", '
     head, sep, rest = text.rpartition(call)
     indent = head[head.rfind("\n") + 1:]

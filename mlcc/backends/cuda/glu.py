@@ -141,8 +141,9 @@ def glu_gemv_config(n: int, k: int) -> PersistentConfig:
 
 
 def gen_linear_silu_mul(spec: KernelSpec, name: str) -> CudaKernel:
-    """The persistent GEMV in GLU mode for decode rows of a q4 gate_up, else the tensor-core
-    GEMM in GLU mode with the tile the unfused gate_up GEMM would use."""
+    """The TMA GEMV's GLU mode where mlcc.backends.cuda.gemv_tma marked the call (one row,
+    behind a norm), else the persistent GEMV in GLU mode for decode rows of a q4 gate_up, else
+    the tensor-core GEMM in GLU mode with the tile the unfused gate_up GEMM would use."""
     from mlcc.backends.cuda import gemv
     from mlcc.backends.cuda.linear import LinearShape, gemv_q4_applies
 
@@ -151,6 +152,10 @@ def gen_linear_silu_mul(spec: KernelSpec, name: str) -> CudaKernel:
     if 2 * out_shape[-1] != s.n:
         raise MlccError(STAGE, f"{name}: {OP} outputs {out_shape[-1]} features from a gate_up "
                         f"weight of {s.n}; expected {s.n // 2} (half the weight's rows)")
+    from mlcc.backends.cuda import gemv_tma
+
+    if gemv_tma.marked(spec):
+        return gemv_tma.gemv_tma_glu_kernel(s, name, SILU_MUL)
     if gemv_q4_applies(s):
         c = glu_gemv_config(s.n, s.k)
         return gemv.gemv_q4_persistent_kernel(s, name, c.blocks_per_sm, c.warps, c.rows_per_warp,
