@@ -894,8 +894,10 @@ def merge(sweep: Path, database: Path, exclude_dots: tuple[str, ...] = ()) -> No
     sweep timed, its fastest validated variant ("best") and each timed kind's fastest replace
     the database's (every sweep re-times the database's pick beside the candidates, so
     winners are compared within one run, never against a figure of another day); variants
-    whose dot is in `exclude_dots` are not candidates. The persistent GLU-mode variants go to
-    their own table ("glu", read by tuning.glu_config), fastest per gate_up shape. The rows
+    whose dot is in `exclude_dots` are not candidates, nor are the TMA GEMV's (its calls are
+    chosen by their place in the step, gemv_tma.mark, not by the database). The persistent
+    GLU-mode variants go to their own table ("glu", read by tuning.glu_config), fastest per
+    gate_up shape. The rows
     tables ("best_at_rows"), kinds the sweep did not time and unmeasured shapes are kept. Each
     record notes its sweep."""
     doc = json.loads(sweep.read_text())
@@ -906,7 +908,8 @@ def merge(sweep: Path, database: Path, exclude_dots: tuple[str, ...] = ()) -> No
     glu: dict[str, dict] = {}
     for row in doc["variants"]:
         if ("us" not in row or row["rows"] != 1 or row["prologue"] != "none"
-                or (row["n"], row["k"]) not in SHAPES or row.get("dot") in exclude_dots):
+                or (row["n"], row["k"]) not in SHAPES or row.get("dot") in exclude_dots
+                or row["kind"].startswith("tma")):
             continue
         record = dict({key: row[key] for key in RECORD_KEYS if key in row}, source=source)
         key = f"{row['n']},{row['k']}"

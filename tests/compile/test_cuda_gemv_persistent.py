@@ -416,3 +416,23 @@ def test_models_compile_with_the_rule_first_in_linear_rules(tmp_path, model):
     assert len(persistent) == (4 if model == "stories260K" else 5)
     done = nvcc(device_source(built), tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_sweep_merge_never_records_tma_variants(tmp_path):
+    """The TMA GEMV's calls are placed by gemv_tma.mark; a faster TMA row of a sweep must not
+    become the database's pick for its shape (or the GLU table's)."""
+    import json
+
+    gemv_sweep = sweep_module()
+    rows = [dict(v, us=1.0 if v["kind"].startswith("tma") else 9.0, gb_s=1.0, rel_err=1e-4)
+            for v in gemv_sweep.tma_depth_variants() + gemv_sweep.tma_glu_variants()]
+    source = tmp_path / "sweep.json"
+    source.write_text(json.dumps({"date": "d", "command": "c", "device": "H200",
+                                  "variants": rows}))
+    database = tmp_path / "db.json"
+    database.write_text(tuning.DATABASE.read_text())
+    gemv_sweep.merge(source, database)
+    merged = json.loads(database.read_text())
+    assert not any(r["kind"].startswith("tma") for r in merged["best"].values())
+    assert not any(r["kind"].startswith("tma") for r in merged["glu"].values())
+    assert {r["kind"] for r in merged["best"].values()} >= {"block"}  # the picks, re-timed

@@ -199,3 +199,4 @@ def test_a_producer_warp_keeps_depth_chunks_in_flight(decode7b):
     assert "return 0;" in producer and "__syncthreads" not in body[body.index("if (warp"):]
     assert body.count("mlcc_chain_sync(1, 256);") == 2  # after the staging, before the sums
     assert 'thread="threadIdx.x"' in kernel.launcher and "T.thread_binding(288" in kernel.launcher
+
