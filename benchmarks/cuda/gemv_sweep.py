@@ -341,11 +341,10 @@ def current_pick(n: int, k: int) -> dict:
     return _block(n, k)
 
 
-def current_glu_pick() -> dict:
-    """The GLU GEMV at the launch the database gives the 7B gate_up today."""
+def current_glu_pick(n: int = GLU_SHAPE[0], k: int = GLU_SHAPE[1]) -> dict:
+    """The GLU GEMV at the launch the database gives a gate_up of N x K (the 7B's) today."""
     from mlcc.backends.cuda.glu import glu_gemv_config
 
-    n, k = GLU_SHAPE
     c = glu_gemv_config(n, k)
     return _glu(n, k, (c.blocks_per_sm, c.warps, c.rows_per_warp, c.rotate), dot=c.dot)
 
@@ -681,15 +680,28 @@ def tma_shape_variants() -> list[dict]:
     return out
 
 
+def _tma_glu(n: int, k: int, depth: int) -> dict:
+    return {"n": n, "k": k, "rows": 1, "prologue": "none", "kind": "tma_glu", "glu": True,
+            "depth": depth, "name": f"tma_glu_{n}x{k}_d{depth}"}
+
+
 def tma_glu_variants() -> list[dict]:
     """The TMA GEMV's GLU mode (gemv_tma.gemv_tma_glu_kernel) on the 7B gate_up at 2 to 5
     chunks in flight beside the shipped GLU GEMV, and its copies alone (a timing probe)."""
     n, k = GLU_SHAPE
-    out = [current_glu_pick()]
-    for depth in (2, 3, 4, 5):
-        out.append({"n": n, "k": k, "rows": 1, "prologue": "none", "kind": "tma_glu",
-                    "glu": True, "depth": depth, "name": f"tma_glu_{n}x{k}_d{depth}"})
+    out = [current_glu_pick()] + [_tma_glu(n, k, depth) for depth in (2, 3, 4, 5)]
     out.append(dict(out[2], name=out[2]["name"] + "_stream", timing_only=True))
+    return out
+
+
+def tma_glu_shape_variants() -> list[dict]:
+    """The GLU mode at its default depth on the gate_up shapes other presets give it (Mistral-7B
+    and Llama-3.1-8B: 28672 x 4096; Qwen2-1.5B: 17920 x 1536) beside their GLU GEMV."""
+    from mlcc.backends.cuda.gemv_tma import GLU_DEPTH
+
+    out = []
+    for n, k in ((28672, 4096), (17920, 1536)):
+        out += [current_glu_pick(n, k), _tma_glu(n, k, GLU_DEPTH)]
     return out
 
 
@@ -737,6 +749,7 @@ def build(folder: Path, only: str = "all") -> None:
               "dp2a_block": dp2a_block_variants, "bounded": bounded_variants,
               "tma": tma_variants, "tma_depth": tma_depth_variants,
               "tma_shapes": tma_shape_variants, "tma_glu": tma_glu_variants,
+              "tma_glu_shapes": tma_glu_shape_variants,
               "row_first": row_first_variants,
               "tma_stream": tma_stream_variants}.get(
         only, lambda: variants() + tc_variants())()
