@@ -418,21 +418,26 @@ def test_models_compile_with_the_rule_first_in_linear_rules(tmp_path, model):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def merged_database(sweep, rows: list[dict], folder: Path) -> dict:
+    """The shipped tuning database after `sweep.merge` of a sweep whose timed rows are `rows`."""
+    import json
+
+    source = folder / "sweep.json"
+    source.write_text(json.dumps({"date": "d", "command": "c", "device": "H200",
+                                  "variants": rows}))
+    database = folder / "db.json"
+    database.write_text(tuning.DATABASE.read_text())
+    sweep.merge(source, database)
+    return json.loads(database.read_text())
+
+
 def test_the_sweep_merge_never_records_tma_variants(tmp_path):
     """The TMA GEMV's calls are placed by gemv_tma.mark; a faster TMA row of a sweep must not
     become the database's pick for its shape (or the GLU table's)."""
-    import json
-
     gemv_sweep = sweep_module()
     rows = [dict(v, us=1.0 if v["kind"].startswith("tma") else 9.0, gb_s=1.0, rel_err=1e-4)
             for v in gemv_sweep.tma_depth_variants() + gemv_sweep.tma_glu_variants()]
-    source = tmp_path / "sweep.json"
-    source.write_text(json.dumps({"date": "d", "command": "c", "device": "H200",
-                                  "variants": rows}))
-    database = tmp_path / "db.json"
-    database.write_text(tuning.DATABASE.read_text())
-    gemv_sweep.merge(source, database)
-    merged = json.loads(database.read_text())
+    merged = merged_database(gemv_sweep, rows, tmp_path)
     assert not any(r["kind"].startswith("tma") for r in merged["best"].values())
     assert not any(r["kind"].startswith("tma") for r in merged["glu"].values())
     assert {r["kind"] for r in merged["best"].values()} >= {"block"}  # the picks, re-timed

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from test_cuda_gemv_persistent import q_linear_spec, sweep_module
+from test_cuda_gemv_persistent import merged_database, q_linear_spec, sweep_module
 from test_cuda_gemv_tc_build import global_wrapper, resources
 
 from mlcc.backends.cuda import gemv_tc, gemv_tcp, tuning
@@ -69,8 +69,6 @@ def test_tcp_rule_is_off_without_a_tcp_record_and_on_with_one(monkeypatch):
 
 
 def test_sweep_tcp_set_generates_and_merge_keeps_tcp_records(tmp_path):
-    import json
-
     sweep = sweep_module()
     chosen = sweep.tcp_variants()
     assert len({v["name"] for v in chosen}) == len(chosen)
@@ -86,13 +84,7 @@ def test_sweep_tcp_set_generates_and_merge_keeps_tcp_records(tmp_path):
     # the shipped database's pick for each shape (today the one-shot kernel for all five)
     assert [v["kind"] for v in picks] == [tuning.selected_kind(n, k) for n, k in SHAPES]
     rows = [dict(v, us=10.0 - i, gb_s=1.0, rel_err=1e-4) for i, v in enumerate(chosen)]
-    source = tmp_path / "sweep.json"
-    source.write_text(json.dumps({"date": "d", "command": "c", "device": "H200",
-                                  "variants": rows}))
-    database = tmp_path / "db.json"
-    database.write_text(tuning.DATABASE.read_text())
-    sweep.merge(source, database)
-    merged = json.loads(database.read_text())
+    merged = merged_database(sweep, rows, tmp_path)
     for n, k in SHAPES:
         assert merged["best"][f"{n},{k}"]["kind"] == "tcp"
         assert merged["best_by_kind"]["tcp"][f"{n},{k}"]["depth"] in (2, 3)

@@ -290,18 +290,7 @@ def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> 
   const int r = 0;
 {stage_dp2a(s.k, cfg.warps)}
   {sync}{late}
-  uint4 xa[{it_n}][4];
-  int2 zf[{it_n}];
-  #pragma unroll
-  for (int it = 0; it < {it_n}; ++it) {{
-    const int gl = lane + 32 * it;
-    const int g = slice * {gs} + gl;
-    #pragma unroll
-    for (int j = 0; j < 4; ++j)
-      xa[it][j] = gl < {gs} ? reinterpret_cast<const uint4*>(xs)[g * 4 + j]
-                            : make_uint4(0u, 0u, 0u, 0u);
-    zf[it] = gl < {gs} ? xg[g] : make_int2(0, 0);
-  }}
+{_lane_row(gs, f"slice * {gs}")}
   for (int c = 0; c < nchunks; ++c) {{
     mlcc_chain_wait(bars + 8 * c, 0u);
     #pragma unroll
@@ -329,14 +318,39 @@ def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> 
   return 0;
 }}
 """
-    grid = f"T.int64({-(-s.n // lay.rows)})"
-    text = launcher(name, s.buffers, (grid,), threads + (32 if cfg.depth else 0), s.symbols)
+    threads += 32 if cfg.depth else 0
+    return _kernel(name, body, s.buffers, -(-s.n // lay.rows), threads, s.symbols, lay.total)
+
+
+def _kernel(name: str, body: str, buffers: list, blocks: int, threads: int, symbols: list[str],
+            smem: int) -> CudaKernel:
+    """The kernel of `body` (whose device function takes the dynamic shared memory last) with
+    a launcher of `blocks` blocks that gives each `smem` bytes of it, one block an SM."""
+    text = launcher(name, buffers, (f"T.int64({blocks})",), threads, symbols)
     call = f'T.evaluate(T.call_extern("int32", "{name}_dev", '
     head, sep, rest = text.rpartition(call)
     indent = head[head.rfind("\n") + 1:]
-    text = (head + f'smem = T.alloc_buffer(({lay.total},), "uint8", scope="shared.dyn")\n'
+    text = (head + f'smem = T.alloc_buffer(({smem},), "uint8", scope="shared.dyn")\n'
             + indent + sep + rest.replace("))", ", smem.data))", 1))
     return CudaKernel(name, body, text, min_blocks=1)
+
+
+def _lane_row(groups: int, first: str = "0") -> str:
+    """Lane l's staged activations of groups first + l, first + l + 32, ... (of `groups`) into
+    registers xa and zf, zero past the end."""
+    it_n = -(-groups // 32)
+    return f"""  uint4 xa[{it_n}][4];
+  int2 zf[{it_n}];
+  #pragma unroll
+  for (int it = 0; it < {it_n}; ++it) {{
+    const int gl = lane + 32 * it;
+    const int g = {first} + gl;
+    #pragma unroll
+    for (int j = 0; j < 4; ++j)
+      xa[it][j] = gl < {groups} ? reinterpret_cast<const uint4*>(xs)[g * 4 + j]
+                               : make_uint4(0u, 0u, 0u, 0u);
+    zf[it] = gl < {groups} ? xg[g] : make_int2(0, 0);
+  }}"""
 
 
 # --- GLU mode: gate_up + silu_mul through a ring of slots ------------------------------------
@@ -456,17 +470,7 @@ def gemv_tma_glu_kernel(s: LinearShape, name: str, glu: str, depth: int = GLU_DE
   const int r = 0;
 {stage_dp2a(s.k, warps)}
   mlcc_chain_sync(1, {threads});
-  uint4 xa[{it_n}][4];
-  int2 zf[{it_n}];
-  #pragma unroll
-  for (int it = 0; it < {it_n}; ++it) {{
-    const int g = lane + 32 * it;
-    #pragma unroll
-    for (int j = 0; j < 4; ++j)
-      xa[it][j] = g < {groups} ? reinterpret_cast<const uint4*>(xs)[g * 4 + j]
-                               : make_uint4(0u, 0u, 0u, 0u);
-    zf[it] = g < {groups} ? xg[g] : make_int2(0, 0);
-  }}
+{_lane_row(groups)}
   for (int c = 0; c < nchunks; ++c) {{
     const int slot = c % SLOTS;
     mlcc_chain_wait(full + 8 * slot, (c / SLOTS) & 1);
@@ -506,11 +510,5 @@ def gemv_tma_glu_kernel(s: LinearShape, name: str, glu: str, depth: int = GLU_DE
   return 0;
 }}
 """
-    grid = f"T.int64({-(-half_n // lay.rows)})"
-    text = launcher(name, buffers, (grid,), threads + 32, s.symbols)
-    call = f'T.evaluate(T.call_extern("int32", "{name}_dev", '
-    head, sep, rest = text.rpartition(call)
-    indent = head[head.rfind("\n") + 1:]
-    text = (head + f'smem = T.alloc_buffer(({lay.total},), "uint8", scope="shared.dyn")\n'
-            + indent + sep + rest.replace("))", ", smem.data))", 1))
-    return CudaKernel(name, body, text, min_blocks=1)
+    return _kernel(name, body, buffers, -(-half_n // lay.rows), threads + 32, s.symbols,
+                   lay.total)
