@@ -63,9 +63,10 @@ def lib_name(model: str, shards: int) -> str:
 def prepare(args) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks" / "cuda"))
     sys.path.insert(0, str(ROOT / "tests" / "gpu"))
+    sys.path.insert(0, str(ROOT / "tests" / "compile"))
     from prepare_device_run import runtime_site
     from tp_build import compile_sharded
-    from tp_cases import build_cases  # also puts tests/compile on the path
+    from tp_cases import build_cases
 
     from mlcc.frontend import resolve_model
 
@@ -183,8 +184,11 @@ def run_sharded(lib: Path, params: Path, shards: int, prompt, long_prompt, one: 
             clear += 1
             agree += int(np.argmax(got)) == token
     parted = next((i for i, (a, b) in enumerate(zip(tokens, one["tokens"])) if a != b), None)
+    # up to `parted` both saw the same tokens, so one GPU's logits there are the forced ones
+    margin = None if parted is None else float(np.diff(np.sort(one["reference"][parted])[-2:])[0])
     return {"load_s": load_s, "tokens": tokens, "gpu_mem_gb": used,
             "same_greedy_tokens": tokens == one["tokens"], "first_different_step": parted,
+            "one_gpu_top2_margin_there": margin,
             "forced_max_logit_diff": max(diffs), "forced_clear_steps": clear,
             "forced_clear_steps_agreeing": agree, **numbers}
 
@@ -227,7 +231,8 @@ def report(r: dict) -> str:
     lines += [f"| {label} | {one[key]:{fmt}} | {many[key]:{fmt}} |" for label, key, fmt in rows]
     lines += [f"| GPU memory GB (per GPU) | {_mem(one)} | {_mem(many)} |", "",
               f"- {GREEDY} greedy tokens equal: {many['same_greedy_tokens']} "
-              f"(first different step: {many['first_different_step']})",
+              f"(first different step: {many['first_different_step']}, where one GPU's top "
+              f"two logits are {many['one_gpu_top2_margin_there']} apart)",
               f"- teacher-forced: top token agrees at {many['forced_clear_steps_agreeing']} of "
               f"{many['forced_clear_steps']} steps with a clear top-2 margin (> {CLEAR_MARGIN});"
               f" largest logit difference {many['forced_max_logit_diff']:.4f}", "",
