@@ -1,7 +1,7 @@
 """Decode speed of several libraries of one model, interleaved round by round in one process.
 
     python benchmarks/ab_decode.py PARAMS LIB [LIB ...] [--rounds 12] [--steps 32] [--out F.md]
-        [--device cuda] [--prompt 16]
+        [--device cuda] [--prompt 16] [--batch 16]
 
 Every round resets each library's engine, prefills the same `--prompt`-token prompt (16 unless
 given; longer ones time decode over a longer context) and times `steps` greedy-free decode
@@ -14,6 +14,9 @@ and the ratio of medians to the first library (a spread of rounds that is wide a
 ratio asks for more rounds or another call).
 On a GPU (`--device cuda`) each library runs as its metadata says (the CUDA graph from O2) and
 every step returns its logits row to the host, so a step's time is the GPU's plus one copy.
+With `--batch N` (a library built with max_batch_size >= N) each round prefills the prompt into
+N sequences and times `batch_decode` of all N together: the table's tok/s then counts N tokens
+a step.
 """
 
 from __future__ import annotations
@@ -35,29 +38,42 @@ def prompt_ids(tokens: int) -> list[int]:
 
 
 def measure(params: Path, libs: list[Path], rounds: int, steps: int,
-            device: str = "cpu", prompt: int = 16) -> dict[str, list[float]]:
+            device: str = "cpu", prompt: int = 16, batch: int = 1) -> dict[str, list[float]]:
     from mlcc.runtime_check.compiled import CompiledEngine
 
     engines = {str(lib): CompiledEngine(lib, params, device=device) for lib in libs}
+    for name, engine in engines.items():
+        if batch > 1 and ("batch_decode" not in engine.metadata["entries"]
+                          or engine.max_sequences < batch):
+            sys.exit(f"error: {name}: no batch_decode of {batch} sequences; build it with "
+                     f"max_batch_size={batch}")
     rows: dict[str, list[float]] = {name: [] for name in engines}
     names = list(engines)
     for r in range(rounds):
         # each round starts with the next library, so none always runs first or after another
         for name in names[r % len(names):] + names[:r % len(names)]:
             engine = engines[name]
-            engine.reset()
-            engine.prefill_logits(prompt_ids(prompt))
+            for seq in range(batch):
+                if batch > 1:
+                    engine.select_sequence(seq)
+                engine.reset()
+                engine.prefill_logits(prompt_ids(prompt))
             times = []
             for _ in range(steps):
                 start = time.perf_counter()
-                engine.decode(7)
+                if batch > 1:
+                    engine.batch_decode([7] * batch)
+                else:
+                    engine.decode(7)
                 times.append(time.perf_counter() - start)
             rows[name].append(float(np.median(times)))
+        if batch > 1:
+            engine.select_sequence(0)
     return rows
 
 
-def table(rows: dict[str, list[float]]) -> str:
-    head = ("| library | decode ms/token (median of rounds) | mean | range | tok/s | "
+def table(rows: dict[str, list[float]], batch: int = 1) -> str:
+    head = ("| library | decode ms a step (median of rounds) | mean | range | tok/s | "
             "ratio to first |")
     lines = [head, "|---|---|---|---|---|---|"]
     base = None
@@ -66,7 +82,7 @@ def table(rows: dict[str, list[float]]) -> str:
         median = float(np.median(ms))
         base = base or median
         lines.append(f"| {Path(name).name} | {median:.2f} | {ms.mean():.2f} | "
-                     f"{ms.min():.2f}-{ms.max():.2f} | {1e3 / median:.1f} | "
+                     f"{ms.min():.2f}-{ms.max():.2f} | {batch * 1e3 / median:.1f} | "
                      f"{base / median:.2f}x |")
     return "\n".join(lines)
 
@@ -80,12 +96,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens before decode")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="sequences decoded together by batch_decode (1: decode)")
     args = parser.parse_args()
     for path in [args.params, *args.libs]:
         if not path.exists():
             sys.exit(f"error: {path}: not found; build the libraries and weights first")
-    rows = measure(args.params, args.libs, args.rounds, args.steps, args.device, args.prompt)
-    text = table(rows)
+    rows = measure(args.params, args.libs, args.rounds, args.steps, args.device, args.prompt,
+                   args.batch)
+    text = table(rows, args.batch)
     print(text)
     if args.out:
         when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -99,7 +118,7 @@ def main() -> None:
                 f"{os.cpu_count()} cores; TVM threads: {threads}\n- Load average at the end: "
                 f"{[round(v, 2) for v in os.getloadavg()]}\n- Command: `python "
                 f"{shlex.join(sys.argv)}`\n- Rounds: {args.rounds}, {args.steps} decode steps "
-                f"each after a {args.prompt}-token prompt, libraries in turn within a round\n\n")
+                f"of {args.batch} sequence(s) each after a {args.prompt}-token prompt, libraries in turn within a round\n\n")
         args.out.write_text(head + text + "\n")
 
 

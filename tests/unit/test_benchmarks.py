@@ -457,6 +457,44 @@ def test_ab_decode_rotates_the_first_library_and_tables_every_round(monkeypatch)
     assert b_row == "| b.so | 1.00 | 2.00 | 1.00-4.00 | 1000.0 | 3.00x |"
 
 
+def test_ab_decode_batch_prefills_every_sequence_and_counts_their_tokens(monkeypatch):
+    import benchmarks.ab_decode as ab
+    from mlcc.runtime_check import compiled
+
+    calls: list[tuple] = []
+
+    class Engine:
+        metadata = {"entries": {"decode": {}, "batch_decode": {}}}
+        max_sequences = 4
+
+        def __init__(self, lib, params, device):
+            self.name, self.sequence = str(lib), 0
+
+        def select_sequence(self, seq):
+            self.sequence = seq
+
+        def reset(self):
+            calls.append(("reset", self.name, self.sequence))
+
+        def prefill_logits(self, ids):
+            calls.append(("prefill", self.name, self.sequence))
+
+        def batch_decode(self, ids):
+            calls.append(("batch", self.name, tuple(ids)))
+
+    monkeypatch.setattr(compiled, "CompiledEngine", Engine)
+    ab.measure("params", ["a.so", "b.so"], rounds=2, steps=3, batch=3)
+    round_a = calls[:3 + 3 + 3]
+    assert [c for c in round_a if c[0] == "prefill"] == [("prefill", "a.so", s) for s in range(3)]
+    assert [c for c in round_a if c[0] == "reset"] == [("reset", "a.so", s) for s in range(3)]
+    assert sum(c[0] == "batch" for c in calls) == 2 * 2 * 3
+    assert {c[2] for c in calls if c[0] == "batch"} == {(7, 7, 7)}
+    row = ab.table({"x/a.so": [4e-3]}, batch=16).splitlines()[2]
+    assert row == "| a.so | 4.00 | 4.00 | 4.00-4.00 | 4000.0 | 1.00x |"
+    with pytest.raises(SystemExit, match="max_batch_size=8"):
+        ab.measure("params", ["a.so"], rounds=1, steps=1, batch=8)
+
+
 class _TableEngine:
     """A decode engine whose logits are a fixed table: row i after the prompt and i tokens."""
 
