@@ -38,11 +38,13 @@ KNOBS: dict[str, tuple[int, str]] = {
     # Opt-in: 0.99x in the 7B decode on an H200 (mlcc.backends.cuda.chain, 2026-11-30-h200-b).
     "decode_chain": (OPT_IN, ("backend (CUDA, sm_90+): each one-row decode layer from o_proj "
                               "to the next GEMV as one persistent kernel")),
-    # On at O2: 1.05x in the 7B decode on an H200, the same logits (mlcc.backends.cuda.gemv_tma,
-    # benchmarks/results/2026-11-30-h200-d).
+    # On at O2: 1.05x in the 7B decode on an H200, the same logits, and 1.02-1.03x more with
+    # down behind the GLU (mlcc.backends.cuda.gemv_tma, benchmarks/results/2026-11-30-h200-d
+    # and -e).
     "tma_gemv": (2, ("backend (CUDA, sm_90+, with pdl): each one-row decode GEMV behind a norm or "
                      "the attention (gate_up + silu_mul included) streams its weights into "
-                     "shared memory while that kernel runs")),
+                     "shared memory while that kernel runs; the GEMV behind the GLU GEMV (down) "
+                     "streams them through the same kernel with 16 consumer warps")),
     "pdl": (2, ("backend (CUDA, sm_90+): programmatic dependent launch: each kernel starts "
                 "while the one before it finishes")),
 }

@@ -4,9 +4,9 @@ decode GEMV, and what its text and launch carry.
 On the Llama-2-7B decode plan it takes the one-row q4 GEMVs whose slice fits a block's shared
 memory, or the gate_up + silu_mul GEMV whose ring of slots fits, and whose kernel ahead is
 latency-bound: qkv and gate_up (behind a norm) and o_proj (behind the decode attention, which
-then releases it at its start), not down (behind the GLU's weight stream) nor the output
-projection (32000 rows); prefill, batch decode and models whose scale rows are not whole
-16-byte units keep their kernels. The kernel's values were checked on an
+then releases it at its start); down, behind the GLU GEMV, takes it with 16 consumer warps and
+is released when the GLU ends; not the output projection (32000 rows); prefill, batch decode
+and models whose scale rows are not whole 16-byte units keep their kernels. The kernel's values were checked on an
 H200 against a float32 reference and against the one-shot GEMVs (benchmarks/results/
 2026-11-30-h200-c and -d, the 7B logits bit for bit); here builds compile the 7B kernels with
 nvcc.
@@ -40,17 +40,24 @@ def marked(plan) -> Counter:
 
 def test_the_7b_decode_gemvs_behind_light_kernels_are_marked(decode7b, monkeypatch):
     tma = gemv_tma.mark(decode7b)
-    # qkv, o_proj and the gate_up + silu_mul GEMV; not down, behind the GLU
+    # qkv, o_proj and the gate_up + silu_mul GEMV behind light kernels; down behind the GLU
     assert marked(tma) == {("q_linear", 12288, 4096): 32, ("q_linear", 4096, 4096): 32,
-                           (glu.OP, 22016, 4096): 32}
-    ahead = {c.spec.op for c, d in zip(tma.calls, tma.calls[1:]) if gemv_tma.marked(d.spec)}
+                           (glu.OP, 22016, 4096): 32, ("q_linear", 4096, 11008): 32}
+    pairs = list(zip(tma.calls, tma.calls[1:]))
+    ahead = {c.spec.op for c, d in pairs if gemv_tma.released_early(d.spec)}
     assert ahead == {"rms_norm", "add_rms_norm", "qkv_attention"}
+    behind_glu = [d.spec for c, d in pairs if gemv_tma.marked(d.spec)
+                  and not gemv_tma.released_early(d.spec)]
+    assert len(behind_glu) == 32 and {shape(s).k for s in behind_glu} == {11008}
+    assert all(c.spec.op == glu.OP for c, d in pairs if d.spec in behind_glu)
     module = lowered("llama2_7b", "q4f16_1", "max_batch_size=4")
     others = {name: plan for name, plan in plans(module).items() if name != "decode"}
     assert set(others) == {"prefill", "batch_decode"}
     assert not any(marked(gemv_tma.mark(plan)) for plan in others.values())
     again = gemv_tma.mark(gemv_tma.mark(decode7b))
     assert all(len([a for a in c.spec.attrs if a[0] == gemv_tma.ATTR]) <= 1 for c in again.calls)
+    monkeypatch.setattr(gemv_tma, "TMA_BEHIND_GLU", False)
+    assert ("q_linear", 4096, 11008) not in marked(gemv_tma.mark(decode7b))
     monkeypatch.setattr(gemv_tma, "TMA_GLU", False)
     assert glu.OP not in {op for op, _, _ in marked(gemv_tma.mark(decode7b))}
 
@@ -64,6 +71,9 @@ def test_the_attention_releases_the_o_proj_gemv_at_its_start(decode7b):
     late = codegen.wait_release(built, early)
     assert any(f.endswith("_qkv_attention_decode") for f in early)
     assert {f.split("_", 1)[1] for f in late} == {"rms_norm_dev", "add_rms_norm_dev"}
+    # the GLU GEMV ahead of down's TMA GEMV releases it when it ends
+    glu_kernel = next(k for k in built if k.name.endswith("_linear_silu_mul"))
+    assert not set(glu_kernel.device_functions()) & early
     plain, plain_plans, _, _ = codegen.library_parts(lowered("llama2_7b", "q4f16_1"),
                                                      {"params": []}, fuse_glu=True)
     assert not any("attention" in f for f in codegen.early_release(plain_plans, plain))
@@ -89,6 +99,17 @@ def test_slices_fit_one_block_an_sm(decode7b):
     assert config(12288, 4096) == gemv_tma.TmaConfig(1, 8, 8, depth=3)
     assert config(4096, 4096) == gemv_tma.TmaConfig(1, 8, 8, depth=2)
     assert config(4096, 11008) == gemv_tma.TmaConfig(4, 2, 8, depth=2)
+    # behind the GLU: the same slices, chunks and depth with 16 consumer warps
+    down = next(c.spec for c in gemv_tma.mark(decode7b).calls
+                if gemv_tma.marked(c.spec) and not gemv_tma.released_early(c.spec))
+    assert gemv_tma.config_of(down) == gemv_tma.TmaConfig(4, 4, 8, depth=2)
+    kernel = gemv_tma.gemv_tma_rule(down, "k1")
+    assert "T.thread_binding(544" in kernel.launcher  # 16 consumer warps and the producer
+    assert "mlcc_chain_sync(1, 512);" in kernel.device_source
+    small = gemv_tma.stream_config(LinearShape(KernelSpec(
+        "q_linear", (((1, 256), "float16"), ((256, 32), "uint32"), ((256, 8), "float16")),
+        (((1, 256), "float16"),), (("bits", 4), ("group_size", 32), ("in_features", 256)))))
+    assert small == gemv_tma.TmaConfig(1, 16, 16, depth=2)  # chunks of whole teams
 
 
 def test_the_glu_mode_streams_through_a_ring_of_slots(decode7b):
@@ -144,9 +165,9 @@ def test_small_models_run_it_where_scale_rows_are_whole_units(tmp_path):
 
     assert tma_kernels("llama") == []
     # qkv (512 x 256), o_proj (256 x 256), the gate_up + silu_mul GEMV and the decode logits
-    # (120 x 256), each behind a norm or the attention; down (256 x 256 too) runs behind the
-    # GLU and keeps its GEMV
-    assert len(tma_kernels("llama64")) == 4
+    # (120 x 256), each behind a norm or the attention, and down (256 x 256, 16 consumer
+    # warps) behind the GLU
+    assert len(tma_kernels("llama64")) == 5
     assert parse_opt("O2").enabled("tma_gemv") and parse_opt("O3").enabled("tma_gemv")
     assert not parse_opt("O1").enabled("tma_gemv")
     assert not parse_opt("O2;tma_gemv=0").enabled("tma_gemv")
@@ -183,6 +204,22 @@ def test_the_7b_kernels_compile(tmp_path, decode7b):
         depth.append(gemv_tma.gemv_tma_kernel(LinearShape(spec), f"d{i}", cfg))
     codegen.compile_library(kernels + [probe] + depth, "", "", tmp_path / "tma.so")
     assert (tmp_path / "tma.so").stat().st_size > 0
+
+
+def test_k_slice_sums_stay_inside_their_rows(decode7b):
+    """With K slices each warp stores its feature sums in `red`, which the mbarriers follow; a
+    last chunk that is not full (32 rows in chunks of 10 or 12) must not store past the
+    block's rows (an unguarded store broke the decode step on an H200 with chunks of 10)."""
+    down = next(c.spec for c in gemv_tma.mark(decode7b).calls
+                if gemv_tma.marked(c.spec) and not gemv_tma.released_early(c.spec))
+    s = LinearShape(down)
+    for cfg in (gemv_tma.TmaConfig(4, 5, 10, depth=2), gemv_tma.TmaConfig(4, 6, 12, depth=2),
+                gemv_tma.config_of(down)):
+        lay = gemv_tma.layout(s, cfg)
+        assert lay.rows == 32 and lay.bars >= lay.red + lay.rows * cfg.ks * 4
+        body = gemv_tma.gemv_tma_kernel(s, "k1", cfg).device_source
+        assert "if (lane == 0 && f < nrows) red[f * KS + slice] = total;" in body
+        assert "if (lane == 0) red[" not in body
 
 
 def test_a_producer_warp_keeps_depth_chunks_in_flight(decode7b):

@@ -95,13 +95,14 @@ def kernel_names(plans: list[EntryPlan]) -> dict[KernelSpec, str]:
 
 def early_release(plans: list[EntryPlan], built: list[CudaKernel]) -> frozenset[str]:
     """Device functions of the kernels whose every call is followed by a one-block kernel, or
-    (for a kernel of several blocks) by a TMA GEMV (mlcc.backends.cuda.gemv_tma, one block an
-    SM, copying its weights until its wait): with pdl they release that kernel at their start
-    (mlcc.backends.cuda.toolchain). A one-block kernel ahead of a TMA GEMV releases it after
-    its own wait, as ahead of any other."""
+    (for a kernel of several blocks) by a TMA GEMV placed behind a latency-bound kernel
+    (mlcc.backends.cuda.gemv_tma.released_early: one block an SM, copying its weights until
+    its wait): with pdl they release that kernel at their start (mlcc.backends.cuda.toolchain).
+    A one-block kernel ahead of a TMA GEMV releases it after its own wait, as ahead of any
+    other; the GLU GEMV ahead of a TMA GEMV releases it when it ends."""
     names = kernel_names(plans)
     single = {k.name for k in built if k.single_block()}
-    tma = {name for spec, name in names.items() if gemv_tma.marked(spec)}
+    tma = {name for spec, name in names.items() if gemv_tma.released_early(spec)}
     verdict: dict[str, bool] = {}
     for plan in plans:
         # A decode chain never releases the next kernel early: every one of its blocks must

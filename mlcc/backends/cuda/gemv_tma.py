@@ -27,11 +27,15 @@ and stores silu(g) * u (glu.SILU_MUL).
 
 Where it runs (`mark`, knob `tma_gemv`, on from O2 with pdl, sm_90 and newer): one-row q4 GEMVs
 (groups of 32, float16 activations and scales) whose slice and staged row fit a block's shared
-memory (232,448 bytes on sm_90), or gate_up + silu_mul GEMVs whose ring fits, and only behind a
-latency-bound kernel: a one-row norm, which releases the GEMV once its own wait returns, or the
-decode attention, which then releases it at its start (codegen.early_release). Their copies run
-while that kernel does its few round trips. Behind a weight-streaming kernel (the down GEMV
-after the GLU) the copies only queue beside its stream and it was slower (0.97x with down).
+memory (232,448 bytes on sm_90), or gate_up + silu_mul GEMVs whose ring fits, in two places:
+- behind a latency-bound kernel (BEHIND_LIGHT): a one-row norm, which releases the GEMV once
+  its own wait returns, or the decode attention, which then releases it at its start
+  (codegen.early_release). Their copies run while that kernel does its few round trips.
+- behind the gate_up + silu_mul GEMV (BEHIND_GLU: the down GEMV), released only when that
+  ends, with 16 consumer warps (stream_config). Copies started during the GLU's tail (released
+  at its start) slowed the GLU's last blocks by more than they saved (0.96-0.98x); placed after
+  it, the kernel beats the one-shot GEMV because twice the consumer warps keep up with the
+  stream (1.03x; benchmarks/results/2026-11-30-h200-e).
 
 Measured on an H200 (benchmarks/results/2026-11-30-h200-c and -d): bulk copies read the 7B
 shapes no faster than 128-bit loads; issued all at once, the qkv GEMV's 28 MB delayed the norm
@@ -57,6 +61,10 @@ from mlcc.backends.plan import EntryPlan, KernelCall, KernelSpec
 from mlcc.errors import MlccError
 
 ATTR = "tma_gemv"
+# The attribute's value: where the marked call sits
+BEHIND_LIGHT = 1  # behind a latency-bound kernel, which releases it early
+BEHIND_GLU = 2  # behind the gate_up + silu_mul GEMV, released when that ends
+STREAM_WARPS = 16  # consumer warps of a GEMV behind the GLU (stream_config)
 MAX_SMEM = 232448  # dynamic shared memory one block may have on sm_90
 ONE_PER_SM = MAX_SMEM // 2 + 1024  # shared memory that leaves no room for a second block
 MAX_LANE_GROUPS = 4  # groups whose staged activations a lane keeps in registers
@@ -79,6 +87,22 @@ class TmaConfig:
     @property
     def warps(self) -> int:
         return self.ks * self.teams
+
+
+def stream_config(s: LinearShape, sms: int = SMS) -> TmaConfig:
+    """The configuration behind the GLU GEMV (BEHIND_GLU): default_config's K slices, chunks
+    and depth with STREAM_WARPS consumer warps. Nothing hides the consumers there: on the 7B
+    down GEMV its copies alone add 233 us a decode step, 8 consumer warps 365 and 16 warps 306
+    (benchmarks/results/2026-11-30-h200-e)."""
+    c = default_config(s, sms)
+    teams = STREAM_WARPS // c.ks
+    return TmaConfig(c.ks, teams, max(c.chunk, teams), depth=c.depth)
+
+
+def config_of(spec: KernelSpec) -> TmaConfig:
+    """The configuration `mark` chose for this call's place."""
+    s = LinearShape(spec)
+    return stream_config(s) if dict(spec.attrs).get(ATTR) == BEHIND_GLU else default_config(s)
 
 
 def default_config(s: LinearShape, sms: int = SMS) -> TmaConfig:
@@ -151,6 +175,8 @@ def light(spec: KernelSpec) -> bool:
 
 # Whether the gate_up + silu_mul GEMV behind a norm takes the GLU mode (off: the persistent GEMV)
 TMA_GLU = True
+# Whether the GEMV behind the gate_up + silu_mul GEMV (down) takes the TMA GEMV (BEHIND_GLU)
+TMA_BEHIND_GLU = True
 
 
 def takes(spec: KernelSpec) -> bool:
@@ -163,14 +189,32 @@ def takes(spec: KernelSpec) -> bool:
             and glu_fits(LinearShape(glu.linear_spec(spec))))
 
 
+def behind_glu(ahead: KernelSpec, spec: KernelSpec) -> bool:
+    """Whether this call is a plain one-row GEMV right behind the gate_up + silu_mul GEMV that
+    fits the TMA GEMV with stream_config (with TMA_BEHIND_GLU)."""
+    from mlcc.backends.cuda import glu
+
+    if not TMA_BEHIND_GLU or ahead.op != glu.OP or spec.op != "q_linear":
+        return False
+    s = LinearShape(spec)
+    return fits(s) and fits(s, stream_config(s))
+
+
 def mark(plan: EntryPlan) -> EntryPlan:
-    """The plan with every one-row q4 GEMV that fits and follows a `light` call marked."""
+    """The plan with every one-row q4 GEMV that fits and follows a `light` call marked
+    BEHIND_LIGHT, and every one behind the GLU GEMV marked BEHIND_GLU."""
     calls = []
     for i, call in enumerate(plan.calls):
         spec = call.spec
-        if (ATTR not in dict(spec.attrs) and i > 0 and light(plan.calls[i - 1].spec)
-                and takes(spec)):
-            spec = KernelSpec(spec.op, spec.inputs, spec.outputs, spec.attrs + ((ATTR, 1),),
+        kind = None
+        if ATTR not in dict(spec.attrs) and i > 0:
+            ahead = plan.calls[i - 1].spec
+            if light(ahead) and takes(spec):
+                kind = BEHIND_LIGHT
+            elif behind_glu(ahead, spec):
+                kind = BEHIND_GLU
+        if kind is not None:
+            spec = KernelSpec(spec.op, spec.inputs, spec.outputs, spec.attrs + ((ATTR, kind),),
                               spec.kv)
             call = KernelCall(spec, call.buffers)
         calls.append(call)
@@ -183,11 +227,18 @@ def marked(spec: KernelSpec) -> bool:
     return bool(dict(spec.attrs).get(ATTR))
 
 
+def released_early(spec: KernelSpec) -> bool:
+    """Whether the kernel ahead of this call releases it early (codegen.early_release): the
+    GEMVs behind a latency-bound kernel, not those behind the GLU GEMV, whose tail their copies
+    would only slow."""
+    return dict(spec.attrs).get(ATTR) == BEHIND_LIGHT
+
+
 def gemv_tma_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
     if spec.op != "q_linear" or not marked(spec):
         return None
-    s = LinearShape(spec)
-    return gemv_tma_kernel(s, name) if fits(s) else None
+    s, cfg = LinearShape(spec), config_of(spec)
+    return gemv_tma_kernel(s, name, cfg) if fits(s, cfg) else None
 
 
 def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> CudaKernel:
@@ -232,7 +283,9 @@ def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> 
         emit = f"""        if (lane == 0 && f < nrows) mlcc_put(y, n0 + f, total{bias});"""
         finish = ""
     else:
-        emit = """        if (lane == 0) red[f * KS + slice] = total;"""
+        # features past the block's rows (a last chunk that is not full) have no slot in red,
+        # which the mbarriers follow
+        emit = """        if (lane == 0 && f < nrows) red[f * KS + slice] = total;"""
         finish = f"""
   {sync}
   for (int f = threadIdx.x; f < nrows; f += {threads}) {{

@@ -4,10 +4,10 @@ Rules, first match wins (each returns None when it does not apply). Every rule s
 and stores through mlcc_put, which rounds to y's dtype: float32 logits of a float16 model
 (out_dtype="float32" on the output projection) are stored unrounded.
 
-    gemv_tma_rule    (mlcc.backends.cuda.gemv_tma) one-row q4 GEMVs behind a norm or the
-                     decode attention, marked with the `tma_gemv` knob (on at O2): the block's
-                     weight slice bulk-copied into shared memory by a producer warp that does
-                     not wait for the kernel ahead.
+    gemv_tma_rule    (mlcc.backends.cuda.gemv_tma) one-row q4 GEMVs behind a norm, the
+                     decode attention or the GLU GEMV, marked with the `tma_gemv` knob (on at
+                     O2): the block's weight slice bulk-copied into shared memory by a producer
+                     warp that does not wait for the kernel ahead.
 
     gemv_q4_tcg_rule (mlcc.backends.cuda.gemv_tcg) one row, 4-bit weights, K % 128 == 0: the
                      tensor-core GEMV with the scales applied after the mma, only where the
