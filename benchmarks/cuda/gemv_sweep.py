@@ -705,6 +705,32 @@ def tma_glu_shape_variants() -> list[dict]:
     return out
 
 
+def tma_warps_variants() -> list[dict]:
+    """Consumer warps of the TMA GEMV beside the database's pick: the 7B qkv and o_proj at 8
+    (default_config) and 16 warps; the 7B down at gemv_tma.stream_config (16 warps) and at 20
+    and 24 warps, whose last chunk is not full (32 rows in chunks of 10 or 12: the rows past
+    the block's must store nothing); and stream_config at Qwen2-1.5B's down (12 rows: one full
+    chunk and one of 4). The 2-shard 7B down (K = 5504) keeps its GEMV: its scale rows of 344
+    bytes are no whole 16-byte units."""
+    from mlcc.backends.cuda.gemv_tma import default_config, fits, stream_config
+    from mlcc.backends.cuda.linear import LinearShape
+
+    def cfg_of(c) -> tuple:
+        return c.ks, c.teams, c.chunk, None, c.depth
+
+    out = []
+    for n, k in ((12288, 4096), (4096, 4096)):
+        s = LinearShape(linear_spec(n, k, 1))
+        out += [current_pick(n, k), _tma(n, k, cfg_of(default_config(s))),
+                _tma(n, k, cfg_of(stream_config(s)))]
+    out += [current_pick(4096, 11008)] + [_tma(4096, 11008, cfg) for cfg in
+                                          ((4, 4, 8, None, 2), (4, 5, 10, None, 2),
+                                           (4, 6, 12, None, 2))]
+    s = LinearShape(linear_spec(1536, 8960, 1))
+    assert fits(s, stream_config(s)) and not fits(LinearShape(linear_spec(4096, 5504, 1)))
+    return out + [current_pick(1536, 8960), _tma(1536, 8960, cfg_of(stream_config(s)))]
+
+
 def tma_stream_variants() -> list[dict]:
     """Timing probes (wrong results, timed anyway): the TMA GEMV's bulk copies alone, all
     chunks issued at once, at 16 and 4 features a chunk, for the three shapes it takes."""
@@ -751,7 +777,7 @@ def build(folder: Path, only: str = "all") -> None:
               "tma_shapes": tma_shape_variants, "tma_glu": tma_glu_variants,
               "tma_glu_shapes": tma_glu_shape_variants,
               "row_first": row_first_variants,
-              "tma_stream": tma_stream_variants}.get(
+              "tma_stream": tma_stream_variants, "tma_warps": tma_warps_variants}.get(
         only, lambda: variants() + tc_variants())()
     # a candidate may be the database's pick already (same name, same kernel): built once
     chosen = list({v["name"]: v for v in chosen}.values())

@@ -436,7 +436,8 @@ def test_the_sweep_merge_never_records_tma_variants(tmp_path):
     become the database's pick for its shape (or the GLU table's)."""
     gemv_sweep = sweep_module()
     rows = [dict(v, us=1.0 if v["kind"].startswith("tma") else 9.0, gb_s=1.0, rel_err=1e-4)
-            for v in gemv_sweep.tma_depth_variants() + gemv_sweep.tma_glu_variants()]
+            for v in gemv_sweep.tma_depth_variants() + gemv_sweep.tma_glu_variants()
+            + gemv_sweep.tma_warps_variants()]
     merged = merged_database(gemv_sweep, rows, tmp_path)
     assert not any(r["kind"].startswith("tma") for r in merged["best"].values())
     assert not any(r["kind"].startswith("tma") for r in merged["glu"].values())
