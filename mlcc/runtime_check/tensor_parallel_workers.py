@@ -245,16 +245,19 @@ class ProcessRanks:
         return results[0][1]
 
     def close(self, force: bool = False) -> None:
-        """Stop the workers: each leaves the NCCL group, then all exit together."""
+        """Stop the workers: each leaves the NCCL group, rank 0 last (it hosts the group's
+        store, which the others' NCCL watchdogs poll until they leave), then all exit
+        together."""
         alive = [r for r, p in enumerate(self.procs) if p.is_alive()]
         if not force:
-            for r in alive:
-                _quietly(self.conns[r].send, None)
-            for r in alive:
-                deadline = time.monotonic() + 30
-                while time.monotonic() < deadline and self.conns[r].poll(1.0):
-                    if _quietly(self.conns[r].recv) in (("closed", None), None):
-                        break
+            for leaving in ([r for r in alive if r != 0], [r for r in alive if r == 0]):
+                for r in leaving:
+                    _quietly(self.conns[r].send, None)
+                for r in leaving:
+                    deadline = time.monotonic() + 30
+                    while time.monotonic() < deadline and self.conns[r].poll(1.0):
+                        if _quietly(self.conns[r].recv) in (("closed", None), None):
+                            break
             for r in alive:
                 _quietly(self.conns[r].send, "exit")
         for proc in self.procs:
