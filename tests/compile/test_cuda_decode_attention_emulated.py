@@ -311,8 +311,8 @@ def test_splits_follow_the_static_context_and_the_position():
     assert static_splits(decode_spec(32, 32, 128, 1, capacity=64)) == 64 // CHUNK
     # a window bounds the visible positions: 40 + 4 -> two splits of 32
     assert static_splits(decode_spec(4, 2, 64, 1, 40, 4, 4096)) == 2
-    # the benchmark's positions: 33 to 161 visible positions -> one block up to SOLO, then
-    # 3 to 6 active splits
+    # the benchmark's positions: 33 to 161 visible positions -> one block up to SOLO (160),
+    # then 6 active splits
     assert len(split_ranges(33, MAX_SPLITS)) == 1 and len(split_ranges(161, MAX_SPLITS)) == 6
     assert len(split_ranges(SOLO, MAX_SPLITS)) == 1 and len(split_ranges(SOLO + 1, MAX_SPLITS)) > 1
     assert [len(split_ranges(n, MAX_SPLITS)) for n in (1, 32, 4096)] == [1, 1, MAX_SPLITS]

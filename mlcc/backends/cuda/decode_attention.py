@@ -67,16 +67,20 @@ from mlcc.backends.plan import KernelSpec
 # most of which return at once on short contexts) more slowly: on an H200
 # (benchmarks/results/2026-11-29-h200-i, attention_bench.json) 16 warps with eight positions a
 # lane group took 6.8 us a layer at 160 positions against 8.4, but 6.1 against 4.5 at 32 and
-# twice the time from 700 on; in the 7B decode, 8 warps x 8 gained 1-2% less than 4 x 4.
-WARPS = 4
+# twice the time from 700 on. With the grid cut to 16 blocks a head (MAX_SPLITS) and one block
+# a head up to 160 positions (SOLO), 8 warps decode the 7B 1.03-1.04x faster than 4 warps with
+# 32 blocks a head and one up to 64, and 1.05x after 3,968 positions (interleaved A/Bs;
+# benchmarks/results/2026-11-30-h200-f). 4 splits were 1.00x there, 16 warps 0.97x after 960.
+WARPS = 8
 UNROLL = 4  # positions per lane group whose loads are in flight together
 RESIDENT_THREADS = 1024  # an SM's threads of this kernel the launch bound asks room for
-CHUNK = 32  # fewest visible positions per split: one round of four warps at d = 128
-MAX_SPLITS = 32  # at most this many blocks per (row, query head)
-# Up to this many visible positions one block per (row, head) walks them all: on an H200
-# (benchmarks/results/2026-11-29-h200-b, attention_bench.json) 33 positions took 6.3 us per
-# layer in two splits and 4.2 us in one, while 161 took 8.5 us in six splits and 9.3 in three.
-SOLO = 64
+CHUNK = 32  # fewest visible positions per split (a round of 8 warps at d = 128 is 64)
+MAX_SPLITS = 16  # at most this many blocks per (row, query head)
+# Up to this many visible positions one block per (row, head) walks them all (at most three
+# rounds of 8 warps): on an H200 (benchmarks/results/2026-11-29-h200-b, attention_bench.json,
+# 4 warps) 33 positions took 6.3 us per layer in two splits and 4.2 us in one; 160 with 8
+# warps is measured with WARPS.
+SOLO = 160
 # From this many visible positions on a split takes at least 2 * CHUNK of them (two rounds):
 # on an H200 (benchmarks/results/2026-11-29-h200-d, attention_bench_call5.json) splits of 64
 # took 9-15% less time a layer than splits of 32 from 300 to 1,500 positions and 6-17% more at
@@ -371,8 +375,9 @@ def gen_decode_attention(spec: KernelSpec, name: str, chunk: int | None = None,
 
     Up to four positions a lane group, the launch bound asks for RESIDENT_THREADS threads an
     SM (64 registers a thread): the first round's early loads would otherwise take the 7B
-    kernel to 72 registers and 6 blocks of 4 warps an SM, fewer than its 1,024 blocks need
-    to be placed at once (decode after 3,968 positions 2% slower on the H200)."""
+    kernel to 72 registers and 6 blocks of 4 warps an SM, fewer than its 1,024 blocks of
+    that shape needed to be placed at once (decode after 3,968 positions 2% slower on the
+    H200). With 8 warps and 16 splits the 7B grid is 512 blocks, 4 an SM."""
     chunk = CHUNK if chunk is None else chunk
     max_splits = MAX_SPLITS if max_splits is None else max_splits
     solo = SOLO if solo is None else solo
