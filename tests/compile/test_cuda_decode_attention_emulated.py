@@ -30,6 +30,7 @@ from host_shim import MLCC_HOST
 from nvcc_probe import cubin_report, entry_ptx
 from test_cuda_flash_emulated import load_bench
 
+from mlcc.backends.cuda import decode_attention
 from mlcc.backends.cuda.attention import APPEND_THREADS, gen_qkv_attention
 from mlcc.backends.cuda.codegen import device_source
 from mlcc.backends.cuda.decode_attention import (
@@ -337,6 +338,23 @@ def test_cached_positions_are_loaded_before_the_wait_and_nothing_else():
     assert before.count("reinterpret_cast<const uint4*>") == 2  # a key and a value word
     for later in ("qkv", "kv_s[0][0] +", "mlcc_put(", "__syncthreads", "q_s[c", "_ws +"):
         assert later not in before, later
+
+
+def test_the_next_rounds_cached_lines_are_brought_into_l2_before_the_wait(monkeypatch):
+    # 8 warps x 4 positions x 2 lane groups = 64 positions a round: the next two rounds'
+    # pool rows (2 lines of key, 2 of value at d = 128 in float16) are prefetched while the
+    # block waits; the chunk's rows are skipped (they come from shared memory)
+    spec = decode_spec(32, 32, 128, 1, capacity=4096)
+    kernel = gen_decode_attention(spec, "k0", warps=8, unroll=4)
+    body = kernel.device_source[kernel.device_source.index("int k0_decode("):]
+    before = body[:body.index(GRID_WAIT)]
+    assert before.count("mlcc_prefetch_l2(pool + at)") == 1
+    assert "const int p0 = t_begin + 64;" in before and "p0 + 128 < t_end" in before
+    assert "x < (p1 - p0) * 4" in before and "if (j >= start) continue;" in before
+    assert "prefetch.global.L2" in kernel.device_source
+    monkeypatch.setattr(decode_attention, "PREFETCH_ROUNDS", 0)
+    off = gen_decode_attention(spec, "k0", warps=8, unroll=4).device_source
+    assert "mlcc_prefetch_l2(pool" not in off
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")

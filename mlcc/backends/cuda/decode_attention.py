@@ -28,9 +28,11 @@ block per (row, query head, split):
    so those loads overlap the wait for its completion and the rotation (decode 1.02x
    interleaved on the H200 in one call, 1.01x with the norms' later release in two more,
    under the launch bound below at every context from 16 to 3,968 positions;
-   benchmarks/results/2026-11-29-h200-i). The pool rows of the chunk are written after the
-   wait, and no cached position the block reads shares a slot with them (a ring holds the
-   window, the sinks and a chunk).
+   benchmarks/results/2026-11-29-h200-i). It also brings the cached positions of its next
+   PREFETCH_ROUNDS rounds into L2 then (prefetches, no registers held). After the wait its
+   threads load the query and the chunk rows' keys and values in one loop, all at once. The
+   pool rows of the chunk are written after the wait, and no cached position the block reads
+   shares a slot with them (a ring holds the window, the sinks and a chunk).
 4. With more than one active split, each block writes (max, sum, weighted values) to a
    `__device__` scratch array, fences, and counts itself in on a per-(row, head) counter; the
    block that arrives last merges the partial states, writes the output and sets the counter
@@ -86,6 +88,21 @@ SOLO = 160
 # took 9-15% less time a layer than splits of 32 from 300 to 1,500 positions and 6-17% more at
 # 100 and 160 (fewer, longer blocks: less prologue and merge per position, less parallelism).
 WIDE = 256
+# Rounds after the first whose cached positions a block brings into L2 before its wait (0:
+# none): the 7B decode 1.02x in the issue's range, 1.00x after 960 positions, the same logits
+# bit for bit (benchmarks/results/2026-11-30-h200-f, call 7)
+PREFETCH_ROUNDS = 2
+
+
+# An L2 prefetch of the line at p (no-op where the source is not compiled for a GPU)
+PREFETCH_HELPER = r"""#ifndef MLCC_PREFETCH_L2
+#define MLCC_PREFETCH_L2
+__device__ __forceinline__ void mlcc_prefetch_l2(const void* p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}
+#endif"""
 
 
 def _geometry(spec: KernelSpec) -> tuple[int, int, int]:
@@ -181,12 +198,16 @@ def _stage(spec: KernelSpec, name: str, rows: int) -> str:
     kv = dict(spec.kv)
     hq, hkv, d, page = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"], kv["page_size"]
     group, width = hq // hkv, (hq + 2 * hkv) * d
-    return f"""  for (int c = threadIdx.x; c < {d // 2}; c += blockDim.x)
-    {name}_rope2(qkv + i * {width}LL + h * {d}, c, pos, &q_s[c], &q_s[c + {d // 2}]);
-  const bool writer = split == 0 && h % {group} == 0;
+    return f"""  const bool writer = split == 0 && h % {group} == 0;
   const long long wrow = writer ? {name}_row(page_table, pos, 0, g) : 0;
-  for (int e = threadIdx.x; e < (int)(i + 1) * {d // 2}; e += blockDim.x) {{
-    const int r = e / {d // 2}, c = e % {d // 2};
+  // the query's pairs and the chunk rows' key and value pairs in one loop, so that the
+  // threads load all of them at once (one round trip, not one for the query and one more)
+  for (int e0 = threadIdx.x; e0 < (int)(i + 2) * {d // 2}; e0 += blockDim.x) {{
+    if (e0 < {d // 2}) {{
+      {name}_rope2(qkv + i * {width}LL + h * {d}, e0, pos, &q_s[e0], &q_s[e0 + {d // 2}]);
+      continue;
+    }}
+    const int e = e0 - {d // 2}, r = e / {d // 2}, c = e % {d // 2};
     const T_QKV* src = qkv + r * {width}LL + {hq * d} + g * {d};
     float k0, k1;
     {name}_rope2(src, c, start + r, &k0, &k1);
@@ -237,7 +258,34 @@ def _loads(spec: KernelSpec, name: str, rows: int, unroll: int, which: str,
 """
 
 
-def _first_loads(spec: KernelSpec, name: str, rows: int, unroll: int) -> str:
+def _prefetch(spec: KernelSpec, name: str, warps: int, unroll: int) -> str:
+    """The cached positions of the block's next PREFETCH_ROUNDS rounds, brought into L2 while
+    it waits (their loads come after the first round's arithmetic): every 128-byte line of
+    their key and value rows, one line a thread at a time."""
+    if not PREFETCH_ROUNDS:
+        return ""
+    kv = dict(spec.kv)
+    hkv, d, page = kv["kv_heads"], kv["head_dim"], kv["page_size"]
+    lines = -(-d * np.dtype(kv["dtype"]).itemsize // 128)
+    per_line = 128 // np.dtype(kv["dtype"]).itemsize
+    step = 32 // _geometry(spec)[1]
+    span = warps * unroll * step  # positions of a round
+    return f"""  {{
+    const int p0 = t_begin + {span};
+    const int p1 = p0 + {PREFETCH_ROUNDS * span} < t_end ? p0 + {PREFETCH_ROUNDS * span} : t_end;
+    for (int x = threadIdx.x; x < (p1 - p0) * {2 * lines}; x += blockDim.x) {{
+      const int t = p0 + x / {2 * lines}, l = x % {2 * lines};
+      const int j = t < sinks_end ? t : lo + (t - sinks_end);
+      if (j >= start) continue;  // the chunk's rows: from shared memory
+      const long long at = {name}_row(page_table, j, 0, g)
+                           + (l < {lines} ? 0LL : {hkv * page * d}LL) + (l % {lines}) * {per_line};
+      mlcc_prefetch_l2(pool + at);
+    }}
+  }}
+"""
+
+
+def _first_loads(spec: KernelSpec, name: str, rows: int, unroll: int, warps: int) -> str:
     """Lane coordinates and the first round's loads of cached positions: they need nothing
     from the kernel ahead, so they are issued before the block waits for it."""
     _, lanes, per_lane = _geometry(spec)
@@ -246,7 +294,7 @@ def _first_loads(spec: KernelSpec, name: str, rows: int, unroll: int) -> str:
   uint4 kw[{unroll}][{per_lane}], vw[{unroll}][{per_lane}];
   {{
 {_loads(spec, name, rows, unroll, "pool", "t_begin")}  }}
-"""
+{_prefetch(spec, name, warps, unroll)}"""
 
 
 def _walk(spec: KernelSpec, name: str, rows: int, warps: int, unroll: int) -> str:
@@ -395,14 +443,15 @@ def gen_decode_attention(spec: KernelSpec, name: str, chunk: int | None = None,
                ("pool", (kv["pages"], 2, hkv, page, d), kv["dtype"])]
     head = signature(name, buffers, ("y", "pool"), []).replace(f"int {name}_dev(",
                                                                f"int {name}_decode(")
-    source = f"""{_rope(name, spec, d)}
+    source = f"""{PREFETCH_HELPER}
+{_rope(name, spec, d)}
 {page_helpers(name, kv)}
 {_unpack(kv["dtype"], vec).replace("NAME", name)}
 // partial states of the splits: (row, head, split) x (max, sum, weighted values)
 __device__ float {name}_ws[{rows * hq * splits * (d + 2)}];
 __device__ unsigned int {name}_cnt[{rows * hq}];  // blocks done per (row, head)
 {head} {{
-{_coords(spec, rows, splits)}{_first_loads(spec, name, rows, unroll)}  {GRID_WAIT}
+{_coords(spec, rows, splits)}{_first_loads(spec, name, rows, unroll, warps)}  {GRID_WAIT}
 {_stage(spec, name, rows)}{_walk(spec, name, rows, warps, unroll)}\
 {_merge(spec, name, splits, warps)}}}
 """
