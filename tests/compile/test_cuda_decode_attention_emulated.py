@@ -91,6 +91,16 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) {
 }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline float __ldcg(const float* p) { return *p; }
+// the L2 prefetches: their byte offsets in the pool, for the test to check
+#include <mutex>
+#define MLCC_PREFETCH_L2
+static const char* g_pf_base;
+static std::mutex g_pf_mutex;
+static std::vector<long long> g_pf;
+inline void mlcc_prefetch_l2(const void* p) {
+  std::lock_guard<std::mutex> hold(g_pf_mutex);
+  g_pf.push_back((const char*)p - g_pf_base);
+}
 """
 
 # every thread of the block stays for the whole grid; blocks run in `order`
@@ -159,12 +169,14 @@ int main() {{
 {reads}  pool_append = pool;
   run_grid({append_threads}, shuffled({rows * hkv}, {seed}),
            [] {{ a0_qkv_attention_append({args.format(pool="pool_append")}); }});
+  g_pf_base = reinterpret_cast<const char*>(pool.data());
   run_grid({warps * 32}, shuffled({rows * hq * splits}, {seed + 1}),
            [] {{ k0_qkv_attention_decode({args.format(pool="pool")}); }});
   save(y.data(), y.size(), "{tmp_path}/y.out");
   save(pool.data(), pool.size(), "{tmp_path}/pool.out");
   save(pool_append.data(), pool_append.size(), "{tmp_path}/pool_append.out");
   save(k0_qkv_attention_cnt, {rows * hq}, "{tmp_path}/cnt.out");
+  save(g_pf.data(), g_pf.size(), "{tmp_path}/prefetch.out");
   return 0;
 }}
 """
@@ -193,7 +205,38 @@ def run_emulated(tmp_path, spec: KernelSpec, arrays: dict, seed: int, **options)
            for b in ("pool", "pool_append")}
     out["y"] = np.fromfile(tmp_path / "y.out", dt).reshape(arrays["y"].shape)
     out["cnt"] = np.fromfile(tmp_path / "cnt.out", np.uint32)
+    out["prefetch"] = np.fromfile(tmp_path / "prefetch.out", np.int64)
     return out
+
+
+def cached_slots(spec: KernelSpec, start: int, rows: int) -> set[int]:
+    """Pool slots of the positions before the chunk that some row of it sees."""
+    kv = dict(spec.kv)
+    window, sinks = kv["window"], kv["sinks"]
+    slots = set()
+    for i in range(rows):
+        pos = start + i
+        lo = max(0, pos - window + 1) if window > 0 else 0
+        visible = [j for j in range(pos + 1) if j >= lo or j < min(sinks, lo)]
+        for j in visible:
+            if j < start:
+                slots.add(j if not kv["ring"] or j < sinks
+                          else sinks + (j - sinks) % (kv["capacity"] - sinks))
+    return slots
+
+
+def check_prefetches(spec: KernelSpec, arrays: dict, offsets: np.ndarray, start: int) -> None:
+    """Every L2 prefetch is the start of a 128-byte line of a key or value row of a cached
+    position the chunk sees (never one of the chunk's rows, which the kernel writes)."""
+    pool = arrays["pool"]
+    item = pool.dtype.itemsize
+    assert (offsets % item == 0).all() and (offsets >= 0).all() and (offsets < pool.nbytes).all()
+    page_no, _, _, in_page, col = np.unravel_index(offsets // item, pool.shape)
+    assert ((col * item) % 128 == 0).all(), col
+    page_of = np.argsort(arrays["page_table"])  # pool page -> the sequence's page index
+    slots = page_of[page_no] * 16 + in_page
+    allowed = cached_slots(spec, start, spec.inputs[0][0][0])
+    assert set(slots.tolist()) <= allowed, sorted(set(slots.tolist()) - allowed)[:8]
 
 
 def rope(x: np.ndarray, pos: np.ndarray, inv: np.ndarray, dtype) -> np.ndarray:
@@ -283,6 +326,9 @@ def test_decode_attention_on_host_threads_matches_numpy_and_the_append_kernel(tm
     changed = np.argwhere((out["pool"] != arrays["pool"]).any(-1))
     assert len({(p, s) for p, _, _, s in changed}) <= rows
     assert (out["cnt"] == 0).all(), out["cnt"]
+    check_prefetches(spec, arrays, out["prefetch"], start)
+    if case[0] in ("7b_at_100", "one_split_three_rounds", "one_split"):
+        assert len(out["prefetch"]) > 0  # more than one round a block: the next ones prefetched
     expected = reference(spec, arrays, out["pool_append"])
     tolerance = 2e-3 if dtype == "float16" else 1e-5
     np.testing.assert_allclose(out["y"].astype(np.float64), expected, atol=tolerance, rtol=0)
