@@ -94,16 +94,6 @@ WIDE = 256
 PREFETCH_ROUNDS = 2
 
 
-# An L2 prefetch of the line at p (no-op where the source is not compiled for a GPU)
-PREFETCH_HELPER = r"""#ifndef MLCC_PREFETCH_L2
-#define MLCC_PREFETCH_L2
-__device__ __forceinline__ void mlcc_prefetch_l2(const void* p) {
-#if defined(__CUDA_ARCH__)
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-#endif
-}
-#endif"""
-
 
 def _geometry(spec: KernelSpec) -> tuple[int, int, int]:
     """(values per 16-byte word, lanes per position, words per lane) of the cache dtype."""
@@ -261,13 +251,14 @@ def _loads(spec: KernelSpec, name: str, rows: int, unroll: int, which: str,
 def _prefetch(spec: KernelSpec, name: str, warps: int, unroll: int) -> str:
     """The cached positions of the block's next PREFETCH_ROUNDS rounds, brought into L2 while
     it waits (their loads come after the first round's arithmetic): every 128-byte line of
-    their key and value rows, one line a thread at a time."""
+    their key and value rows, one line a thread at a time (mlcc_prefetch_l2 of
+    mlcc.backends.cuda.prefetch)."""
     if not PREFETCH_ROUNDS:
         return ""
     kv = dict(spec.kv)
     hkv, d, page = kv["kv_heads"], kv["head_dim"], kv["page_size"]
-    lines = -(-d * np.dtype(kv["dtype"]).itemsize // 128)
-    per_line = 128 // np.dtype(kv["dtype"]).itemsize
+    item = np.dtype(kv["dtype"]).itemsize
+    lines, per_line = -(-d * item // 128), 128 // item
     step = 32 // _geometry(spec)[1]
     span = warps * unroll * step  # positions of a round
     return f"""  {{
@@ -443,8 +434,7 @@ def gen_decode_attention(spec: KernelSpec, name: str, chunk: int | None = None,
                ("pool", (kv["pages"], 2, hkv, page, d), kv["dtype"])]
     head = signature(name, buffers, ("y", "pool"), []).replace(f"int {name}_dev(",
                                                                f"int {name}_decode(")
-    source = f"""{PREFETCH_HELPER}
-{_rope(name, spec, d)}
+    source = f"""{_rope(name, spec, d)}
 {page_helpers(name, kv)}
 {_unpack(kv["dtype"], vec).replace("NAME", name)}
 // partial states of the splits: (row, head, split) x (max, sum, weighted values)

@@ -197,7 +197,7 @@ def behind_glu(ahead: KernelSpec, spec: KernelSpec) -> bool:
     if not TMA_BEHIND_GLU or ahead.op != glu.OP or spec.op != "q_linear":
         return False
     s = LinearShape(spec)
-    return fits(s) and fits(s, stream_config(s))
+    return fits(s, stream_config(s))
 
 
 def mark(plan: EntryPlan) -> EntryPlan:

@@ -73,6 +73,13 @@ __device__ __forceinline__ void mlcc_l2_prefetch(const void* base, long long beg
   }
 #endif
 }
+// L2 prefetch of the line holding p, by the calling thread alone (the decode attention's
+// later rounds of cached positions, mlcc.backends.cuda.decode_attention)
+__device__ __forceinline__ void mlcc_prefetch_l2(const void* p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}
 """
 
 
