@@ -58,6 +58,8 @@ def measure(params: Path, libs: list[Path], rounds: int, steps: int,
                     engine.select_sequence(seq)
                 engine.reset()
                 engine.prefill_logits(prompt_ids(prompt))
+            if batch > 1:
+                engine.select_sequence(0)
             times = []
             for _ in range(steps):
                 start = time.perf_counter()
@@ -67,8 +69,6 @@ def measure(params: Path, libs: list[Path], rounds: int, steps: int,
                     engine.decode(7)
                 times.append(time.perf_counter() - start)
             rows[name].append(float(np.median(times)))
-        if batch > 1:
-            engine.select_sequence(0)
     return rows
 
 
