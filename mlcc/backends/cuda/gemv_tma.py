@@ -31,6 +31,10 @@ memory (232,448 bytes on sm_90), or gate_up + silu_mul GEMVs whose ring fits, in
 - behind a latency-bound kernel (BEHIND_LIGHT): a one-row norm, which releases the GEMV once
   its own wait returns, or the decode attention, which then releases it at its start
   (codegen.early_release). Their copies run while that kernel does its few round trips.
+  Behind the attention, the 7B o_proj's blocks on the 32 SMs running its blocks start only
+  when it ends: those SMs' shared-memory carveout is sized for the attention. Letting them in
+  (a context preferring shared memory) slowed the attention, beside the whole stream, by more
+  than it saved (0.94-0.98x; benchmarks/results/2026-11-30-h200-g).
 - behind the gate_up + silu_mul GEMV (BEHIND_GLU: the down GEMV), released only when that
   ends, with 16 consumer warps (stream_config). Copies started during the GLU's tail (released
   at its start) slowed the GLU's last blocks by more than they saved (0.96-0.98x); placed after
