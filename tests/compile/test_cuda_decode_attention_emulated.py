@@ -208,19 +208,25 @@ def run_emulated(tmp_path, spec: KernelSpec, arrays: dict, seed: int, **options)
     return out
 
 
+def visible(kv: dict, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, pool slots) the query at position `p` sees: all up to it, or the window and
+    the sinks; slots wrap in a ring past the sinks."""
+    window, sinks = kv["window"], kv["sinks"]
+    j = np.arange(p + 1)
+    if window > 0:
+        j = j[(j >= p - window + 1) | (j < sinks)]
+    slots = j if not kv["ring"] else np.where(
+        j < sinks, j, sinks + (j - sinks) % (kv["capacity"] - sinks))
+    return j, slots
+
+
 def cached_slots(spec: KernelSpec, start: int, rows: int) -> set[int]:
     """Pool slots of the positions before the chunk that some row of it sees."""
     kv = dict(spec.kv)
-    window, sinks = kv["window"], kv["sinks"]
     slots = set()
     for i in range(rows):
-        pos = start + i
-        lo = max(0, pos - window + 1) if window > 0 else 0
-        visible = [j for j in range(pos + 1) if j >= lo or j < min(sinks, lo)]
-        for j in visible:
-            if j < start:
-                slots.add(j if not kv["ring"] or j < sinks
-                          else sinks + (j - sinks) % (kv["capacity"] - sinks))
+        j, at = visible(kv, start + i)
+        slots.update(at[j < start].tolist())
     return slots
 
 
@@ -255,17 +261,12 @@ def reference(spec: KernelSpec, arrays: dict, pool: np.ndarray) -> np.ndarray:
     kv = dict(spec.kv)
     hq, hkv, d, page = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"], kv["page_size"]
     rows, start = arrays["qkv"].shape[0], int(arrays["seq_info"][0])
-    window, sinks = kv["window"], kv["sinks"]
     inv = inv_freq_table(spec).astype(np.float32)
     pos = np.arange(start, start + rows)
     q = rope(arrays["qkv"].reshape(rows, -1, d)[:, :hq], pos, inv, arrays["qkv"].dtype)
     out = np.zeros((rows, hq, d))
     for i, p in enumerate(pos):
-        j = np.arange(p + 1)
-        if window > 0:
-            j = j[(j >= p - window + 1) | (j < sinks)]
-        slots = j if not kv["ring"] else np.where(
-            j < sinks, j, sinks + (j - sinks) % (kv["capacity"] - sinks))
+        _, slots = visible(kv, p)
         rows_kv = pool[arrays["page_table"][slots // page], :, :, slots % page, :]
         keys, values = (rows_kv[:, 0].astype(np.float64), rows_kv[:, 1].astype(np.float64))
         for h in range(hq):

@@ -94,7 +94,6 @@ WIDE = 256
 PREFETCH_ROUNDS = 2
 
 
-
 def _geometry(spec: KernelSpec) -> tuple[int, int, int]:
     """(values per 16-byte word, lanes per position, words per lane) of the cache dtype."""
     kv = dict(spec.kv)
