@@ -31,9 +31,10 @@ def build_model_library(module, output: Path, metadata: dict,
         fuse_glu, pdl = opt.enabled("fuse_glu_gemm"), opt.enabled("pdl")
         l2 = DEFAULT_BUDGET if opt.enabled("l2_prefetch") else 0
         fold, chain = opt.enabled("fold_norms"), opt.enabled("decode_chain")
-        tma = opt.enabled("tma_gemv")
+        tma, lean = opt.enabled("tma_gemv"), opt.enabled("lean_attention")
         return build_cuda(module, Path(output), metadata, archs, log, fuse_glu=fuse_glu, pdl=pdl,
-                          l2_prefetch=l2, fold_norms=fold, decode_chain=chain, tma_gemv=tma)
+                          l2_prefetch=l2, fold_norms=fold, decode_chain=chain, tma_gemv=tma,
+                          lean_attention=lean)
     if device != "llvm":
         from mlcc.errors import MlccError
 

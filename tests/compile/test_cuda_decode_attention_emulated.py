@@ -27,7 +27,7 @@ import subprocess
 import numpy as np
 import pytest
 from host_shim import MLCC_HOST
-from nvcc_probe import cubin_report, entry_ptx
+from nvcc_probe import cubin_report, entry_ptx, probe_stats
 from test_cuda_flash_emulated import load_bench
 
 from mlcc.backends.cuda import decode_attention
@@ -310,9 +310,32 @@ CASES = [  # (id, hq, hkv, d, rows, window, sinks, capacity, start, dtype, optio
 @pytest.mark.parametrize("case", CASES, ids=[(c.values[0] if hasattr(c, "values") else c)[0]
                                               for c in CASES])
 def test_decode_attention_on_host_threads_matches_numpy_and_the_append_kernel(tmp_path, case):
+    check_case(tmp_path, case)
+
+
+# The lean attention (`lean_attention`: early first angle, lane groups merged through
+# shuffles) on the shapes where it differs: full and partial rotary, GQA, several rows,
+# windows with sinks, float32, 8 and 16 warps, a split without positions
+LEAN_CASES = ["7b_at_1", "7b_at_100", "gqa_32_8_at_300", "d64_3_rows_at_200",
+              "window_ring_wrapped", "float32_2_rows", "head_dim_8_float32", "empty_split",
+              "partial_rotary_d32", "7b_at_150_16_warps_solo", "gqa_2_rows_at_300_8_warps"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in LEAN_CASES],
+                         ids=[c[0] for c in CASES if c[0] in LEAN_CASES])
+def test_the_lean_decode_attention_matches_numpy_and_the_append_kernel(tmp_path, case):
+    check_case(tmp_path, case, lean=True)
+
+
+def check_case(tmp_path, case, lean: bool = False) -> None:
+    """The kernel of `case` run on host threads: the pool bytes the append kernel writes, the
+    NumPy reference's output and the GPU benchmark's validation."""
     _, hq, hkv, d, rows, window, sinks, capacity, start, dtype, options, *rotary = case
     spec = decode_spec(hq, hkv, d, rows, window, sinks, capacity, dtype, *rotary)
     assert use_decode(spec)
+    if lean:
+        spec = decode_attention.mark_lean(spec)
+        assert decode_attention.lean(spec)
     kv = dict(spec.kv)
     rng = np.random.default_rng(start + rows + hq)
     arrays = {"qkv": rng.standard_normal((rows, (hq + 2 * hkv) * d)).astype(dtype),
@@ -419,6 +442,54 @@ def test_decode_attention_compiles_for_sm90_with_128_bit_loads_and_no_spills(tmp
         # keys and values of UNROLL positions: 2 x UNROLL 16-byte loads a round
         assert len(re.findall(r"ld(\.global)?\.v4\.[ubf]32", text)) >= 2 * UNROLL, probe
         assert "atom.global.add.u32" in text and "ld.global.cg.f32" in text, probe
+
+
+def test_the_lean_attention_takes_its_angle_before_the_wait_and_merges_warps_by_shuffles():
+    spec = decode_spec(32, 32, 128, 1, capacity=4096)
+    lean = decode_attention.mark_lean(spec)
+    assert decode_attention.mark_lean(lean) == lean and not decode_attention.lean(spec)
+    plain = gen_decode_attention(spec, "k0").device_source
+    body = gen_decode_attention(lean, "k0").device_source
+    body = body[body.index("int k0_decode("):]
+    before, after = body[body.index("{"):].split(GRID_WAIT)
+    # the thread's first pair: its frequency read first, its cosine and sine before the wait
+    assert before.index("const float inv0 = k0_invf[threadIdx.x % 64];") < before.index(
+        "seq_info")
+    assert "k0_angle_of(inv0," in before and "k0_rope2(" not in after
+    assert after.count("k0_rot2(") == 2  # the query's pair and a chunk row's key pair
+    # 8 warps: one partial state a warp (16 lane groups without shuffles)
+    assert "__shfl_xor_sync(0xffffffffu, m, o)" in after and "part_acc[8][128]" in after
+    assert "part_acc[16][128]" in plain and "__shfl_xor_sync(0xffffffffu, m, o)" not in plain
+    # partial rotary (GPT-NeoX) keeps the late angle; its warps still merge by shuffles
+    neox = gen_decode_attention(decode_attention.mark_lean(
+        decode_spec(4, 4, 32, 1, rotary=8)), "k1").device_source
+    assert "k1_angle_of(" not in neox and "__shfl_xor_sync(0xffffffffu, m, o)" in neox
+    # only one-launch decode attentions are marked
+    prefill = decode_spec(32, 32, 128, 64)
+    assert not use_decode(prefill) and decode_attention.mark_lean(prefill) == prefill
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_the_lean_attention_compiles_without_spills_in_the_shared_memory_it_declares(tmp_path):
+    """ptxas's static shared memory of each block is what smem_bytes says, the figure the
+    qkv GEMV's early release is decided on (codegen.releases_attention)."""
+    specs = [decode_spec(32, 32, 128, 1, capacity=4096), decode_spec(32, 8, 128, 4, 256, 4, 784),
+             decode_spec(8, 4, 64, 1, dtype="float32"), decode_spec(4, 4, 32, 1, rotary=8)]
+    specs += [decode_attention.mark_lean(s) for s in specs]
+    kernels = [gen_decode_attention(s, f"k{i}") for i, s in enumerate(specs)]
+    types = {"float16": "half", "float32": "float"}
+    probes = "".join(
+        f"__global__ void probe{i}(const {types[dict(s.kv)['dtype']]}* q, "
+        f"{types[dict(s.kv)['dtype']]}* y, const int* s, const int* pt, "
+        f"{types[dict(s.kv)['dtype']]}* pool) {{ k{i}_decode(q, y, s, pt, pool); }}\n"
+        for i, s in enumerate(specs))
+    stats = sorted(probe_stats(cubin_report(tmp_path, device_source(kernels) + probes)))
+    assert [i for i, *_ in stats] == list(range(len(specs)))
+    for (i, spills, registers, smem), spec in zip(stats, specs):
+        assert spills == 0, (i, spills, registers)
+        assert smem <= decode_attention.smem_bytes(spec) < smem + 16, (i, smem)
+    # the 7B attention: 9.4 KB of shared memory, 5.2 KB lean
+    assert (stats[0][3], stats[4][3]) == (9348, 5188), (stats[0], stats[4])
 
 
 def test_the_7b_decode_step_attends_in_one_launch_and_prefill_keeps_two():

@@ -164,6 +164,16 @@ def test_tma_gemv_equals_the_gemvs_it_replaces(cases, arch):
                    plain_case=f"{arch}_q4f16_1_notma")
 
 
+@pytest.mark.parametrize("arch", ["llama64", "mistral64", "qwen64"])
+def test_lean_attention_equals_the_default_attention(cases, arch):
+    """The lean decode attention (opt-in knob lean_attention: the first rotary angle before
+    the wait, a warp's lane groups merged through shuffles, released by the qkv TMA GEMV at
+    its start) against the same model's O2 library, by _against_plain: the same prefill
+    logits (prefill keeps its attention), decode within 1% of the scale (the merge adds the
+    partial states in another order); the graph replays give the same bits."""
+    _against_plain(cases, arch, f"{arch}_q4f16_1_lean", 19, same_prefill=True)
+
+
 @pytest.mark.parametrize("name", ["llama_q0f16", "mistral_q4f16_1"])
 def test_cuda_graph_decode_equals_plain_decode(cases, name):
     pytest.importorskip("torch")

@@ -20,7 +20,7 @@ from collections import Counter
 import pytest
 from test_cuda_glu_plan import lowered, plans, tiny_config
 
-from mlcc.backends.cuda import codegen, gemv_tma, glu
+from mlcc.backends.cuda import codegen, decode_attention, gemv_tma, glu
 from mlcc.backends.cuda.linear import LinearShape
 from mlcc.backends.plan import KernelSpec
 from mlcc.passes import parse_opt
@@ -60,6 +60,42 @@ def test_the_7b_decode_gemvs_behind_light_kernels_are_marked(decode7b, monkeypat
     assert ("q_linear", 4096, 11008) not in marked(gemv_tma.mark(decode7b))
     monkeypatch.setattr(gemv_tma, "TMA_GLU", False)
     assert glu.OP not in {op for op, _, _ in marked(gemv_tma.mark(decode7b))}
+
+
+def test_the_qkv_gemv_releases_a_lean_attention_that_fits_beside_it():
+    """With `lean_attention` the decode attention's block (5,188 bytes of shared memory) fits
+    on an SM beside a block of the 7B qkv GEMV (225,888), so the GEMV releases it at its start;
+    the default attention's 9,348 bytes do not fit, and o_proj is not followed by it."""
+    module = lowered("llama2_7b", "q4f16_1")
+
+    def parts(**knobs):
+        built, plans_, _, _ = codegen.library_parts(module, {"params": []}, fuse_glu=True,
+                                                    **knobs)
+        names = codegen.kernel_names(plans_)
+        decode = next(p for p in plans_ if p.name == "decode")
+        qkv = next(c.spec for c in decode.calls
+                   if c.spec.op == "q_linear" and LinearShape(c.spec).n == 12288)
+        attention = next(c.spec for c in decode.calls if c.spec.op == "qkv_attention")
+        early = codegen.early_release(plans_, built)
+        return qkv, attention, f"{names[qkv]}_dev" in early
+
+    qkv, attention, released = parts(tma_gemv=True, lean_attention=True)
+    assert decode_attention.lean(attention) and released
+    assert gemv_tma.room_beside(qkv) == 233472 - (225888 + 1024) - 1024  # 5,536
+    assert decode_attention.smem_bytes(attention) == 5200
+    assert codegen.releases_attention(qkv, attention)
+    qkv, attention, released = parts(tma_gemv=True)
+    assert not decode_attention.lean(attention) and not released
+    assert decode_attention.smem_bytes(attention) == 9360 > gemv_tma.room_beside(qkv)
+    # a qkv GEMV not on the TMA kernel (not marked) never releases it
+    unmarked = KernelSpec(qkv.op, qkv.inputs, qkv.outputs,
+                          tuple(a for a in qkv.attrs if a[0] != gemv_tma.ATTR), qkv.kv)
+    assert not codegen.releases_attention(unmarked, decode_attention.mark_lean(attention))
+    # without the TMA GEMV nothing releases the attention early; the knob is opt-in
+    qkv, attention, released = parts(lean_attention=True)
+    assert decode_attention.lean(attention) and not released
+    assert parse_opt("O2;lean_attention=1").enabled("lean_attention")
+    assert not parse_opt("O3").enabled("lean_attention")
 
 
 def test_the_attention_releases_the_o_proj_gemv_at_its_start(decode7b):

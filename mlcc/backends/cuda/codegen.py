@@ -19,6 +19,7 @@ from mlcc import ir
 from mlcc.backends.cuda import (
     attention,
     chain,
+    decode_attention,
     fusion,
     gemv_tma,
     glu,
@@ -44,6 +45,7 @@ from mlcc.backends.output import write_library
 from mlcc.backends.plan import (
     CCL_FUNCTIONS,
     EntryPlan,
+    KernelCall,
     KernelSpec,
     plan_entry,
     with_tensor_parallel,
@@ -107,15 +109,27 @@ def early_release(plans: list[EntryPlan], built: list[CudaKernel]) -> frozenset[
     for plan in plans:
         # A decode chain never releases the next kernel early: every one of its blocks must
         # find an SM first, and the next kernel's waiting blocks would hold SMs beside it.
-        kernels = [None if call.spec.op == chain.OP else names.get(call.spec)
-                   for call in plan.calls]
-        for here, after in zip(kernels, kernels[1:] + [None]):
+        specs = [None if call.spec.op == chain.OP else call.spec for call in plan.calls]
+        kernels = [None if spec is None else names.get(spec) for spec in specs]
+        for i, here in enumerate(kernels):
             if here is not None:
-                ok = after in single or (after in tma and here not in single)
+                after = kernels[i + 1] if i + 1 < len(kernels) else None
+                ok = (after in single or (after in tma and here not in single)
+                      or (after is not None and releases_attention(specs[i], specs[i + 1])))
                 verdict[here] = verdict.get(here, True) and ok
     # the device function of a kernel's last launch (a call may run several, in order)
     last = {k.name: k.device_functions()[-1] for k in built}
     return frozenset(last[name] for name, ok in verdict.items() if ok)
+
+
+def releases_attention(here: KernelSpec, after: KernelSpec) -> bool:
+    """Whether the TMA GEMV `here` (behind a latency-bound kernel) releases the lean decode
+    attention after it at its start: where the attention's block fits beside the GEMV's on
+    an SM, it is placed while the GEMV streams and issues its loads of cached positions
+    (mlcc.backends.cuda.decode_attention, `lean_attention`)."""
+    return (gemv_tma.released_early(here) and after.op == "qkv_attention"
+            and decode_attention.lean(after)
+            and decode_attention.smem_bytes(after) <= gemv_tma.room_beside(here))
 
 
 def wait_release(built: list[CudaKernel], early: frozenset[str]) -> frozenset[str]:
@@ -127,6 +141,7 @@ def wait_release(built: list[CudaKernel], early: frozenset[str]) -> frozenset[st
 def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
                   fuse_glu: bool = False, l2_prefetch: int = 0, fold_norms: bool = False,
                   decode_chain: bool = False, tma_gemv: bool = False,
+                  lean_attention: bool = False,
                   ) -> tuple[list[CudaKernel], list[EntryPlan], str, str]:
     """Kernels (one per distinct spec), entry plans, host TVMScript, metadata TVMScript.
 
@@ -142,6 +157,10 @@ def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
     kernel (mlcc.backends.cuda.chain; sm_90 and newer, after the GLU fusion, before the fold).
     `tma_gemv` gives the one-row q4 GEMVs that fit and follow a latency-bound kernel the
     kernel of mlcc.backends.cuda.gemv_tma (sm_90 and newer, with pdl).
+    `lean_attention` builds the one-launch decode attention lean (its first rotary angle
+    before the wait, a warp's lane groups merged through shuffles: less shared memory), and
+    with `tma_gemv` the qkv GEMV releases it at its start where it fits beside
+    (`releases_attention`).
     """
     metadata = with_tensor_parallel(module, metadata)
     plans = [plan_entry(fn, module) for fn in module.functions]
@@ -157,6 +176,8 @@ def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
         plans = [prefetch.attach_prefetch(plan, l2_prefetch) for plan in plans]
     if tma_gemv:
         plans = [gemv_tma.mark(plan) for plan in plans]
+    if lean_attention:
+        plans = [_lean(plan) for plan in plans]
     names = kernel_names(plans)
     built = [kernel_for(spec, name) for spec, name in names.items()]
     # The next token picked on the GPU (mlcc.backends.cuda.sampling) from the logits row.
@@ -169,6 +190,13 @@ def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
                                              for spec, name in names.items()},
                      device_sampling=list(sampling.FUNCTIONS) if vocab else [])
     return built, plans, entries, metadata_source(described)
+
+
+def _lean(plan: EntryPlan) -> EntryPlan:
+    """The plan with its one-launch decode attentions marked lean."""
+    calls = [KernelCall(decode_attention.mark_lean(c.spec), c.buffers) for c in plan.calls]
+    return EntryPlan(plan.name, plan.args, calls, plan.workspace_bytes, plan.symbols,
+                     plan.bounds)
 
 
 def spec_json(spec: KernelSpec) -> dict:
@@ -188,7 +216,7 @@ def build(module: ir.Module, output: Path, metadata: dict,
           log: Callable[[str], None] = lambda s: None, prologues: bool = False,
           fuse_glu: bool = False, pdl: bool = False, l2_prefetch: int = 0,
           fold_norms: bool = False, decode_chain: bool = False,
-          tma_gemv: bool = False) -> dict[str, int]:
+          tma_gemv: bool = False, lean_attention: bool = False) -> dict[str, int]:
     """Build `module` into the shared library `output` (written under a temporary name).
 
     `pdl` launches every kernel with programmatic dependent launch (mlcc.backends.cuda.
@@ -207,7 +235,7 @@ def build(module: ir.Module, output: Path, metadata: dict,
         tma_gemv = False
     built, plans, entries, meta = library_parts(module, metadata, prologues, fuse_glu,
                                                 l2_prefetch, fold_norms, decode_chain,
-                                                tma_gemv)
+                                                tma_gemv, lean_attention)
     counts: dict[str, int] = {}
     for k in built:
         op = k.name if k.name.startswith("mlcc_") else k.name.split("_", 1)[1]

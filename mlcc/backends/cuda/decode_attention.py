@@ -48,6 +48,26 @@ running the same library at once.
 Results match the two-kernel path except in the last bits: scores are summed over 16-byte
 words and then across lanes, and splits and lane groups are merged in a different order.
 The query is rotated in float32 and rounded to the activation dtype, as elsewhere.
+
+Lean (`mark_lean`, the opt-in knob `lean_attention`): two changes that shrink the block and
+move work ahead of the wait.
+- Where rotate_half covers the whole head, each thread reads its first pair's frequency
+  first in the kernel and computes that pair's cosine and sine before the wait.
+- The lane groups of a warp merge their states through shuffles before the block's merge,
+  so there is one partial state a warp in shared memory: 5,188 bytes a block for the 7B
+  head, against 9,348.
+The block then fits on an SM beside a block of the 7B qkv TMA GEMV, and that GEMV releases it
+at its start (codegen.releases_attention), so its blocks are placed and load their first
+cached positions while the GEMV streams.
+- On the host (tests/compile) the pool gets the append kernel's bytes with the same formulas.
+  nvcc may contract the rotation's products differently once the angle is an argument, so on
+  the GPU a rotated key can differ from the default kernel's in its last bit.
+- Measured on an H200 (benchmarks/results/2026-11-30-h200-h, run_h200.py's decode loop in
+  turns): 703.7 and 702.4 tok/s against 690.8 and 692.0 for the default (1.019x, 1.015x).
+  The 7B logits were within 5.42e-3 of the default's scale, with 16/16 greedy tokens
+  (2026-11-30-h200-g).
+- Without the release (the lean block alone), 0.991x.
+- Opt-in until tests/gpu (test_lean_attention_equals_the_default_attention) has run on it.
 """
 
 from __future__ import annotations
@@ -92,6 +112,8 @@ WIDE = 256
 # none): the 7B decode 1.02x in the issue's range, 1.00x after 960 positions, the same logits
 # bit for bit (benchmarks/results/2026-11-30-h200-f, call 7)
 PREFETCH_ROUNDS = 2
+# The spec attribute of a lean decode attention (`mark_lean`, the `lean_attention` knob)
+LEAN_ATTR = "lean"
 
 
 def _geometry(spec: KernelSpec) -> tuple[int, int, int]:
@@ -101,6 +123,44 @@ def _geometry(spec: KernelSpec) -> tuple[int, int, int]:
     words = kv["head_dim"] // vec
     lanes = min(32, words)
     return vec, lanes, words // lanes
+
+
+def lean(spec: KernelSpec) -> bool:
+    """Whether `mark_lean` marked this decode attention."""
+    return bool(dict(spec.attrs).get(LEAN_ATTR))
+
+
+def mark_lean(spec: KernelSpec) -> KernelSpec:
+    """The spec of a one-launch decode attention marked lean (others unchanged)."""
+    if spec.op != "qkv_attention" or not use_decode(spec) or lean(spec):
+        return spec
+    return KernelSpec(spec.op, spec.inputs, spec.outputs, spec.attrs + ((LEAN_ATTR, 1),),
+                      spec.kv)
+
+
+def _warp_merge(spec: KernelSpec) -> bool:
+    """Whether the lane groups of a warp merge through shuffles (lean, several groups a warp)."""
+    return lean(spec) and _geometry(spec)[1] < 32
+
+
+def smem_bytes(spec: KernelSpec) -> int:
+    """Static shared memory of a block of the library's kernel (WARPS warps): the rotated
+    query, the chunk's keys and values, the partial states of the block's merge (one a lane
+    group, or a warp when lean) and its flag, rounded up to 16 bytes (ptxas's figure, checked
+    in tests/compile)."""
+    kv = dict(spec.kv)
+    d, item = kv["head_dim"], np.dtype(kv["dtype"]).itemsize
+    rows = spec.inputs[0][0][0]
+    groups = WARPS if _warp_merge(spec) else WARPS * (32 // _geometry(spec)[1])
+    return -(-(d * 4 + 2 * rows * d * item + groups * (d + 2) * 4 + 4) // 16) * 16
+
+
+def early_angles(spec: KernelSpec) -> bool:
+    """Whether the thread's first rotary angle is computed before the wait: lean, with the
+    head rotated as one rotate_half pair over all of it."""
+    d = dict(spec.kv)["head_dim"]
+    return (lean(spec) and spec.attr("rope_style") == "rotate_half"
+            and spec.attr("rotary_dim") == d)
 
 
 def use_decode(spec: KernelSpec) -> bool:
@@ -181,25 +241,77 @@ def _coords(spec: KernelSpec, rows: int, splits: int) -> str:
 """.replace("SPLITS", str(splits))
 
 
-def _stage(spec: KernelSpec, name: str, rows: int) -> str:
+def _angles(spec: KernelSpec, name: str) -> str:
+    """`{name}_angle(q, p, &cs, &sn)` and `{name}_rot2(src, q, cs, sn, &lo, &hi)`: the rotary
+    pair (q, q + d/2) of rope2 split into its angle, computable before the wait, and the
+    rotation of the loaded pair (rope2's formulas and rounding)."""
+    d = dict(spec.kv)["head_dim"]
+    return f"""__device__ __forceinline__ void {name}_angle_of(float inv, int p, float* cs, float* sn) {{
+  const float angle = (float)p * inv;
+  *cs = cosf(angle);
+  *sn = sinf(angle);
+}}
+__device__ __forceinline__ void {name}_angle(int q, int p, float* cs, float* sn) {{
+  {name}_angle_of({name}_invf[q], p, cs, sn);
+}}
+template <typename T>
+__device__ __forceinline__ void {name}_rot2(const T* src, int q, float cs, float sn, float* lo,
+                                            float* hi) {{
+  const float a = mlcc_f32(src[q]), b = mlcc_f32(src[q + {d // 2}]);
+  *lo = mlcc_round(a * cs + (-1.0f) * b * sn, src);
+  *hi = mlcc_round(b * cs + (1.0f) * a * sn, src);
+}}"""
+
+
+def _angle_table(spec: KernelSpec, name: str) -> str:
+    """First in the kernel: the frequency of the first pair the thread rotates in `_stage`
+    (element threadIdx.x: query pair c, or a chunk row's key pair c, c = threadIdx.x % (d/2)),
+    read from the table while the block reads seq_info."""
+    h2 = dict(spec.kv)["head_dim"] // 2
+    return f"  const float inv0 = {name}_invf[threadIdx.x % {h2}];\n"
+
+
+def _early_angles(spec: KernelSpec, name: str) -> str:
+    """The cosine and sine of the thread's first pair (unused past the pairs `_stage` has)."""
+    h2 = dict(spec.kv)["head_dim"] // 2
+    return f"""  float cs0, sn0;
+  {name}_angle_of(inv0, threadIdx.x < {h2} ? pos : start + ((int)threadIdx.x - {h2}) / {h2},
+                  &cs0, &sn0);
+"""
+
+
+def _stage(spec: KernelSpec, name: str, rows: int, early: bool = False) -> str:
     """The rotated query and the chunk's keys and values in shared memory (and the one pool
-    write per (row, KV head)): everything that reads the kernel ahead's output."""
+    write per (row, KV head)): everything that reads the kernel ahead's output. With `early`
+    the thread's first pair takes the angle `_early_angles` computed before the wait."""
     kv = dict(spec.kv)
     hq, hkv, d, page = spec.attr("num_q_heads"), kv["kv_heads"], kv["head_dim"], kv["page_size"]
     group, width = hq // hkv, (hq + 2 * hkv) * d
+    if early:
+        angle = f"""    float cs = cs0, sn = sn0;
+    if (e0 != (int)threadIdx.x)
+      {name}_angle(e0 < {d // 2} ? e0 : (e0 - {d // 2}) % {d // 2},
+                   e0 < {d // 2} ? pos : start + (e0 - {d // 2}) / {d // 2}, &cs, &sn);
+"""
+        rot_q = f"{name}_rot2(qkv + i * {width}LL + h * {d}, e0, cs, sn, &q_s[e0], &q_s[e0 + {d // 2}])"
+        rot_k = f"{name}_rot2(src, c, cs, sn, &k0, &k1)"
+    else:
+        angle = ""
+        rot_q = f"{name}_rope2(qkv + i * {width}LL + h * {d}, e0, pos, &q_s[e0], &q_s[e0 + {d // 2}])"
+        rot_k = f"{name}_rope2(src, c, start + r, &k0, &k1)"
     return f"""  const bool writer = split == 0 && h % {group} == 0;
   const long long wrow = writer ? {name}_row(page_table, pos, 0, g) : 0;
   // the query's pairs and the chunk rows' key and value pairs in one loop, so that the
   // threads load all of them at once (one round trip, not one for the query and one more)
   for (int e0 = threadIdx.x; e0 < (int)(i + 2) * {d // 2}; e0 += blockDim.x) {{
-    if (e0 < {d // 2}) {{
-      {name}_rope2(qkv + i * {width}LL + h * {d}, e0, pos, &q_s[e0], &q_s[e0 + {d // 2}]);
+{angle}    if (e0 < {d // 2}) {{
+      {rot_q};
       continue;
     }}
     const int e = e0 - {d // 2}, r = e / {d // 2}, c = e % {d // 2};
     const T_QKV* src = qkv + r * {width}LL + {hq * d} + g * {d};
     float k0, k1;
-    {name}_rope2(src, c, start + r, &k0, &k1);
+    {rot_k};
     const float v0 = mlcc_f32(src[{hkv * d} + c]), v1 = mlcc_f32(src[{hkv * d + d // 2} + c]);
     mlcc_put(kv_s[0][r], c, k0);
     mlcc_put(kv_s[0][r], c + {d // 2}, k1);
@@ -275,16 +387,18 @@ def _prefetch(spec: KernelSpec, name: str, warps: int, unroll: int) -> str:
 """
 
 
-def _first_loads(spec: KernelSpec, name: str, rows: int, unroll: int, warps: int) -> str:
+def _first_loads(spec: KernelSpec, name: str, rows: int, unroll: int, warps: int,
+                 early: bool = False) -> str:
     """Lane coordinates and the first round's loads of cached positions: they need nothing
-    from the kernel ahead, so they are issued before the block waits for it."""
+    from the kernel ahead, so they are issued before the block waits for it (as are the
+    prefetches and, with `early`, the first rotary angle)."""
     _, lanes, per_lane = _geometry(spec)
     return f"""  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int sub = lane % {lanes}, grp = lane / {lanes};
   uint4 kw[{unroll}][{per_lane}], vw[{unroll}][{per_lane}];
   {{
 {_loads(spec, name, rows, unroll, "pool", "t_begin")}  }}
-{_prefetch(spec, name, warps, unroll)}"""
+{_prefetch(spec, name, warps, unroll)}{_early_angles(spec, name) if early else ""}"""
 
 
 def _walk(spec: KernelSpec, name: str, rows: int, warps: int, unroll: int) -> str:
@@ -352,16 +466,32 @@ def _merge(spec: KernelSpec, name: str, splits: int, warps: int) -> str:
     kv = dict(spec.kv)
     hq, d = spec.attr("num_q_heads"), kv["head_dim"]
     vec, lanes, per_lane = _geometry(spec)
-    groups = warps * (32 // lanes)
+    n = per_lane * vec
+    shuffled = _warp_merge(spec)
+    groups = warps if shuffled else warps * (32 // lanes)
     stride = d + 2
-    return f"""  __shared__ float part_m[{groups}], part_l[{groups}], part_acc[{groups}][{d}];
-  const int gi = warp * {32 // lanes} + grp;
-  if (sub == 0) {{ part_m[gi] = m; part_l[gi] = l; }}
-  #pragma unroll
-  for (int e = 0; e < {per_lane}; ++e)
+    # the lane groups of a warp first merged through shuffles (one partial state a warp)
+    in_warp = f"""  for (int o = {lanes}; o < 32; o <<= 1) {{
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, o), l2 = __shfl_xor_sync(0xffffffffu, l, o);
+    const float top = fmaxf(m, m2), a = expf(m - top), b = expf(m2 - top);
+    l = l * a + l2 * b;
     #pragma unroll
-    for (int k = 0; k < {vec}; ++k)
-      part_acc[gi][(e * {lanes} + sub) * {vec} + k] = acc[e * {vec} + k];
+    for (int k = 0; k < {n}; ++k) acc[k] = acc[k] * a + __shfl_xor_sync(0xffffffffu, acc[k], o) * b;
+    m = top;
+  }}
+  const int gi = warp;
+  if (grp == 0) {{
+""" if shuffled else f"""  const int gi = warp * {32 // lanes} + grp;
+  {{
+"""
+    return f"""  __shared__ float part_m[{groups}], part_l[{groups}], part_acc[{groups}][{d}];
+{in_warp}    if (sub == 0) {{ part_m[gi] = m; part_l[gi] = l; }}
+    #pragma unroll
+    for (int e = 0; e < {per_lane}; ++e)
+      #pragma unroll
+      for (int k = 0; k < {vec}; ++k)
+        part_acc[gi][(e * {lanes} + sub) * {vec} + k] = acc[e * {vec} + k];
+  }}
   __syncthreads();
   float top = part_m[0], total = 0.f;
   #pragma unroll
@@ -428,20 +558,24 @@ def gen_decode_attention(spec: KernelSpec, name: str, chunk: int | None = None,
     rows, per_seq = qkv_shape[0], kv.get("pages_per_seq", kv["pages"])
     vec, _, _ = _geometry(spec)
     splits = static_splits(spec, chunk, max_splits)
+    early = early_angles(spec)
     buffers = [("qkv", qkv_shape, dt), ("y", out_shape, dt), ("seq_info", (2,), "int32"),
                ("page_table", (per_seq,), "int32"),
                ("pool", (kv["pages"], 2, hkv, page, d), kv["dtype"])]
     head = signature(name, buffers, ("y", "pool"), []).replace(f"int {name}_dev(",
                                                                f"int {name}_decode(")
     source = f"""{_rope(name, spec, d)}
+{_angles(spec, name) if early else ""}
 {page_helpers(name, kv)}
 {_unpack(kv["dtype"], vec).replace("NAME", name)}
 // partial states of the splits: (row, head, split) x (max, sum, weighted values)
 __device__ float {name}_ws[{rows * hq * splits * (d + 2)}];
 __device__ unsigned int {name}_cnt[{rows * hq}];  // blocks done per (row, head)
 {head} {{
-{_coords(spec, rows, splits)}{_first_loads(spec, name, rows, unroll, warps)}  {GRID_WAIT}
-{_stage(spec, name, rows)}{_walk(spec, name, rows, warps, unroll)}\
+{_angle_table(spec, name) if early else ""}\
+{_coords(spec, rows, splits)}\
+{_first_loads(spec, name, rows, unroll, warps, early)}  {GRID_WAIT}
+{_stage(spec, name, rows, early)}{_walk(spec, name, rows, warps, unroll)}\
 {_merge(spec, name, splits, warps)}}}
 """
     source = source.replace("T_QKV", C_TYPES[dt]).replace("T_KV", C_TYPES[kv["dtype"]])

@@ -71,6 +71,8 @@ BEHIND_GLU = 2  # behind the gate_up + silu_mul GEMV, released when that ends
 STREAM_WARPS = 16  # consumer warps of a GEMV behind the GLU (stream_config)
 MAX_SMEM = 232448  # dynamic shared memory one block may have on sm_90
 ONE_PER_SM = MAX_SMEM // 2 + 1024  # shared memory that leaves no room for a second block
+SM_SMEM = 233472  # shared memory of an sm_90 SM, of which the driver keeps 1 KB a block
+BLOCK_RESERVED = 1024
 MAX_LANE_GROUPS = 4  # groups whose staged activations a lane keeps in registers
 
 
@@ -224,6 +226,13 @@ def mark(plan: EntryPlan) -> EntryPlan:
         calls.append(call)
     return EntryPlan(plan.name, plan.args, calls, plan.workspace_bytes, plan.symbols,
                      plan.bounds)
+
+
+def room_beside(spec: KernelSpec) -> int:
+    """Static shared memory a block of another kernel may have to sit beside a block of this
+    marked GEMV on one SM."""
+    lay = layout(LinearShape(spec), config_of(spec))
+    return SM_SMEM - (lay.total + BLOCK_RESERVED) - BLOCK_RESERVED
 
 
 def marked(spec: KernelSpec) -> bool:
