@@ -457,6 +457,43 @@ def test_ab_decode_rotates_the_first_library_and_tables_every_round(monkeypatch)
     assert b_row == "| b.so | 1.00 | 2.00 | 1.00-4.00 | 1000.0 | 3.00x |"
 
 
+def test_ab_decode_pipelined_times_greedy_runs_after_one_unmeasured_each(monkeypatch):
+    import benchmarks.ab_decode as ab
+    from mlcc.runtime_check import compiled
+
+    calls: list[tuple] = []
+
+    class Logits:
+        def argmax(self):
+            return 5
+
+    class Engine:
+        def __init__(self, lib, params, device):
+            self.name = str(lib)
+
+        def reset(self):
+            calls.append(("reset", self.name))
+
+        def append(self, ids, on_device=False):
+            assert ids == ab.prompt_ids(16) and on_device
+            calls.append(("append", self.name))
+            return Logits()
+
+        def decode_greedy(self, token, steps):
+            assert (token, steps) == (5, 8)
+            calls.append(("greedy", self.name))
+            return [5] * steps
+
+    monkeypatch.setattr(compiled, "CompiledEngine", Engine)
+    rows = ab.measure("params", ["a.so", "b.so"], rounds=3, steps=8, pipelined=True)
+    greedy = [name for kind, name in calls if kind == "greedy"]
+    # one unmeasured run each, then three rounds in turns, the first library rotating
+    assert greedy == ["a.so", "b.so", "a.so", "b.so", "b.so", "a.so", "a.so", "b.so"]
+    assert {name: len(v) for name, v in rows.items()} == {"a.so": 3, "b.so": 3}
+    assert all(v >= 0 for values in rows.values() for v in values)
+    assert all(kind in ("reset", "append", "greedy") for kind, _ in calls)
+
+
 def test_ab_decode_batch_prefills_every_sequence_and_counts_their_tokens(monkeypatch):
     import benchmarks.ab_decode as ab
     from mlcc.runtime_check import compiled
