@@ -45,10 +45,10 @@ KNOBS: dict[str, tuple[int, str]] = {
                      "the attention (gate_up + silu_mul included) streams its weights into "
                      "shared memory while that kernel runs; the GEMV behind the GLU GEMV (down) "
                      "streams them through the same kernel with 16 consumer warps")),
-    # Opt-in until the GPU tests have run on it: 1.019x and 1.015x in the 7B decode on an
-    # H200 (703.7 and 702.4 against 690.8 and 692.0 tok/s), the 7B logits within 5.42e-3 of
-    # the default's scale (benchmarks/results/2026-11-30-h200-g and -h).
-    "lean_attention": (OPT_IN, ("backend (CUDA): the one-launch decode attention computes its "
+    # On at O2 since tests/gpu passed on it: 1.015x-1.019x in the 7B decode on an H200
+    # (benchmarks/results/2026-11-30-h200-h and -i), the 7B logits within 5.42e-3 of the
+    # plain attention's scale (2026-11-30-h200-g).
+    "lean_attention": (2, ("backend (CUDA): the one-launch decode attention computes its "
                                 "first rotary angle before its wait and merges a warp's lane "
                                 "groups through shuffles (less shared memory); with tma_gemv "
                                 "the qkv GEMV releases it at its start where it fits beside")),

@@ -59,9 +59,9 @@ CASES += [(f"{arch}_q4f16_1_notma", arch, "q4f16_1", "O2;tma_gemv=0")
           for arch in ("llama64", "mistral64", "qwen64")]
 # ... with a bias on the qkv projection (Qwen2), which the TMA GEMV adds as it stores
 CASES += [("qwen64_q4f16_1", "qwen64", "q4f16_1", "O2")]
-# The opt-in lean decode attention, released by the qkv TMA GEMV at its start
-# (mlcc.backends.cuda.decode_attention, codegen.releases_attention)
-CASES += [(f"{arch}_q4f16_1_lean", arch, "q4f16_1", "O2;lean_attention=1")
+# The plain decode attention (O2 builds it lean and releases it from the qkv TMA GEMV at its
+# start: mlcc.backends.cuda.decode_attention, codegen.releases_attention)
+CASES += [(f"{arch}_q4f16_1_plainattn", arch, "q4f16_1", "O2;lean_attention=0")
           for arch in ("llama64", "mistral64", "qwen64")]
 
 

@@ -165,13 +165,14 @@ def test_tma_gemv_equals_the_gemvs_it_replaces(cases, arch):
 
 
 @pytest.mark.parametrize("arch", ["llama64", "mistral64", "qwen64"])
-def test_lean_attention_equals_the_default_attention(cases, arch):
-    """The lean decode attention (opt-in knob lean_attention: the first rotary angle before
+def test_lean_attention_equals_the_plain_attention(cases, arch):
+    """The lean decode attention (knob lean_attention, on at O2: the first rotary angle before
     the wait, a warp's lane groups merged through shuffles, released by the qkv TMA GEMV at
-    its start) against the same model's O2 library, by _against_plain: the same prefill
-    logits (prefill keeps its attention), decode within 1% of the scale (the merge adds the
-    partial states in another order); the graph replays give the same bits."""
-    _against_plain(cases, arch, f"{arch}_q4f16_1_lean", 19, same_prefill=True)
+    its start) against the same model built with lean_attention=0, by _against_plain: the
+    same prefill logits (prefill keeps its attention), decode within 1% of the scale (the
+    merge adds the partial states in another order); the graph replays give the same bits."""
+    _against_plain(cases, arch, f"{arch}_q4f16_1", 19, same_prefill=True,
+                   plain_case=f"{arch}_q4f16_1_plainattn")
 
 
 @pytest.mark.parametrize("name", ["llama_q0f16", "mistral_q4f16_1"])

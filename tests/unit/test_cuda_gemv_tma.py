@@ -91,11 +91,12 @@ def test_the_qkv_gemv_releases_a_lean_attention_that_fits_beside_it():
     unmarked = KernelSpec(qkv.op, qkv.inputs, qkv.outputs,
                           tuple(a for a in qkv.attrs if a[0] != gemv_tma.ATTR), qkv.kv)
     assert not codegen.releases_attention(unmarked, decode_attention.mark_lean(attention))
-    # without the TMA GEMV nothing releases the attention early; the knob is opt-in
+    # without the TMA GEMV nothing releases the attention early; the knob is on from O2
     qkv, attention, released = parts(lean_attention=True)
-    assert decode_attention.lean(attention) and not released
-    assert parse_opt("O2;lean_attention=1").enabled("lean_attention")
-    assert not parse_opt("O3").enabled("lean_attention")
+    assert decode_attention.lean(attention) and released is False
+    assert parse_opt("O2").enabled("lean_attention") and parse_opt("O3").enabled("lean_attention")
+    assert not parse_opt("O1").enabled("lean_attention")
+    assert not parse_opt("O2;lean_attention=0").enabled("lean_attention")
 
 
 def test_the_attention_releases_the_o_proj_gemv_at_its_start(decode7b):
@@ -272,4 +273,5 @@ def test_a_producer_warp_keeps_depth_chunks_in_flight(decode7b):
     assert "return 0;" in producer and "__syncthreads" not in body[body.index("if (warp"):]
     assert body.count("mlcc_chain_sync(1, 256);") == 2  # after the staging, before the sums
     assert 'thread="threadIdx.x"' in kernel.launcher and "T.thread_binding(288" in kernel.launcher
+
 
