@@ -34,7 +34,7 @@ def build_model_library(module, output: Path, metadata: dict,
         tma, lean = opt.enabled("tma_gemv"), opt.enabled("lean_attention")
         return build_cuda(module, Path(output), metadata, archs, log, fuse_glu=fuse_glu, pdl=pdl,
                           l2_prefetch=l2, fold_norms=fold, decode_chain=chain, tma_gemv=tma,
-                          lean_attention=lean)
+                          lean_attention=lean, tma_fold=opt.enabled("tma_fold"))
     if device != "llvm":
         from mlcc.errors import MlccError
 

@@ -63,6 +63,11 @@ CASES += [("qwen64_q4f16_1", "qwen64", "q4f16_1", "O2")]
 # start: mlcc.backends.cuda.decode_attention, codegen.releases_attention)
 CASES += [(f"{arch}_q4f16_1_plainattn", arch, "q4f16_1", "O2;lean_attention=0")
           for arch in ("llama64", "mistral64", "qwen64")]
+# The norms kept as kernels (O2 folds each one between two TMA GEMVs into them, knob tma_fold:
+# mlcc.backends.cuda.norm_fold; o_proj and down add the residual, qkv and the GLU GEMV
+# normalize as they stage)
+CASES += [(f"{arch}_q4f16_1_nofold", arch, "q4f16_1", "O2;tma_fold=0")
+          for arch in ("llama64", "mistral64", "qwen64")]
 
 
 class _EveryShape(dict):

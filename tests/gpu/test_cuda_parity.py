@@ -175,6 +175,17 @@ def test_lean_attention_equals_the_plain_attention(cases, arch):
                    plain_case=f"{arch}_q4f16_1_plainattn")
 
 
+@pytest.mark.parametrize("arch", ["llama64", "mistral64", "qwen64"])
+def test_norms_folded_into_tma_gemvs_equal_the_norm_kernels(cases, arch):
+    """Folded norms between TMA GEMVs (knob tma_fold, on at O2: o_proj and down add the
+    residual and write each block's sum of squares, the GLU and qkv GEMVs normalize their row
+    as they stage it) against the same model built with tma_fold=0, by _against_plain: the
+    same prefill logits (prefill keeps its norms), decode within 1% of the scale (the sum of
+    squares is added in another order); the graph replays give the same bits."""
+    _against_plain(cases, arch, f"{arch}_q4f16_1", 23, same_prefill=True,
+                   plain_case=f"{arch}_q4f16_1_nofold")
+
+
 @pytest.mark.parametrize("name", ["llama_q0f16", "mistral_q4f16_1"])
 def test_cuda_graph_decode_equals_plain_decode(cases, name):
     pytest.importorskip("torch")

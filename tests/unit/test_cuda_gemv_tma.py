@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
+from itertools import pairwise
 
 import pytest
 from test_cuda_glu_plan import lowered, plans, tiny_config
@@ -274,4 +275,63 @@ def test_a_producer_warp_keeps_depth_chunks_in_flight(decode7b):
     assert body.count("mlcc_chain_sync(1, 256);") == 2  # after the staging, before the sums
     assert 'thread="threadIdx.x"' in kernel.launcher and "T.thread_binding(288" in kernel.launcher
 
+
+
+def folded_7b(**knobs):
+    """The 7B library's kernels and plans with the O2 knobs (tma_fold included)."""
+    module = lowered("llama2_7b", "q4f16_1")
+    knobs = {"fuse_glu": True, "tma_gemv": True, "lean_attention": True, "tma_fold": True,
+             **knobs}
+    built, plans_, _, _ = codegen.library_parts(module, {"params": []}, **knobs)
+    return built, plans_
+
+
+@pytest.mark.parametrize("knob", ["tma_fold", "fold_norms"])
+def test_each_layer_norm_between_two_tma_gemvs_is_folded(knob):
+    """With tma_fold (on at O2) or fold_norms, each add_rms_norm between two TMA GEMVs is
+    folded: o_proj (behind the attention) and down (behind the GLU) add the residual and write
+    one partial sum of squares a block; the GLU and qkv GEMVs behind them normalize as they
+    stage and are released at their producer's start, and qkv still releases the lean
+    attention. The norm before the output projection (a GEMV too large for the TMA kernel)
+    stays."""
+    from mlcc.backends.cuda import norm_fold
+
+    built, plans_ = folded_7b(**{"tma_fold": knob == "tma_fold", knob: True})
+    decode = next(p for p in plans_ if p.name == "decode")
+    kinds = Counter((c.spec.op, dict(c.spec.attrs).get(gemv_tma.ATTR)) for c in decode.calls)
+    assert kinds[(norm_fold.PRODUCER, gemv_tma.BEHIND_LIGHT)] == 32  # o_proj
+    assert kinds[(norm_fold.PRODUCER, gemv_tma.BEHIND_GLU)] == 31  # down, but the last
+    assert kinds[("q_linear", gemv_tma.BEHIND_GLU)] == 1
+    assert kinds[("rms_linear_silu_mul", gemv_tma.BEHIND_FOLD)] == 32
+    assert kinds[("rms_q_linear", gemv_tma.BEHIND_FOLD)] == 31
+    assert kinds[("add_rms_norm", None)] == 1 and kinds[("rms_norm", None)] == 1
+    producers = [c.spec for c in decode.calls if c.spec.op == norm_fold.PRODUCER]
+    # one partial sum a block: 128 blocks of 32 features for o_proj and down
+    assert {p.outputs[1][0] for p in producers} == {(1, 128)}
+    names = codegen.kernel_names(plans_)
+    early = codegen.early_release(plans_, built)
+    calls = decode.calls
+    for here, after in pairwise(calls):
+        if after.spec.op in norm_fold.CONSUMERS.values():
+            assert here.spec.op == norm_fold.PRODUCER
+            assert f"{names[here.spec]}_dev" in early  # released at the producer's start
+        if here.spec.op == "rms_q_linear":
+            assert after.spec.op == "qkv_attention"
+            assert f"{names[here.spec]}_dev" in early  # ... which releases the lean attention
+            assert gemv_tma.room_beside(here.spec) == 5536
+    source = {k.name: k.device_source for k in built}
+    producer = source[names[producers[0]]]
+    assert "ssq[blockIdx.x] = part;" in producer and "rsm[f]" in producer
+    consumer = source[names[next(c.spec for c in calls if c.spec.op == "rms_q_linear")]]
+    assert "first_w" in consumer and "mlcc_chain_copy" in consumer
+    # without the TMA GEMV, fold_norms folds between block GEMVs (none marked) and tma_fold
+    # folds nothing
+    _, plain = folded_7b(tma_gemv=False, tma_fold=False, fold_norms=True)
+    decode = next(p for p in plain if p.name == "decode")
+    assert not any(gemv_tma.marked(c.spec) for c in decode.calls)
+    assert any(c.spec.op == norm_fold.PRODUCER for c in decode.calls)
+    _, plain = folded_7b(tma_gemv=False)
+    decode = next(p for p in plain if p.name == "decode")
+    assert sum(c.spec.op == "add_rms_norm" for c in decode.calls) == 64
+    assert parse_opt("O2").enabled("tma_fold") and not parse_opt("O1").enabled("tma_fold")
 

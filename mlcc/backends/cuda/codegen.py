@@ -141,7 +141,7 @@ def wait_release(built: list[CudaKernel], early: frozenset[str]) -> frozenset[st
 def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
                   fuse_glu: bool = False, l2_prefetch: int = 0, fold_norms: bool = False,
                   decode_chain: bool = False, tma_gemv: bool = False,
-                  lean_attention: bool = False,
+                  lean_attention: bool = False, tma_fold: bool = False,
                   ) -> tuple[list[CudaKernel], list[EntryPlan], str, str]:
     """Kernels (one per distinct spec), entry plans, host TVMScript, metadata TVMScript.
 
@@ -161,6 +161,8 @@ def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
     before the wait, a warp's lane groups merged through shuffles: less shared memory), and
     with `tma_gemv` the qkv GEMV releases it at its start where it fits beside
     (`releases_attention`).
+    `tma_fold` folds only the norms between two TMA GEMVs (`fold_norms` folds every norm it
+    can, between one-shot block GEMVs too).
     """
     metadata = with_tensor_parallel(module, metadata)
     plans = [plan_entry(fn, module) for fn in module.functions]
@@ -168,8 +170,10 @@ def library_parts(module: ir.Module, metadata: dict, prologues: bool = False,
         plans = [glu.fuse_glu(plan) for plan in plans]
     if decode_chain:
         plans = [chain.fuse_chain(plan) for plan in plans]
-    if fold_norms:
-        plans = [norm_fold.fold_norms(plan) for plan in plans]
+    if fold_norms or tma_fold:
+        if tma_gemv:  # a norm between two TMA GEMVs is folded into them (norm_fold)
+            plans = [gemv_tma.mark(plan) for plan in plans]
+        plans = [norm_fold.fold_norms(plan, tma_only=not fold_norms) for plan in plans]
     if prologues:
         plans = [fusion.fuse_prologues(plan) for plan in plans]
     if l2_prefetch:
@@ -216,7 +220,8 @@ def build(module: ir.Module, output: Path, metadata: dict,
           log: Callable[[str], None] = lambda s: None, prologues: bool = False,
           fuse_glu: bool = False, pdl: bool = False, l2_prefetch: int = 0,
           fold_norms: bool = False, decode_chain: bool = False,
-          tma_gemv: bool = False, lean_attention: bool = False) -> dict[str, int]:
+          tma_gemv: bool = False, lean_attention: bool = False,
+          tma_fold: bool = False) -> dict[str, int]:
     """Build `module` into the shared library `output` (written under a temporary name).
 
     `pdl` launches every kernel with programmatic dependent launch (mlcc.backends.cuda.
@@ -235,7 +240,7 @@ def build(module: ir.Module, output: Path, metadata: dict,
         tma_gemv = False
     built, plans, entries, meta = library_parts(module, metadata, prologues, fuse_glu,
                                                 l2_prefetch, fold_norms, decode_chain,
-                                                tma_gemv, lean_attention)
+                                                tma_gemv, lean_attention, tma_fold)
     counts: dict[str, int] = {}
     for k in built:
         op = k.name if k.name.startswith("mlcc_") else k.name.split("_", 1)[1]

@@ -41,6 +41,12 @@ memory (232,448 bytes on sm_90), or gate_up + silu_mul GEMVs whose ring fits, in
   it, the kernel beats the one-shot GEMV because twice the consumer warps keep up with the
   stream (1.03x; benchmarks/results/2026-11-30-h200-e).
 
+A residual add + RMSNorm between two of these GEMVs is folded into them (knob `tma_fold`,
+mlcc.backends.cuda.norm_fold): the GEMV ahead adds the residual (`residual`: its block's
+residual values staged after its wait, one partial sum of squares a block), the GEMV after
+normalizes its row as it stages it (`norm`), marked BEHIND_FOLD and released at the start of
+the GEMV ahead.
+
 Measured on an H200 (benchmarks/results/2026-11-30-h200-c and -d): bulk copies read the 7B
 shapes no faster than 128-bit loads; issued all at once, the qkv GEMV's 28 MB delayed the norm
 ahead of it by 4.3 us a call (its loads queued behind them) for 2.2 us saved, 0.95x. With 3
@@ -68,6 +74,7 @@ ATTR = "tma_gemv"
 # The attribute's value: where the marked call sits
 BEHIND_LIGHT = 1  # behind a latency-bound kernel, which releases it early
 BEHIND_GLU = 2  # behind the gate_up + silu_mul GEMV, released when that ends
+BEHIND_FOLD = 3  # behind a GEMV that a norm was folded into (norm_fold), released at its start
 STREAM_WARPS = 16  # consumer warps of a GEMV behind the GLU (stream_config)
 MAX_SMEM = 232448  # dynamic shared memory one block may have on sm_90
 ONE_PER_SM = MAX_SMEM // 2 + 1024  # shared memory that leaves no room for a second block
@@ -134,13 +141,15 @@ class Layout:
     red: int
     bars: int
     total: int
+    res: int = 0  # with a residual (a folded norm's producer): the block's residual values
+    sq: int = 0  # ... and each warp's sum of squares
 
 
 def _align(v: int, a: int = 16) -> int:
     return -(-v // a) * a
 
 
-def layout(s: LinearShape, cfg: TmaConfig, sms: int = SMS) -> Layout:
+def layout(s: LinearShape, cfg: TmaConfig, sms: int = SMS, residual: bool = False) -> Layout:
     rows = -(-s.n // sms)
     w_row, s_row = s.words * 4, s.groups * 2
     weights = 0
@@ -150,13 +159,23 @@ def layout(s: LinearShape, cfg: TmaConfig, sms: int = SMS) -> Layout:
     red = _align(xg + s.groups * 8)
     bars = _align(red + (rows * cfg.ks * 4 if cfg.ks > 1 else 0), 8)
     chunks = -(-rows // cfg.chunk)
+    end, res, sq = bars + chunks * 8, 0, 0
+    if residual:
+        res = _align(end)
+        sq = _align(res + rows * 2)
+        end = sq + cfg.warps * 4
     # at least half an SM's shared memory: one block an SM, wherever the grid is placed
-    return Layout(rows, weights, scales, xs, xg, red, bars,
-                  max(bars + chunks * 8, ONE_PER_SM))
+    return Layout(rows, weights, scales, xs, xg, red, bars, max(end, ONE_PER_SM), res, sq)
 
 
-def fits(s: LinearShape, cfg: TmaConfig | None = None) -> bool:
-    """Whether the TMA GEMV applies to `s` (a one-row q4 GEMV whose slice fits a block)."""
+def blocks(s: LinearShape, cfg: TmaConfig) -> int:
+    """The kernel's blocks: a folded norm's producer writes one partial sum of squares each."""
+    return -(-s.n // layout(s, cfg).rows)
+
+
+def fits(s: LinearShape, cfg: TmaConfig | None = None, residual: bool = False) -> bool:
+    """Whether the TMA GEMV applies to `s` (a one-row q4 GEMV whose slice fits a block; with
+    `residual`, beside the residual values and sums of a folded norm's producer)."""
     if not gemv_q4_applies(s) or s.static_rows != 1:
         return False
     cfg = cfg or default_config(s)
@@ -166,7 +185,7 @@ def fits(s: LinearShape, cfg: TmaConfig | None = None) -> bool:
     # bulk copies move multiples of 16 bytes from 16-byte aligned addresses
     if (s.words * 4) % 16 or (s.groups * 2) % 16:
         return False
-    return layout(s, cfg).total <= MAX_SMEM
+    return layout(s, cfg, residual=residual).total <= MAX_SMEM
 
 
 # Calls whose kernel is latency-bound and reads no weight matrix: a GEMV behind one is marked.
@@ -230,7 +249,10 @@ def mark(plan: EntryPlan) -> EntryPlan:
 
 def room_beside(spec: KernelSpec) -> int:
     """Static shared memory a block of another kernel may have to sit beside a block of this
-    marked GEMV on one SM."""
+    marked GEMV on one SM (the consumer of a folded norm: as its own GEMV's)."""
+    from mlcc.backends.cuda import norm_fold
+
+    spec = norm_fold.own_spec(spec)
     lay = layout(LinearShape(spec), config_of(spec))
     return SM_SMEM - (lay.total + BLOCK_RESERVED) - BLOCK_RESERVED
 
@@ -242,9 +264,12 @@ def marked(spec: KernelSpec) -> bool:
 
 def released_early(spec: KernelSpec) -> bool:
     """Whether the kernel ahead of this call releases it early (codegen.early_release): the
-    GEMVs behind a latency-bound kernel, not those behind the GLU GEMV, whose tail their copies
-    would only slow."""
-    return dict(spec.attrs).get(ATTR) == BEHIND_LIGHT
+    GEMVs behind a latency-bound kernel, and the consumers of a folded norm (qkv, the GLU
+    GEMV) behind its producer (down, o_proj), whose blocks then take the SMs as the producer's
+    blocks leave (1.03x in the 7B decode against a release at the producer's end:
+    benchmarks/results/2026-11-30-h200-i); not the GEMV behind the GLU GEMV, whose tail its
+    copies would only slow."""
+    return dict(spec.attrs).get(ATTR) in (BEHIND_LIGHT, BEHIND_FOLD)
 
 
 def gemv_tma_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
@@ -254,9 +279,18 @@ def gemv_tma_rule(spec: KernelSpec, name: str) -> CudaKernel | None:
     return gemv_tma_kernel(s, name, cfg) if fits(s, cfg) else None
 
 
-def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> CudaKernel:
+def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None,
+                    residual: bool = False, norm=None, buffers: list | None = None
+                    ) -> CudaKernel:
+    """The TMA GEMV of `s`. A folded norm (mlcc.backends.cuda.norm_fold) gives two forms:
+    - `residual` (its producer): buffers s.buffers[:-1] + [res, sum_out, ssq]; each result,
+      rounded to float16 as y would be, plus the residual is stored rounded as add_rms_norm
+      rounds its sum, and block b stores the float32 sum of squares of its stored sums in
+      ssq[b] (the warps' sums added in warp order);
+    - `norm` (a RowNorm; its consumer): `buffers` x (the sums), ssq, nw, then s.buffers[1:];
+      the row is normalized as it is staged."""
     cfg = cfg or default_config(s)
-    lay = layout(s, cfg)
+    lay = layout(s, cfg, residual=residual)
     groups, words = s.k // 32, s.words
     gs = groups // cfg.ks  # groups of a K slice
     it_n = -(-gs // 32)
@@ -291,9 +325,20 @@ def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> 
   if (threadIdx.x == 0) {{
 {issue(str(early), "nchunks")}
   }}"""
+    def add_residual(f: str, total: str) -> str:
+        """Store the sum of feature `f`'s result and its residual, count its square in sq."""
+        return f"""{{
+          const half result = __float2half({total}{s.bias_term(f"n0 + {f}")});
+          const half sum = __float2half(__half2float(result) + __half2float(rsm[{f}]));
+          sum_out[n0 + {f}] = sum;
+          sq += __half2float(sum) * __half2float(sum);
+        }}"""
+
     if cfg.ks == 1:
         bias = s.bias_term("n0 + f")
         emit = f"""        if (lane == 0 && f < nrows) mlcc_put(y, n0 + f, total{bias});"""
+        if residual:
+            emit = f"""        if (lane == 0 && f < nrows) {add_residual("f", "total")}"""
         finish = ""
     else:
         # features past the block's rows (a last chunk that is not full) have no slot in red,
@@ -305,7 +350,7 @@ def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> 
     float total = 0.f;
     #pragma unroll
     for (int t = 0; t < KS; ++t) total += red[f * KS + t];
-    mlcc_put(y, n0 + f, total{s.bias_term("n0 + f")});
+    {add_residual("f", "total") if residual else f'mlcc_put(y, n0 + f, total{s.bias_term("n0 + f")});'}
   }}"""
     probe = ""
     if cfg.stream_only:
@@ -331,7 +376,32 @@ def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> 
             probe = """
   for (int c = 0; c < nchunks; ++c) mlcc_chain_wait(bars + 8 * c, 0u);
   return 0;"""
-    sig = signature(name, s.buffers, ("y",), s.symbols)
+    buffers = buffers or s.buffers
+    outputs = ("y",)
+    res_load, sums = "", ""
+    if residual:
+        buffers = s.buffers[:-1] + [("res", s.yshape, s.ydt), ("sum_out", s.yshape, s.ydt),
+                                    ("ssq", (1, blocks(s, cfg)), "float32")]
+        outputs = ("sum_out", "ssq")
+        # the residual was written before the kernel ahead ran: loaded after the wait
+        res_load = f"""
+  half* rsm = reinterpret_cast<half*>(smem + {lay.res});
+  float* sqs = reinterpret_cast<float*>(smem + {lay.sq});
+  if (threadIdx.x < nrows) rsm[threadIdx.x] = res[n0 + threadIdx.x];
+  float sq = 0.f;"""
+        sq_total = "" if cfg.ks == 1 else "\n  sq = mlcc_warp_sum(sq);"
+        sums = f"""{sq_total}
+  if (lane == 0) sqs[warp] = sq;
+  {sync}
+  if (threadIdx.x == 0) {{
+    float part = 0.f;
+    for (int v = 0; v < {cfg.warps}; ++v) part += sqs[v];
+    ssq[blockIdx.x] = part;
+  }}"""
+        if lay.rows > cfg.warps * 32:
+            raise MlccError("compile", f"{name}: {lay.rows} residual values a block need "
+                            f"more than its {cfg.warps * 32} threads")
+    sig = signature(name, buffers, outputs, s.symbols)
     sig = sig[:-1] + ", unsigned char* __restrict__ smem)"
     body = f"""{DP2A_SOURCE}{HELPERS}{sig} {{
   constexpr int KS = {cfg.ks};
@@ -353,8 +423,8 @@ def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> 
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");{first}
   }}{producer}
   {GRID_WAIT}  // the weights above need nothing from the kernel before{probe}
-  const int r = 0;
-{stage_dp2a(s.k, cfg.warps)}
+  const int r = 0;{res_load}
+{stage_dp2a(s.k, cfg.warps, norm=norm)}
   {sync}{late}
 {_lane_row(gs, f"slice * {gs}")}
   for (int c = 0; c < nchunks; ++c) {{
@@ -380,12 +450,12 @@ def gemv_tma_kernel(s: LinearShape, name: str, cfg: TmaConfig | None = None) -> 
       const float total = mlcc_warp_sum(acc);
 {emit}
     }}
-  }}{finish}
+  }}{finish}{sums}
   return 0;
 }}
 """
     threads += 32 if cfg.depth else 0
-    return _kernel(name, body, s.buffers, -(-s.n // lay.rows), threads, s.symbols, lay.total)
+    return _kernel(name, body, buffers, -(-s.n // lay.rows), threads, s.symbols, lay.total)
 
 
 def _kernel(name: str, body: str, buffers: list, blocks: int, threads: int, symbols: list[str],
@@ -462,13 +532,16 @@ def glu_fits(s: LinearShape) -> bool:
 
 
 def gemv_tma_glu_kernel(s: LinearShape, name: str, glu: str, depth: int = GLU_DEPTH,
-                        stream_only: bool = False) -> CudaKernel:
+                        stream_only: bool = False, norm=None, buffers: list | None = None
+                        ) -> CudaKernel:
     """y[f] = glu(g_f, u_f) for the gate rows f and up rows I + f of a q4 gate_up weight: a
     producer warp streams each block's chunks (the gate and up rows of GLU_CHUNK features)
     through a ring of shared-memory slots, at most `depth` in flight, never waiting for the
     kernel ahead; each consumer warp takes one feature of a chunk (the integer dot, as the
     plain mode with one K slice), rounds g and u to float16 as the unfused GEMV stores them,
-    and releases the slot."""
+    and releases the slot. With `norm` (a RowNorm, the consumer of a folded norm:
+    mlcc.backends.cuda.norm_fold) `buffers` are x (the sums), ssq, nw and glu_buffers' rest,
+    and the row is normalized as it is staged."""
     from mlcc.backends.cuda.gemv import glu_buffers
 
     lay = glu_layout(s)
@@ -479,7 +552,7 @@ def gemv_tma_glu_kernel(s: LinearShape, name: str, glu: str, depth: int = GLU_DE
     groups, words, half_n = s.k // 32, s.words, s.n // 2
     it_n = -(-groups // 32)
     w_row, s_row = words * 4, s.groups * 2
-    buffers = glu_buffers(s)
+    buffers = buffers or glu_buffers(s)
     gate = f"__half2float(__float2half(g{s.bias_term('fb + f')}))"
     up = f"__half2float(__float2half(u{s.bias_term(f'fb + f + {half_n}')}))"
     probe = """
@@ -534,7 +607,7 @@ def gemv_tma_glu_kernel(s: LinearShape, name: str, glu: str, depth: int = GLU_DE
   }}
   {GRID_WAIT}  // the weights above need nothing from the kernel before{probe}
   const int r = 0;
-{stage_dp2a(s.k, warps)}
+{stage_dp2a(s.k, warps, norm=norm)}
   mlcc_chain_sync(1, {threads});
 {_lane_row(groups)}
   for (int c = 0; c < nchunks; ++c) {{

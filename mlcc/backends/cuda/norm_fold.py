@@ -26,12 +26,25 @@ share bytes with one of its inputs.
 Results differ from the three kernels only in the order of the sum of squares (the norm
 kernel reduces over its block's threads), so a normalized value may move by one float16 ulp.
 
-Measured on an H200 (benchmarks/results/2026-11-30-h200): correct (5.4e-3 of the logits'
-scale from the unfolded library over 65 steps, the same logits run to run) but 5-8% slower in
-the 7B decode. The one-row norm is where the next GEMV's blocks are placed and load their
-weights (the norm releases that GEMV once its own wait returns), so its latency-bound work was
-hidden; folded, that work sits on every consumer block's path after its wait (the consumers
-took 3.6-5.5 us longer, the producers no longer). The `fold_norms` knob is therefore opt-in.
+Two forms, by the GEMVs around the norm:
+- Between one-shot block GEMVs (opt-in knob `fold_norms`). Measured on an H200
+  (benchmarks/results/2026-11-30-h200): correct (5.4e-3 of the logits' scale from the
+  unfolded library over 65 steps, the same logits run to run) but 5-8% slower in the 7B
+  decode. The one-row norm is where the next GEMV's blocks are placed and load their weights
+  (the norm releases that GEMV once its own wait returns), so its latency-bound work was
+  hidden; folded, that work sits on every consumer block's path after its wait (the consumers
+  took 3.6-5.5 us longer, the producers no longer).
+- Between two TMA GEMVs (mlcc.backends.cuda.gemv_tma; knob `tma_fold`, on at O2, and
+  `fold_norms`). gemv_tma.mark runs first; the producer (o_proj behind the attention, down
+  behind the GLU GEMV) keeps its place and configuration, loads its block's residual values
+  after its wait and writes one partial sum a block; the consumer (qkv, the GLU GEMV) is
+  marked BEHIND_FOLD: its blocks start copying their weights before their wait as before,
+  now released at the producer's start, so they take the SMs as the producer's blocks leave.
+  Here the consumer's copies do not wait on the norm's work, and a launch, a wait and a round
+  trip a norm are gone. On an H200 (benchmarks/results/2026-11-30-h200-i): 1.02x with the
+  consumers released when the producer ends, 1.05x released at its start (749.9 tok/s in
+  run_h200.py against 709-712 for the library before), the 7B logits within 5.2e-3 of the
+  scale with 16/16 greedy tokens.
 
     fold_norms(plan)     the plan with every foldable (GEMV, add_rms_norm, GEMV) replaced
     GENERATORS           the kernels of the two new call kinds
@@ -131,24 +144,28 @@ def _consumer_dot(spec: KernelSpec, block: bool) -> str | None:
 
 
 def producer_parts(spec: KernelSpec) -> int:
-    """Blocks of the block GEMV of q_linear `spec`: the partial sums it writes per row."""
-    from mlcc.backends.cuda import linear, tuning
+    """Blocks of the block GEMV (or of the TMA GEMV, where `spec` is marked for it) of
+    q_linear `spec`: the partial sums it writes per row."""
+    from mlcc.backends.cuda import gemv_tma, linear, tuning
 
     s = linear.LinearShape(spec)
+    if gemv_tma.marked(spec):
+        return gemv_tma.blocks(s, gemv_tma.config_of(spec))
     warps, rows_per_warp, _ = tuning.gemv_config(s.n, s.k)
     return -(-s.n // (warps * rows_per_warp))
 
 
-def fold_norms(plan: EntryPlan) -> EntryPlan:
+def fold_norms(plan: EntryPlan, tma_only: bool = False) -> EntryPlan:
     """The plan with each (block GEMV, add_rms_norm, integer-dot GEMV) run of calls, the norm
     reading the first GEMV's result and only the second GEMV reading the normalized row,
-    replaced by a q_linear_residual call and an rms_ consumer call."""
+    replaced by a q_linear_residual call and an rms_ consumer call; likewise each (TMA GEMV,
+    add_rms_norm, TMA GEMV) run (gemv_tma.mark ran first). `tma_only`: the TMA runs alone."""
     calls, out, bounds = list(plan.calls), [], dict(plan.bounds)
     block: dict[KernelSpec, bool] = {}  # runs_block_gemv of each spec, for this plan
     i = 0
     while i < len(calls):
-        folded = (_fold(calls[i:i + 3], calls[i + 3:], bounds, block) if i + 2 < len(calls)
-                  else None)
+        folded = (_fold(calls[i:i + 3], calls[i + 3:], bounds, block, tma_only)
+                  if i + 2 < len(calls) else None)
         if folded is None:
             out.append(calls[i])
             i += 1
@@ -158,17 +175,45 @@ def fold_norms(plan: EntryPlan) -> EntryPlan:
     return EntryPlan(plan.name, plan.args, out, plan.workspace_bytes, plan.symbols, plan.bounds)
 
 
+def _tma_pair(a: KernelSpec, c: KernelSpec) -> bool | None:
+    """For a (GEMV, norm, GEMV) run: True where both GEMVs are TMA GEMVs that take the fold
+    (the producer's residual values beside its slice), False where neither is a TMA GEMV (the
+    block GEMV rules decide), None where only one is (not folded)."""
+    from mlcc.backends.cuda import gemv_tma, linear
+
+    if not (gemv_tma.marked(a) or gemv_tma.marked(c)):
+        return False
+    if not (gemv_tma.marked(a) and gemv_tma.marked(c)) or a.op != "q_linear":
+        return None
+    s = linear.LinearShape(a)
+    return True if gemv_tma.fits(s, gemv_tma.config_of(a), residual=True) else None
+
+
+def _behind_fold(spec: KernelSpec) -> KernelSpec:
+    """A TMA consumer's spec marked as behind the producer (released when that ends)."""
+    from mlcc.backends.cuda import gemv_tma
+
+    attrs = tuple((k, gemv_tma.BEHIND_FOLD if k == gemv_tma.ATTR else v) for k, v in spec.attrs)
+    return KernelSpec(spec.op, spec.inputs, spec.outputs, attrs, spec.kv)
+
+
 def _fold(run: list[KernelCall], later: list[KernelCall], bounds: dict[str, int],
-          block: dict[KernelSpec, bool]) -> list[KernelCall] | None:
+          block: dict[KernelSpec, bool], tma_only: bool) -> list[KernelCall] | None:
     first, norm, second = run
     a, b, c = first.spec, norm.spec, second.spec
     if b.op != "add_rms_norm":
         return None
-    for spec in (a, c):
-        if spec not in block:
-            block[spec] = runs_block_gemv(spec)
-    if not block[a] or _consumer_dot(c, block[c]) != DP2A:
+    tma = _tma_pair(a, c)
+    if tma is None or (tma_only and not tma):
         return None
+    if not tma:
+        for spec in (a, c):
+            if spec not in block:
+                block[spec] = runs_block_gemv(spec)
+        if not block[a] or _consumer_dot(c, block[c]) != DP2A:
+            return None
+    else:
+        c = _behind_fold(c)
     n_in = len(a.inputs)
     result = first.buffers[n_in]
     (rows, features), dtype = a.outputs[0]
@@ -186,6 +231,8 @@ def _fold(run: list[KernelCall], later: list[KernelCall], bounds: dict[str, int]
     if any(result in call.buffers for call in later):
         return None
     parts = producer_parts(a)
+    if rows != 1 and tma:
+        return None
     if rows * parts * 4 > rows * features * 2:
         return None  # the partial sums must fit in the bytes of the GEMV's result
     ssq = BufferRef(result.name + ".ssq", (rows, parts), "float32", "workspace", "",
@@ -231,16 +278,32 @@ def _inner(spec: KernelSpec, op: str) -> KernelSpec:
     return KernelSpec(op, (spec.inputs[0],) + spec.inputs[3:], spec.outputs, attrs)
 
 
+def own_spec(spec: KernelSpec) -> KernelSpec:
+    """A consumer's spec as the GEMV it replaces (its norm's inputs and attributes gone);
+    any other spec as it is."""
+    for op, consumer in CONSUMERS.items():
+        if spec.op == consumer:
+            return _inner(spec, op)
+    return spec
+
+
 def _norm_buffers(spec: KernelSpec) -> list[tuple]:
     (x_shape, x_dt), (ssq_shape, ssq_dt), (w_shape, w_dt) = spec.inputs[:3]
     return [("x", x_shape, x_dt), ("ssq", ssq_shape, ssq_dt), ("nw", w_shape, w_dt)]
 
 
 def gen_q_linear_residual(spec: KernelSpec, name: str) -> CudaKernel:
-    from mlcc.backends.cuda import linear, tuning
+    from mlcc.backends.cuda import gemv_tma, linear, tuning
 
     inner = KernelSpec("q_linear", spec.inputs[:-1], spec.outputs[:1], spec.attrs)
     s = linear.LinearShape(inner)
+    if gemv_tma.marked(spec):
+        cfg = gemv_tma.config_of(inner)
+        if spec.outputs[1][0] != (1, gemv_tma.blocks(s, cfg)):
+            raise MlccError(STAGE, f"{name}: the plan expects {spec.outputs[1][0]} partial "
+                            f"sums from the {s.n} x {s.k} TMA GEMV, whose launch writes "
+                            f"{gemv_tma.blocks(s, cfg)} for its one row")
+        return gemv_tma.gemv_tma_kernel(s, name, cfg, residual=True)
     warps, rows_per_warp, dot = tuning.gemv_config(s.n, s.k)
     parts = producer_parts(inner)
     if spec.outputs[1][0][-1] != parts:
@@ -256,9 +319,12 @@ def gen_q_linear_residual(spec: KernelSpec, name: str) -> CudaKernel:
 
 
 def gen_rms_q_linear(spec: KernelSpec, name: str) -> CudaKernel:
-    from mlcc.backends.cuda import linear, tuning
+    from mlcc.backends.cuda import gemv_tma, linear, tuning
 
     s = linear.LinearShape(_inner(spec, "q_linear"))
+    if gemv_tma.marked(spec):
+        return gemv_tma.gemv_tma_kernel(s, name, gemv_tma.config_of(spec), norm=_norm(spec),
+                                        buffers=_norm_buffers(spec) + s.buffers[1:])
     warps, rows_per_warp, dot = tuning.gemv_config(s.n, s.k)
     return linear.gemv_q4_kernel(s, name, warps, rows_per_warp,
                                  _norm_buffers(spec) + s.buffers[1:], dot=dot,
@@ -266,9 +332,12 @@ def gen_rms_q_linear(spec: KernelSpec, name: str) -> CudaKernel:
 
 
 def gen_rms_linear_silu_mul(spec: KernelSpec, name: str) -> CudaKernel:
-    from mlcc.backends.cuda import gemv, linear
+    from mlcc.backends.cuda import gemv, gemv_tma, linear
 
     s = linear.LinearShape(glu.linear_spec(_inner(spec, glu.OP)))
+    if gemv_tma.marked(spec):
+        return gemv_tma.gemv_tma_glu_kernel(s, name, glu.SILU_MUL, norm=_norm(spec),
+                                            buffers=_norm_buffers(spec) + gemv.glu_buffers(s)[1:])
     c = glu.glu_gemv_config(s.n, s.k)
     return gemv.gemv_q4_persistent_kernel(
         s, name, c.blocks_per_sm, c.warps, c.rows_per_warp,
