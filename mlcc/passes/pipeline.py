@@ -52,7 +52,7 @@ KNOBS: dict[str, tuple[int, str]] = {
                                 "first rotary angle before its wait and merges a warp's lane "
                                 "groups through shuffles (less shared memory); with tma_gemv "
                                 "the qkv GEMV releases it at its start where it fits beside")),
-    # On at O2: 1.02x in the 7B decode on an H200, and 1.03x more with the consumers released
+    # On at O2: 1.02x in the 7B decode on an H200, and 1.037x more with the consumers released
     # at the producers' start (benchmarks/results/2026-11-30-h200-i), logits within 5.2e-3 of
     # the scale.
     "tma_fold": (2, ("backend (CUDA, sm_90+, with tma_gemv): each decode add_rms_norm between "

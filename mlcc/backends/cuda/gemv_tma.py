@@ -266,7 +266,7 @@ def released_early(spec: KernelSpec) -> bool:
     """Whether the kernel ahead of this call releases it early (codegen.early_release): the
     GEMVs behind a latency-bound kernel, and the consumers of a folded norm (qkv, the GLU
     GEMV) behind its producer (down, o_proj), whose blocks then take the SMs as the producer's
-    blocks leave (1.03x in the 7B decode against a release at the producer's end:
+    blocks leave (1.037x in the 7B decode against a release at the producer's end:
     benchmarks/results/2026-11-30-h200-i); not the GEMV behind the GLU GEMV, whose tail its
     copies would only slow."""
     return dict(spec.attrs).get(ATTR) in (BEHIND_LIGHT, BEHIND_FOLD)

@@ -41,10 +41,11 @@ Two forms, by the GEMVs around the norm:
   marked BEHIND_FOLD: its blocks start copying their weights before their wait as before,
   now released at the producer's start, so they take the SMs as the producer's blocks leave.
   Here the consumer's copies do not wait on the norm's work, and a launch, a wait and a round
-  trip a norm are gone. On an H200 (benchmarks/results/2026-11-30-h200-i): 1.02x with the
-  consumers released when the producer ends, 1.05x released at its start (749.9 tok/s in
-  run_h200.py against 709-712 for the library before), the 7B logits within 5.2e-3 of the
-  scale with 16/16 greedy tokens.
+  trip a norm are gone. On an H200 (benchmarks/results/2026-11-30-h200-i, pipelined A/Bs of
+  the 7B decode): 1.02x with the consumers released when the producer ends, and 1.037x more
+  released at its start, about 1.06x in all; run_h200.py then reads 749.9 tok/s (690.1 before
+  the lean attention and the fold). The 7B logits are within 5.2e-3 of the scale, with 16/16
+  greedy tokens.
 
     fold_norms(plan)     the plan with every foldable (GEMV, add_rms_norm, GEMV) replaced
     GENERATORS           the kernels of the two new call kinds
