@@ -98,21 +98,29 @@ def common_helpers() -> str:
     return "\n".join(lines)
 
 
+def buffer_io(buffers: list[tuple], written: tuple[str, ...], first: int):
+    """A host driver's buffer handling, one file per buffer from argv[first] on: the loads,
+    the spans registered for the load checks, the kernel's arguments and the write-backs of
+    the `written` buffers."""
+    reads = [f"std::vector<{C_HOST[dt]}> {b}_v = load<{C_HOST[dt]}>(argv[{i + first}]);"
+             for i, (b, _, dt) in enumerate(buffers)]
+    spans = [f"g_buffers.emplace_back((const char*){b}_v.data(), "
+             f"(const char*)({b}_v.data() + {b}_v.size()));" for b, _, _ in buffers]
+    args = ", ".join(f"{b}_v.data()" for b, _, _ in buffers)
+    names = [b for b, _, _ in buffers]
+    write_back = [f'  {{ FILE* f = fopen(argv[{names.index(b) + first}], "wb"); '
+                  f'fwrite({b}_v.data(), sizeof({b}_v[0]), {b}_v.size(), f); fclose(f); }}'
+                  for b in written]
+    return reads, spans, args, write_back
+
+
 def driver(kernels: list, buffers: list[tuple], launch=None,
            written: tuple[str, ...] = ("y",)) -> str:
     """main(argv): kernel index, then one file per buffer; the `written` buffers (y by
     default, the last) are written back to their files. `launch(kernel)` gives (grid, warps);
     the persistent GEMV's launcher by default."""
     launch = launch or (lambda kernel: launched(kernel)[:2])
-    reads = [f"std::vector<{C_HOST[dt]}> {b}_v = load<{C_HOST[dt]}>(argv[{i + 2}]);"
-             for i, (b, _, dt) in enumerate(buffers)]
-    spans = [f"g_buffers.emplace_back((const char*){b}_v.data(), "
-             f"(const char*)({b}_v.data() + {b}_v.size()));" for b, _, _ in buffers]
-    args = ", ".join(f"{b}_v.data()" for b, _, _ in buffers)
-    names = [b for b, _, _ in buffers]
-    write_back = [f'  {{ FILE* f = fopen(argv[{names.index(b) + 2}], "wb"); '
-                  f'fwrite({b}_v.data(), sizeof({b}_v[0]), {b}_v.size(), f); fclose(f); }}'
-                  for b in written]
+    reads, spans, args, write_back = buffer_io(buffers, written, 2)
     runs = []
     for i, kernel in enumerate(kernels):
         grid, warps = launch(kernel)

@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 from test_cuda_gemm_emulated import SHIM
 from test_cuda_gemv_dp2a_emulated import INT_HOST, group_reference, rounding_bound
-from test_cuda_gemv_glu_emulated import HALF2, common_helpers
+from test_cuda_gemv_glu_emulated import HALF2, buffer_io, common_helpers
 from test_cuda_gemv_persistent import q_linear_spec
 from test_cuda_glu_emulated import c_expf, silu_mul
 from test_cuda_norm_fold_emulated import normalized
@@ -46,7 +46,6 @@ from mlcc.backends.cuda.linear import LinearShape
 from mlcc.backends.cuda.norm_fold import RowNorm
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
-C_HOST = {"float16": "half", "float32": "float", "uint32": "unsigned"}
 EPS = 1e-5
 
 TMA_HOST = r"""
@@ -133,15 +132,7 @@ def host_source(kernel) -> str:
 
 def driver(name: str, buffers: list[tuple], written: tuple[str, ...], blocks: int,
            threads: int, consumers: int, smem: int) -> str:
-    reads = [f"std::vector<{C_HOST[dt]}> {b}_v = load<{C_HOST[dt]}>(argv[{i + 1}]);"
-             for i, (b, _, dt) in enumerate(buffers)]
-    spans = [f"g_buffers.emplace_back((const char*){b}_v.data(), "
-             f"(const char*)({b}_v.data() + {b}_v.size()));" for b, _, _ in buffers]
-    args = ", ".join(f"{b}_v.data()" for b, _, _ in buffers)
-    names = [b for b, _, _ in buffers]
-    write_back = [f'  {{ FILE* f = fopen(argv[{names.index(b) + 1}], "wb"); '
-                  f'fwrite({b}_v.data(), sizeof({b}_v[0]), {b}_v.size(), f); fclose(f); }}'
-                  for b in written]
+    reads, spans, args, write_back = buffer_io(buffers, written, 1)
     return f"""
 template <class T> std::vector<T> load(const char* path) {{
   FILE* f = fopen(path, "rb"); fseek(f, 0, SEEK_END); long n = ftell(f); fseek(f, 0, SEEK_SET);
