@@ -1,6 +1,7 @@
 """The folded norms on the TMA GEMVs (mlcc.backends.cuda.norm_fold with gemv_tma, knob
-tma_fold, on at O2): nvcc sm_90 compiles the 7B decode's producers (o_proj with one K slice, down with
-four) and consumers (qkv, the GLU) without spills. Their values are checked on the GPU
+tma_fold, on at O2): nvcc sm_90 compiles the 7B decode's producers (o_proj with one K slice,
+down with four) and consumers (qkv, the GLU) without spills. Their values are checked on host
+threads (test_cuda_gemv_tma_emulated) and on the GPU
 (tests/gpu/test_cuda_parity.py::test_norms_folded_into_tma_gemvs_equal_the_norm_kernels)."""
 
 from __future__ import annotations

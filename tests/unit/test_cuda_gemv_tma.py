@@ -276,7 +276,6 @@ def test_a_producer_warp_keeps_depth_chunks_in_flight(decode7b):
     assert 'thread="threadIdx.x"' in kernel.launcher and "T.thread_binding(288" in kernel.launcher
 
 
-
 def folded_7b(**knobs):
     """The 7B library's kernels and plans with the O2 knobs (tma_fold included)."""
     module = lowered("llama2_7b", "q4f16_1")
@@ -334,4 +333,3 @@ def test_each_layer_norm_between_two_tma_gemvs_is_folded(knob):
     decode = next(p for p in plain if p.name == "decode")
     assert sum(c.spec.op == "add_rms_norm" for c in decode.calls) == 64
     assert parse_opt("O2").enabled("tma_fold") and not parse_opt("O1").enabled("tma_fold")
-
