@@ -191,7 +191,8 @@ def _tma_pair(a: KernelSpec, c: KernelSpec) -> bool | None:
 
 
 def _behind_fold(spec: KernelSpec) -> KernelSpec:
-    """A TMA consumer's spec marked as behind the producer (released when that ends)."""
+    """A TMA consumer's spec marked as behind its producer, which releases it at its start
+    (gemv_tma.BEHIND_FOLD)."""
     from mlcc.backends.cuda import gemv_tma
 
     attrs = tuple((k, gemv_tma.BEHIND_FOLD if k == gemv_tma.ATTR else v) for k, v in spec.attrs)
@@ -231,9 +232,7 @@ def _fold(run: list[KernelCall], later: list[KernelCall], bounds: dict[str, int]
         return None
     if any(result in call.buffers for call in later):
         return None
-    parts = producer_parts(a)
-    if rows != 1 and tma:
-        return None
+    parts = producer_parts(a)  # TMA GEMVs take one row only (gemv_tma.fits)
     if rows * parts * 4 > rows * features * 2:
         return None  # the partial sums must fit in the bytes of the GEMV's result
     ssq = BufferRef(result.name + ".ssq", (rows, parts), "float32", "workspace", "",
