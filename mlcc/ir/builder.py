@@ -13,16 +13,17 @@ Every op call checks its type rule at once, so a mistake is reported where it is
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from mlcc.ir.core import Function, Module, Node, Param, Value, param_value
 from mlcc.ir.registry import TypeRuleError, get_op
 from mlcc.ir.types import Dim, KVCacheType, TensorType
 
-_STACK: list["FunctionBuilder"] = []
+_STACK: list[FunctionBuilder] = []
 
 
-def current_builder() -> "FunctionBuilder":
+def current_builder() -> FunctionBuilder:
     if not _STACK:
         raise RuntimeError("no active FunctionBuilder: use `with mb.function(name) as b:`")
     return _STACK[-1]
@@ -44,7 +45,7 @@ class ModuleBuilder:
         self.params[name] = param
         return param_value(param)
 
-    def function(self, name: str, **attrs: Any) -> "FunctionBuilder":
+    def function(self, name: str, **attrs: Any) -> FunctionBuilder:
         return FunctionBuilder(self, name, attrs)
 
     def finish(self) -> Module:
@@ -66,7 +67,7 @@ class FunctionBuilder:
         # In a batched entry (batch decode) row i of every tensor is sequence i's next token.
         self.batched = bool(self.attrs.get("batched_kv", False))
 
-    def __enter__(self) -> "FunctionBuilder":
+    def __enter__(self) -> FunctionBuilder:
         _STACK.append(self)
         return self
 

@@ -9,9 +9,10 @@ functions as values of kind "param".
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from mlcc.ir.types import Dim, KVCacheType, Sym, TensorType, Type
 
@@ -53,13 +54,13 @@ class Value:
         return self.type.dtype
 
     # Operators make builder code read like the math; they need an active FunctionBuilder.
-    def __add__(self, other: "Value") -> "Value":
+    def __add__(self, other: Value) -> Value:
         return _active_builder().add(self, other)
 
-    def __mul__(self, other: "Value") -> "Value":
+    def __mul__(self, other: Value) -> Value:
         return _active_builder().mul(self, other)
 
-    def __matmul__(self, other: "Value") -> "Value":
+    def __matmul__(self, other: Value) -> Value:
         return _active_builder().matmul(self, other)
 
 
@@ -84,7 +85,7 @@ class Param:
     def value(self) -> Value:
         return param_value(self)
 
-    def annotated(self, **annotations: Any) -> "Param":
+    def annotated(self, **annotations: Any) -> Param:
         return Param(self.name, self.type, {**self.annotations, **annotations})
 
 
@@ -135,7 +136,7 @@ class Function:
         object.__setattr__(self, "nodes", tuple(self.nodes))
         object.__setattr__(self, "outputs", tuple(self.outputs))
 
-    def replace(self, **changes: Any) -> "Function":
+    def replace(self, **changes: Any) -> Function:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -193,7 +194,7 @@ class Module:
     def has_param(self, name: str) -> bool:
         return any(p.name == name for p in self.params)
 
-    def with_function(self, fn: Function) -> "Module":
+    def with_function(self, fn: Function) -> Module:
         """A module with `fn` added, or replacing the function of the same name in place."""
         names = [f.name for f in self.functions]
         if fn.name in names:
@@ -202,10 +203,10 @@ class Module:
             funcs = self.functions + (fn,)
         return dataclasses.replace(self, functions=funcs)
 
-    def with_params(self, params: Iterable[Param]) -> "Module":
+    def with_params(self, params: Iterable[Param]) -> Module:
         return dataclasses.replace(self, params=tuple(params))
 
-    def with_attrs(self, **attrs: Any) -> "Module":
+    def with_attrs(self, **attrs: Any) -> Module:
         return dataclasses.replace(self, attrs={**self.attrs, **attrs})
 
     def add_param(self, name: str, shape: tuple[Dim, ...], dtype: str, **annotations: Any) -> Value:

@@ -10,7 +10,8 @@ n (every layer must have written the same n).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

@@ -8,14 +8,14 @@ which is what the compiled kernels do as well.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from mlcc.ir.registry import AttrSpec, OpDef, TypeRuleError, as_f32, register
 from mlcc.ir.types import (
     FLOAT_DTYPES,
-    KVCacheType,
     Sym,
     TensorType,
     Type,

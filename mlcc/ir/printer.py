@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from mlcc.ir.core import Function, Module, Node
 from mlcc.ir.registry import get_op

@@ -7,8 +7,9 @@ NumPy reference (`reference`), which is the semantics of record used by the inte
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -9,9 +9,10 @@ verifies the module after every pass and, with a dump folder, writes the IR afte
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Iterable, Sequence
+from typing import ClassVar
 
 from mlcc.ir import Function, Module, Node, Value, print_module, verify
 from mlcc.ir.registry import get_op

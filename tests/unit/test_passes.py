@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_model import build_tiny_llama, random_params
 
 from mlcc import ir
 from mlcc.errors import MlccError
@@ -12,8 +13,6 @@ from mlcc.passes import build_pipeline, parse_opt, run_passes
 from mlcc.passes.dtype import ConvertModelDType
 from mlcc.passes.quantize import QuantizeWeights, stored_params
 from mlcc.quant import get_scheme
-
-from tiny_model import build_tiny_llama, random_params
 
 
 def ops_of(module: ir.Module, fn: str = "prefill") -> list[str]:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mlcc import ir
 from mlcc.backends.llvm.attention import gen_qkv_attention
@@ -190,7 +190,7 @@ def _parse_deep(text: str):
     return result["func"]
 
 
-def parse_functions(source: str) -> "tvm.IRModule":  # noqa: F821
+def parse_functions(source: str) -> tvm.IRModule:  # noqa: F821
     """Parse the library text into an IRModule (one PrimFunc per top-level definition)."""
     import tvm
 

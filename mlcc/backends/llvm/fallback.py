@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -37,17 +37,17 @@ class Emitter:
         self.depth = 0
         self.subs: list[tuple[str, str]] = []  # (variable, index expression) in effect
 
-    def __call__(self, line: str) -> "Emitter":
+    def __call__(self, line: str) -> Emitter:
         for var, expr in self.subs:
             line = re.sub(rf"\b{var}\b", expr, line)
         self.lines.append("    " * self.depth + line)
         return self
 
-    def block(self, line: str) -> "_Indent":
+    def block(self, line: str) -> _Indent:
         self(line)
         return _Indent(self)
 
-    def loops(self, lines: list[str]) -> "_Indent":
+    def loops(self, lines: list[str]) -> _Indent:
         """Open the nested loops of `lines` (as from Loops.vector); closed together."""
         opened, subs = 0, 0
         for line in lines:
