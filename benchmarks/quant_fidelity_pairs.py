@@ -1,6 +1,7 @@
 """Which pairs of float16 rounding points, left in float32, meet issue 4's two fidelity bounds.
 
-    python benchmarks/quant_fidelity_pairs.py [--designs] [--write benchmarks/results/quant_fidelity.md]
+    python benchmarks/quant_fidelity_pairs.py [--designs]
+        [--write benchmarks/results/quant_fidelity.md]
 
 The third table of quant_fidelity.py leaves one kind of rounding point out at a time. This
 leaves out none, one or two kinds (every pair of the 11 kinds) and checks both conditions of
@@ -56,7 +57,7 @@ def measure(designs: bool = False) -> list[dict]:
     if designs:
         unknown = {r for left in DESIGNS.values() for r in left} - set(roles)
         assert not unknown, f"DESIGNS names rounding points the model lacks: {unknown}"
-        sets = [(name, left) for name, left in DESIGNS.items()]
+        sets = list(DESIGNS.items())
     else:
         sets = [(None, left) for left in
                 [()] + [(r,) for r in roles] + list(itertools.combinations(roles, 2))]
